@@ -1,0 +1,298 @@
+//! Types shared by the eBPF programs (`monitor-ebpf`) and the daemon (`monitor`).
+//!
+//! Everything here is `#[repr(C)]` with explicit padding: the kernel writes these bytes and
+//! userspace reads them, so both sides must agree on every offset.
+#![cfg_attr(not(test), no_std)]
+
+/// Which hook produced a [`ConnEvent`].
+pub mod hook {
+    /// `sock:inet_sock_set_state` for a TCP socket.
+    pub const STATE_CHANGE: u8 = 1;
+    /// `tcp:tcp_receive_reset`: the peer reset this socket.
+    pub const RECEIVE_RESET: u8 = 2;
+    /// `tcp:tcp_send_reset`: this host sent an RST.
+    pub const SEND_RESET: u8 = 3;
+}
+
+/// Bits of [`ConnEvent::flags`].
+pub mod flags {
+    /// `owner_*` fields come from the owner map (captured at connect/accept/listen).
+    pub const OWNER_KNOWN: u8 = 1 << 0;
+    /// `since_send_ms` / `since_recv_ms` were read from the socket.
+    pub const IDLE_KNOWN: u8 = 1 << 1;
+    /// `skaddr` was a full socket (not NULL, not a timewait or request mini-socket).
+    pub const FULL_SOCKET: u8 = 1 << 2;
+}
+
+/// TCP states as the kernel numbers them (`include/net/tcp_states.h`).
+pub mod tcp_state {
+    pub const ESTABLISHED: u8 = 1;
+    pub const SYN_SENT: u8 = 2;
+    pub const SYN_RECV: u8 = 3;
+    pub const FIN_WAIT1: u8 = 4;
+    pub const FIN_WAIT2: u8 = 5;
+    pub const TIME_WAIT: u8 = 6;
+    pub const CLOSE: u8 = 7;
+    pub const CLOSE_WAIT: u8 = 8;
+    pub const LAST_ACK: u8 = 9;
+    pub const LISTEN: u8 = 10;
+    pub const CLOSING: u8 = 11;
+    pub const NEW_SYN_RECV: u8 = 12;
+
+    /// States in which `tcp_sock` send/receive timestamps mean "last data exchanged".
+    pub const fn is_synchronized(state: u8) -> bool {
+        matches!(
+            state,
+            ESTABLISHED | FIN_WAIT1 | FIN_WAIT2 | CLOSE_WAIT | CLOSING | LAST_ACK
+        )
+    }
+}
+
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+pub const IPPROTO_TCP: u16 = 6;
+pub const TASK_COMM_LEN: usize = 16;
+
+/// `since_*_ms` value meaning "not measured".
+pub const UNKNOWN_MS: u32 = u32::MAX;
+
+/// One kernel observation, written to the `EVENTS` ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnEvent {
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC).
+    pub ts_ns: u64,
+    /// Kernel address of the `struct sock`; 0 for an RST sent with no socket.
+    pub skaddr: u64,
+    /// When the owner map first saw this socket; with `skaddr` it names one socket's life.
+    pub born_ns: u64,
+    /// Socket cookie where the tracepoint provides one, else 0.
+    pub cookie: u64,
+    /// Inode of the socket's file (0 before accept or after close).
+    pub inode: u64,
+    /// cgroup id of the owner (or of the current task when the owner is unknown).
+    pub cgroup_id: u64,
+    /// Milliseconds since the socket last sent data ([`UNKNOWN_MS`] if not measured).
+    pub since_send_ms: u32,
+    /// Milliseconds since the socket last received data ([`UNKNOWN_MS`] if not measured).
+    pub since_recv_ms: u32,
+    /// Owner's process id (tgid) from the owner map.
+    pub owner_tgid: u32,
+    /// Owner's thread id.
+    pub owner_pid: u32,
+    /// Task running when the hook fired: the caller in process context, anyone in softirq.
+    pub ctx_tgid: u32,
+    pub ctx_pid: u32,
+    /// One of [`hook`].
+    pub hook: u8,
+    /// Bits of [`flags`].
+    pub flags: u8,
+    pub old_state: u8,
+    pub new_state: u8,
+    /// `AF_INET` or `AF_INET6`.
+    pub family: u16,
+    /// Local and remote ports, host byte order.
+    pub sport: u16,
+    pub dport: u16,
+    /// `enum sk_rst_reason` for sent resets on kernels that report it, else 0.
+    pub reason: u16,
+    pub _pad: [u8; 4],
+    /// Local and remote addresses; IPv4 uses the first four bytes.
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub owner_comm: [u8; TASK_COMM_LEN],
+    pub ctx_comm: [u8; TASK_COMM_LEN],
+}
+
+impl ConnEvent {
+    pub const fn zeroed() -> Self {
+        ConnEvent {
+            ts_ns: 0,
+            skaddr: 0,
+            born_ns: 0,
+            cookie: 0,
+            inode: 0,
+            cgroup_id: 0,
+            since_send_ms: UNKNOWN_MS,
+            since_recv_ms: UNKNOWN_MS,
+            owner_tgid: 0,
+            owner_pid: 0,
+            ctx_tgid: 0,
+            ctx_pid: 0,
+            hook: 0,
+            flags: 0,
+            old_state: 0,
+            new_state: 0,
+            family: 0,
+            sport: 0,
+            dport: 0,
+            reason: 0,
+            _pad: [0; 4],
+            saddr: [0; 16],
+            daddr: [0; 16],
+            owner_comm: [0; TASK_COMM_LEN],
+            ctx_comm: [0; TASK_COMM_LEN],
+        }
+    }
+}
+
+/// Who owns a socket, captured in process context (connect, accept, listen).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SockOwner {
+    pub born_ns: u64,
+    pub cgroup_id: u64,
+    /// 0 while unknown (a passive socket between SYN_RECV and accept()).
+    pub tgid: u32,
+    pub pid: u32,
+    pub comm: [u8; TASK_COMM_LEN],
+}
+
+/// Field offsets of one classic tracepoint's record, read from tracefs `format` at load time.
+///
+/// Offsets change between kernels (`tcp_send_reset` switched to sockaddr fields in 6.10), so
+/// they are never compiled in. [`ABSENT`] marks a field this kernel's tracepoint lacks.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TpLayout {
+    pub skaddr: u16,
+    /// `oldstate` (set_state) or `state` (send_reset).
+    pub old_state: u16,
+    pub new_state: u16,
+    pub family: u16,
+    pub protocol: u16,
+    pub sport: u16,
+    pub dport: u16,
+    pub saddr: u16,
+    pub daddr: u16,
+    pub saddr_v6: u16,
+    pub daddr_v6: u16,
+    /// `saddr`/`daddr` as `sockaddr_in6`-sized unions (tcp_send_reset since 6.10).
+    pub saddr_sockaddr: u16,
+    pub daddr_sockaddr: u16,
+    pub cookie: u16,
+    pub reason: u16,
+    /// `ret` of a syscall exit tracepoint.
+    pub ret: u16,
+}
+
+pub const ABSENT: u16 = u16::MAX;
+
+impl TpLayout {
+    pub const fn absent() -> Self {
+        TpLayout {
+            skaddr: ABSENT,
+            old_state: ABSENT,
+            new_state: ABSENT,
+            family: ABSENT,
+            protocol: ABSENT,
+            sport: ABSENT,
+            dport: ABSENT,
+            saddr: ABSENT,
+            daddr: ABSENT,
+            saddr_v6: ABSENT,
+            daddr_v6: ABSENT,
+            saddr_sockaddr: ABSENT,
+            daddr_sockaddr: ABSENT,
+            cookie: ABSENT,
+            reason: ABSENT,
+            ret: ABSENT,
+        }
+    }
+}
+
+/// Kernel struct offsets resolved from the running kernel's BTF at load time.
+///
+/// aya-ebpf emits no CO-RE relocations, so the programs read fields at these offsets
+/// instead of offsets baked in from the build machine's headers.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelLayout {
+    /// Kernel tick rate, to turn jiffies into milliseconds.
+    pub hz: u32,
+    /// `sock.__sk_common.skc_state` (u8).
+    pub sk_state: u32,
+    /// `sock.__sk_common.skc_family` (u16).
+    pub sk_family: u32,
+    /// `sock.sk_protocol` (u16).
+    pub sk_protocol: u32,
+    /// `sock.sk_socket` (struct socket *).
+    pub sk_socket: u32,
+    /// From a `struct socket *` to its inode's `i_ino`, via `struct socket_alloc`.
+    pub socket_ino: i32,
+    /// `tcp_sock.lsndtime` (u32 jiffies of the last data sent).
+    pub tcp_lsndtime: u32,
+    /// `tcp_sock.inet_conn.icsk_ack.lrcvtime` (u32 jiffies of the last data received).
+    pub tcp_lrcvtime: u32,
+    /// `task_struct.files`.
+    pub task_files: u32,
+    /// `files_struct.fdt`.
+    pub files_fdt: u32,
+    /// `fdtable.max_fds`.
+    pub fdt_max_fds: u32,
+    /// `fdtable.fd`.
+    pub fdt_fd: u32,
+    /// `file.private_data`.
+    pub file_private_data: u32,
+    /// `socket.sk`.
+    pub socket_sk: u32,
+}
+
+impl KernelLayout {
+    pub const fn zeroed() -> Self {
+        KernelLayout {
+            hz: 0,
+            sk_state: 0,
+            sk_family: 0,
+            sk_protocol: 0,
+            sk_socket: 0,
+            socket_ino: 0,
+            tcp_lsndtime: 0,
+            tcp_lrcvtime: 0,
+            task_files: 0,
+            files_fdt: 0,
+            fdt_max_fds: 0,
+            fdt_fd: 0,
+            file_private_data: 0,
+            socket_sk: 0,
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all are #[repr(C)], Copy, made only of integers and byte arrays, with
+    // explicit padding, so every bit pattern is valid.
+    unsafe impl aya::Pod for super::ConnEvent {}
+    unsafe impl aya::Pod for super::SockOwner {}
+    unsafe impl aya::Pod for super::TpLayout {}
+    unsafe impl aya::Pod for super::KernelLayout {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::{align_of, size_of};
+
+    #[test]
+    fn event_has_no_implicit_padding() {
+        // Sum of field sizes == struct size means the kernel writes every byte we read.
+        let fields = 6 * 8 + 6 * 4 + 4 + 4 * 2 + 4 + 16 * 4;
+        assert_eq!(size_of::<ConnEvent>(), fields);
+        assert_eq!(
+            align_of::<ConnEvent>(),
+            8,
+            "ring buffer records are 8-aligned"
+        );
+        assert_eq!(size_of::<SockOwner>(), 8 + 8 + 4 + 4 + 16);
+    }
+
+    #[test]
+    fn synchronized_states() {
+        assert!(tcp_state::is_synchronized(tcp_state::ESTABLISHED));
+        assert!(tcp_state::is_synchronized(tcp_state::CLOSE_WAIT));
+        assert!(!tcp_state::is_synchronized(tcp_state::SYN_SENT));
+        assert!(!tcp_state::is_synchronized(tcp_state::TIME_WAIT));
+        assert!(!tcp_state::is_synchronized(tcp_state::NEW_SYN_RECV));
+    }
+}

@@ -1,0 +1,23 @@
+//! Kernel half of connwatch: one tiny program per hook, all feeding the `EVENTS` ring buffer.
+//!
+//! Each capability's kernel half shares its name with the userspace half
+//! (`reset.rs` ↔ `monitor/src/detect/reset.rs`).
+#![no_std]
+#![no_main]
+
+mod kernel;
+mod maps;
+mod owner;
+mod reset;
+mod state;
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // The verifier rejects any reachable panic, so this is never executed.
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

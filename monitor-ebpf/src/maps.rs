@@ -1,0 +1,35 @@
+//! Maps shared by all programs. Userspace resizes them at load time (`set_max_entries`).
+use aya_ebpf::{
+    macros::map,
+    maps::{LruHashMap, PerCpuArray, RingBuf},
+};
+use monitor_common::{ConnEvent, SockOwner};
+
+/// Every observation, in order per CPU.
+#[map]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 22, 0);
+
+/// Events that could not be reserved in `EVENTS` (ring full). Index 0 only.
+#[map]
+pub static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Socket → owner, captured in process context. LRU so a missed destroy cannot fill it.
+#[map]
+pub static OWNERS: LruHashMap<u64, SockOwner> = LruHashMap::with_max_entries(65536, 0);
+
+/// Sends `event` to userspace, counting it in `LOST` when the ring buffer is full.
+#[inline(always)]
+pub fn emit(event: &ConnEvent) {
+    match EVENTS.reserve::<ConnEvent>(0) {
+        Some(mut entry) => {
+            entry.write(*event);
+            entry.submit(0);
+        }
+        None => {
+            if let Some(lost) = LOST.get_ptr_mut(0) {
+                // Per-CPU slot: no other writer, a plain add is enough.
+                unsafe { *lost += 1 };
+            }
+        }
+    }
+}

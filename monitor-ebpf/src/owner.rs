@@ -1,0 +1,50 @@
+//! Ownership: who accepted a socket, and forgetting sockets the kernel destroyed.
+use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
+
+use crate::{
+    kernel::{Tp, current, field, is_inet_tcp, layout, sock_of_fd},
+    maps::OWNERS,
+};
+
+#[tracepoint(category = "syscalls", name = "sys_exit_accept4")]
+pub fn sys_exit_accept4(ctx: TracePointContext) -> u32 {
+    record_acceptor(&ctx)
+}
+
+#[tracepoint(category = "syscalls", name = "sys_exit_accept")]
+pub fn sys_exit_accept(ctx: TracePointContext) -> u32 {
+    record_acceptor(&ctx)
+}
+
+/// accept() returns in the owner's process context: the one place a passive socket's
+/// process is known for sure.
+#[inline(always)]
+fn record_acceptor(ctx: &TracePointContext) -> u32 {
+    let Some(fd) = field::<i64>(ctx, layout(Tp::SysExit).ret) else {
+        return 0;
+    };
+    if fd < 0 {
+        return 0;
+    }
+    let Some(sk) = sock_of_fd(fd as u64) else {
+        return 0;
+    };
+    if !is_inet_tcp(sk) {
+        return 0;
+    }
+    let mut owner = current();
+    if let Some(known) = OWNERS.get_ptr_mut(&sk) {
+        // Keep the birth time from SYN_RECV: it identifies this socket's life.
+        owner.born_ns = unsafe { (*known).born_ns };
+    }
+    let _ = OWNERS.insert(&sk, &owner, 0);
+    0
+}
+
+#[tracepoint(category = "tcp", name = "tcp_destroy_sock")]
+pub fn tcp_destroy_sock(ctx: TracePointContext) -> u32 {
+    if let Some(sk) = field::<u64>(&ctx, layout(Tp::DestroySock).skaddr) {
+        let _ = OWNERS.remove(&sk);
+    }
+    0
+}

@@ -1,0 +1,292 @@
+//! Decoding ring-buffer records into [`Event`]s. Records come from the kernel, so every
+//! field is checked: a short record or an unknown hook is an error to count, never a panic.
+use std::{
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+};
+
+use monitor_common::{AF_INET, AF_INET6, ConnEvent, TASK_COMM_LEN, UNKNOWN_MS, flags, hook};
+
+/// Which kernel hook saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hook {
+    StateChange,
+    ReceiveReset,
+    SendReset,
+}
+
+/// TCP state, named as `ss` names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct TcpState(pub u8);
+
+impl TcpState {
+    pub const CLOSE: TcpState = TcpState(monitor_common::tcp_state::CLOSE);
+
+    pub fn name(self) -> &'static str {
+        use monitor_common::tcp_state::*;
+        match self.0 {
+            0 => "UNKNOWN",
+            ESTABLISHED => "ESTABLISHED",
+            SYN_SENT => "SYN_SENT",
+            SYN_RECV => "SYN_RECV",
+            FIN_WAIT1 => "FIN_WAIT1",
+            FIN_WAIT2 => "FIN_WAIT2",
+            TIME_WAIT => "TIME_WAIT",
+            CLOSE => "CLOSE",
+            CLOSE_WAIT => "CLOSE_WAIT",
+            LAST_ACK => "LAST_ACK",
+            LISTEN => "LISTEN",
+            CLOSING => "CLOSING",
+            NEW_SYN_RECV => "NEW_SYN_RECV",
+            _ => "INVALID",
+        }
+    }
+}
+
+impl fmt::Display for TcpState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A process as the kernel saw it: tgid, thread id and the thread's comm.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Task {
+    pub pid: u32,
+    pub tid: u32,
+    pub comm: String,
+}
+
+/// One socket's life: its kernel address plus the time the owner map first saw it, so a
+/// reused `struct sock` address is a different socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SocketId {
+    pub skaddr: u64,
+    pub born_ns: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    pub hook: Hook,
+    /// CLOCK_MONOTONIC nanoseconds.
+    pub mono_ns: u64,
+    pub socket: SocketId,
+    pub cookie: u64,
+    pub inode: u64,
+    pub cgroup_id: u64,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    pub old_state: TcpState,
+    pub new_state: TcpState,
+    /// Captured in process context at connect/accept/listen.
+    pub owner: Option<Task>,
+    /// The task on CPU when the hook fired: meaningful only in process context.
+    pub current: Task,
+    pub since_send_ms: Option<u32>,
+    pub since_recv_ms: Option<u32>,
+    pub rst_reason: u16,
+    pub full_socket: bool,
+}
+
+impl Event {
+    /// Time since data last moved either way, as the kernel's socket timestamps tell it.
+    pub fn idle_ms(&self) -> Option<u64> {
+        Some(self.since_send_ms?.min(self.since_recv_ms?) as u64)
+    }
+
+    pub fn is_ipv6(&self) -> bool {
+        self.local.is_ipv6()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("record of {got} bytes is shorter than an event ({want} bytes)")]
+    Truncated { got: usize, want: usize },
+    #[error("record has unknown hook {0}")]
+    UnknownHook(u8),
+    #[error("record has unknown address family {0}")]
+    UnknownFamily(u16),
+}
+
+pub fn decode(record: &[u8]) -> Result<Event, DecodeError> {
+    let want = size_of::<ConnEvent>();
+    if record.len() < want {
+        return Err(DecodeError::Truncated {
+            got: record.len(),
+            want,
+        });
+    }
+    // SAFETY: length checked above; ConnEvent is plain integers, valid for any bytes;
+    // read_unaligned because the slice carries no alignment guarantee.
+    let raw: ConnEvent = unsafe { std::ptr::read_unaligned(record.as_ptr().cast()) };
+    from_raw(&raw)
+}
+
+pub fn from_raw(raw: &ConnEvent) -> Result<Event, DecodeError> {
+    let hook = match raw.hook {
+        hook::STATE_CHANGE => Hook::StateChange,
+        hook::RECEIVE_RESET => Hook::ReceiveReset,
+        hook::SEND_RESET => Hook::SendReset,
+        other => return Err(DecodeError::UnknownHook(other)),
+    };
+    let (local, remote) = match raw.family {
+        AF_INET => (ipv4(&raw.saddr, raw.sport), ipv4(&raw.daddr, raw.dport)),
+        AF_INET6 => (
+            SocketAddr::new(IpAddr::V6(Ipv6Addr::from(raw.saddr)), raw.sport),
+            SocketAddr::new(IpAddr::V6(Ipv6Addr::from(raw.daddr)), raw.dport),
+        ),
+        // An RST for a segment the kernel could not parse carries no family; keep it visible.
+        0 if hook == Hook::SendReset => (unspecified(), unspecified()),
+        other => return Err(DecodeError::UnknownFamily(other)),
+    };
+    let known = |ms: u32| (raw.flags & flags::IDLE_KNOWN != 0 && ms != UNKNOWN_MS).then_some(ms);
+    let owner = (raw.flags & flags::OWNER_KNOWN != 0).then(|| Task {
+        pid: raw.owner_tgid,
+        tid: raw.owner_pid,
+        comm: comm(&raw.owner_comm),
+    });
+    Ok(Event {
+        hook,
+        mono_ns: raw.ts_ns,
+        socket: SocketId {
+            skaddr: raw.skaddr,
+            born_ns: raw.born_ns,
+        },
+        cookie: raw.cookie,
+        inode: raw.inode,
+        cgroup_id: raw.cgroup_id,
+        local,
+        remote,
+        old_state: TcpState(raw.old_state),
+        new_state: TcpState(raw.new_state),
+        owner,
+        current: Task {
+            pid: raw.ctx_tgid,
+            tid: raw.ctx_pid,
+            comm: comm(&raw.ctx_comm),
+        },
+        since_send_ms: known(raw.since_send_ms),
+        since_recv_ms: known(raw.since_recv_ms),
+        rst_reason: raw.reason,
+        full_socket: raw.flags & flags::FULL_SOCKET != 0,
+    })
+}
+
+fn ipv4(addr: &[u8; 16], port: u16) -> SocketAddr {
+    let octets = [addr[0], addr[1], addr[2], addr[3]];
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::from(octets)), port)
+}
+
+fn unspecified() -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0)
+}
+
+/// A NUL-padded comm; lossy because comm is whatever bytes the process set.
+fn comm(bytes: &[u8; TASK_COMM_LEN]) -> String {
+    let len = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+    String::from_utf8_lossy(&bytes[..len]).into_owned()
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A receive-reset for 127.0.0.1:40000 → 127.0.0.1:5432 owned by pid 42 "psql".
+    pub(crate) fn raw_reset(idle_ms: u32) -> ConnEvent {
+        let mut raw = ConnEvent::zeroed();
+        raw.ts_ns = 1_000;
+        raw.hook = hook::RECEIVE_RESET;
+        raw.flags = flags::OWNER_KNOWN | flags::IDLE_KNOWN | flags::FULL_SOCKET;
+        raw.family = AF_INET;
+        raw.saddr[..4].copy_from_slice(&[127, 0, 0, 1]);
+        raw.daddr[..4].copy_from_slice(&[127, 0, 0, 1]);
+        raw.sport = 40000;
+        raw.dport = 5432;
+        raw.skaddr = 0xffff_8880_0000_1000;
+        raw.born_ns = 500;
+        raw.old_state = monitor_common::tcp_state::ESTABLISHED;
+        raw.new_state = monitor_common::tcp_state::CLOSE;
+        raw.owner_tgid = 42;
+        raw.owner_pid = 43;
+        raw.owner_comm[..4].copy_from_slice(b"psql");
+        raw.ctx_tgid = 7;
+        raw.ctx_comm[..6].copy_from_slice(b"server");
+        raw.since_send_ms = idle_ms + 5;
+        raw.since_recv_ms = idle_ms;
+        raw
+    }
+
+    fn bytes(raw: &ConnEvent) -> Vec<u8> {
+        // SAFETY: ConnEvent is repr(C) plain data without implicit padding.
+        unsafe {
+            std::slice::from_raw_parts(
+                (raw as *const ConnEvent).cast::<u8>(),
+                size_of::<ConnEvent>(),
+            )
+        }
+        .to_vec()
+    }
+
+    #[test]
+    fn decodes_ipv4_reset() {
+        let event = decode(&bytes(&raw_reset(2000))).unwrap();
+        assert_eq!(event.hook, Hook::ReceiveReset);
+        assert_eq!(event.local.to_string(), "127.0.0.1:40000");
+        assert_eq!(event.remote.to_string(), "127.0.0.1:5432");
+        assert_eq!(event.idle_ms(), Some(2000));
+        let owner = event.owner.unwrap();
+        assert_eq!(
+            (owner.pid, owner.tid, owner.comm.as_str()),
+            (42, 43, "psql")
+        );
+        assert_eq!(event.current.comm, "server");
+        assert_eq!(event.old_state.name(), "ESTABLISHED");
+    }
+
+    #[test]
+    fn decodes_ipv6_with_brackets() {
+        let mut raw = raw_reset(10);
+        raw.family = AF_INET6;
+        raw.saddr = Ipv6Addr::LOCALHOST.octets();
+        raw.daddr = "2001:db8::1".parse::<Ipv6Addr>().unwrap().octets();
+        let event = decode(&bytes(&raw)).unwrap();
+        assert_eq!(event.local.to_string(), "[::1]:40000");
+        assert_eq!(event.remote.to_string(), "[2001:db8::1]:5432");
+    }
+
+    #[test]
+    fn unknown_idle_and_owner_stay_unknown() {
+        let mut raw = raw_reset(10);
+        raw.flags = 0;
+        let event = decode(&bytes(&raw)).unwrap();
+        assert_eq!(event.owner, None);
+        assert_eq!(event.idle_ms(), None);
+    }
+
+    #[test]
+    fn rejects_bad_records() {
+        let full = bytes(&raw_reset(1));
+        assert_eq!(
+            decode(&full[..10]),
+            Err(DecodeError::Truncated {
+                got: 10,
+                want: full.len()
+            })
+        );
+        let mut raw = raw_reset(1);
+        raw.hook = 99;
+        assert_eq!(decode(&bytes(&raw)), Err(DecodeError::UnknownHook(99)));
+        let mut raw = raw_reset(1);
+        raw.family = 1;
+        assert_eq!(decode(&bytes(&raw)), Err(DecodeError::UnknownFamily(1)));
+    }
+
+    #[test]
+    fn comm_stops_at_nul_and_survives_bad_utf8() {
+        let mut bytes = [0u8; 16];
+        bytes[..3].copy_from_slice(&[b'a', 0xff, b'b']);
+        assert_eq!(comm(&bytes), "a\u{fffd}b");
+        assert_eq!(comm(&[b'x'; 16]), "x".repeat(16));
+    }
+}

@@ -1,0 +1,11 @@
+//! connwatch: kernel-level TCP connection-state monitor.
+//!
+//! An event travels: [`probes`] (load/attach) → [`events`] (decode the ring buffer) →
+//! [`sockets`] (table, owner) → [`detect`] (one module per detector) → [`sinks`].
+pub mod detect;
+pub mod events;
+pub mod pipeline;
+pub mod probes;
+pub mod sinks;
+pub mod sockets;
+pub mod watch;

@@ -1,0 +1,57 @@
+//! The path every event takes: decode → socket table (owner) → detectors.
+use std::path::PathBuf;
+
+use crate::{
+    detect::{DetectConfig, Detectors, Finding},
+    events::{self, DecodeError, Event},
+    sockets::SocketTable,
+};
+
+pub struct Pipeline {
+    table: SocketTable,
+    detectors: Detectors,
+    findings: Vec<Finding>,
+    pub events: u64,
+    pub undecodable: u64,
+}
+
+impl Pipeline {
+    pub fn new(config: &DetectConfig, proc_root: PathBuf) -> Pipeline {
+        Pipeline {
+            table: SocketTable::new(proc_root),
+            detectors: Detectors::new(config),
+            findings: Vec::new(),
+            events: 0,
+            undecodable: 0,
+        }
+    }
+
+    /// Processes one ring-buffer record; a record that does not decode is counted.
+    pub fn record(&mut self, bytes: &[u8]) -> Result<&[Finding], DecodeError> {
+        match events::decode(bytes) {
+            Ok(event) => Ok(self.event(&event)),
+            Err(err) => {
+                self.undecodable += 1;
+                Err(err)
+            }
+        }
+    }
+
+    pub fn event(&mut self, event: &Event) -> &[Finding] {
+        self.events += 1;
+        self.findings.clear();
+        let owner = self
+            .table
+            .observe(event)
+            .and_then(|entry| entry.owner.clone())
+            .or_else(|| event.owner.clone());
+        self.detectors
+            .inspect(event, owner.as_ref(), &mut self.findings);
+        &self.findings
+    }
+
+    /// Periodic upkeep: forget sockets closed long ago.
+    pub fn tick(&mut self, mono_now_ns: u64) {
+        self.table.expire(mono_now_ns);
+    }
+}

@@ -1,0 +1,192 @@
+//! Struct offsets from the running kernel's BTF.
+//!
+//! aya-ebpf emits no CO-RE relocations, so the eBPF programs read `struct sock`/`tcp_sock`
+//! fields at offsets given to them at load time. Resolving them here, from
+//! `/sys/kernel/btf/vmlinux` of the kernel we are about to attach to, is what lets one
+//! DaemonSet image run on many kernels.
+use std::path::Path;
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use btf_rs::{Btf, Type};
+use monitor_common::KernelLayout;
+
+pub const DEFAULT_BTF: &str = "/sys/kernel/btf/vmlinux";
+
+/// A member located in BTF: byte offset from the start of the outer struct, and byte size
+/// where the member is a scalar or pointer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Field {
+    pub offset: u32,
+    pub size: Option<u32>,
+}
+
+pub struct KernelBtf {
+    btf: Btf,
+}
+
+impl KernelBtf {
+    pub fn open(path: &Path) -> Result<KernelBtf> {
+        if !path.exists() {
+            bail!(
+                "kernel BTF not found at {}: connwatch needs a kernel built with \
+                 CONFIG_DEBUG_INFO_BTF=y (most distributions since 2020), or pass --btf with \
+                 the path of this kernel's vmlinux BTF",
+                path.display()
+            );
+        }
+        let btf = Btf::from_file(path)
+            .map_err(|err| anyhow!("{err}"))
+            .with_context(|| format!("parsing kernel BTF {}", path.display()))?;
+        Ok(KernelBtf { btf })
+    }
+
+    /// Offset of `path` (member names, descending into named sub-structs) within `outer`.
+    /// Anonymous unions and structs on the way are searched transparently.
+    pub fn field(&self, outer: &str, path: &[&str]) -> Result<Field> {
+        let describe = || format!("{outer}.{}", path.join("."));
+        let mut current = self
+            .struct_named(outer)
+            .with_context(|| format!("resolving {} from kernel BTF", describe()))?;
+        let mut offset_bits = 0u32;
+        let mut last_type = None;
+        for name in path {
+            let (bits, member_type) = self.find_member(&current, name)?.ok_or_else(|| {
+                anyhow!(
+                    "kernel BTF has no member {} (kernel layout changed)",
+                    describe()
+                )
+            })?;
+            offset_bits += bits;
+            let resolved = self.strip_modifiers(member_type)?;
+            if let Type::Struct(inner) | Type::Union(inner) = &resolved {
+                current = inner.clone();
+            }
+            last_type = Some(resolved);
+        }
+        if !offset_bits.is_multiple_of(8) {
+            bail!("{} is a bitfield; connwatch cannot read it", describe());
+        }
+        let size = match last_type {
+            Some(Type::Int(int)) => Some(int.size() as u32),
+            Some(Type::Ptr(_)) => Some(8),
+            Some(Type::Enum(e)) => Some(e.size() as u32),
+            _ => None,
+        };
+        Ok(Field {
+            offset: offset_bits / 8,
+            size,
+        })
+    }
+
+    /// Like [`field`](Self::field) but insists on a scalar of `size` bytes.
+    fn scalar(&self, outer: &str, path: &[&str], size: u32) -> Result<u32> {
+        let field = self.field(outer, path)?;
+        if field.size != Some(size) {
+            bail!(
+                "kernel BTF: {outer}.{} is {:?} bytes, connwatch expects {size}",
+                path.join("."),
+                field.size
+            );
+        }
+        Ok(field.offset)
+    }
+
+    fn struct_named(&self, name: &str) -> Result<btf_rs::Struct> {
+        let types = self
+            .btf
+            .resolve_types_by_name(name)
+            .map_err(|err| anyhow!("kernel BTF has no type {name}: {err}"))?;
+        types
+            .into_iter()
+            .find_map(|ty| match ty {
+                Type::Struct(s) if !s.members.is_empty() => Some(s),
+                _ => None,
+            })
+            .ok_or_else(|| anyhow!("kernel BTF has no struct {name}"))
+    }
+
+    /// Finds `name` in `outer`, recursing into anonymous members; returns (bit offset, type).
+    fn find_member(&self, outer: &btf_rs::Struct, name: &str) -> Result<Option<(u32, Type)>> {
+        for member in &outer.members {
+            let member_name = self.btf.resolve_name(member).unwrap_or_default();
+            let member_type = self
+                .btf
+                .resolve_chained_type(member)
+                .map_err(|err| anyhow!("kernel BTF: {err}"))?;
+            if member_name == name {
+                return Ok(Some((member.bit_offset(), member_type)));
+            }
+            if member_name.is_empty()
+                && let Type::Struct(inner) | Type::Union(inner) =
+                    self.strip_modifiers(member_type)?
+                && let Some((bits, found)) = self.find_member(&inner, name)?
+            {
+                return Ok(Some((member.bit_offset() + bits, found)));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Follows typedef/const/volatile/restrict/type-tag to the underlying type.
+    fn strip_modifiers(&self, mut ty: Type) -> Result<Type> {
+        for _ in 0..16 {
+            let next = match &ty {
+                Type::Typedef(t) => self.btf.resolve_chained_type(t),
+                Type::Const(t) | Type::Volatile(t) | Type::Restrict(t) => {
+                    self.btf.resolve_chained_type(t)
+                }
+                Type::TypeTag(t) => self.btf.resolve_chained_type(t),
+                _ => return Ok(ty),
+            };
+            ty = next.map_err(|err| anyhow!("kernel BTF: {err}"))?;
+        }
+        bail!("kernel BTF: type modifier chain too long")
+    }
+
+    /// Every offset the eBPF programs read, from this kernel.
+    pub fn kernel_layout(&self, hz: u32) -> Result<KernelLayout> {
+        let socket_alloc_socket = self.field("socket_alloc", &["socket"])?.offset as i64;
+        let socket_alloc_inode = self.field("socket_alloc", &["vfs_inode"])?.offset as i64;
+        let inode_ino = self.scalar("inode", &["i_ino"], 8)? as i64;
+        let socket_ino = i32::try_from(socket_alloc_inode - socket_alloc_socket + inode_ino)
+            .context("socket inode offset out of range")?;
+        Ok(KernelLayout {
+            hz,
+            sk_state: self.scalar("sock", &["__sk_common", "skc_state"], 1)?,
+            sk_family: self.scalar("sock", &["__sk_common", "skc_family"], 2)?,
+            sk_protocol: self.scalar("sock", &["sk_protocol"], 2)?,
+            sk_socket: self.scalar("sock", &["sk_socket"], 8)?,
+            socket_ino,
+            tcp_lsndtime: self.scalar("tcp_sock", &["lsndtime"], 4)?,
+            tcp_lrcvtime: self.scalar("tcp_sock", &["inet_conn", "icsk_ack", "lrcvtime"], 4)?,
+            task_files: self.scalar("task_struct", &["files"], 8)?,
+            files_fdt: self.scalar("files_struct", &["fdt"], 8)?,
+            fdt_max_fds: self.scalar("fdtable", &["max_fds"], 4)?,
+            fdt_fd: self.scalar("fdtable", &["fd"], 8)?,
+            file_private_data: self.scalar("file", &["private_data"], 8)?,
+            socket_sk: self.scalar("socket", &["sk"], 8)?,
+        })
+    }
+}
+
+/// The kernel's tick rate: the resolution of CLOCK_MONOTONIC_COARSE is one jiffy.
+pub fn kernel_hz() -> Result<u32> {
+    let res = nix::time::clock_getres(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)
+        .context("clock_getres(CLOCK_MONOTONIC_COARSE)")?;
+    let nanos = res.tv_sec() as u64 * 1_000_000_000 + res.tv_nsec() as u64;
+    if nanos == 0 {
+        bail!("CLOCK_MONOTONIC_COARSE reports zero resolution; cannot derive the kernel HZ");
+    }
+    Ok(((1_000_000_000 + nanos / 2) / nanos) as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hz_is_a_kernel_config_value() {
+        let hz = kernel_hz().unwrap();
+        assert!([100, 250, 300, 1000].contains(&hz), "HZ={hz}");
+    }
+}

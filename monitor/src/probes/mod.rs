@@ -1,0 +1,279 @@
+//! Load and attach: checks what this host offers, resolves kernel layouts, loads the eBPF
+//! object with them and attaches one program per hook.
+pub mod btf;
+pub mod tracefs;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{MapData, PerCpuArray, RingBuf},
+    programs::TracePoint,
+};
+use monitor_common::{KernelLayout, TpLayout};
+
+/// The object built from `monitor-ebpf` by build.rs.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/monitor"));
+
+/// Where and how to load; the flags shared by every command that attaches probes.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ProbeOptions {
+    /// Kernel BTF used to resolve struct offsets (the running kernel's by default).
+    #[arg(long, env = "CONNWATCH_BTF", value_name = "PATH", default_value = btf::DEFAULT_BTF)]
+    pub btf: PathBuf,
+    /// tracefs mount to read tracepoint formats from (found or mounted when not given).
+    #[arg(long, env = "CONNWATCH_TRACEFS", value_name = "PATH")]
+    pub tracefs: Option<PathBuf>,
+    /// Ring buffer size in bytes: a power of two, at least one page.
+    #[arg(long, value_name = "BYTES", default_value_t = 4 << 20, value_parser = parse_ring_size)]
+    pub ring_buffer_size: u32,
+}
+
+fn parse_ring_size(text: &str) -> Result<u32, String> {
+    let bytes: u32 = text
+        .parse()
+        .map_err(|_| format!("`{text}` is not a byte count (e.g. 4194304)"))?;
+    if bytes < 4096 || !bytes.is_power_of_two() {
+        return Err(format!(
+            "{bytes} is not a power of two of at least 4096 (the kernel requires it); try {}",
+            bytes.max(4096).next_power_of_two()
+        ));
+    }
+    Ok(bytes)
+}
+
+/// A hook and whether connwatch can run without it.
+struct Hook {
+    program: &'static str,
+    category: &'static str,
+    name: &'static str,
+    required: bool,
+}
+
+const HOOKS: &[Hook] = &[
+    Hook {
+        program: "inet_sock_set_state",
+        category: "sock",
+        name: "inet_sock_set_state",
+        required: true,
+    },
+    Hook {
+        program: "tcp_receive_reset",
+        category: "tcp",
+        name: "tcp_receive_reset",
+        required: true,
+    },
+    Hook {
+        program: "tcp_send_reset",
+        category: "tcp",
+        name: "tcp_send_reset",
+        required: true,
+    },
+    Hook {
+        program: "tcp_destroy_sock",
+        category: "tcp",
+        name: "tcp_destroy_sock",
+        required: true,
+    },
+    Hook {
+        program: "sys_exit_accept4",
+        category: "syscalls",
+        name: "sys_exit_accept4",
+        required: false,
+    },
+    Hook {
+        program: "sys_exit_accept",
+        category: "syscalls",
+        name: "sys_exit_accept",
+        required: false,
+    },
+];
+
+/// Attached programs and the loss counter. Dropping it detaches everything.
+pub struct Probes {
+    /// Kept alive: the programs stay attached while it lives.
+    _ebpf: Ebpf,
+    lost: PerCpuArray<MapData, u64>,
+    pub layout: KernelLayout,
+    pub warnings: Vec<String>,
+}
+
+impl Probes {
+    /// Returns the probes and, separately, the ring buffer they feed, so the event loop can
+    /// own the ring buffer while the probes stay attached.
+    pub fn attach(options: &ProbeOptions) -> Result<(Probes, RingBuf<MapData>)> {
+        check_privileges(read_effective_caps()?)?;
+        raise_memlock_rlimit();
+        let tracefs = tracefs::locate(options.tracefs.as_deref())?;
+        let kernel_btf = btf::KernelBtf::open(&options.btf)?;
+        let layout = kernel_btf.kernel_layout(btf::kernel_hz()?)?;
+        let layouts = TracepointLayouts::read(&tracefs)?;
+
+        let mut loader = EbpfLoader::new();
+        loader
+            .override_global("KERNEL", &layout, true)
+            .override_global("TP_SET_STATE", &layouts.set_state, true)
+            .override_global("TP_RECEIVE_RESET", &layouts.receive_reset, true)
+            .override_global("TP_SEND_RESET", &layouts.send_reset, true)
+            .override_global("TP_DESTROY_SOCK", &layouts.destroy_sock, true)
+            .override_global("TP_SYS_EXIT", &layouts.sys_exit, true)
+            .map_max_entries("EVENTS", options.ring_buffer_size);
+        let mut ebpf = loader
+            .load(EBPF_OBJECT)
+            .map_err(|err| anyhow!("{err}"))
+            .context("loading the eBPF object into the kernel")?;
+
+        let mut warnings = Vec::new();
+        for hook in HOOKS {
+            let present = tracefs
+                .join("events")
+                .join(hook.category)
+                .join(hook.name)
+                .is_dir();
+            if !present && !hook.required {
+                warnings.push(format!(
+                    "tracepoint {}:{} is missing (kernel without CONFIG_FTRACE_SYSCALLS?): \
+                     accepted sockets are attributed through /proc instead, which misses \
+                     sockets closed before connwatch looks",
+                    hook.category, hook.name
+                ));
+                continue;
+            }
+            attach_tracepoint(&mut ebpf, hook)?;
+        }
+
+        let events = RingBuf::try_from(
+            ebpf.take_map("EVENTS")
+                .context("eBPF object has no EVENTS map")?,
+        )?;
+        let lost = PerCpuArray::try_from(
+            ebpf.take_map("LOST")
+                .context("eBPF object has no LOST map")?,
+        )?;
+        let probes = Probes {
+            _ebpf: ebpf,
+            lost,
+            layout,
+            warnings,
+        };
+        Ok((probes, events))
+    }
+
+    /// Events the kernel could not put in the ring buffer since load (all CPUs).
+    pub fn lost_events(&self) -> Result<u64> {
+        let per_cpu = self.lost.get(&0, 0).context("reading the LOST map")?;
+        Ok(per_cpu.iter().sum())
+    }
+}
+
+fn attach_tracepoint(ebpf: &mut Ebpf, hook: &Hook) -> Result<()> {
+    let tracepoint = format!("{}:{}", hook.category, hook.name);
+    let program: &mut TracePoint = ebpf
+        .program_mut(hook.program)
+        .with_context(|| format!("eBPF object has no program {}", hook.program))?
+        .try_into()?;
+    program
+        .load()
+        .map_err(|err| anyhow!("{err:#}"))
+        .with_context(|| format!("the kernel verifier rejected the program for {tracepoint}"))?;
+    program
+        .attach(hook.category, hook.name)
+        .map_err(|err| anyhow!("{err:#}"))
+        .with_context(|| format!("attaching to tracepoint {tracepoint}"))?;
+    Ok(())
+}
+
+/// Record layouts of every tracepoint we attach to, read from this kernel's tracefs.
+pub struct TracepointLayouts {
+    pub set_state: TpLayout,
+    pub receive_reset: TpLayout,
+    pub send_reset: TpLayout,
+    pub destroy_sock: TpLayout,
+    pub sys_exit: TpLayout,
+}
+
+impl TracepointLayouts {
+    pub fn read(tracefs: &Path) -> Result<TracepointLayouts> {
+        let mut sys_exit = TpLayout::absent();
+        // accept and accept4 share the generic syscall-exit record; either gives `ret`.
+        for name in ["sys_exit_accept4", "sys_exit_accept"] {
+            if let Ok(format) = tracefs::Format::read(tracefs, "syscalls", name) {
+                sys_exit.ret = format.require("ret")?;
+            }
+        }
+        Ok(TracepointLayouts {
+            set_state: tracefs::socket_layout(tracefs, "sock", "inet_sock_set_state")?,
+            receive_reset: tracefs::socket_layout(tracefs, "tcp", "tcp_receive_reset")?,
+            send_reset: tracefs::socket_layout(tracefs, "tcp", "tcp_send_reset")?,
+            destroy_sock: tracefs::socket_layout(tracefs, "tcp", "tcp_destroy_sock")?,
+            sys_exit,
+        })
+    }
+}
+
+const CAP_SYS_ADMIN: u32 = 21;
+const CAP_PERFMON: u32 = 38;
+const CAP_BPF: u32 = 39;
+
+fn read_effective_caps() -> Result<u64> {
+    let status =
+        std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+    let hex = status
+        .lines()
+        .find_map(|line| line.strip_prefix("CapEff:"))
+        .context("/proc/self/status has no CapEff line")?;
+    u64::from_str_radix(hex.trim(), 16).context("parsing CapEff")
+}
+
+/// Names the missing capabilities before the kernel answers a bare EPERM.
+pub fn check_privileges(effective: u64) -> Result<()> {
+    let has = |cap: u32| effective & (1 << cap) != 0;
+    if has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON)) {
+        return Ok(());
+    }
+    let missing: Vec<&str> = [(CAP_BPF, "CAP_BPF"), (CAP_PERFMON, "CAP_PERFMON")]
+        .into_iter()
+        .filter(|&(cap, _)| !has(cap))
+        .map(|(_, name)| name)
+        .collect();
+    bail!(
+        "missing capability {} (needed to load eBPF programs and attach tracepoints): run \
+         connwatch as root, or grant them with `setcap cap_bpf,cap_perfmon,cap_dac_read_search\
+         +ep <path to connwatch>`",
+        missing.join(" and ")
+    )
+}
+
+/// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; newer ones charge the cgroup.
+/// Failure is harmless on the latter, and the load error names the problem on the former.
+fn raise_memlock_rlimit() {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit reads a valid, initialised struct.
+    let _ = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn privileges() {
+        assert!(check_privileges(1 << CAP_SYS_ADMIN).is_ok());
+        assert!(check_privileges((1 << CAP_BPF) | (1 << CAP_PERFMON)).is_ok());
+        let err = check_privileges(1 << CAP_BPF).unwrap_err().to_string();
+        assert!(err.starts_with("missing capability CAP_PERFMON "), "{err}");
+        let err = check_privileges(0).unwrap_err().to_string();
+        assert!(err.contains("CAP_BPF and CAP_PERFMON"), "{err}");
+    }
+
+    #[test]
+    fn ring_size_validation() {
+        assert_eq!(parse_ring_size("4096"), Ok(4096));
+        assert!(parse_ring_size("5000").unwrap_err().contains("try 8192"));
+        assert!(parse_ring_size("x").is_err());
+    }
+}

@@ -1,0 +1,98 @@
+//! Human-readable lines for a terminal during an incident.
+use std::{io::Write, time::SystemTime};
+
+use super::{Report, Sink};
+
+pub struct CliSink<W: Write> {
+    out: W,
+    header_written: bool,
+}
+
+impl<W: Write> CliSink<W> {
+    pub fn new(out: W) -> Self {
+        CliSink {
+            out,
+            header_written: false,
+        }
+    }
+
+    fn header(&mut self) -> std::io::Result<()> {
+        if !self.header_written {
+            self.header_written = true;
+            writeln!(
+                self.out,
+                "{:<12} {:<16} {:<24} {:<47} {:<12} IDLE",
+                "TIME", "KIND", "PID/COMM", "LOCAL → REMOTE", "STATE"
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// `2.0s`, `350ms`, `3m12s`: the precision an engineer reads at a glance.
+pub fn format_ms(ms: u64) -> String {
+    match ms {
+        0..1_000 => format!("{ms}ms"),
+        1_000..60_000 => format!("{:.1}s", ms as f64 / 1000.0),
+        _ => format!("{}m{:02}s", ms / 60_000, (ms % 60_000) / 1000),
+    }
+}
+
+fn clock_time(ts: &str) -> &str {
+    // RFC 3339 "2026-11-26T21:58:01.123456Z" → "21:58:01.123".
+    ts.get(11..23).unwrap_or(ts)
+}
+
+impl<W: Write> Sink for CliSink<W> {
+    fn finding(&mut self, report: &Report) -> std::io::Result<()> {
+        self.header()?;
+        let who = match (report.pid, &report.comm) {
+            (Some(pid), Some(comm)) => format!("{pid}/{comm}"),
+            _ => "?".to_string(),
+        };
+        let state = match (report.old_state, report.new_state) {
+            (Some(old), Some(new)) => format!("{old}→{new}"),
+            _ => report.state.to_string(),
+        };
+        let idle = report.idle_ms.map_or_else(|| "-".to_string(), format_ms);
+        writeln!(
+            self.out,
+            "{:<12} {:<16} {:<24} {:<47} {:<12} {}",
+            clock_time(&report.ts),
+            report.kind,
+            who,
+            format!("{} → {}", report.local, report.remote),
+            state,
+            idle
+        )?;
+        self.out.flush()
+    }
+
+    fn lost(&mut self, at: SystemTime, count: u64, total: u64) -> std::io::Result<()> {
+        let ts = humantime::format_rfc3339_millis(at).to_string();
+        writeln!(
+            self.out,
+            "{:<12} events_lost      {count} events dropped by the kernel ({total} in all): \
+             ring buffer full, raise --ring-buffer-size",
+            clock_time(&ts)
+        )?;
+        self.out.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(format_ms(350), "350ms");
+        assert_eq!(format_ms(2049), "2.0s");
+        assert_eq!(format_ms(192_000), "3m12s");
+    }
+
+    #[test]
+    fn clock_time_slices_rfc3339() {
+        assert_eq!(clock_time("2026-11-26T21:58:01.123456Z"), "21:58:01.123");
+    }
+}

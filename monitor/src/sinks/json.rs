@@ -1,0 +1,36 @@
+//! NDJSON: one object per line, for `jq` and log shippers.
+use std::{io::Write, time::SystemTime};
+
+use serde_json::json;
+
+use super::{Report, Sink};
+
+pub struct JsonSink<W: Write> {
+    out: W,
+}
+
+impl<W: Write> JsonSink<W> {
+    pub fn new(out: W) -> Self {
+        JsonSink { out }
+    }
+}
+
+impl<W: Write> Sink for JsonSink<W> {
+    fn finding(&mut self, report: &Report) -> std::io::Result<()> {
+        serde_json::to_writer(&mut self.out, report)?;
+        self.out.write_all(b"\n")?;
+        self.out.flush()
+    }
+
+    fn lost(&mut self, at: SystemTime, count: u64, total: u64) -> std::io::Result<()> {
+        let record = json!({
+            "ts": humantime::format_rfc3339_micros(at).to_string(),
+            "kind": "events_lost",
+            "count": count,
+            "total": total,
+        });
+        serde_json::to_writer(&mut self.out, &record)?;
+        self.out.write_all(b"\n")?;
+        self.out.flush()
+    }
+}

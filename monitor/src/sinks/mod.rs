@@ -1,0 +1,171 @@
+//! Where findings go. [`Report`] is the one schema every sink writes (`watch --json`, and
+//! later the daemon's structured logs), so field names are fixed here once.
+pub mod cli;
+pub mod json;
+
+use std::{
+    io,
+    time::{Duration, SystemTime},
+};
+
+use serde::Serialize;
+
+use crate::{detect::Finding, events::Hook};
+
+/// Turns the kernel's CLOCK_MONOTONIC stamps into wall-clock time.
+#[derive(Debug, Clone, Copy)]
+pub struct WallClock {
+    /// Wall time at monotonic zero.
+    epoch: SystemTime,
+}
+
+impl WallClock {
+    pub fn now() -> WallClock {
+        let mono = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+            .map(|ts| Duration::new(ts.tv_sec() as u64, ts.tv_nsec() as u32))
+            .unwrap_or_default();
+        WallClock {
+            epoch: SystemTime::now() - mono,
+        }
+    }
+
+    pub fn at(&self, mono_ns: u64) -> SystemTime {
+        self.epoch + Duration::from_nanos(mono_ns)
+    }
+
+    pub fn mono_now_ns(&self) -> u64 {
+        SystemTime::now()
+            .duration_since(self.epoch)
+            .map_or(0, |d| d.as_nanos() as u64)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Report {
+    /// RFC 3339, UTC.
+    pub ts: String,
+    pub kind: &'static str,
+    pub pid: Option<u32>,
+    pub tid: Option<u32>,
+    pub comm: Option<String>,
+    pub local: String,
+    pub remote: String,
+    pub family: &'static str,
+    /// The socket's state when it happened (for state changes: the new state).
+    pub state: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub old_state: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub new_state: Option<&'static str>,
+    /// Time since data last moved either way.
+    pub idle_ms: Option<u64>,
+    pub since_send_ms: Option<u32>,
+    pub since_recv_ms: Option<u32>,
+    /// Stable within one run for one socket's life; kernel addresses are not exposed.
+    pub sock_id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cookie: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub inode: Option<u64>,
+    pub cgroup_id: u64,
+}
+
+impl Report {
+    pub fn new(finding: &Finding, clock: &WallClock) -> Report {
+        let event = &finding.event;
+        let state_change = event.hook == Hook::StateChange;
+        let owner = finding.owner.as_ref();
+        Report {
+            ts: humantime::format_rfc3339_micros(clock.at(event.mono_ns)).to_string(),
+            kind: finding.kind.as_str(),
+            pid: owner.map(|o| o.pid),
+            tid: owner.map(|o| o.tid),
+            comm: owner.map(|o| o.comm.clone()),
+            local: event.local.to_string(),
+            remote: event.remote.to_string(),
+            family: if event.is_ipv6() { "ipv6" } else { "ipv4" },
+            state: if state_change {
+                event.new_state.name()
+            } else {
+                event.old_state.name()
+            },
+            old_state: state_change.then(|| event.old_state.name()),
+            new_state: state_change.then(|| event.new_state.name()),
+            idle_ms: event.idle_ms(),
+            since_send_ms: event.since_send_ms,
+            since_recv_ms: event.since_recv_ms,
+            sock_id: sock_id(event.socket.skaddr, event.socket.born_ns),
+            cookie: (event.cookie != 0).then_some(event.cookie),
+            inode: (event.inode != 0).then_some(event.inode),
+            cgroup_id: event.cgroup_id,
+        }
+    }
+
+    pub fn local_port(&self) -> Option<u16> {
+        port_of(&self.local)
+    }
+
+    pub fn remote_port(&self) -> Option<u16> {
+        port_of(&self.remote)
+    }
+}
+
+fn port_of(addr: &str) -> Option<u16> {
+    addr.rsplit_once(':')?.1.parse().ok()
+}
+
+/// splitmix64 of the socket's identity: unique enough to follow one socket, and hides
+/// the kernel address (KASLR) from logs shipped off the node.
+fn sock_id(skaddr: u64, born_ns: u64) -> String {
+    let mut z = skaddr ^ born_ns.rotate_left(32);
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    format!("{:016x}", z ^ (z >> 31))
+}
+
+pub trait Sink {
+    fn finding(&mut self, report: &Report) -> io::Result<()>;
+    /// The kernel dropped `count` events (ring buffer full); `total` since start.
+    fn lost(&mut self, at: SystemTime, count: u64, total: u64) -> io::Result<()>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        detect::Kind,
+        events::{from_raw, tests::raw_reset},
+    };
+
+    #[test]
+    fn report_fields() {
+        let event = from_raw(&raw_reset(2100)).unwrap();
+        let owner = event.owner.clone();
+        let finding = Finding {
+            kind: Kind::PeerResetIdle,
+            event,
+            owner,
+        };
+        let report = Report::new(&finding, &WallClock::now());
+        assert_eq!(report.kind, "peer_reset_idle");
+        assert_eq!(report.pid, Some(42));
+        assert_eq!(report.comm.as_deref(), Some("psql"));
+        assert_eq!(report.state, "ESTABLISHED");
+        assert_eq!(report.old_state, None);
+        assert_eq!(report.idle_ms, Some(2100));
+        assert_eq!(report.local_port(), Some(40000));
+        assert_eq!(report.remote_port(), Some(5432));
+        assert!(
+            report.ts.ends_with('Z') && report.ts.contains('T'),
+            "{}",
+            report.ts
+        );
+        assert_ne!(report.sock_id, sock_id(0xffff_8880_0000_1000, 501));
+    }
+
+    #[test]
+    fn ports_of_ipv6() {
+        assert_eq!(port_of("[::1]:5432"), Some(5432));
+    }
+}

@@ -1,0 +1,154 @@
+//! The socket table: what connwatch knows about each socket's life, and who owns it.
+pub mod process;
+
+use std::{collections::HashMap, net::SocketAddr, path::PathBuf};
+
+use crate::events::{Event, Hook, SocketId, Task, TcpState};
+
+/// How long a closed socket stays in the table: resets and late events (on loopback the
+/// local `tcp_send_reset` arrives after the peer's receive) still find their owner.
+const CLOSED_RETENTION_NS: u64 = 10_000_000_000;
+
+#[derive(Debug, Clone)]
+pub struct SocketEntry {
+    pub id: SocketId,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    pub state: TcpState,
+    pub owner: Option<Task>,
+    /// Monotonic time the socket reached CLOSE, if it has.
+    pub closed_ns: Option<u64>,
+}
+
+pub struct SocketTable {
+    /// Keyed by kernel address; the entry's `id.born_ns` tells reuse apart.
+    sockets: HashMap<u64, SocketEntry>,
+    processes: process::ProcIndex,
+}
+
+impl SocketTable {
+    pub fn new(proc_root: PathBuf) -> SocketTable {
+        SocketTable {
+            sockets: HashMap::new(),
+            processes: process::ProcIndex::new(proc_root),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.sockets.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.sockets.is_empty()
+    }
+
+    /// Folds `event` into the table and returns the socket's entry as it now stands.
+    pub fn observe(&mut self, event: &Event) -> Option<&SocketEntry> {
+        let skaddr = event.socket.skaddr;
+        if skaddr == 0 {
+            return None;
+        }
+        let reused = self
+            .sockets
+            .get(&skaddr)
+            .is_some_and(|entry| is_new_life(entry, event));
+        if reused {
+            self.sockets.remove(&skaddr);
+        }
+        let entry = self.sockets.entry(skaddr).or_insert_with(|| SocketEntry {
+            id: event.socket,
+            local: event.local,
+            remote: event.remote,
+            state: event.old_state,
+            owner: None,
+            closed_ns: None,
+        });
+        if entry.id.born_ns == 0 {
+            entry.id.born_ns = event.socket.born_ns;
+        }
+        if event.hook == Hook::StateChange {
+            entry.state = event.new_state;
+            entry.local = event.local;
+            entry.remote = event.remote;
+        }
+        if event.new_state == TcpState::CLOSE && entry.closed_ns.is_none() {
+            entry.closed_ns = Some(event.mono_ns);
+        }
+        if let Some(owner) = &event.owner {
+            entry.owner = Some(owner.clone());
+        } else if entry.owner.is_none() {
+            entry.owner = self.processes.owner_of(event.inode);
+        }
+        Some(entry)
+    }
+
+    /// Drops sockets closed longer than the retention period before `now_ns`.
+    pub fn expire(&mut self, now_ns: u64) {
+        self.sockets.retain(|_, entry| {
+            entry
+                .closed_ns
+                .is_none_or(|closed| now_ns.saturating_sub(closed) < CLOSED_RETENTION_NS)
+        });
+    }
+}
+
+/// A different socket now lives at this address: a new birth time, or (for sockets born
+/// before connwatch, which have none) a new 4-tuple after a close.
+fn is_new_life(entry: &SocketEntry, event: &Event) -> bool {
+    if event.socket.born_ns != 0 && entry.id.born_ns != 0 {
+        return event.socket.born_ns != entry.id.born_ns;
+    }
+    entry.closed_ns.is_some()
+        && event.hook == Hook::StateChange
+        && (event.local, event.remote) != (entry.local, entry.remote)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::{from_raw, tests::raw_reset};
+
+    fn table() -> SocketTable {
+        // A /proc with no processes: attribution must come from the events.
+        SocketTable::new(std::env::temp_dir().join("connwatch-no-such-proc"))
+    }
+
+    #[test]
+    fn reused_address_is_a_new_socket() {
+        let mut table = table();
+        let first = from_raw(&raw_reset(1)).unwrap();
+        table.observe(&first);
+        let mut raw = raw_reset(1);
+        raw.born_ns = 9_999;
+        raw.flags &= !monitor_common::flags::OWNER_KNOWN;
+        let second = from_raw(&raw).unwrap();
+        let entry = table.observe(&second).unwrap();
+        assert_eq!(entry.id.born_ns, 9_999);
+        assert_eq!(
+            entry.owner, None,
+            "the old socket's owner must not leak to the new one"
+        );
+        assert_eq!(table.len(), 1);
+    }
+
+    #[test]
+    fn same_life_keeps_owner() {
+        let mut table = table();
+        table.observe(&from_raw(&raw_reset(1)).unwrap());
+        let mut raw = raw_reset(1);
+        raw.flags &= !monitor_common::flags::OWNER_KNOWN;
+        let entry = table.observe(&from_raw(&raw).unwrap()).unwrap();
+        assert_eq!(entry.owner.as_ref().map(|o| o.pid), Some(42));
+    }
+
+    #[test]
+    fn closed_sockets_expire() {
+        let mut table = table();
+        let event = from_raw(&raw_reset(1)).unwrap();
+        table.observe(&event);
+        table.expire(event.mono_ns + CLOSED_RETENTION_NS - 1);
+        assert_eq!(table.len(), 1);
+        table.expire(event.mono_ns + CLOSED_RETENTION_NS);
+        assert!(table.is_empty());
+    }
+}

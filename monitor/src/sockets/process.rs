@@ -1,0 +1,120 @@
+//! Socket inode → process, through /proc: the fallback for sockets whose owner the kernel
+//! programs never saw (opened before connwatch started, or accepted without accept()).
+use std::{
+    collections::HashMap,
+    fs,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use crate::events::Task;
+
+/// A whole-/proc scan costs one readlink per open fd on the host, so rescan at most this often.
+const RESCAN_INTERVAL: Duration = Duration::from_secs(1);
+
+pub struct ProcIndex {
+    proc_root: PathBuf,
+    by_inode: HashMap<u64, Task>,
+    last_scan: Option<Instant>,
+}
+
+impl ProcIndex {
+    pub fn new(proc_root: PathBuf) -> ProcIndex {
+        ProcIndex {
+            proc_root,
+            by_inode: HashMap::new(),
+            last_scan: None,
+        }
+    }
+
+    /// The process holding socket `inode`, rescanning /proc on a miss (rate-limited).
+    pub fn owner_of(&mut self, inode: u64) -> Option<Task> {
+        if inode == 0 {
+            return None;
+        }
+        if let Some(task) = self.by_inode.get(&inode) {
+            return Some(task.clone());
+        }
+        let due = self
+            .last_scan
+            .is_none_or(|at| at.elapsed() >= RESCAN_INTERVAL);
+        if due {
+            self.rescan();
+        }
+        self.by_inode.get(&inode).cloned()
+    }
+
+    fn rescan(&mut self) {
+        self.last_scan = Some(Instant::now());
+        self.by_inode.clear();
+        let Ok(entries) = fs::read_dir(&self.proc_root) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|s| s.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            // Processes exit while we read: every failure below just skips that process.
+            let Ok(fds) = fs::read_dir(entry.path().join("fd")) else {
+                continue;
+            };
+            let mut comm = None;
+            for fd in fds.flatten() {
+                let Some(inode) = fs::read_link(fd.path())
+                    .ok()
+                    .and_then(|target| socket_inode(target.to_str()?))
+                else {
+                    continue;
+                };
+                let comm = comm.get_or_insert_with(|| read_comm(&entry.path()));
+                self.by_inode.entry(inode).or_insert_with(|| Task {
+                    pid,
+                    tid: pid,
+                    comm: comm.clone(),
+                });
+            }
+        }
+    }
+}
+
+fn read_comm(process_dir: &std::path::Path) -> String {
+    fs::read_to_string(process_dir.join("comm"))
+        .map(|comm| comm.trim_end().to_string())
+        .unwrap_or_default()
+}
+
+/// `socket:[12345]` → 12345.
+fn socket_inode(link: &str) -> Option<u64> {
+    link.strip_prefix("socket:[")?
+        .strip_suffix(']')?
+        .parse()
+        .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_socket_links() {
+        assert_eq!(socket_inode("socket:[12345]"), Some(12345));
+        assert_eq!(socket_inode("pipe:[12345]"), None);
+        assert_eq!(socket_inode("/dev/null"), None);
+    }
+
+    #[test]
+    fn finds_own_socket() {
+        use std::os::unix::fs::MetadataExt;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&listener);
+        let inode = fs::metadata(format!("/proc/self/fd/{fd}")).unwrap().ino();
+        let mut index = ProcIndex::new("/proc".into());
+        let task = index.owner_of(inode).expect("own socket found");
+        assert_eq!(task.pid, std::process::id());
+        assert_eq!(index.owner_of(0), None);
+    }
+}

@@ -1,0 +1,121 @@
+//! The offsets handed to the eBPF programs are this kernel's: resolved from its BTF, and
+//! equal to what an independent reader (bpftool) finds there.
+use std::{collections::HashMap, path::Path, process::Command};
+
+use monitor::probes::btf::{DEFAULT_BTF, KernelBtf};
+
+/// bpftool's view of the kernel's structs: by id, and the first id of each name.
+struct Dump {
+    /// type id → member name → (byte offset, member type id)
+    by_id: HashMap<u32, HashMap<String, (u32, u32)>>,
+    by_name: HashMap<String, u32>,
+}
+
+impl Dump {
+    /// Parses `bpftool btf dump file ... format raw`.
+    fn load() -> Dump {
+        let output = Command::new("bpftool")
+            .args(["btf", "dump", "file", DEFAULT_BTF, "format", "raw"])
+            .output()
+            .expect("bpftool is installed (cargo xtask test installs it)");
+        assert!(output.status.success());
+        let text = String::from_utf8(output.stdout).unwrap();
+        let mut dump = Dump {
+            by_id: HashMap::new(),
+            by_name: HashMap::new(),
+        };
+        let mut current = None;
+        for line in text.lines() {
+            if !line.starts_with('\t') {
+                // [9509] STRUCT 'fdtable' size=56 vlen=6
+                current = None;
+                let Some((id, rest)) = line.strip_prefix('[').and_then(|l| l.split_once("] "))
+                else {
+                    continue;
+                };
+                let Some(rest) = rest.strip_prefix("STRUCT '") else {
+                    continue;
+                };
+                let id: u32 = id.parse().unwrap();
+                let name = rest.split_once('\'').unwrap().0;
+                dump.by_name.entry(name.to_string()).or_insert(id);
+                dump.by_id.insert(id, HashMap::new());
+                current = Some(id);
+                continue;
+            }
+            // 	'max_fds' type_id=9 bits_offset=0
+            let Some(id) = current else { continue };
+            let Some((member, rest)) = line
+                .trim()
+                .strip_prefix('\'')
+                .and_then(|l| l.split_once('\''))
+            else {
+                continue;
+            };
+            let word = |key: &str| -> u32 {
+                rest.split_whitespace()
+                    .find_map(|w| w.strip_prefix(key))
+                    .unwrap()
+                    .parse()
+                    .unwrap()
+            };
+            let entry = (word("bits_offset=") / 8, word("type_id="));
+            dump.by_id
+                .get_mut(&id)
+                .unwrap()
+                .insert(member.to_string(), entry);
+        }
+        dump
+    }
+
+    /// Byte offset of `path` inside struct `outer`, following member type ids.
+    fn offset(&self, outer: &str, path: &[&str]) -> u32 {
+        let mut id = self.by_name[outer];
+        let mut offset = 0;
+        for member in path {
+            let (at, type_id) = self.by_id[&id][*member];
+            offset += at;
+            id = type_id;
+        }
+        offset
+    }
+}
+
+#[test]
+fn offsets_match_bpftool_for_this_kernel() {
+    let btf = KernelBtf::open(Path::new(DEFAULT_BTF)).unwrap();
+    let layout = btf.kernel_layout(250).unwrap();
+    let dump = Dump::load();
+    assert_eq!(layout.tcp_lsndtime, dump.offset("tcp_sock", &["lsndtime"]));
+    assert_eq!(
+        layout.tcp_lrcvtime,
+        dump.offset("tcp_sock", &["inet_conn", "icsk_ack", "lrcvtime"])
+    );
+    assert_eq!(
+        layout.sk_state,
+        dump.offset("sock", &["__sk_common", "skc_state"])
+    );
+    assert_eq!(
+        layout.sk_family,
+        dump.offset("sock", &["__sk_common", "skc_family"])
+    );
+    assert_eq!(layout.sk_socket, dump.offset("sock", &["sk_socket"]));
+    assert_eq!(layout.sk_protocol, dump.offset("sock", &["sk_protocol"]));
+    assert_eq!(layout.task_files, dump.offset("task_struct", &["files"]));
+    assert_eq!(layout.files_fdt, dump.offset("files_struct", &["fdt"]));
+    assert_eq!(layout.fdt_max_fds, dump.offset("fdtable", &["max_fds"]));
+    assert_eq!(layout.fdt_fd, dump.offset("fdtable", &["fd"]));
+    assert_eq!(layout.socket_sk, dump.offset("socket", &["sk"]));
+    assert_eq!(layout.hz, 250, "HZ is passed through as given");
+}
+
+#[test]
+fn nested_paths_and_bad_names() {
+    let btf = KernelBtf::open(Path::new(DEFAULT_BTF)).unwrap();
+    let state = btf.field("sock", &["__sk_common", "skc_state"]).unwrap();
+    assert_eq!(state.size, Some(1));
+    let err = btf.field("sock", &["no_such_member"]).unwrap_err();
+    assert!(err.to_string().contains("sock.no_such_member"), "{err:#}");
+    let err = btf.field("no_such_struct", &["x"]).unwrap_err();
+    assert!(format!("{err:#}").contains("no_such_struct"), "{err:#}");
+}

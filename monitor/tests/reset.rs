@@ -1,0 +1,141 @@
+//! Resets on loopback, IPv4 and IPv6, seen through the real eBPF programs.
+mod support;
+
+use std::{io::Write, thread, time::Duration};
+
+use serde_json::Value;
+use support::*;
+
+/// Client idles 2 s, server closes with SO_LINGER {1,0}.
+fn idle_reset(bind: &str, family: &str) {
+    let (listener, server_port) = listen(bind);
+    let watch = Watch::start(&["--port", &server_port.to_string()]);
+    let pair = Pair::connect(&listener, "cw-idle-client");
+    let client_port = pair.client_port();
+    thread::sleep(Duration::from_secs(2));
+    let _client = pair.reset_from_server();
+    watch.wait_for("peer_reset_idle and local_reset", |events| {
+        count(events, "peer_reset_idle", client_port) >= 1
+            && count(events, "local_reset", server_port) >= 1
+    });
+    let events = watch.stop().events;
+
+    let flagged = of_kind(&events, "peer_reset_idle", client_port);
+    assert_eq!(flagged.len(), 1, "exactly one idle reset: {events:#?}");
+    let flagged = flagged[0];
+    assert_eq!(flagged["pid"], std::process::id());
+    assert_eq!(flagged["comm"], "cw-idle-client");
+    assert_eq!(port(&flagged["remote"]), server_port);
+    assert_eq!(flagged["family"], family);
+    assert_eq!(flagged["state"], "ESTABLISHED");
+    let idle = flagged["idle_ms"].as_u64().expect("idle_ms measured");
+    assert!((1900..10_000).contains(&idle), "idle_ms={idle}");
+    humantime::parse_rfc3339(flagged["ts"].as_str().unwrap()).expect("ts is RFC 3339");
+    assert_eq!(count(&events, "peer_reset", client_port), 0);
+
+    let sent = of_kind(&events, "local_reset", server_port);
+    assert_eq!(sent.len(), 1, "{events:#?}");
+    // The server socket was accepted by this process (the test harness thread).
+    assert_eq!(sent[0]["pid"], std::process::id());
+    assert_eq!(port(&sent[0]["remote"]), client_port);
+    assert!(
+        sent[0]["idle_ms"].as_u64().unwrap() >= 1900,
+        "{:?}",
+        sent[0]
+    );
+}
+
+#[test]
+fn idle_reset_ipv4() {
+    idle_reset("127.0.0.1:0", "ipv4");
+}
+
+#[test]
+fn idle_reset_ipv6() {
+    idle_reset("[::1]:0", "ipv6");
+}
+
+#[test]
+fn reset_right_after_a_write_is_not_idle() {
+    let (listener, server_port) = listen("127.0.0.1:0");
+    let watch = Watch::start(&["--port", &server_port.to_string()]);
+    let mut pair = Pair::connect(&listener, "cw-busy-client");
+    let client_port = pair.client_port();
+    pair.client.write_all(b"more").unwrap();
+    let mut buf = [0u8; 4];
+    std::io::Read::read_exact(&mut pair.server, &mut buf).unwrap();
+    let _client = pair.reset_from_server();
+    watch.wait_for("peer_reset", |events| {
+        count(events, "peer_reset", client_port) >= 1
+            && count(events, "local_reset", server_port) >= 1
+    });
+    let events = watch.stop().events;
+    let reset = of_kind(&events, "peer_reset", client_port);
+    assert_eq!(reset.len(), 1, "{events:#?}");
+    assert_eq!(reset[0]["comm"], "cw-busy-client");
+    assert!(
+        reset[0]["idle_ms"].as_u64().unwrap() < 1000,
+        "{:?}",
+        reset[0]
+    );
+    assert_eq!(count(&events, "peer_reset_idle", client_port), 0);
+}
+
+#[test]
+fn graceful_close_is_no_reset() {
+    let (listener, server_port) = listen("127.0.0.1:0");
+    let watch = Watch::start(&["--all", "--port", &server_port.to_string()]);
+    let mut pair = Pair::connect(&listener, "cw-fin-client");
+    let client_port = pair.client_port();
+    drop(pair.server);
+    let mut rest = Vec::new();
+    std::io::Read::read_to_end(&mut pair.client, &mut rest).unwrap();
+    drop(pair.client);
+    let closed = |events: &[Value]| {
+        of_kind(events, "state_change", client_port)
+            .iter()
+            .any(|e| e["old_state"] == "LAST_ACK" && e["new_state"] == "CLOSE")
+    };
+    watch.wait_for("the client's LAST_ACK → CLOSE", closed);
+    let events = watch.stop().events;
+    for kind_name in RESET_KINDS {
+        for port in [client_port, server_port] {
+            assert_eq!(
+                count(&events, kind_name, port),
+                0,
+                "{kind_name}: {events:#?}"
+            );
+        }
+    }
+    // --all shows the half-close as it happened, attributed to the client.
+    let close_wait = of_kind(&events, "state_change", client_port)
+        .into_iter()
+        .find(|e| e["new_state"] == "CLOSE_WAIT")
+        .expect("ESTABLISHED → CLOSE_WAIT seen");
+    assert_eq!(close_wait["old_state"], "ESTABLISHED");
+    assert_eq!(close_wait["state"], "CLOSE_WAIT");
+    assert_eq!(close_wait["comm"], "cw-fin-client");
+}
+
+#[test]
+fn filters_and_count() {
+    let (listener, server_port) = listen("127.0.0.1:0");
+    let server = server_port.to_string();
+    // pid 1 owns none of these sockets: everything is filtered out.
+    let by_pid = Watch::start(&["--port", &server, "--pid", "1"]);
+    // Only the client's thread name passes, and --count 1 ends the watch after it.
+    let by_comm = Watch::start(&["--port", &server, "--comm", "cw-filter-cli", "--count", "1"]);
+    let pair = Pair::connect(&listener, "cw-filter-cli");
+    let client_port = pair.client_port();
+    let _client = pair.reset_from_server();
+
+    let by_comm = by_comm.wait_exit();
+    assert!(by_comm.status.success(), "{}", by_comm.stderr);
+    assert_eq!(by_comm.events.len(), 1, "{:#?}", by_comm.events);
+    assert_eq!(by_comm.events[0]["comm"], "cw-filter-cli");
+    assert_eq!(port(&by_comm.events[0]["local"]), client_port);
+
+    thread::sleep(Duration::from_millis(300));
+    let by_pid = by_pid.stop();
+    assert!(by_pid.events.is_empty(), "{:#?}", by_pid.events);
+}

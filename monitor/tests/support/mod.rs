@@ -1,0 +1,256 @@
+//! Shared by the integration tests: run the real `connwatch` binary (real eBPF programs in
+//! this kernel) and drive real sockets at it.
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::{Arc, Mutex, mpsc},
+    thread,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+pub const CONNWATCH: &str = env!("CARGO_BIN_EXE_connwatch");
+
+/// How long connwatch may take to load and attach (the verifier, BTF parsing).
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long an expected event may take to show up.
+pub const EVENT_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A running `connwatch watch --json`.
+pub struct Watch {
+    child: Child,
+    events: Arc<Mutex<Vec<Value>>>,
+    stdout: Option<thread::JoinHandle<()>>,
+    stderr: Arc<Mutex<String>>,
+    stderr_thread: Option<thread::JoinHandle<()>>,
+}
+
+pub struct Stopped {
+    pub events: Vec<Value>,
+    pub stderr: String,
+    pub status: ExitStatus,
+}
+
+impl Watch {
+    /// Starts `connwatch watch --json <args>` and returns once it says it is watching.
+    pub fn start(args: &[&str]) -> Watch {
+        let mut child = Command::new(CONNWATCH)
+            .arg("watch")
+            .arg("--json")
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn connwatch");
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let stdout = child.stdout.take().unwrap();
+        let sink = events.clone();
+        let stdout = thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let line = line.unwrap();
+                let value: Value = serde_json::from_str(&line)
+                    .unwrap_or_else(|err| panic!("stdout line is not JSON ({err}): {line}"));
+                sink.lock().unwrap().push(value);
+            }
+        });
+        let stderr_text = Arc::new(Mutex::new(String::new()));
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        let text = stderr_text.clone();
+        let stderr_thread = thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let line = line.unwrap();
+                if line == "connwatch: watching" {
+                    let _ = ready_tx.send(());
+                }
+                let mut text = text.lock().unwrap();
+                text.push_str(&line);
+                text.push('\n');
+            }
+        });
+        let mut watch = Watch {
+            child,
+            events,
+            stdout: Some(stdout),
+            stderr: stderr_text,
+            stderr_thread: Some(stderr_thread),
+        };
+        if ready_rx.recv_timeout(START_TIMEOUT).is_err() {
+            let _ = watch.child.kill();
+            let stopped = watch.finish();
+            panic!(
+                "connwatch did not start watching ({}): {}",
+                stopped.status, stopped.stderr
+            );
+        }
+        watch
+    }
+
+    /// Waits until `done` holds for the events so far; panics with them on timeout.
+    pub fn wait_for(&self, what: &str, done: impl Fn(&[Value]) -> bool) {
+        let deadline = Instant::now() + EVENT_TIMEOUT;
+        while Instant::now() < deadline {
+            if done(&self.events.lock().unwrap()) {
+                return;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        panic!(
+            "timed out waiting for {what}; events: {:#?}\nstderr: {}",
+            self.events.lock().unwrap(),
+            self.stderr.lock().unwrap()
+        );
+    }
+
+    /// SIGINT, then everything it printed. A clean stop exits 0.
+    pub fn stop(mut self) -> Stopped {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGINT,
+        )
+        .unwrap();
+        let stopped = self.finish();
+        assert!(
+            stopped.status.success(),
+            "connwatch exited {} on SIGINT: {}",
+            stopped.status,
+            stopped.stderr
+        );
+        stopped
+    }
+
+    /// Waits for connwatch to exit by itself (`--count`, `--duration`).
+    pub fn wait_exit(mut self) -> Stopped {
+        let deadline = Instant::now() + EVENT_TIMEOUT;
+        while self.child.try_wait().unwrap().is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "connwatch did not exit by itself"
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+        self.finish()
+    }
+
+    fn finish(&mut self) -> Stopped {
+        let status = self.child.wait().unwrap();
+        self.stdout.take().unwrap().join().unwrap();
+        self.stderr_thread.take().unwrap().join().unwrap();
+        Stopped {
+            events: std::mem::take(&mut self.events.lock().unwrap()),
+            stderr: self.stderr.lock().unwrap().clone(),
+            status,
+        }
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        // A failing test must not leave connwatch (and its attached programs) behind.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn kind(event: &Value) -> &str {
+    event["kind"].as_str().unwrap_or_default()
+}
+
+pub fn port(addr: &Value) -> u16 {
+    let addr = addr.as_str().expect("address is a string");
+    addr.rsplit_once(':').unwrap().1.parse().unwrap()
+}
+
+/// Events of `kind` whose local port is `local_port`.
+pub fn of_kind<'a>(events: &'a [Value], kind_name: &str, local_port: u16) -> Vec<&'a Value> {
+    events
+        .iter()
+        .filter(|e| kind(e) == kind_name && port(&e["local"]) == local_port)
+        .collect()
+}
+
+pub fn count(events: &[Value], kind_name: &str, local_port: u16) -> usize {
+    of_kind(events, kind_name, local_port).len()
+}
+
+pub const RESET_KINDS: [&str; 3] = ["peer_reset_idle", "peer_reset", "local_reset"];
+
+/// An established client/server pair; the client side lives in its own named thread so
+/// its comm is known.
+pub struct Pair {
+    pub client: TcpStream,
+    pub server: TcpStream,
+}
+
+impl Pair {
+    /// Connects from a thread named `thread_name` and exchanges one request/response.
+    pub fn connect(listener: &TcpListener, thread_name: &str) -> Pair {
+        let target = listener.local_addr().unwrap();
+        let client = thread::Builder::new()
+            .name(thread_name.to_string())
+            .spawn(move || TcpStream::connect(target).unwrap())
+            .unwrap()
+            .join()
+            .unwrap();
+        let (server, _) = listener.accept().unwrap();
+        let mut pair = Pair { client, server };
+        pair.round_trip();
+        pair
+    }
+
+    pub fn round_trip(&mut self) {
+        self.client.write_all(b"ping").unwrap();
+        let mut buf = [0u8; 4];
+        self.server.read_exact(&mut buf).unwrap();
+        self.server.write_all(b"pong").unwrap();
+        self.client.read_exact(&mut buf).unwrap();
+    }
+
+    pub fn client_port(&self) -> u16 {
+        self.client.local_addr().unwrap().port()
+    }
+
+    /// Closes the server side with SO_LINGER {1, 0}: an RST instead of a FIN.
+    pub fn reset_from_server(self) -> TcpStream {
+        abort(self.server);
+        self.client
+    }
+}
+
+/// close() with SO_LINGER {1, 0}, which makes the kernel send an RST.
+pub fn abort(stream: TcpStream) {
+    socket2::SockRef::from(&stream)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(stream);
+}
+
+pub fn listen(addr: &str) -> (TcpListener, u16) {
+    let listener = TcpListener::bind(addr).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    (listener, port)
+}
+
+pub fn local_addr_port(addr: SocketAddr) -> u16 {
+    addr.port()
+}
+
+/// Runs a command and panics with its output if it fails.
+pub fn run(program: &str, args: &[&str]) -> String {
+    let output = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|err| panic!("running {program}: {err}"));
+    assert!(
+        output.status.success(),
+        "{program} {args:?} failed: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
