@@ -12,6 +12,21 @@ pub mod hook {
     pub const RECEIVE_RESET: u8 = 2;
     /// `tcp:tcp_send_reset`: this host sent an RST.
     pub const SEND_RESET: u8 = 3;
+    /// `sock:sock_send_length` / `sock:sock_recv_length` on a socket whose peer had ended
+    /// the connection: the application ran into it.
+    pub const IO_AFTER_PEER_END: u8 = 4;
+}
+
+/// How the peer ended a connection ([`PeerEnd::how`], [`ConnEvent::peer_end`]).
+pub mod peer_end {
+    pub const RESET: u8 = 1;
+    pub const FIN: u8 = 2;
+}
+
+/// Which call ran into the ended connection ([`ConnEvent::io`]).
+pub mod io {
+    pub const SEND: u8 = 1;
+    pub const RECV: u8 = 2;
 }
 
 /// Bits of [`ConnEvent::flags`].
@@ -96,7 +111,15 @@ pub struct ConnEvent {
     pub dport: u16,
     /// `enum sk_rst_reason` for sent resets on kernels that report it, else 0.
     pub reason: u16,
-    pub _pad: [u8; 4],
+    /// Return value of the send/recv that ran into an ended connection.
+    pub ret: i32,
+    /// Milliseconds from the peer's RST/FIN to that send/recv.
+    pub since_peer_end_ms: u32,
+    /// One of [`io`] (0 for other hooks).
+    pub io: u8,
+    /// One of [`peer_end`] (0 for other hooks).
+    pub peer_end: u8,
+    pub _pad: [u8; 2],
     /// Local and remote addresses; IPv4 uses the first four bytes.
     pub saddr: [u8; 16],
     pub daddr: [u8; 16],
@@ -127,13 +150,36 @@ impl ConnEvent {
             sport: 0,
             dport: 0,
             reason: 0,
-            _pad: [0; 4],
+            ret: 0,
+            since_peer_end_ms: 0,
+            io: 0,
+            peer_end: 0,
+            _pad: [0; 2],
             saddr: [0; 16],
             daddr: [0; 16],
             owner_comm: [0; TASK_COMM_LEN],
             ctx_comm: [0; TASK_COMM_LEN],
         }
     }
+}
+
+/// A socket whose peer reset or closed it; the send/recv hooks look these up.
+///
+/// Keeps the 4-tuple as it was at the RST/FIN: by the time the application writes, a reset
+/// socket has already released its local port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerEnd {
+    pub at_ns: u64,
+    /// One of [`peer_end`].
+    pub how: u8,
+    /// Set once the application's first call into it was reported.
+    pub reported: u8,
+    pub family: u16,
+    pub sport: u16,
+    pub dport: u16,
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
 }
 
 /// Who owns a socket, captured in process context (connect, accept, listen).
@@ -265,6 +311,7 @@ mod pod {
     // explicit padding, so every bit pattern is valid.
     unsafe impl aya::Pod for super::ConnEvent {}
     unsafe impl aya::Pod for super::SockOwner {}
+    unsafe impl aya::Pod for super::PeerEnd {}
     unsafe impl aya::Pod for super::TpLayout {}
     unsafe impl aya::Pod for super::KernelLayout {}
 }
@@ -277,7 +324,7 @@ mod tests {
     #[test]
     fn event_has_no_implicit_padding() {
         // Sum of field sizes == struct size means the kernel writes every byte we read.
-        let fields = 6 * 8 + 6 * 4 + 4 + 4 * 2 + 4 + 16 * 4;
+        let fields = 6 * 8 + 6 * 4 + 4 + 4 * 2 + 4 + 4 + 4 + 16 * 4;
         assert_eq!(size_of::<ConnEvent>(), fields);
         assert_eq!(
             align_of::<ConnEvent>(),
@@ -285,6 +332,7 @@ mod tests {
             "ring buffer records are 8-aligned"
         );
         assert_eq!(size_of::<SockOwner>(), 8 + 8 + 4 + 4 + 16);
+        assert_eq!(size_of::<PeerEnd>(), 8 + 1 + 1 + 2 * 3 + 32);
     }
 
     #[test]

@@ -27,6 +27,8 @@ static TP_SEND_RESET: TpLayout = TpLayout::absent();
 static TP_DESTROY_SOCK: TpLayout = TpLayout::absent();
 #[unsafe(no_mangle)]
 static TP_SYS_EXIT: TpLayout = TpLayout::absent();
+#[unsafe(no_mangle)]
+static TP_SOCK_LENGTH: TpLayout = TpLayout::absent();
 
 /// Which tracepoint's layout to read; keeps the globals private to this module.
 #[derive(Clone, Copy)]
@@ -36,6 +38,7 @@ pub enum Tp {
     SendReset,
     DestroySock,
     SysExit,
+    SockLength,
 }
 
 #[inline(always)]
@@ -48,6 +51,7 @@ pub fn layout(tp: Tp) -> TpLayout {
             Tp::SendReset => &TP_SEND_RESET,
             Tp::DestroySock => &TP_DESTROY_SOCK,
             Tp::SysExit => &TP_SYS_EXIT,
+            Tp::SockLength => &TP_SOCK_LENGTH,
         })
     }
 }

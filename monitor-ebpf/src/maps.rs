@@ -3,7 +3,7 @@ use aya_ebpf::{
     macros::map,
     maps::{LruHashMap, PerCpuArray, RingBuf},
 };
-use monitor_common::{ConnEvent, SockOwner};
+use monitor_common::{ConnEvent, PeerEnd, SockOwner, peer_end};
 
 /// Every observation, in order per CPU.
 #[map]
@@ -16,6 +16,37 @@ pub static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 /// Socket → owner, captured in process context. LRU so a missed destroy cannot fill it.
 #[map]
 pub static OWNERS: LruHashMap<u64, SockOwner> = LruHashMap::with_max_entries(65536, 0);
+
+/// Sockets the peer reset or closed (FIN): the only sockets the send/recv hooks look at.
+#[map]
+pub static PEER_ENDED: LruHashMap<u64, PeerEnd> = LruHashMap::with_max_entries(65536, 0);
+
+/// Remembers that the peer ended the socket of `event` (`how`: [`peer_end`]).
+#[inline(always)]
+pub fn mark_peer_end(how: u8, event: &ConnEvent) {
+    let sk = event.skaddr;
+    if how == peer_end::RESET
+        && let Some(mark) = PEER_ENDED.get_ptr(&sk)
+        // SAFETY: pointer from a lookup of a preallocated (LRU) map, read once.
+        && unsafe { (*mark).how == peer_end::FIN && (*mark).reported == 0 }
+    {
+        // The application has not touched the socket since the FIN: its next call is
+        // reported against the FIN, the root cause (on loopback a write after FIN draws the
+        // RST before the write's own hook runs).
+        return;
+    }
+    let mark = PeerEnd {
+        at_ns: event.ts_ns,
+        how,
+        reported: 0,
+        family: event.family,
+        sport: event.sport,
+        dport: event.dport,
+        saddr: event.saddr,
+        daddr: event.daddr,
+    };
+    let _ = PEER_ENDED.insert(&sk, &mark, 0);
+}
 
 /// Sends `event` to userspace, counting it in `LOST` when the ring buffer is full.
 #[inline(always)]

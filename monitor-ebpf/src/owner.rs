@@ -3,7 +3,7 @@ use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
 
 use crate::{
     kernel::{Tp, current, field, is_inet_tcp, layout, sock_of_fd},
-    maps::OWNERS,
+    maps::{OWNERS, PEER_ENDED},
 };
 
 #[tracepoint(category = "syscalls", name = "sys_exit_accept4")]
@@ -45,6 +45,7 @@ fn record_acceptor(ctx: &TracePointContext) -> u32 {
 pub fn tcp_destroy_sock(ctx: TracePointContext) -> u32 {
     if let Some(sk) = field::<u64>(&ctx, layout(Tp::DestroySock).skaddr) {
         let _ = OWNERS.remove(&sk);
+        let _ = PEER_ENDED.remove(&sk);
     }
     0
 }

@@ -1,11 +1,11 @@
 //! `tcp:tcp_receive_reset` and `tcp:tcp_send_reset`: RSTs in and out, with how long the
 //! socket had been idle, read from its own timestamps (no per-packet hook).
 use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
-use monitor_common::{hook, tcp_state};
+use monitor_common::{hook, peer_end, tcp_state};
 
 use crate::{
     kernel::{Tp, field, layout, new_event, read_full_socket, read_tuple, sk_state},
-    maps::emit,
+    maps::{emit, mark_peer_end},
 };
 
 /// Fires in softirq: the current task is not the owner (on loopback it is the RST sender).
@@ -23,6 +23,7 @@ pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
     read_tuple(&ctx, &tp, &mut event);
     read_full_socket(sk, tcp_state::is_synchronized(state), &mut event);
     emit(&event);
+    mark_peer_end(peer_end::RESET, &event);
     0
 }
 

@@ -1,10 +1,10 @@
 //! `sock:inet_sock_set_state`: every TCP state change, and the moments a socket is born.
 use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
-use monitor_common::{IPPROTO_TCP, SockOwner, hook, tcp_state};
+use monitor_common::{IPPROTO_TCP, SockOwner, hook, peer_end, tcp_state};
 
 use crate::{
     kernel::{Tp, current, field, layout, new_event, read_full_socket, read_tuple},
-    maps::{OWNERS, emit},
+    maps::{OWNERS, emit, mark_peer_end},
 };
 
 #[tracepoint(category = "sock", name = "inet_sock_set_state")]
@@ -28,6 +28,10 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
     // found the connection unused.
     read_full_socket(sk, tcp_state::is_synchronized(old_state), &mut event);
     emit(&event);
+    if new_state == tcp_state::CLOSE_WAIT {
+        // The peer sent FIN: the application's next write or EOF read is worth reporting.
+        mark_peer_end(peer_end::FIN, &event);
+    }
     0
 }
 

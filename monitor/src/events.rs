@@ -5,7 +5,9 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
 };
 
-use monitor_common::{AF_INET, AF_INET6, ConnEvent, TASK_COMM_LEN, UNKNOWN_MS, flags, hook};
+use monitor_common::{
+    AF_INET, AF_INET6, ConnEvent, TASK_COMM_LEN, UNKNOWN_MS, flags, hook, io, peer_end,
+};
 
 /// Which kernel hook saw it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -13,6 +15,59 @@ pub enum Hook {
     StateChange,
     ReceiveReset,
     SendReset,
+    /// A send/recv on a socket the peer had reset or closed.
+    IoAfterPeerEnd,
+}
+
+/// How the peer ended the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerEnd {
+    Reset,
+    Fin,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoOp {
+    Send,
+    Recv,
+}
+
+/// The application's first call into a connection its peer had ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IoAfterPeerEnd {
+    pub op: IoOp,
+    /// What the call returned: bytes, or a negative errno.
+    pub ret: i32,
+    pub peer_end: PeerEnd,
+    pub since_peer_end_ms: u32,
+}
+
+impl IoAfterPeerEnd {
+    /// The errno the call failed with, 0 when it did not fail (EOF, or a write accepted).
+    pub fn errno(&self) -> i32 {
+        (-self.ret).max(0)
+    }
+
+    /// `ECONNRESET`, `EPIPE`, `EOF` (a read returning 0) or `none` (a write accepted).
+    pub fn outcome(&self) -> &'static str {
+        match (self.op, self.ret) {
+            (IoOp::Recv, 0) => "EOF",
+            (_, ret) if ret >= 0 => "none",
+            (_, ret) => errno_name(-ret),
+        }
+    }
+}
+
+fn errno_name(errno: i32) -> &'static str {
+    match errno {
+        libc::ECONNRESET => "ECONNRESET",
+        libc::EPIPE => "EPIPE",
+        libc::ETIMEDOUT => "ETIMEDOUT",
+        libc::ECONNABORTED => "ECONNABORTED",
+        libc::EHOSTUNREACH => "EHOSTUNREACH",
+        libc::ENOTCONN => "ENOTCONN",
+        _ => "other",
+    }
 }
 
 /// TCP state, named as `ss` names them.
@@ -86,6 +141,8 @@ pub struct Event {
     pub since_recv_ms: Option<u32>,
     pub rst_reason: u16,
     pub full_socket: bool,
+    /// Set for [`Hook::IoAfterPeerEnd`].
+    pub io: Option<IoAfterPeerEnd>,
 }
 
 impl Event {
@@ -107,6 +164,8 @@ pub enum DecodeError {
     UnknownHook(u8),
     #[error("record has unknown address family {0}")]
     UnknownFamily(u16),
+    #[error("send/recv record has unknown operation {0} or peer end {1}")]
+    UnknownIo(u8, u8),
 }
 
 pub fn decode(record: &[u8]) -> Result<Event, DecodeError> {
@@ -128,7 +187,12 @@ pub fn from_raw(raw: &ConnEvent) -> Result<Event, DecodeError> {
         hook::STATE_CHANGE => Hook::StateChange,
         hook::RECEIVE_RESET => Hook::ReceiveReset,
         hook::SEND_RESET => Hook::SendReset,
+        hook::IO_AFTER_PEER_END => Hook::IoAfterPeerEnd,
         other => return Err(DecodeError::UnknownHook(other)),
+    };
+    let io = match hook {
+        Hook::IoAfterPeerEnd => Some(decode_io(raw)?),
+        _ => None,
     };
     let (local, remote) = match raw.family {
         AF_INET => (ipv4(&raw.saddr, raw.sport), ipv4(&raw.daddr, raw.dport)),
@@ -170,6 +234,26 @@ pub fn from_raw(raw: &ConnEvent) -> Result<Event, DecodeError> {
         since_recv_ms: known(raw.since_recv_ms),
         rst_reason: raw.reason,
         full_socket: raw.flags & flags::FULL_SOCKET != 0,
+        io,
+    })
+}
+
+fn decode_io(raw: &ConnEvent) -> Result<IoAfterPeerEnd, DecodeError> {
+    let op = match raw.io {
+        io::SEND => IoOp::Send,
+        io::RECV => IoOp::Recv,
+        _ => return Err(DecodeError::UnknownIo(raw.io, raw.peer_end)),
+    };
+    let peer_end = match raw.peer_end {
+        peer_end::RESET => PeerEnd::Reset,
+        peer_end::FIN => PeerEnd::Fin,
+        _ => return Err(DecodeError::UnknownIo(raw.io, raw.peer_end)),
+    };
+    Ok(IoAfterPeerEnd {
+        op,
+        ret: raw.ret,
+        peer_end,
+        since_peer_end_ms: raw.since_peer_end_ms,
     })
 }
 
@@ -280,6 +364,48 @@ pub(crate) mod tests {
         let mut raw = raw_reset(1);
         raw.family = 1;
         assert_eq!(decode(&bytes(&raw)), Err(DecodeError::UnknownFamily(1)));
+    }
+
+    /// A send that got ECONNRESET 1.5 s after the peer's RST, by pid 42.
+    pub(crate) fn raw_send_after_reset() -> ConnEvent {
+        let mut raw = raw_reset(0);
+        raw.hook = hook::IO_AFTER_PEER_END;
+        raw.flags = flags::OWNER_KNOWN;
+        raw.io = io::SEND;
+        raw.ret = -libc::ECONNRESET;
+        raw.peer_end = peer_end::RESET;
+        raw.since_peer_end_ms = 1500;
+        raw.ctx_tgid = 42;
+        raw
+    }
+
+    #[test]
+    fn decodes_io_after_peer_end() {
+        let event = decode(&bytes(&raw_send_after_reset())).unwrap();
+        let io = event.io.unwrap();
+        assert_eq!(
+            (io.op, io.peer_end, io.since_peer_end_ms),
+            (IoOp::Send, PeerEnd::Reset, 1500)
+        );
+        assert_eq!((io.errno(), io.outcome()), (104, "ECONNRESET"));
+        let mut raw = raw_send_after_reset();
+        raw.io = 9;
+        assert_eq!(decode(&bytes(&raw)), Err(DecodeError::UnknownIo(9, 1)));
+    }
+
+    #[test]
+    fn io_outcomes() {
+        let io = |op, ret| IoAfterPeerEnd {
+            op,
+            ret,
+            peer_end: PeerEnd::Fin,
+            since_peer_end_ms: 0,
+        };
+        assert_eq!(io(IoOp::Recv, 0).outcome(), "EOF");
+        assert_eq!(io(IoOp::Send, 4).outcome(), "none");
+        assert_eq!(io(IoOp::Send, -libc::EPIPE).outcome(), "EPIPE");
+        assert_eq!(io(IoOp::Send, -libc::EPIPE).errno(), 32);
+        assert_eq!(io(IoOp::Recv, 0).errno(), 0);
     }
 
     #[test]

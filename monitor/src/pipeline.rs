@@ -50,8 +50,11 @@ impl Pipeline {
         &self.findings
     }
 
-    /// Periodic upkeep: forget sockets closed long ago.
-    pub fn tick(&mut self, mono_now_ns: u64) {
+    /// Periodic upkeep: findings that come from time passing; forget old closed sockets.
+    pub fn tick(&mut self, mono_now_ns: u64) -> &[Finding] {
         self.table.expire(mono_now_ns);
+        self.findings.clear();
+        self.detectors.tick(mono_now_ns, &mut self.findings);
+        &self.findings
     }
 }

@@ -13,7 +13,7 @@ use tokio::{
 };
 
 use crate::{
-    detect::DetectConfig,
+    detect::{DetectConfig, Finding, Kind},
     pipeline::Pipeline,
     probes::{ProbeOptions, Probes},
     sinks::{Report, Sink, WallClock, cli::CliSink, json::JsonSink},
@@ -38,9 +38,15 @@ pub struct WatchArgs {
     /// Only sockets with this local or remote port (repeatable).
     #[arg(long, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
     pub port: Vec<u16>,
-    /// A peer reset after at least this long without data is `peer_reset_idle`.
+    /// Only these kinds (repeatable or comma-separated).
+    #[arg(long, value_name = "KIND", value_delimiter = ',')]
+    pub kind: Vec<Kind>,
+    /// A peer reset or FIN after at least this long without data is `*_idle`.
     #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
     pub idle_threshold: Duration,
+    /// A socket in CLOSE_WAIT longer than this is `close_wait_lingering`.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_positive_duration)]
+    pub close_wait_threshold: Duration,
     /// Stop after this long (e.g. 30s, 5m).
     #[arg(long, value_name = "DURATION", value_parser = parse_positive_duration)]
     pub duration: Option<Duration>,
@@ -69,12 +75,14 @@ fn parse_positive_duration(text: &str) -> Result<Duration, String> {
     }
 }
 
-/// The `--pid/--comm/--port` filters: a report passes when it matches every given filter.
+/// The `--pid/--comm/--port/--kind` filters: a report passes when it matches every filter
+/// given.
 #[derive(Debug, Default)]
 pub struct Filter {
     pub pids: Vec<u32>,
     pub comms: Vec<String>,
     pub ports: Vec<u16>,
+    pub kinds: Vec<Kind>,
 }
 
 impl Filter {
@@ -87,7 +95,41 @@ impl Filter {
                 .into_iter()
                 .flatten()
                 .any(|p| self.ports.contains(&p));
-        pid_ok && comm_ok && port_ok
+        let kind_ok = self.kinds.is_empty() || self.kinds.iter().any(|k| k.as_str() == report.kind);
+        pid_ok && comm_ok && port_ok && kind_ok
+    }
+}
+
+/// Where findings go after detection: filter, sink, and the `--count` budget.
+struct Output {
+    sink: Box<dyn Sink>,
+    filter: Filter,
+    clock: WallClock,
+    printed: u64,
+    count: Option<u64>,
+}
+
+enum Flow {
+    Continue,
+    Stop,
+}
+
+impl Output {
+    fn deliver(&mut self, findings: &[Finding]) -> Result<Flow> {
+        for finding in findings {
+            let report = Report::new(finding, &self.clock);
+            if !self.filter.matches(&report) {
+                continue;
+            }
+            if let Err(err) = self.sink.finding(&report) {
+                return output_closed(err).map(|()| Flow::Stop);
+            }
+            self.printed += 1;
+            if self.count.is_some_and(|count| self.printed >= count) {
+                return Ok(Flow::Stop);
+            }
+        }
+        Ok(Flow::Continue)
     }
 }
 
@@ -100,22 +142,28 @@ pub async fn run(args: WatchArgs) -> Result<()> {
     let mut pipeline = Pipeline::new(
         &DetectConfig {
             idle_threshold: args.idle_threshold,
-            state_changes: args.all,
+            close_wait_threshold: args.close_wait_threshold,
+            state_changes: args.all || args.kind.contains(&Kind::StateChange),
         },
         args.host_proc.clone(),
     );
-    let filter = Filter {
-        pids: args.pid.clone(),
-        comms: args.comm.clone(),
-        ports: args.port.clone(),
-    };
     let stdout = io::stdout().lock();
-    let mut sink: Box<dyn Sink> = if args.json {
-        Box::new(JsonSink::new(stdout))
-    } else {
-        Box::new(CliSink::new(stdout))
+    let mut output = Output {
+        sink: if args.json {
+            Box::new(JsonSink::new(stdout))
+        } else {
+            Box::new(CliSink::new(stdout))
+        },
+        filter: Filter {
+            pids: args.pid.clone(),
+            comms: args.comm.clone(),
+            ports: args.port.clone(),
+            kinds: args.kind.clone(),
+        },
+        clock,
+        printed: 0,
+        count: args.count,
     };
-
     // SAFETY: the RingBuf owns its map fd, which stays open and unchanged until the
     // AsyncFd (and the RingBuf inside it) is dropped.
     let mut ring = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
@@ -128,7 +176,6 @@ pub async fn run(args: WatchArgs) -> Result<()> {
     let deadline = args.duration.map(|d| Instant::now() + d);
     let mut upkeep = interval(Duration::from_secs(1));
     upkeep.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut printed = 0u64;
     let mut lost_total = 0u64;
     let mut warned_undecodable = false;
 
@@ -149,30 +196,26 @@ pub async fn run(args: WatchArgs) -> Result<()> {
                             continue;
                         }
                     };
-                    for finding in findings {
-                        let report = Report::new(finding, &clock);
-                        if !filter.matches(&report) {
-                            continue;
-                        }
-                        if let Err(err) = sink.finding(&report) {
-                            break 'watch output_closed(err);
-                        }
-                        printed += 1;
-                        if args.count.is_some_and(|count| printed >= count) {
-                            break 'watch Ok(());
-                        }
+                    match output.deliver(findings) {
+                        Ok(Flow::Continue) => {}
+                        Ok(Flow::Stop) => break 'watch Ok(()),
+                        Err(err) => break 'watch Err(err),
                     }
                 }
                 guard.clear_ready();
             }
             _ = upkeep.tick() => {
-                pipeline.tick(clock.mono_now_ns());
+                match output.deliver(pipeline.tick(clock.mono_now_ns())) {
+                    Ok(Flow::Continue) => {}
+                    Ok(Flow::Stop) => break 'watch Ok(()),
+                    Err(err) => break 'watch Err(err),
+                }
                 let lost = probes.lost_events()?;
                 if lost > lost_total {
                     let count = lost - lost_total;
                     lost_total = lost;
                     eprintln!("connwatch: warning: the kernel dropped {count} events (ring buffer full); raise --ring-buffer-size");
-                    if let Err(err) = sink.lost(SystemTime::now(), count, lost_total) {
+                    if let Err(err) = output.sink.lost(SystemTime::now(), count, lost_total) {
                         break 'watch output_closed(err);
                     }
                 }
@@ -184,8 +227,8 @@ pub async fn run(args: WatchArgs) -> Result<()> {
     };
     let lost_total = probes.lost_events().unwrap_or(lost_total);
     eprintln!(
-        "connwatch: stopped: {} events read, {printed} printed, {lost_total} lost, {} undecodable",
-        pipeline.events, pipeline.undecodable
+        "connwatch: stopped: {} events read, {} printed, {lost_total} lost, {} undecodable",
+        pipeline.events, output.printed, pipeline.undecodable
     );
     outcome
 }

@@ -136,11 +136,7 @@ fn ss_kill_across_veth_is_an_idle_reset() {
     assert_eq!(flagged[0]["comm"], "cw-ns-client");
     assert_eq!(flagged[0]["local"], format!("{CLIENT_ADDR}:{client_port}"));
     assert_eq!(flagged[0]["remote"], format!("{SERVER_ADDR}:{server_port}"));
-    assert!(
-        flagged[0]["idle_ms"].as_u64().unwrap() >= 1900,
-        "{:?}",
-        flagged[0]
-    );
+    assert!(ms(flagged[0], "idle_ms") >= 1900, "{:?}", flagged[0]);
     // The destroyed socket's RST went out from the server host, owned by this process.
     let sent = of_kind(&events, "local_reset", server_port);
     assert_eq!(sent[0]["pid"], std::process::id(), "{:?}", sent[0]);

@@ -8,8 +8,7 @@ use support::*;
 
 /// Client idles 2 s, server closes with SO_LINGER {1,0}.
 fn idle_reset(bind: &str, family: &str) {
-    let (listener, server_port) = listen(bind);
-    let watch = Watch::start(&["--port", &server_port.to_string()]);
+    let (listener, server_port, watch) = watched_listener(bind, &[]);
     let pair = Pair::connect(&listener, "cw-idle-client");
     let client_port = pair.client_port();
     thread::sleep(Duration::from_secs(2));
@@ -38,11 +37,7 @@ fn idle_reset(bind: &str, family: &str) {
     // The server socket was accepted by this process (the test harness thread).
     assert_eq!(sent[0]["pid"], std::process::id());
     assert_eq!(port(&sent[0]["remote"]), client_port);
-    assert!(
-        sent[0]["idle_ms"].as_u64().unwrap() >= 1900,
-        "{:?}",
-        sent[0]
-    );
+    assert!(ms(sent[0], "idle_ms") >= 1900, "{:?}", sent[0]);
 }
 
 #[test]
@@ -57,8 +52,7 @@ fn idle_reset_ipv6() {
 
 #[test]
 fn reset_right_after_a_write_is_not_idle() {
-    let (listener, server_port) = listen("127.0.0.1:0");
-    let watch = Watch::start(&["--port", &server_port.to_string()]);
+    let (listener, server_port, watch) = watched_listener("127.0.0.1:0", &[]);
     let mut pair = Pair::connect(&listener, "cw-busy-client");
     let client_port = pair.client_port();
     pair.client.write_all(b"more").unwrap();
@@ -73,18 +67,13 @@ fn reset_right_after_a_write_is_not_idle() {
     let reset = of_kind(&events, "peer_reset", client_port);
     assert_eq!(reset.len(), 1, "{events:#?}");
     assert_eq!(reset[0]["comm"], "cw-busy-client");
-    assert!(
-        reset[0]["idle_ms"].as_u64().unwrap() < 1000,
-        "{:?}",
-        reset[0]
-    );
+    assert!(ms(reset[0], "idle_ms") < 1000, "{:?}", reset[0]);
     assert_eq!(count(&events, "peer_reset_idle", client_port), 0);
 }
 
 #[test]
 fn graceful_close_is_no_reset() {
-    let (listener, server_port) = listen("127.0.0.1:0");
-    let watch = Watch::start(&["--all", "--port", &server_port.to_string()]);
+    let (listener, server_port, watch) = watched_listener("127.0.0.1:0", &["--all"]);
     let mut pair = Pair::connect(&listener, "cw-fin-client");
     let client_port = pair.client_port();
     drop(pair.server);

@@ -1,12 +1,15 @@
 //! Detectors: turn socket events into findings an on-call engineer acts on.
 //! One module per detector; each sees every event with the socket's resolved owner.
+pub mod close;
+pub mod impact;
 pub mod reset;
 
 use std::time::Duration;
 
 use crate::events::{Event, Hook, Task};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]
+#[value(rename_all = "snake_case")]
 pub enum Kind {
     /// The peer reset a socket that had been idle at least the idle threshold.
     PeerResetIdle,
@@ -14,23 +17,28 @@ pub enum Kind {
     PeerReset,
     /// This host sent an RST.
     LocalReset,
+    /// The peer closed (FIN) a socket that had been idle at least the idle threshold.
+    PeerCloseIdle,
+    /// The application sent on, or read from, a socket its peer had reset.
+    WriteAfterReset,
+    /// The application wrote to, or read EOF from, a socket its peer had closed.
+    WriteAfterClose,
+    /// A socket stayed in CLOSE_WAIT past the threshold: the application never closed it.
+    CloseWaitLingering,
     /// Any TCP state change (`watch --all`).
     StateChange,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 4] = [
-        Kind::PeerResetIdle,
-        Kind::PeerReset,
-        Kind::LocalReset,
-        Kind::StateChange,
-    ];
-
     pub fn as_str(self) -> &'static str {
         match self {
             Kind::PeerResetIdle => "peer_reset_idle",
             Kind::PeerReset => "peer_reset",
             Kind::LocalReset => "local_reset",
+            Kind::PeerCloseIdle => "peer_close_idle",
+            Kind::WriteAfterReset => "write_after_reset",
+            Kind::WriteAfterClose => "write_after_close",
+            Kind::CloseWaitLingering => "close_wait_lingering",
             Kind::StateChange => "state_change",
         }
     }
@@ -41,18 +49,37 @@ impl Kind {
 pub struct Finding {
     pub kind: Kind,
     pub event: Event,
+    /// The socket's owner; for write/read-after kinds, the process that made the call.
     pub owner: Option<Task>,
+    /// When it was found (CLOCK_MONOTONIC ns): the event's time, or the tick's.
+    pub mono_ns: u64,
+    /// For `close_wait_lingering`: how long the socket has been in CLOSE_WAIT.
+    pub age_ms: Option<u64>,
+}
+
+impl Finding {
+    pub fn new(kind: Kind, event: &Event, owner: Option<&Task>) -> Finding {
+        Finding {
+            kind,
+            event: event.clone(),
+            owner: owner.cloned(),
+            mono_ns: event.mono_ns,
+            age_ms: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
 pub struct DetectConfig {
     pub idle_threshold: Duration,
+    pub close_wait_threshold: Duration,
     /// Also report every state change.
     pub state_changes: bool,
 }
 
 pub struct Detectors {
     reset: reset::ResetDetector,
+    close: close::CloseDetector,
     state_changes: bool,
 }
 
@@ -60,23 +87,29 @@ impl Detectors {
     pub fn new(config: &DetectConfig) -> Detectors {
         Detectors {
             reset: reset::ResetDetector::new(config.idle_threshold),
+            close: close::CloseDetector::new(config.idle_threshold, config.close_wait_threshold),
             state_changes: config.state_changes,
         }
     }
 
     pub fn inspect(&mut self, event: &Event, owner: Option<&Task>, findings: &mut Vec<Finding>) {
-        let mut flag = |kind| {
-            findings.push(Finding {
-                kind,
-                event: event.clone(),
-                owner: owner.cloned(),
-            })
-        };
         if let Some(kind) = self.reset.classify(event) {
-            flag(kind);
+            findings.push(Finding::new(kind, event, owner));
+        }
+        if let Some(kind) = impact::classify(event) {
+            // The caller hit the ended connection; it is the process to name.
+            findings.push(Finding::new(kind, event, Some(&event.current)));
+        }
+        if let Some(kind) = self.close.observe(event, owner) {
+            findings.push(Finding::new(kind, event, owner));
         }
         if self.state_changes && event.hook == Hook::StateChange {
-            flag(Kind::StateChange);
+            findings.push(Finding::new(Kind::StateChange, event, owner));
         }
+    }
+
+    /// Findings that come from time passing rather than from an event.
+    pub fn tick(&mut self, mono_now_ns: u64, findings: &mut Vec<Finding>) {
+        self.close.tick(mono_now_ns, findings);
     }
 }

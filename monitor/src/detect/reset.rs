@@ -24,7 +24,7 @@ impl ResetDetector {
                 _ => Kind::PeerReset,
             }),
             Hook::SendReset => Some(Kind::LocalReset),
-            Hook::StateChange => None,
+            Hook::StateChange | Hook::IoAfterPeerEnd => None,
         }
     }
 }

@@ -43,50 +43,68 @@ fn parse_ring_size(text: &str) -> Result<u32, String> {
     Ok(bytes)
 }
 
-/// A hook and whether connwatch can run without it.
+/// A hook and, when connwatch can run without it, what is lost.
 struct Hook {
     program: &'static str,
     category: &'static str,
     name: &'static str,
-    required: bool,
+    /// `None`: required. `Some(loss)`: optional; `loss` says what goes missing without it.
+    optional: Option<&'static str>,
 }
+
+const ACCEPT_LOSS: &str = "kernel without CONFIG_FTRACE_SYSCALLS?): accepted sockets are \
+    attributed through /proc instead, which misses sockets closed before connwatch looks";
+const IO_LOSS: &str = "added in Linux 6.3): write_after_reset and write_after_close are not \
+    reported on this kernel";
 
 const HOOKS: &[Hook] = &[
     Hook {
         program: "inet_sock_set_state",
         category: "sock",
         name: "inet_sock_set_state",
-        required: true,
+        optional: None,
     },
     Hook {
         program: "tcp_receive_reset",
         category: "tcp",
         name: "tcp_receive_reset",
-        required: true,
+        optional: None,
     },
     Hook {
         program: "tcp_send_reset",
         category: "tcp",
         name: "tcp_send_reset",
-        required: true,
+        optional: None,
     },
     Hook {
         program: "tcp_destroy_sock",
         category: "tcp",
         name: "tcp_destroy_sock",
-        required: true,
+        optional: None,
     },
     Hook {
         program: "sys_exit_accept4",
         category: "syscalls",
         name: "sys_exit_accept4",
-        required: false,
+        optional: Some(ACCEPT_LOSS),
     },
     Hook {
         program: "sys_exit_accept",
         category: "syscalls",
         name: "sys_exit_accept",
-        required: false,
+        optional: Some(ACCEPT_LOSS),
+    },
+    Hook {
+        program: "sock_send_length",
+        category: "sock",
+        name: "sock_send_length",
+        optional: Some(IO_LOSS),
+    },
+    Hook {
+        program: "sock_recv_length",
+        category: "sock",
+        name: "sock_recv_length",
+        optional: Some(IO_LOSS),
     },
 ];
 
@@ -118,6 +136,7 @@ impl Probes {
             .override_global("TP_SEND_RESET", &layouts.send_reset, true)
             .override_global("TP_DESTROY_SOCK", &layouts.destroy_sock, true)
             .override_global("TP_SYS_EXIT", &layouts.sys_exit, true)
+            .override_global("TP_SOCK_LENGTH", &layouts.sock_length, true)
             .map_max_entries("EVENTS", options.ring_buffer_size);
         let mut ebpf = loader
             .load(EBPF_OBJECT)
@@ -131,11 +150,9 @@ impl Probes {
                 .join(hook.category)
                 .join(hook.name)
                 .is_dir();
-            if !present && !hook.required {
+            if let (false, Some(loss)) = (present, hook.optional) {
                 warnings.push(format!(
-                    "tracepoint {}:{} is missing (kernel without CONFIG_FTRACE_SYSCALLS?): \
-                     accepted sockets are attributed through /proc instead, which misses \
-                     sockets closed before connwatch looks",
+                    "tracepoint {}:{} is missing ({loss}",
                     hook.category, hook.name
                 ));
                 continue;
@@ -191,6 +208,7 @@ pub struct TracepointLayouts {
     pub send_reset: TpLayout,
     pub destroy_sock: TpLayout,
     pub sys_exit: TpLayout,
+    pub sock_length: TpLayout,
 }
 
 impl TracepointLayouts {
@@ -202,12 +220,24 @@ impl TracepointLayouts {
                 sys_exit.ret = format.require("ret")?;
             }
         }
+        let mut sock_length = TpLayout::absent();
+        // send and recv share one record layout; check rather than assume.
+        for name in ["sock_send_length", "sock_recv_length"] {
+            if let Ok(format) = tracefs::Format::read(tracefs, "sock", name) {
+                let layout = format.io_layout()?;
+                if sock_length != TpLayout::absent() && sock_length != layout {
+                    bail!("sock:sock_send_length and sock:sock_recv_length differ in layout");
+                }
+                sock_length = layout;
+            }
+        }
         Ok(TracepointLayouts {
             set_state: tracefs::socket_layout(tracefs, "sock", "inet_sock_set_state")?,
             receive_reset: tracefs::socket_layout(tracefs, "tcp", "tcp_receive_reset")?,
             send_reset: tracefs::socket_layout(tracefs, "tcp", "tcp_send_reset")?,
             destroy_sock: tracefs::socket_layout(tracefs, "tcp", "tcp_destroy_sock")?,
             sys_exit,
+            sock_length,
         })
     }
 }

@@ -157,6 +157,18 @@ impl Format {
     }
 }
 
+impl Format {
+    /// Layout of `sock:sock_send_length` / `sock:sock_recv_length` (Linux 6.3+).
+    pub fn io_layout(&self) -> Result<TpLayout, FormatError> {
+        let mut tp = TpLayout::absent();
+        tp.skaddr = self.require("sk")?;
+        tp.protocol = self.require("protocol")?;
+        tp.family = self.require("family")?;
+        tp.ret = self.require("ret")?;
+        Ok(tp)
+    }
+}
+
 /// `const void * skaddr` → `skaddr`; `__u8 saddr[4]` → `saddr`.
 fn field_name(decl: &str) -> Option<&str> {
     let last = decl.split_whitespace().last()?;

@@ -21,8 +21,8 @@ impl<W: Write> CliSink<W> {
             self.header_written = true;
             writeln!(
                 self.out,
-                "{:<12} {:<16} {:<24} {:<47} {:<12} IDLE",
-                "TIME", "KIND", "PID/COMM", "LOCAL → REMOTE", "STATE"
+                "{:<12} {:<20} {:<24} {:<47} {:<12} {:<7} DETAIL",
+                "TIME", "KIND", "PID/COMM", "LOCAL → REMOTE", "STATE", "IDLE"
             )?;
         }
         Ok(())
@@ -35,6 +35,28 @@ pub fn format_ms(ms: u64) -> String {
         0..1_000 => format!("{ms}ms"),
         1_000..60_000 => format!("{:.1}s", ms as f64 / 1000.0),
         _ => format!("{}m{:02}s", ms / 60_000, (ms % 60_000) / 1000),
+    }
+}
+
+/// What the kind-specific fields say, in words.
+fn detail(report: &Report) -> String {
+    if let (Some(op), Some(error)) = (report.op, report.error) {
+        let (since, end) = match (report.since_reset_ms, report.since_close_ms) {
+            (Some(ms), _) => (ms, "reset"),
+            (_, Some(ms)) => (ms, "FIN"),
+            _ => return format!("{op} → {error}"),
+        };
+        return format!(
+            "{op} → {error}, {} after the peer's {end}",
+            format_ms(since as u64)
+        );
+    }
+    match report.age_ms {
+        Some(age) => format!(
+            "in CLOSE_WAIT for {}: the application never closed it",
+            format_ms(age)
+        ),
+        None => String::new(),
     }
 }
 
@@ -57,13 +79,14 @@ impl<W: Write> Sink for CliSink<W> {
         let idle = report.idle_ms.map_or_else(|| "-".to_string(), format_ms);
         writeln!(
             self.out,
-            "{:<12} {:<16} {:<24} {:<47} {:<12} {}",
+            "{:<12} {:<20} {:<24} {:<47} {:<12} {:<7} {}",
             clock_time(&report.ts),
             report.kind,
             who,
             format!("{} → {}", report.local, report.remote),
             state,
-            idle
+            idle,
+            detail(report)
         )?;
         self.out.flush()
     }
@@ -72,7 +95,7 @@ impl<W: Write> Sink for CliSink<W> {
         let ts = humantime::format_rfc3339_millis(at).to_string();
         writeln!(
             self.out,
-            "{:<12} events_lost      {count} events dropped by the kernel ({total} in all): \
+            "{:<12} events_lost          {count} events dropped by the kernel ({total} in all): \
              ring buffer full, raise --ring-buffer-size",
             clock_time(&ts)
         )?;

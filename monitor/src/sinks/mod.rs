@@ -10,7 +10,10 @@ use std::{
 
 use serde::Serialize;
 
-use crate::{detect::Finding, events::Hook};
+use crate::{
+    detect::{Finding, Kind},
+    events::{IoOp, PeerEnd},
+};
 
 /// Turns the kernel's CLOCK_MONOTONIC stamps into wall-clock time.
 #[derive(Debug, Clone, Copy)]
@@ -51,7 +54,9 @@ pub struct Report {
     pub local: String,
     pub remote: String,
     pub family: &'static str,
-    /// The socket's state when it happened (for state changes: the new state).
+    /// The socket's state when it happened: before the RST/FIN for resets and closes,
+    /// at the call for write_after_*, CLOSE_WAIT for lingering; for state changes the new
+    /// state.
     pub state: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub old_state: Option<&'static str>,
@@ -68,15 +73,36 @@ pub struct Report {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub inode: Option<u64>,
     pub cgroup_id: u64,
+    /// write_after_*: the call (`send` or `recv`) and what it got.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub op: Option<&'static str>,
+    /// The errno the call failed with; 0 for EOF or an accepted write.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub errno: Option<i32>,
+    /// `ECONNRESET`, `EPIPE`, `EOF` or `none`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub since_reset_ms: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub since_close_ms: Option<u32>,
+    /// close_wait_lingering: time in CLOSE_WAIT so far.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub age_ms: Option<u64>,
 }
 
 impl Report {
     pub fn new(finding: &Finding, clock: &WallClock) -> Report {
         let event = &finding.event;
-        let state_change = event.hook == Hook::StateChange;
+        let state_change = finding.kind == Kind::StateChange;
         let owner = finding.owner.as_ref();
+        let io = event.io.as_ref();
+        let since = |end| {
+            io.filter(|io| io.peer_end == end)
+                .map(|io| io.since_peer_end_ms)
+        };
         Report {
-            ts: humantime::format_rfc3339_micros(clock.at(event.mono_ns)).to_string(),
+            ts: humantime::format_rfc3339_micros(clock.at(finding.mono_ns)).to_string(),
             kind: finding.kind.as_str(),
             pid: owner.map(|o| o.pid),
             tid: owner.map(|o| o.tid),
@@ -84,10 +110,9 @@ impl Report {
             local: event.local.to_string(),
             remote: event.remote.to_string(),
             family: if event.is_ipv6() { "ipv6" } else { "ipv4" },
-            state: if state_change {
-                event.new_state.name()
-            } else {
-                event.old_state.name()
+            state: match finding.kind {
+                Kind::StateChange | Kind::CloseWaitLingering => event.new_state.name(),
+                _ => event.old_state.name(),
             },
             old_state: state_change.then(|| event.old_state.name()),
             new_state: state_change.then(|| event.new_state.name()),
@@ -98,6 +123,15 @@ impl Report {
             cookie: (event.cookie != 0).then_some(event.cookie),
             inode: (event.inode != 0).then_some(event.inode),
             cgroup_id: event.cgroup_id,
+            op: io.map(|io| match io.op {
+                IoOp::Send => "send",
+                IoOp::Recv => "recv",
+            }),
+            errno: io.map(|io| io.errno()),
+            error: io.map(|io| io.outcome()),
+            since_reset_ms: since(PeerEnd::Reset),
+            since_close_ms: since(PeerEnd::Fin),
+            age_ms: finding.age_ms,
         }
     }
 
@@ -133,10 +167,7 @@ pub trait Sink {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{
-        detect::Kind,
-        events::{from_raw, tests::raw_reset},
-    };
+    use crate::events::{from_raw, tests::raw_reset};
 
     #[test]
     fn report_fields() {
@@ -146,6 +177,8 @@ mod tests {
             kind: Kind::PeerResetIdle,
             event,
             owner,
+            mono_ns: 1_000,
+            age_ms: None,
         };
         let report = Report::new(&finding, &WallClock::now());
         assert_eq!(report.kind, "peer_reset_idle");
@@ -162,6 +195,30 @@ mod tests {
             report.ts
         );
         assert_ne!(report.sock_id, sock_id(0xffff_8880_0000_1000, 501));
+        assert_eq!(
+            (report.op, report.errno, report.since_reset_ms),
+            (None, None, None)
+        );
+        let json = serde_json::to_value(&report).unwrap();
+        assert!(json.get("errno").is_none(), "absent, not null: {json}");
+    }
+
+    #[test]
+    fn write_after_reset_fields() {
+        let event = from_raw(&crate::events::tests::raw_send_after_reset()).unwrap();
+        let finding = Finding::new(Kind::WriteAfterReset, &event, Some(&event.current));
+        let report = Report::new(&finding, &WallClock::now());
+        assert_eq!(report.kind, "write_after_reset");
+        assert_eq!(report.pid, Some(42));
+        assert_eq!(report.op, Some("send"));
+        assert_eq!(
+            (report.errno, report.error),
+            (Some(104), Some("ECONNRESET"))
+        );
+        assert_eq!(
+            (report.since_reset_ms, report.since_close_ms),
+            (Some(1500), None)
+        );
     }
 
     #[test]

@@ -4,7 +4,7 @@
 
 use std::{
     io::{BufRead, BufReader, Read, Write},
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{TcpListener, TcpStream},
     process::{Child, Command, ExitStatus, Stdio},
     sync::{Arc, Mutex, mpsc},
     thread,
@@ -230,14 +230,26 @@ pub fn abort(stream: TcpStream) {
     drop(stream);
 }
 
+/// A listener on `bind` and a watch filtered to its port, with `extra` flags.
+pub fn watched_listener(bind: &str, extra: &[&str]) -> (TcpListener, u16, Watch) {
+    let (listener, port) = listen(bind);
+    let port_text = port.to_string();
+    let mut args = vec!["--port", port_text.as_str()];
+    args.extend_from_slice(extra);
+    (listener, port, Watch::start(&args))
+}
+
+/// A millisecond field that must be present.
+pub fn ms(event: &Value, field: &str) -> u64 {
+    event[field]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{field} missing: {event:?}"))
+}
+
 pub fn listen(addr: &str) -> (TcpListener, u16) {
     let listener = TcpListener::bind(addr).unwrap();
     let port = listener.local_addr().unwrap().port();
     (listener, port)
-}
-
-pub fn local_addr_port(addr: SocketAddr) -> u16 {
-    addr.port()
 }
 
 /// Runs a command and panics with its output if it fails.

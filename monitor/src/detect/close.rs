@@ -1,0 +1,143 @@
+//! The peer's FIN, and what the application does (or fails to do) after it.
+//!
+//! `peer_close_idle`: a proxy or server closed a connection the pool had left idle; the
+//! next query will read EOF. `close_wait_lingering`: the application never closed its end
+//! after the peer's FIN, the leak that piles up CLOSE_WAIT behind proxies.
+use std::{collections::HashMap, time::Duration};
+
+use super::{Finding, Kind};
+use crate::events::{Event, Hook, Task, TcpState};
+
+const CLOSE_WAIT: TcpState = TcpState(monitor_common::tcp_state::CLOSE_WAIT);
+const ESTABLISHED: TcpState = TcpState(monitor_common::tcp_state::ESTABLISHED);
+
+struct Waiting {
+    entered: Event,
+    owner: Option<Task>,
+    reported: bool,
+}
+
+pub struct CloseDetector {
+    idle_threshold_ms: u64,
+    close_wait_threshold_ns: u64,
+    /// Sockets now in CLOSE_WAIT, by kernel address.
+    waiting: HashMap<u64, Waiting>,
+}
+
+impl CloseDetector {
+    pub fn new(idle_threshold: Duration, close_wait_threshold: Duration) -> CloseDetector {
+        CloseDetector {
+            idle_threshold_ms: idle_threshold.as_millis() as u64,
+            close_wait_threshold_ns: close_wait_threshold.as_nanos() as u64,
+            waiting: HashMap::new(),
+        }
+    }
+
+    /// Tracks CLOSE_WAIT entries and exits; flags an idle socket's FIN.
+    pub fn observe(&mut self, event: &Event, owner: Option<&Task>) -> Option<Kind> {
+        if event.hook != Hook::StateChange {
+            return None;
+        }
+        if event.new_state != CLOSE_WAIT {
+            self.waiting.remove(&event.socket.skaddr);
+            return None;
+        }
+        self.waiting.insert(
+            event.socket.skaddr,
+            Waiting {
+                entered: event.clone(),
+                owner: owner.cloned(),
+                reported: false,
+            },
+        );
+        let idle = event.idle_ms()?;
+        (event.old_state == ESTABLISHED && idle >= self.idle_threshold_ms)
+            .then_some(Kind::PeerCloseIdle)
+    }
+
+    /// Reports, once each, sockets in CLOSE_WAIT longer than the threshold.
+    pub fn tick(&mut self, mono_now_ns: u64, findings: &mut Vec<Finding>) {
+        for waiting in self.waiting.values_mut() {
+            let age_ns = mono_now_ns.saturating_sub(waiting.entered.mono_ns);
+            if waiting.reported || age_ns < self.close_wait_threshold_ns {
+                continue;
+            }
+            waiting.reported = true;
+            let mut finding = Finding::new(
+                Kind::CloseWaitLingering,
+                &waiting.entered,
+                waiting.owner.as_ref(),
+            );
+            finding.mono_ns = mono_now_ns;
+            finding.age_ms = Some(age_ns / 1_000_000);
+            findings.push(finding);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::{from_raw, tests::raw_reset};
+    use monitor_common::{hook, tcp_state};
+
+    fn transition(old: u8, new: u8, idle_ms: u32, at_ns: u64) -> Event {
+        let mut raw = raw_reset(idle_ms);
+        raw.hook = hook::STATE_CHANGE;
+        raw.old_state = old;
+        raw.new_state = new;
+        raw.ts_ns = at_ns;
+        from_raw(&raw).unwrap()
+    }
+
+    fn detector() -> CloseDetector {
+        CloseDetector::new(Duration::from_secs(1), Duration::from_secs(30))
+    }
+
+    #[test]
+    fn idle_fin_is_flagged() {
+        let mut close = detector();
+        let fin = transition(tcp_state::ESTABLISHED, tcp_state::CLOSE_WAIT, 1500, 0);
+        assert_eq!(close.observe(&fin, None), Some(Kind::PeerCloseIdle));
+        let busy = transition(tcp_state::ESTABLISHED, tcp_state::CLOSE_WAIT, 10, 0);
+        assert_eq!(close.observe(&busy, None), None);
+        let other = transition(tcp_state::FIN_WAIT1, tcp_state::CLOSING, 5000, 0);
+        assert_eq!(close.observe(&other, None), None);
+    }
+
+    #[test]
+    fn lingering_is_reported_once_after_threshold() {
+        let mut close = detector();
+        let s = 1_000_000_000u64;
+        close.observe(
+            &transition(tcp_state::ESTABLISHED, tcp_state::CLOSE_WAIT, 0, s),
+            None,
+        );
+        let mut findings = Vec::new();
+        close.tick(30 * s, &mut findings);
+        assert!(findings.is_empty(), "29 s is below the threshold");
+        close.tick(31 * s, &mut findings);
+        assert_eq!(findings.len(), 1);
+        assert_eq!(findings[0].kind, Kind::CloseWaitLingering);
+        assert_eq!(findings[0].age_ms, Some(30_000));
+        assert_eq!(findings[0].mono_ns, 31 * s);
+        close.tick(60 * s, &mut findings);
+        assert_eq!(findings.len(), 1, "once per socket");
+    }
+
+    #[test]
+    fn closing_in_time_is_not_lingering() {
+        let mut close = detector();
+        close.observe(
+            &transition(tcp_state::ESTABLISHED, tcp_state::CLOSE_WAIT, 0, 0),
+            None,
+        );
+        close.observe(
+            &transition(tcp_state::CLOSE_WAIT, tcp_state::LAST_ACK, 0, 1),
+            None,
+        );
+        let mut findings = Vec::new();
+        close.tick(u64::MAX, &mut findings);
+        assert!(findings.is_empty());
+    }
+}

@@ -1,0 +1,178 @@
+//! What happens after the peer ends a connection: the application's next call into it, the
+//! idle FIN, and CLOSE_WAIT left behind.
+mod support;
+
+use std::{
+    io::{Read, Write},
+    net::TcpStream,
+    thread,
+    time::Duration,
+};
+
+use serde_json::Value;
+use support::*;
+
+/// Runs `call` on `stream` in a thread named `name`, so the caller's comm is known.
+fn call_in_thread(name: &str, stream: TcpStream, call: fn(TcpStream)) {
+    thread::Builder::new()
+        .name(name.to_string())
+        .spawn(move || call(stream))
+        .unwrap()
+        .join()
+        .unwrap();
+}
+
+fn write_then_read(mut stream: TcpStream) {
+    let _ = stream.write_all(b"SELECT 1");
+    let mut buf = [0u8; 16];
+    let _ = stream.read(&mut buf);
+}
+
+fn position(events: &[Value], kind_name: &str, local_port: u16) -> usize {
+    events
+        .iter()
+        .position(|e| kind(e) == kind_name && port(&e["local"]) == local_port)
+        .unwrap_or_else(|| panic!("no {kind_name}: {events:#?}"))
+}
+
+#[test]
+fn write_after_idle_reset() {
+    let (listener, server_port, watch) = watched_listener("127.0.0.1:0", &[]);
+    let pair = Pair::connect(&listener, "cw-pool-conn");
+    let client_port = pair.client_port();
+    thread::sleep(Duration::from_secs(2));
+    let client = pair.reset_from_server();
+    thread::sleep(Duration::from_millis(200));
+    call_in_thread("cw-query", client, write_then_read);
+    watch.wait_for("write_after_reset", |events| {
+        count(events, "write_after_reset", client_port) >= 1
+    });
+    let events = watch.stop().events;
+    assert!(
+        position(&events, "peer_reset_idle", client_port)
+            < position(&events, "write_after_reset", client_port)
+    );
+    let hit = of_kind(&events, "write_after_reset", client_port);
+    assert_eq!(hit.len(), 1, "one per socket: {events:#?}");
+    let hit = hit[0];
+    assert_eq!(hit["pid"], std::process::id());
+    assert_eq!(
+        hit["comm"], "cw-query",
+        "the caller, not the connecting thread"
+    );
+    assert_eq!(hit["op"], "send");
+    assert!(
+        [libc::ECONNRESET, libc::EPIPE].contains(&(hit["errno"].as_i64().unwrap() as i32)),
+        "{hit:?}"
+    );
+    assert_eq!(port(&hit["remote"]), server_port);
+    let since = ms(hit, "since_reset_ms");
+    assert!((150..5000).contains(&since), "since_reset_ms={since}");
+    assert_eq!(count(&events, "write_after_close", client_port), 0);
+}
+
+#[test]
+fn write_after_idle_fin() {
+    let (listener, _, watch) = watched_listener("127.0.0.1:0", &[]);
+    let pair = Pair::connect(&listener, "cw-pool-conn");
+    let client_port = pair.client_port();
+    thread::sleep(Duration::from_secs(2));
+    drop(pair.server); // graceful close: FIN
+    thread::sleep(Duration::from_millis(200));
+    call_in_thread("cw-query", pair.client, write_then_read);
+    watch.wait_for("write_after_close", |events| {
+        count(events, "write_after_close", client_port) >= 1
+    });
+    let events = watch.stop().events;
+    let fin = of_kind(&events, "peer_close_idle", client_port);
+    assert_eq!(fin.len(), 1, "{events:#?}");
+    assert_eq!(fin[0]["comm"], "cw-pool-conn");
+    assert_eq!(fin[0]["state"], "ESTABLISHED");
+    assert!(ms(fin[0], "idle_ms") >= 1900, "{:?}", fin[0]);
+    assert!(
+        position(&events, "peer_close_idle", client_port)
+            < position(&events, "write_after_close", client_port)
+    );
+    let hit = of_kind(&events, "write_after_close", client_port);
+    assert_eq!(hit.len(), 1, "{events:#?}");
+    assert_eq!(hit[0]["comm"], "cw-query");
+    assert_eq!(hit[0]["op"], "send");
+    assert!(ms(hit[0], "since_close_ms") >= 150, "{:?}", hit[0]);
+    assert_eq!(count(&events, "write_after_reset", client_port), 0);
+}
+
+#[test]
+fn close_wait_that_lingers() {
+    let (listener, _, watch) = watched_listener("127.0.0.1:0", &["--close-wait-threshold", "2s"]);
+    let leaky = Pair::connect(&listener, "cw-leaky");
+    let tidy = Pair::connect(&listener, "cw-tidy");
+    let (leaky_port, tidy_port) = (leaky.client_port(), tidy.client_port());
+    drop(leaky.server);
+    drop(tidy.server);
+    let mut tidy_client = tidy.client;
+    let mut rest = Vec::new();
+    tidy_client.read_to_end(&mut rest).unwrap();
+    drop(tidy_client); // closes promptly after EOF
+    let _leaked = leaky.client; // never closed
+    watch.wait_for("close_wait_lingering", |events| {
+        count(events, "close_wait_lingering", leaky_port) >= 1
+    });
+    thread::sleep(Duration::from_millis(1500)); // another tick: no second report
+    let events = watch.stop().events;
+    let lingering = of_kind(&events, "close_wait_lingering", leaky_port);
+    assert_eq!(lingering.len(), 1, "once per socket: {events:#?}");
+    assert_eq!(lingering[0]["pid"], std::process::id());
+    assert_eq!(lingering[0]["comm"], "cw-leaky");
+    assert_eq!(lingering[0]["state"], "CLOSE_WAIT");
+    assert!(ms(lingering[0], "age_ms") >= 2000, "{:?}", lingering[0]);
+    assert_eq!(count(&events, "close_wait_lingering", tidy_port), 0);
+}
+
+#[test]
+fn busy_healthy_connection_is_quiet() {
+    let (listener, _, watch) = watched_listener("127.0.0.1:0", &["--all"]);
+    let mut busy = Pair::connect(&listener, "cw-busy");
+    let busy_port = busy.client_port();
+    let mut server = busy.server.try_clone().unwrap();
+    let reader = thread::spawn(move || {
+        let mut buf = [0u8; 100];
+        for _ in 0..5000 {
+            server.read_exact(&mut buf).unwrap();
+        }
+    });
+    for _ in 0..5000 {
+        busy.client.write_all(&[7u8; 100]).unwrap();
+    }
+    reader.join().unwrap();
+    for _ in 0..2000 {
+        busy.round_trip();
+    }
+    // A sentinel reset after the traffic: once it is seen, everything before it was too.
+    let sentinel = Pair::connect(&listener, "cw-sentinel");
+    let sentinel_port = sentinel.client_port();
+    let _client = sentinel.reset_from_server();
+    watch.wait_for("the sentinel reset", |events| {
+        count(events, "peer_reset", sentinel_port) >= 1
+    });
+    let events = watch.stop().events;
+    for kind_name in [
+        "write_after_reset",
+        "write_after_close",
+        "peer_close_idle",
+        "close_wait_lingering",
+        "peer_reset_idle",
+        "peer_reset",
+        "local_reset",
+    ] {
+        assert_eq!(
+            count(&events, kind_name, busy_port),
+            0,
+            "{kind_name}: {events:#?}"
+        );
+    }
+    // The busy socket was seen (it is filtered by port, not missed).
+    assert!(
+        count(&events, "state_change", busy_port) >= 1,
+        "{events:#?}"
+    );
+}
