@@ -47,7 +47,7 @@ fn after_peer_end(ctx: &TracePointContext, op: u8) -> u32 {
     if field::<u16>(ctx, tp.protocol) != Some(IPPROTO_TCP) {
         return 0;
     }
-    let Some(mark) = PEER_ENDED.get_ptr_mut(&sk) else {
+    let Some(mark) = PEER_ENDED.get_ptr_mut(sk) else {
         return 0;
     };
     // SAFETY: the pointer is from a map lookup on this CPU; a racing update of `reported`

@@ -206,7 +206,7 @@ pub fn new_event(hook: u8, sk: u64) -> ConnEvent {
     event.ctx_comm = now.comm;
     event.cgroup_id = now.cgroup_id;
     if sk != 0
-        && let Some(owner) = unsafe { OWNERS.get(&sk) }
+        && let Some(owner) = unsafe { OWNERS.get(sk) }
     {
         event.born_ns = owner.born_ns;
         if owner.tgid != 0 {

@@ -26,7 +26,7 @@ pub static PEER_ENDED: LruHashMap<u64, PeerEnd> = LruHashMap::with_max_entries(6
 pub fn mark_peer_end(how: u8, event: &ConnEvent) {
     let sk = event.skaddr;
     if how == peer_end::RESET
-        && let Some(mark) = PEER_ENDED.get_ptr(&sk)
+        && let Some(mark) = PEER_ENDED.get_ptr(sk)
         // SAFETY: pointer from a lookup of a preallocated (LRU) map, read once.
         && unsafe { (*mark).how == peer_end::FIN && (*mark).reported == 0 }
     {
@@ -45,7 +45,7 @@ pub fn mark_peer_end(how: u8, event: &ConnEvent) {
         saddr: event.saddr,
         daddr: event.daddr,
     };
-    let _ = PEER_ENDED.insert(&sk, &mark, 0);
+    let _ = PEER_ENDED.insert(sk, mark, 0);
 }
 
 /// Sends `event` to userspace, counting it in `LOST` when the ring buffer is full.

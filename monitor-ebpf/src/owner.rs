@@ -33,19 +33,19 @@ fn record_acceptor(ctx: &TracePointContext) -> u32 {
         return 0;
     }
     let mut owner = current();
-    if let Some(known) = OWNERS.get_ptr_mut(&sk) {
+    if let Some(known) = OWNERS.get_ptr_mut(sk) {
         // Keep the birth time from SYN_RECV: it identifies this socket's life.
         owner.born_ns = unsafe { (*known).born_ns };
     }
-    let _ = OWNERS.insert(&sk, &owner, 0);
+    let _ = OWNERS.insert(sk, owner, 0);
     0
 }
 
 #[tracepoint(category = "tcp", name = "tcp_destroy_sock")]
 pub fn tcp_destroy_sock(ctx: TracePointContext) -> u32 {
     if let Some(sk) = field::<u64>(&ctx, layout(Tp::DestroySock).skaddr) {
-        let _ = OWNERS.remove(&sk);
-        let _ = PEER_ENDED.remove(&sk);
+        let _ = OWNERS.remove(sk);
+        let _ = PEER_ENDED.remove(sk);
     }
     0
 }

@@ -50,5 +50,5 @@ fn record_birth(sk: u64, new_state: u8) {
         },
         _ => return,
     };
-    let _ = OWNERS.insert(&sk, &owner, 0);
+    let _ = OWNERS.insert(sk, owner, 0);
 }

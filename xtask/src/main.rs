@@ -89,6 +89,25 @@ fn run(cli: Cli) -> Result<ExitCode> {
             check(cargo().args(["fmt", "--all", "--", "--check"]))?;
             step("cargo clippy -D warnings");
             check(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
+            step("cargo clippy -D warnings (eBPF programs, bpf target)");
+            check(
+                Command::new("rustup")
+                    .args([
+                        "run",
+                        NIGHTLY,
+                        "cargo",
+                        "clippy",
+                        "--target",
+                        "bpfel-unknown-none",
+                    ])
+                    .args(["-Z", "build-std=core", "--", "-D", "warnings"])
+                    .current_dir(root.join("monitor-ebpf"))
+                    // Nightly artifacts apart from stable's, so neither invalidates the other.
+                    .env("CARGO_TARGET_DIR", root.join("target/ebpf-clippy"))
+                    // Set by the outer (stable) cargo; they would pick the wrong compiler.
+                    .env_remove("RUSTC")
+                    .env_remove("RUSTC_WORKSPACE_WRAPPER"),
+            )?;
             step("cargo test");
             let status = cargo()
                 .arg("test")

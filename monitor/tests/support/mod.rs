@@ -91,6 +91,10 @@ impl Watch {
         watch
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Waits until `done` holds for the events so far; panics with them on timeout.
     pub fn wait_for(&self, what: &str, done: impl Fn(&[Value]) -> bool) {
         let deadline = Instant::now() + EVENT_TIMEOUT;
