@@ -305,6 +305,15 @@ impl KernelLayout {
     }
 }
 
+/// Detection settings the kernel programs need, set by the loader.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Settings {
+    /// An EOF read this soon after the peer's FIN is the application noticing the close
+    /// (a blocked reader woken by it), not running into a stale connection.
+    pub eof_grace_ns: u64,
+}
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: all are #[repr(C)], Copy, made only of integers and byte arrays, with
@@ -312,6 +321,7 @@ mod pod {
     unsafe impl aya::Pod for super::ConnEvent {}
     unsafe impl aya::Pod for super::SockOwner {}
     unsafe impl aya::Pod for super::PeerEnd {}
+    unsafe impl aya::Pod for super::Settings {}
     unsafe impl aya::Pod for super::TpLayout {}
     unsafe impl aya::Pod for super::KernelLayout {}
 }

@@ -3,10 +3,10 @@
 //! send/recv on the host, so a healthy call leaves after reading its return value (and, for
 //! a successful send, the socket state); only marked sockets cost a map lookup.
 use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::tracepoint, programs::TracePointContext};
-use monitor_common::{IPPROTO_TCP, hook, io, tcp_state};
+use monitor_common::{IPPROTO_TCP, hook, io, peer_end, tcp_state};
 
 use crate::{
-    kernel::{Tp, field, layout, new_event, sk_state},
+    kernel::{Tp, field, layout, new_event, settings, sk_state},
     maps::{PEER_ENDED, emit},
 };
 
@@ -52,18 +52,25 @@ fn after_peer_end(ctx: &TracePointContext, op: u8) -> u32 {
     };
     // SAFETY: the pointer is from a map lookup on this CPU; a racing update of `reported`
     // can at worst report twice, never read freed memory (LRU entries are preallocated).
-    let mark = unsafe {
-        if (*mark).reported != 0 {
-            return 0;
-        }
-        (*mark).reported = 1;
-        *mark
-    };
+    let found = unsafe { *mark };
+    if found.reported != 0 {
+        return 0;
+    }
+    let since_ns = unsafe { bpf_ktime_get_ns() }.saturating_sub(found.at_ns);
+    if op == io::RECV
+        && ret == 0
+        && found.how == peer_end::FIN
+        && since_ns < settings().eof_grace_ns
+    {
+        // A reader woken by the FIN: an ordinary close. Keep the mark for a later write.
+        return 0;
+    }
+    unsafe { (*mark).reported = 1 };
+    let mark = found;
     let mut event = new_event(hook::IO_AFTER_PEER_END, sk);
     event.io = op;
     event.ret = ret;
     event.peer_end = mark.how;
-    let since_ns = unsafe { bpf_ktime_get_ns() }.saturating_sub(mark.at_ns);
     event.since_peer_end_ms = (since_ns / 1_000_000) as u32;
     event.old_state = sk_state(sk);
     event.new_state = event.old_state;

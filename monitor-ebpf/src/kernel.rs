@@ -8,7 +8,8 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 use monitor_common::{
-    ABSENT, AF_INET, AF_INET6, ConnEvent, KernelLayout, SockOwner, TpLayout, UNKNOWN_MS, flags,
+    ABSENT, AF_INET, AF_INET6, ConnEvent, KernelLayout, Settings, SockOwner, TpLayout, UNKNOWN_MS,
+    flags,
 };
 
 use crate::maps::OWNERS;
@@ -17,6 +18,8 @@ use crate::maps::OWNERS;
 // placeholders that make every read fail safe (ABSENT) rather than read a wrong offset.
 #[unsafe(no_mangle)]
 static KERNEL: KernelLayout = KernelLayout::zeroed();
+#[unsafe(no_mangle)]
+static SETTINGS: Settings = Settings { eof_grace_ns: 0 };
 #[unsafe(no_mangle)]
 static TP_SET_STATE: TpLayout = TpLayout::absent();
 #[unsafe(no_mangle)]
@@ -59,6 +62,11 @@ pub fn layout(tp: Tp) -> TpLayout {
 #[inline(always)]
 fn kernel() -> KernelLayout {
     unsafe { core::ptr::read_volatile(&KERNEL) }
+}
+
+#[inline(always)]
+pub fn settings() -> Settings {
+    unsafe { core::ptr::read_volatile(&SETTINGS) }
 }
 
 /// Reads a tracepoint field; `None` when this kernel's tracepoint lacks it.

@@ -2,7 +2,9 @@
 //!
 //! An event travels: [`probes`] (load/attach) → [`events`] (decode the ring buffer) →
 //! [`sockets`] (table, owner) → [`detect`] (one module per detector) → [`sinks`].
+pub mod daemon;
 pub mod detect;
+pub mod engine;
 pub mod events;
 pub mod pipeline;
 pub mod probes;

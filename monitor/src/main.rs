@@ -13,13 +13,17 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Print resets (and with --all, every state change) live, as they happen.
+    /// Print resets, closes and their impact live, as they happen.
     Watch(monitor::watch::WatchArgs),
+    /// Run as the node agent: Prometheus /metrics, /healthz, /readyz and JSON event logs.
+    Daemon(monitor::daemon::DaemonArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_current_thread()
+    // Two workers: the daemon's HTTP endpoints stay responsive while the event loop works.
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
         .enable_all()
         .build()
     {
@@ -29,6 +33,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Watch(args) => monitor::watch::run(args).await,
+            Command::Daemon(args) => monitor::daemon::run(args).await,
         }
     });
     match result {

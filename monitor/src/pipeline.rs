@@ -7,6 +7,12 @@ use crate::{
     sockets::SocketTable,
 };
 
+/// One record's decoded event and what the detectors made of it.
+pub struct Processed<'a> {
+    pub event: Event,
+    pub findings: &'a [Finding],
+}
+
 pub struct Pipeline {
     table: SocketTable,
     detectors: Detectors,
@@ -27,14 +33,25 @@ impl Pipeline {
     }
 
     /// Processes one ring-buffer record; a record that does not decode is counted.
-    pub fn record(&mut self, bytes: &[u8]) -> Result<&[Finding], DecodeError> {
+    pub fn record(&mut self, bytes: &[u8]) -> Result<Processed<'_>, DecodeError> {
         match events::decode(bytes) {
-            Ok(event) => Ok(self.event(&event)),
+            Ok(event) => {
+                self.event(&event);
+                Ok(Processed {
+                    event,
+                    findings: &self.findings,
+                })
+            }
             Err(err) => {
                 self.undecodable += 1;
                 Err(err)
             }
         }
+    }
+
+    /// Sockets connwatch knows, by state (closed ones excluded).
+    pub fn sockets_by_state(&self) -> std::collections::HashMap<crate::events::TcpState, usize> {
+        self.table.count_by_state()
     }
 
     pub fn event(&mut self, event: &Event) -> &[Finding] {

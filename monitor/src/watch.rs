@@ -6,16 +6,12 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use tokio::{
-    io::{Interest, unix::AsyncFd},
-    signal::unix::{SignalKind, signal},
-    time::{Instant, MissedTickBehavior, interval, sleep_until},
-};
+use tokio::time::{Instant, sleep_until};
 
 use crate::{
     detect::{DetectConfig, Finding, Kind},
-    pipeline::Pipeline,
-    probes::{ProbeOptions, Probes},
+    engine::{Consumer, Engine, Flow, shutdown_signal},
+    probes::ProbeOptions,
     sinks::{Report, Sink, WallClock, cli::CliSink, json::JsonSink},
 };
 
@@ -100,7 +96,7 @@ impl Filter {
     }
 }
 
-/// Where findings go after detection: filter, sink, and the `--count` budget.
+/// Where `watch` sends findings: filter, sink, and the `--count` budget.
 struct Output {
     sink: Box<dyn Sink>,
     filter: Filter,
@@ -109,44 +105,37 @@ struct Output {
     count: Option<u64>,
 }
 
-enum Flow {
-    Continue,
-    Stop,
-}
-
-impl Output {
-    fn deliver(&mut self, findings: &[Finding]) -> Result<Flow> {
-        for finding in findings {
-            let report = Report::new(finding, &self.clock);
-            if !self.filter.matches(&report) {
-                continue;
-            }
-            if let Err(err) = self.sink.finding(&report) {
-                return output_closed(err).map(|()| Flow::Stop);
-            }
-            self.printed += 1;
-            if self.count.is_some_and(|count| self.printed >= count) {
-                return Ok(Flow::Stop);
-            }
+impl Consumer for Output {
+    fn finding(&mut self, finding: &Finding) -> Result<Flow> {
+        let report = Report::new(finding, &self.clock);
+        if !self.filter.matches(&report) {
+            return Ok(Flow::Continue);
         }
-        Ok(Flow::Continue)
+        if let Err(err) = self.sink.finding(&report) {
+            return output_closed(err);
+        }
+        self.printed += 1;
+        Ok(match self.count {
+            Some(count) if self.printed >= count => Flow::Stop,
+            _ => Flow::Continue,
+        })
+    }
+
+    fn lost(&mut self, count: u64, total: u64) -> Result<Flow> {
+        match self.sink.lost(SystemTime::now(), count, total) {
+            Ok(()) => Ok(Flow::Continue),
+            Err(err) => output_closed(err),
+        }
     }
 }
 
 pub async fn run(args: WatchArgs) -> Result<()> {
-    let (probes, events) = Probes::attach(&args.probes)?;
-    for warning in &probes.warnings {
-        eprintln!("connwatch: warning: {warning}");
-    }
-    let clock = WallClock::now();
-    let mut pipeline = Pipeline::new(
-        &DetectConfig {
-            idle_threshold: args.idle_threshold,
-            close_wait_threshold: args.close_wait_threshold,
-            state_changes: args.all || args.kind.contains(&Kind::StateChange),
-        },
-        args.host_proc.clone(),
-    );
+    let detect = DetectConfig {
+        idle_threshold: args.idle_threshold,
+        close_wait_threshold: args.close_wait_threshold,
+        state_changes: args.all || args.kind.contains(&Kind::StateChange),
+    };
+    let mut engine = Engine::start(&args.probes, &detect, args.host_proc.clone())?;
     let stdout = io::stdout().lock();
     let mut output = Output {
         sink: if args.json {
@@ -160,83 +149,31 @@ pub async fn run(args: WatchArgs) -> Result<()> {
             ports: args.port.clone(),
             kinds: args.kind.clone(),
         },
-        clock,
+        clock: engine.clock,
         printed: 0,
         count: args.count,
     };
-    // SAFETY: the RingBuf owns its map fd, which stays open and unchanged until the
-    // AsyncFd (and the RingBuf inside it) is dropped.
-    let mut ring = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
-        .map_err(|err| err.into_parts().1)
-        .context("registering the ring buffer with the event loop")?;
     eprintln!("connwatch: watching");
-
-    let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-    let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let deadline = args.duration.map(|d| Instant::now() + d);
-    let mut upkeep = interval(Duration::from_secs(1));
-    upkeep.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut lost_total = 0u64;
-    let mut warned_undecodable = false;
-
-    let outcome: Result<()> = 'watch: loop {
+    let stop = async {
         tokio::select! {
-            guard = ring.readable_mut() => {
-                let mut guard = guard.context("waiting on the ring buffer")?;
-                let events = guard.get_inner_mut();
-                while let Some(item) = events.next() {
-                    let record: &[u8] = &item;
-                    let findings = match pipeline.record(record) {
-                        Ok(findings) => findings,
-                        Err(err) => {
-                            if !warned_undecodable {
-                                warned_undecodable = true;
-                                eprintln!("connwatch: warning: skipping undecodable record: {err}");
-                            }
-                            continue;
-                        }
-                    };
-                    match output.deliver(findings) {
-                        Ok(Flow::Continue) => {}
-                        Ok(Flow::Stop) => break 'watch Ok(()),
-                        Err(err) => break 'watch Err(err),
-                    }
-                }
-                guard.clear_ready();
-            }
-            _ = upkeep.tick() => {
-                match output.deliver(pipeline.tick(clock.mono_now_ns())) {
-                    Ok(Flow::Continue) => {}
-                    Ok(Flow::Stop) => break 'watch Ok(()),
-                    Err(err) => break 'watch Err(err),
-                }
-                let lost = probes.lost_events()?;
-                if lost > lost_total {
-                    let count = lost - lost_total;
-                    lost_total = lost;
-                    eprintln!("connwatch: warning: the kernel dropped {count} events (ring buffer full); raise --ring-buffer-size");
-                    if let Err(err) = output.sink.lost(SystemTime::now(), count, lost_total) {
-                        break 'watch output_closed(err);
-                    }
+            result = shutdown_signal() => {
+                if let Err(err) = result {
+                    eprintln!("connwatch: warning: {err:#}");
                 }
             }
-            _ = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => break 'watch Ok(()),
-            _ = sigterm.recv() => break 'watch Ok(()),
-            _ = sigint.recv() => break 'watch Ok(()),
+            () = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {}
         }
     };
-    let lost_total = probes.lost_events().unwrap_or(lost_total);
-    eprintln!(
-        "connwatch: stopped: {} events read, {} printed, {lost_total} lost, {} undecodable",
-        pipeline.events, output.printed, pipeline.undecodable
-    );
+    let outcome = engine.run(&mut output, stop).await;
+    eprintln!("{}", engine.summary(output.printed));
     outcome
 }
 
 /// A closed stdout (e.g. `| head`) ends the watch quietly; other write errors are errors.
-fn output_closed(err: io::Error) -> Result<()> {
+pub fn output_closed(err: io::Error) -> Result<Flow> {
     if err.kind() == ErrorKind::BrokenPipe {
-        Ok(())
+        Ok(Flow::Stop)
     } else {
         Err(err).context("writing to stdout")
     }

@@ -176,3 +176,57 @@ fn busy_healthy_connection_is_quiet() {
         "{events:#?}"
     );
 }
+
+#[test]
+fn eof_read_right_after_fin_is_an_ordinary_close() {
+    let (listener, server_port, watch) = watched_listener("127.0.0.1:0", &[]);
+    let pair = Pair::connect(&listener, "cw-keepalive");
+    let mut server = pair.server;
+    // A server blocked in read, woken by the client's FIN: how HTTP keep-alive ends.
+    let reader = thread::spawn(move || {
+        let mut buf = [0u8; 16];
+        assert_eq!(server.read(&mut buf).unwrap(), 0, "EOF");
+    });
+    drop(pair.client);
+    reader.join().unwrap();
+    let sentinel = Pair::connect(&listener, "cw-sentinel");
+    let sentinel_port = sentinel.client_port();
+    let _client = sentinel.reset_from_server();
+    watch.wait_for("the sentinel reset", |events| {
+        count(events, "peer_reset", sentinel_port) >= 1
+    });
+    let events = watch.stop().events;
+    assert_eq!(
+        count(&events, "write_after_close", server_port),
+        0,
+        "{events:#?}"
+    );
+}
+
+#[test]
+fn eof_read_long_after_fin_is_reported() {
+    let (listener, server_port, watch) = watched_listener("127.0.0.1:0", &[]);
+    let pair = Pair::connect(&listener, "cw-pool-conn");
+    let client_port = pair.client_port();
+    drop(pair.server);
+    // The pool leaves the connection alone past the idle threshold, then reads from it.
+    thread::sleep(Duration::from_millis(1500));
+    call_in_thread("cw-checkout", pair.client, |mut stream| {
+        let mut buf = [0u8; 16];
+        assert_eq!(stream.read(&mut buf).unwrap(), 0, "EOF");
+    });
+    watch.wait_for("write_after_close", |events| {
+        count(events, "write_after_close", client_port) >= 1
+    });
+    let events = watch.stop().events;
+    let hit = of_kind(&events, "write_after_close", client_port);
+    assert_eq!(hit.len(), 1, "{events:#?}");
+    assert_eq!(hit[0]["comm"], "cw-checkout");
+    assert_eq!(
+        (&hit[0]["op"], &hit[0]["error"]),
+        (&"recv".into(), &"EOF".into())
+    );
+    assert_eq!(hit[0]["errno"], 0);
+    assert!(ms(hit[0], "since_close_ms") >= 1400, "{:?}", hit[0]);
+    assert_eq!(port(&hit[0]["remote"]), server_port);
+}

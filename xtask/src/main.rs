@@ -43,9 +43,10 @@ const NIGHTLY: &str = "nightly";
 /// bpf-linker known to build against LLVM 22 with `--features llvm-22`.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages the tests drive: bpftool (BTF cross-check), ip/ss (netns, `ss -K`),
-/// setpriv (unprivileged run). Command → package.
+/// setpriv (unprivileged run), prometheus (scrapes the daemon). Command → package.
 const TEST_TOOLS: &[(&str, &str)] = &[
     ("bpftool", "bpftool"),
+    ("prometheus", "prometheus"),
     ("ip", "iproute2"),
     ("ss", "iproute2"),
     ("setpriv", "util-linux"),

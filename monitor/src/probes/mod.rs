@@ -11,7 +11,7 @@ use aya::{
     maps::{MapData, PerCpuArray, RingBuf},
     programs::TracePoint,
 };
-use monitor_common::{KernelLayout, TpLayout};
+use monitor_common::{KernelLayout, Settings, TpLayout};
 
 /// The object built from `monitor-ebpf` by build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/monitor"));
@@ -120,7 +120,10 @@ pub struct Probes {
 impl Probes {
     /// Returns the probes and, separately, the ring buffer they feed, so the event loop can
     /// own the ring buffer while the probes stay attached.
-    pub fn attach(options: &ProbeOptions) -> Result<(Probes, RingBuf<MapData>)> {
+    pub fn attach(
+        options: &ProbeOptions,
+        settings: &Settings,
+    ) -> Result<(Probes, RingBuf<MapData>)> {
         check_privileges(read_effective_caps()?)?;
         raise_memlock_rlimit();
         let tracefs = tracefs::locate(options.tracefs.as_deref())?;
@@ -131,6 +134,7 @@ impl Probes {
         let mut loader = EbpfLoader::new();
         loader
             .override_global("KERNEL", &layout, true)
+            .override_global("SETTINGS", settings, true)
             .override_global("TP_SET_STATE", &layouts.set_state, true)
             .override_global("TP_RECEIVE_RESET", &layouts.receive_reset, true)
             .override_global("TP_SEND_RESET", &layouts.send_reset, true)

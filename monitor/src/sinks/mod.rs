@@ -2,6 +2,7 @@
 //! later the daemon's structured logs), so field names are fixed here once.
 pub mod cli;
 pub mod json;
+pub mod metrics;
 
 use std::{
     io,

@@ -38,9 +38,15 @@ pub struct Stopped {
 impl Watch {
     /// Starts `connwatch watch --json <args>` and returns once it says it is watching.
     pub fn start(args: &[&str]) -> Watch {
+        let mut full = vec!["watch", "--json"];
+        full.extend_from_slice(args);
+        Watch::spawn(&full)
+    }
+
+    /// Starts `connwatch <args>` (any command that prints JSON lines and says
+    /// `connwatch: watching` once attached).
+    pub fn spawn(args: &[&str]) -> Watch {
         let mut child = Command::new(CONNWATCH)
-            .arg("watch")
-            .arg("--json")
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -112,16 +118,16 @@ impl Watch {
     }
 
     /// SIGINT, then everything it printed. A clean stop exits 0.
-    pub fn stop(mut self) -> Stopped {
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGINT,
-        )
-        .unwrap();
+    pub fn stop(self) -> Stopped {
+        self.stop_with(nix::sys::signal::Signal::SIGINT)
+    }
+
+    pub fn stop_with(mut self, signal: nix::sys::signal::Signal) -> Stopped {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), signal).unwrap();
         let stopped = self.finish();
         assert!(
             stopped.status.success(),
-            "connwatch exited {} on SIGINT: {}",
+            "connwatch exited {} on {signal}: {}",
             stopped.status,
             stopped.stderr
         );

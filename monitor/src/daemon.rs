@@ -1,0 +1,297 @@
+//! `connwatch daemon`: the node agent. Serves `/metrics`, `/healthz` and `/readyz`, and logs
+//! every finding as one JSON line on stdout (the `watch --json` schema).
+use std::{
+    io,
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, anyhow};
+use axum::{
+    Router,
+    extract::State,
+    http::{StatusCode, header},
+    response::IntoResponse,
+    routing::get,
+};
+use prometheus_client::registry::Registry;
+
+use crate::{
+    detect::{DetectConfig, Finding, Kind},
+    engine::{Consumer, Engine, Flow, shutdown_signal},
+    events::Event,
+    pipeline::Pipeline,
+    probes::ProbeOptions,
+    sinks::{
+        Report, Sink, WallClock,
+        json::JsonSink,
+        metrics::{Metrics, ephemeral_ports},
+    },
+    watch::{output_closed, parse_duration},
+};
+
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:9964";
+
+/// `/healthz` turns 503 when the event loop has not ticked for this long.
+const STALL_LIMIT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, clap::Args)]
+pub struct DaemonArgs {
+    #[command(flatten)]
+    pub probes: ProbeOptions,
+    /// Address for /metrics, /healthz and /readyz.
+    #[arg(long, env = "CONNWATCH_LISTEN", value_name = "ADDR", default_value = DEFAULT_LISTEN)]
+    pub listen: SocketAddr,
+    /// Log every finding as a JSON line on stdout.
+    #[arg(long, env = "CONNWATCH_LOG_EVENTS", value_name = "BOOL", default_value_t = true,
+          action = clap::ArgAction::Set)]
+    pub log_events: bool,
+    /// At most this many label sets per metric family; more fold into comm="other".
+    #[arg(long, env = "CONNWATCH_MAX_SERIES", value_name = "N", default_value_t = 2000,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_series: u32,
+    /// A peer reset or FIN after at least this long without data is `*_idle`.
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
+    pub idle_threshold: Duration,
+    /// A socket in CLOSE_WAIT longer than this is `close_wait_lingering`.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub close_wait_threshold: Duration,
+    /// The host's /proc (attribution and the ephemeral port range).
+    #[arg(
+        long,
+        value_name = "PATH",
+        default_value = "/proc",
+        env = "CONNWATCH_HOST_PROC"
+    )]
+    pub host_proc: PathBuf,
+}
+
+/// What `/healthz` and `/readyz` answer from.
+#[derive(Debug)]
+pub struct Health {
+    started: Instant,
+    attached: AtomicBool,
+    /// Milliseconds after `started` of the event loop's last tick.
+    last_tick_ms: AtomicU64,
+}
+
+impl Health {
+    pub fn new() -> Health {
+        Health {
+            started: Instant::now(),
+            attached: AtomicBool::new(false),
+            last_tick_ms: AtomicU64::new(0),
+        }
+    }
+
+    pub fn set_attached(&self, attached: bool) {
+        self.tick();
+        self.attached.store(attached, Ordering::SeqCst);
+    }
+
+    pub fn tick(&self) {
+        let now = self.started.elapsed().as_millis() as u64;
+        self.last_tick_ms.store(now, Ordering::SeqCst);
+    }
+
+    /// Healthy while the probes are attached and the loop reading events is alive.
+    pub fn healthy(&self) -> Result<(), &'static str> {
+        if !self.attached.load(Ordering::SeqCst) {
+            return Err("probes not attached");
+        }
+        let now = self.started.elapsed().as_millis() as u64;
+        let since = now.saturating_sub(self.last_tick_ms.load(Ordering::SeqCst));
+        if since > STALL_LIMIT.as_millis() as u64 {
+            return Err("event loop stalled");
+        }
+        Ok(())
+    }
+
+    pub fn ready(&self) -> bool {
+        self.attached.load(Ordering::SeqCst)
+    }
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Health::new()
+    }
+}
+
+#[derive(Clone)]
+struct Shared {
+    registry: Arc<Registry>,
+    health: Arc<Health>,
+}
+
+async fn serve_metrics(State(shared): State<Shared>) -> impl IntoResponse {
+    let mut body = String::new();
+    match prometheus_client::encoding::text::encode(&mut body, &shared.registry) {
+        Ok(()) => (
+            StatusCode::OK,
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            body,
+        ),
+        Err(err) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            format!("encoding metrics: {err}\n"),
+        ),
+    }
+}
+
+async fn healthz(State(shared): State<Shared>) -> impl IntoResponse {
+    match shared.health.healthy() {
+        Ok(()) => (StatusCode::OK, "ok\n".to_string()),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
+    }
+}
+
+async fn readyz(State(shared): State<Shared>) -> impl IntoResponse {
+    if shared.health.ready() {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "probes not attached yet\n")
+    }
+}
+
+/// Binds first, so a taken port fails before anything is loaded into the kernel.
+async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|err| match err.kind() {
+            io::ErrorKind::AddrInUse => anyhow!(
+                "cannot listen on {addr}: the port is in use (another connwatch daemon?): \
+             stop that process or pick another address with --listen"
+            ),
+            io::ErrorKind::AddrNotAvailable => anyhow!(
+                "cannot listen on {addr}: no such local address: use 0.0.0.0 or an address of \
+             this host with --listen"
+            ),
+            _ => anyhow!("cannot listen on {addr}: {err}"),
+        })
+}
+
+struct DaemonConsumer {
+    metrics: Metrics,
+    log: Option<JsonSink<io::Stdout>>,
+    health: Arc<Health>,
+    clock: WallClock,
+    findings: u64,
+}
+
+impl Consumer for DaemonConsumer {
+    fn event(&mut self, event: &Event) {
+        self.metrics.event(event);
+    }
+
+    fn finding(&mut self, finding: &Finding) -> Result<Flow> {
+        self.findings += 1;
+        self.metrics.finding(finding);
+        if let Some(log) = &mut self.log
+            && finding.kind != Kind::StateChange
+            && let Err(err) = log.finding(&Report::new(finding, &self.clock))
+        {
+            // Logs are optional; a closed stdout must not stop the metrics.
+            if let Flow::Stop = output_closed(err)? {
+                self.log = None;
+            }
+        }
+        Ok(Flow::Continue)
+    }
+
+    fn lost(&mut self, count: u64, _total: u64) -> Result<Flow> {
+        self.metrics.lost(count);
+        Ok(Flow::Continue)
+    }
+
+    fn tick(&mut self, pipeline: &Pipeline) {
+        self.metrics.tick(pipeline);
+        self.health.tick();
+    }
+}
+
+pub async fn run(args: DaemonArgs) -> Result<()> {
+    let listener = bind(args.listen).await?;
+    let kernel = nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let (metrics, registry) = Metrics::new(
+        args.max_series as usize,
+        ephemeral_ports(&args.host_proc),
+        &kernel,
+    );
+    let health = Arc::new(Health::new());
+    let app = Router::new()
+        .route("/metrics", get(serve_metrics))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(Shared {
+            registry,
+            health: health.clone(),
+        });
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let detect = DetectConfig {
+        idle_threshold: args.idle_threshold,
+        close_wait_threshold: args.close_wait_threshold,
+        state_changes: false,
+    };
+    let mut engine = Engine::start(&args.probes, &detect, args.host_proc.clone())?;
+    health.set_attached(true);
+    eprintln!(
+        "connwatch: serving /metrics, /healthz and /readyz on {}",
+        args.listen
+    );
+    eprintln!("connwatch: watching");
+    let mut consumer = DaemonConsumer {
+        metrics,
+        log: args.log_events.then(|| JsonSink::new(io::stdout())),
+        health: health.clone(),
+        clock: engine.clock,
+        findings: 0,
+    };
+    let stop = async {
+        if let Err(err) = shutdown_signal().await {
+            eprintln!("connwatch: warning: {err:#}");
+        }
+    };
+    let outcome = engine.run(&mut consumer, stop).await;
+    health.set_attached(false);
+    server.abort();
+    eprintln!("{}", engine.summary(consumer.findings));
+    drop(engine); // detaches the programs before exit
+    outcome.context("event loop")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn health_follows_attach_and_ticks() {
+        let health = Health::new();
+        assert_eq!(health.healthy(), Err("probes not attached"));
+        assert!(!health.ready());
+        health.set_attached(true);
+        assert_eq!(health.healthy(), Ok(()));
+        assert!(health.ready());
+        // A loop that stopped ticking is unhealthy while still attached.
+        health.last_tick_ms.store(0, Ordering::SeqCst);
+        let started = Instant::now() - STALL_LIMIT - Duration::from_secs(1);
+        let stalled = Health {
+            started,
+            attached: AtomicBool::new(true),
+            last_tick_ms: AtomicU64::new(0),
+        };
+        assert_eq!(stalled.healthy(), Err("event loop stalled"));
+    }
+}

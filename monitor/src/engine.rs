@@ -1,0 +1,170 @@
+//! The event loop `watch` and `daemon` share: ring buffer → [`Pipeline`] → a [`Consumer`],
+//! with the kernel's loss counter checked every second. Only what happens to findings
+//! differs between the commands.
+use std::{future::Future, path::PathBuf, time::Duration};
+
+use anyhow::{Context as _, Result};
+use aya::maps::{MapData, RingBuf};
+use monitor_common::Settings;
+use tokio::{
+    io::{Interest, unix::AsyncFd},
+    signal::unix::{SignalKind, signal},
+    time::{MissedTickBehavior, interval},
+};
+
+use crate::{
+    detect::{DetectConfig, Finding},
+    events::Event,
+    pipeline::Pipeline,
+    probes::{ProbeOptions, Probes},
+    sinks::WallClock,
+};
+
+pub enum Flow {
+    Continue,
+    Stop,
+}
+
+/// What a command does with the pipeline's output.
+pub trait Consumer {
+    /// Every decoded event, before its findings.
+    fn event(&mut self, _event: &Event) {}
+    fn finding(&mut self, finding: &Finding) -> Result<Flow>;
+    /// The kernel dropped `count` more events (`total` since start).
+    fn lost(&mut self, count: u64, total: u64) -> Result<Flow>;
+    /// Once a second: the loop is alive.
+    fn tick(&mut self, _pipeline: &Pipeline) {}
+}
+
+pub struct Engine {
+    probes: Probes,
+    ring: AsyncFd<RingBuf<MapData>>,
+    pub pipeline: Pipeline,
+    pub clock: WallClock,
+    lost_total: u64,
+    warned_undecodable: bool,
+}
+
+impl Engine {
+    /// Attaches the probes; warnings about optional hooks go to stderr.
+    pub fn start(
+        probe_options: &ProbeOptions,
+        detect: &DetectConfig,
+        host_proc: PathBuf,
+    ) -> Result<Engine> {
+        let settings = Settings {
+            eof_grace_ns: detect.idle_threshold.as_nanos() as u64,
+        };
+        let (probes, events) = Probes::attach(probe_options, &settings)?;
+        for warning in &probes.warnings {
+            eprintln!("connwatch: warning: {warning}");
+        }
+        // SAFETY: the RingBuf owns its map fd, which stays open and unchanged until the
+        // AsyncFd (and the RingBuf inside it) is dropped.
+        let ring = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
+            .map_err(|err| err.into_parts().1)
+            .context("registering the ring buffer with the event loop")?;
+        Ok(Engine {
+            probes,
+            ring,
+            pipeline: Pipeline::new(detect, host_proc),
+            clock: WallClock::now(),
+            lost_total: 0,
+            warned_undecodable: false,
+        })
+    }
+
+    /// Runs until `stop` resolves or the consumer says stop.
+    pub async fn run(
+        &mut self,
+        consumer: &mut impl Consumer,
+        stop: impl Future<Output = ()>,
+    ) -> Result<()> {
+        let mut upkeep = interval(Duration::from_secs(1));
+        upkeep.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        tokio::pin!(stop);
+        loop {
+            let flow = tokio::select! {
+                guard = self.ring.readable_mut() => {
+                    let mut guard = guard.context("waiting on the ring buffer")?;
+                    let flow = drain(guard.get_inner_mut(), &mut self.pipeline, consumer, &mut self.warned_undecodable)?;
+                    guard.clear_ready();
+                    flow
+                }
+                _ = upkeep.tick() => self.upkeep(consumer)?,
+                () = &mut stop => Flow::Stop,
+            };
+            if let Flow::Stop = flow {
+                return Ok(());
+            }
+        }
+    }
+
+    fn upkeep(&mut self, consumer: &mut impl Consumer) -> Result<Flow> {
+        let now = self.clock.mono_now_ns();
+        for finding in self.pipeline.tick(now) {
+            if let Flow::Stop = consumer.finding(finding)? {
+                return Ok(Flow::Stop);
+            }
+        }
+        consumer.tick(&self.pipeline);
+        let lost = self.probes.lost_events()?;
+        if lost > self.lost_total {
+            let count = lost - self.lost_total;
+            self.lost_total = lost;
+            eprintln!(
+                "connwatch: warning: the kernel dropped {count} events (ring buffer full); \
+                 raise --ring-buffer-size"
+            );
+            return consumer.lost(count, lost);
+        }
+        Ok(Flow::Continue)
+    }
+
+    /// One line for stderr at exit; `reported` is what the command output.
+    pub fn summary(&self, reported: u64) -> String {
+        let lost = self.probes.lost_events().unwrap_or(self.lost_total);
+        format!(
+            "connwatch: stopped: {} events read, {reported} reported, {lost} lost, {} undecodable",
+            self.pipeline.events, self.pipeline.undecodable
+        )
+    }
+}
+
+fn drain(
+    ring: &mut RingBuf<MapData>,
+    pipeline: &mut Pipeline,
+    consumer: &mut impl Consumer,
+    warned_undecodable: &mut bool,
+) -> Result<Flow> {
+    while let Some(item) = ring.next() {
+        let processed = match pipeline.record(&item) {
+            Ok(processed) => processed,
+            Err(err) => {
+                if !*warned_undecodable {
+                    *warned_undecodable = true;
+                    eprintln!("connwatch: warning: skipping undecodable record: {err}");
+                }
+                continue;
+            }
+        };
+        consumer.event(&processed.event);
+        for finding in processed.findings {
+            if let Flow::Stop = consumer.finding(finding)? {
+                return Ok(Flow::Stop);
+            }
+        }
+    }
+    Ok(Flow::Continue)
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() -> Result<()> {
+    let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    tokio::select! {
+        _ = sigterm.recv() => {}
+        _ = sigint.recv() => {}
+    }
+    Ok(())
+}

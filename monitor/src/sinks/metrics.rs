@@ -1,0 +1,468 @@
+//! Prometheus metrics for the daemon's `/metrics` (OpenMetrics text).
+//!
+//! Labels name what an SRE groups by: the process (`comm`) and the server port of the peer.
+//! Pids and ephemeral ports never become labels, and each family admits at most
+//! `--max-series` label sets; later ones fold into `comm="other"` and are counted in
+//! `connwatch_label_overflow_total`.
+use std::{
+    collections::{HashMap, HashSet},
+    hash::Hash,
+    ops::RangeInclusive,
+    sync::Arc,
+};
+
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram, info::Info},
+    registry::Registry,
+};
+
+use crate::{
+    detect::{Finding, Kind},
+    events::{Event, Hook, TcpState},
+    pipeline::Pipeline,
+};
+
+/// Idle-time buckets (seconds) at the timeouts that kill pooled connections in practice:
+/// AWS ALB 60 s, NLB 350 s, common proxy 900 s/1 h, MySQL `wait_timeout` 8 h.
+const IDLE_BUCKETS: [f64; 14] = [
+    1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 350.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0,
+    28800.0,
+];
+
+pub const OTHER: &str = "other";
+
+/// Who a series is about: bounded by the cap.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Who {
+    pub comm: String,
+    /// The peer's port when it is a server port; `ephemeral` or `none` otherwise.
+    pub remote_port: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindWho {
+    pub kind: String,
+    #[prometheus(flatten)]
+    pub who: Who,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorWho {
+    pub kind: String,
+    pub error: String,
+    #[prometheus(flatten)]
+    pub who: Who,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Transition {
+    from: String,
+    to: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabel {
+    state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MetricLabel {
+    metric: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: String,
+    kernel: String,
+}
+
+/// Label sets whose unbounded part can be folded into `other`.
+trait Fold {
+    fn folded(&self) -> Self;
+}
+
+impl Fold for Who {
+    fn folded(&self) -> Self {
+        Who {
+            comm: OTHER.into(),
+            remote_port: OTHER.into(),
+        }
+    }
+}
+
+impl Fold for KindWho {
+    fn folded(&self) -> Self {
+        KindWho {
+            kind: self.kind.clone(),
+            who: self.who.folded(),
+        }
+    }
+}
+
+impl Fold for ErrorWho {
+    fn folded(&self) -> Self {
+        ErrorWho {
+            kind: self.kind.clone(),
+            error: self.error.clone(),
+            who: self.who.folded(),
+        }
+    }
+}
+
+/// A family with a hard cap on distinct label sets.
+struct Capped<L, M> {
+    name: &'static str,
+    family: Family<L, M>,
+    seen: HashSet<L>,
+}
+
+impl<L: Clone + Hash + Eq + Fold, M> Capped<L, M> {
+    fn new(name: &'static str, family: Family<L, M>) -> Self {
+        Capped {
+            name,
+            family,
+            seen: HashSet::new(),
+        }
+    }
+
+    /// The label set to use: `labels`, or its folded form once the family is full.
+    fn admit(&mut self, labels: L, max: usize, overflow: &Family<MetricLabel, Counter>) -> L {
+        if self.seen.contains(&labels) {
+            return labels;
+        }
+        if self.seen.len() < max {
+            self.seen.insert(labels.clone());
+            return labels;
+        }
+        overflow
+            .get_or_create(&MetricLabel {
+                metric: self.name.into(),
+            })
+            .inc();
+        labels.folded()
+    }
+}
+
+pub struct Metrics {
+    max_series: usize,
+    ephemeral_ports: RangeInclusive<u16>,
+    resets: Capped<KindWho, Counter>,
+    peer_reset_idle: Capped<Who, Histogram>,
+    peer_close_idle: Capped<Who, Histogram>,
+    write_after: Capped<ErrorWho, Counter>,
+    close_wait_lingering: Capped<Who, Counter>,
+    transitions: Family<Transition, Counter>,
+    sockets: Family<StateLabel, Gauge>,
+    events: Counter,
+    undecodable: Counter,
+    lost: Counter,
+    overflow: Family<MetricLabel, Counter>,
+}
+
+fn histogram() -> Histogram {
+    Histogram::new(IDLE_BUCKETS)
+}
+
+impl Metrics {
+    /// The metrics and the registry `/metrics` encodes (shared with the HTTP server).
+    pub fn new(
+        max_series: usize,
+        ephemeral_ports: RangeInclusive<u16>,
+        kernel: &str,
+    ) -> (Metrics, Arc<Registry>) {
+        let mut registry = Registry::default();
+        let histograms = || Family::new_with_constructor(histogram as fn() -> Histogram);
+        let metrics = Metrics {
+            max_series,
+            ephemeral_ports,
+            resets: Capped::new("connwatch_resets", Family::default()),
+            peer_reset_idle: Capped::new("connwatch_peer_reset_idle_seconds", histograms()),
+            peer_close_idle: Capped::new("connwatch_peer_close_idle_seconds", histograms()),
+            write_after: Capped::new("connwatch_write_after_peer_end", Family::default()),
+            close_wait_lingering: Capped::new("connwatch_close_wait_lingering", Family::default()),
+            transitions: Family::default(),
+            sockets: Family::default(),
+            events: Counter::default(),
+            undecodable: Counter::default(),
+            lost: Counter::default(),
+            overflow: Family::default(),
+        };
+        registry.register(
+            "connwatch_build",
+            "connwatch version and the kernel it runs on",
+            Info::new(BuildLabels {
+                version: env!("CARGO_PKG_VERSION").into(),
+                kernel: kernel.into(),
+            }),
+        );
+        registry.register(
+            "connwatch_resets",
+            "TCP resets: received from the peer (peer_reset_idle, peer_reset) or sent (local_reset)",
+            metrics.resets.family.clone(),
+        );
+        registry.register(
+            "connwatch_peer_reset_idle_seconds",
+            "How long sockets reset by their peer had been idle (peer_reset_idle)",
+            metrics.peer_reset_idle.family.clone(),
+        );
+        registry.register(
+            "connwatch_peer_close_idle_seconds",
+            "How long sockets closed by their peer (FIN) had been idle (peer_close_idle)",
+            metrics.peer_close_idle.family.clone(),
+        );
+        registry.register(
+            "connwatch_write_after_peer_end",
+            "Application sends/reads on sockets the peer had reset or closed, by what they got",
+            metrics.write_after.family.clone(),
+        );
+        registry.register(
+            "connwatch_close_wait_lingering",
+            "Sockets left in CLOSE_WAIT past the threshold (the application never closed them)",
+            metrics.close_wait_lingering.family.clone(),
+        );
+        registry.register(
+            "connwatch_tcp_state_transitions",
+            "TCP state changes seen",
+            metrics.transitions.clone(),
+        );
+        registry.register(
+            "connwatch_sockets",
+            "Open TCP sockets connwatch knows, by state",
+            metrics.sockets.clone(),
+        );
+        registry.register(
+            "connwatch_events",
+            "Kernel events processed",
+            metrics.events.clone(),
+        );
+        registry.register(
+            "connwatch_undecodable_events",
+            "Ring buffer records that did not decode (skipped)",
+            metrics.undecodable.clone(),
+        );
+        registry.register(
+            "connwatch_ring_buffer_lost_events",
+            "Events the kernel dropped because the ring buffer was full",
+            metrics.lost.clone(),
+        );
+        registry.register(
+            "connwatch_label_overflow",
+            "Observations folded into comm=\"other\" because a family hit --max-series",
+            metrics.overflow.clone(),
+        );
+        (metrics, Arc::new(registry))
+    }
+
+    pub fn event(&mut self, event: &Event) {
+        self.events.inc();
+        if event.hook == Hook::StateChange {
+            self.transitions
+                .get_or_create(&Transition {
+                    from: event.old_state.name().into(),
+                    to: event.new_state.name().into(),
+                })
+                .inc();
+        }
+    }
+
+    pub fn finding(&mut self, finding: &Finding) {
+        let who = self.who(finding);
+        let max = self.max_series;
+        let idle_s = finding.event.idle_ms().map(|ms| ms as f64 / 1000.0);
+        match finding.kind {
+            Kind::PeerResetIdle | Kind::PeerReset | Kind::LocalReset => {
+                let labels = KindWho {
+                    kind: finding.kind.as_str().into(),
+                    who: who.clone(),
+                };
+                let labels = self.resets.admit(labels, max, &self.overflow);
+                self.resets.family.get_or_create(&labels).inc();
+                if let (Kind::PeerResetIdle, Some(idle)) = (finding.kind, idle_s) {
+                    let labels = self.peer_reset_idle.admit(who, max, &self.overflow);
+                    self.peer_reset_idle
+                        .family
+                        .get_or_create(&labels)
+                        .observe(idle);
+                }
+            }
+            Kind::PeerCloseIdle => {
+                if let Some(idle) = idle_s {
+                    let labels = self.peer_close_idle.admit(who, max, &self.overflow);
+                    self.peer_close_idle
+                        .family
+                        .get_or_create(&labels)
+                        .observe(idle);
+                }
+            }
+            Kind::WriteAfterReset | Kind::WriteAfterClose => {
+                let error = finding.event.io.map_or("none", |io| io.outcome());
+                let labels = ErrorWho {
+                    kind: finding.kind.as_str().into(),
+                    error: error.into(),
+                    who,
+                };
+                let labels = self.write_after.admit(labels, max, &self.overflow);
+                self.write_after.family.get_or_create(&labels).inc();
+            }
+            Kind::CloseWaitLingering => {
+                let labels = self.close_wait_lingering.admit(who, max, &self.overflow);
+                self.close_wait_lingering
+                    .family
+                    .get_or_create(&labels)
+                    .inc();
+            }
+            Kind::StateChange => {}
+        }
+    }
+
+    pub fn lost(&mut self, count: u64) {
+        self.lost.inc_by(count);
+    }
+
+    /// Gauges that mirror the pipeline's state.
+    pub fn tick(&mut self, pipeline: &Pipeline) {
+        let counts: HashMap<TcpState, usize> = pipeline.sockets_by_state();
+        for state in (1..=12).map(TcpState) {
+            let count = counts.get(&state).copied().unwrap_or(0) as i64;
+            self.sockets
+                .get_or_create(&StateLabel {
+                    state: state.name().into(),
+                })
+                .set(count);
+        }
+        let undecodable = pipeline.undecodable.saturating_sub(self.undecodable.get());
+        self.undecodable.inc_by(undecodable);
+    }
+
+    fn who(&self, finding: &Finding) -> Who {
+        Who {
+            comm: finding
+                .owner
+                .as_ref()
+                .map_or_else(|| "unknown".into(), |owner| owner.comm.clone()),
+            remote_port: port_label(finding.event.remote.port(), &self.ephemeral_ports),
+        }
+    }
+}
+
+/// A port is a label only when it cannot be a client's ephemeral port.
+pub fn port_label(port: u16, ephemeral: &RangeInclusive<u16>) -> String {
+    match port {
+        0 => "none".into(),
+        port if ephemeral.contains(&port) => "ephemeral".into(),
+        port => port.to_string(),
+    }
+}
+
+/// This host's ephemeral port range (`net.ipv4.ip_local_port_range`), Linux's default if
+/// unreadable.
+pub fn ephemeral_ports(proc_root: &std::path::Path) -> RangeInclusive<u16> {
+    let path = proc_root.join("sys/net/ipv4/ip_local_port_range");
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|text| {
+            let mut parts = text.split_whitespace().map(|p| p.parse::<u16>().ok());
+            Some(parts.next()??..=parts.next()??)
+        })
+        .unwrap_or(32768..=60999)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::{from_raw, tests::raw_reset};
+
+    fn encode(registry: &Registry) -> String {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, registry).unwrap();
+        text
+    }
+
+    fn idle_reset(comm: &str, idle_ms: u32) -> Finding {
+        let event = from_raw(&raw_reset(idle_ms)).unwrap();
+        let mut owner = event.owner.clone().unwrap();
+        owner.comm = comm.into();
+        Finding::new(Kind::PeerResetIdle, &event, Some(&owner))
+    }
+
+    #[test]
+    fn names_and_labels() {
+        let (mut metrics, registry) = Metrics::new(100, 32768..=60999, "6.18.0");
+        metrics.finding(&idle_reset("psql", 90_000));
+        let text = encode(&registry);
+        assert!(
+            text.contains(
+                r#"connwatch_resets_total{kind="peer_reset_idle",comm="psql",remote_port="5432"} 1"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"connwatch_peer_reset_idle_seconds_bucket{le="60.0",comm="psql",remote_port="5432"} 0"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"connwatch_peer_reset_idle_seconds_bucket{le="120.0",comm="psql",remote_port="5432"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"connwatch_peer_reset_idle_seconds_sum{comm="psql",remote_port="5432"} 90.0"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"connwatch_build_info{version="0.1.0",kernel="6.18.0"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE connwatch_ring_buffer_lost_events counter"),
+            "{text}"
+        );
+        assert!(text.ends_with("# EOF\n"));
+        assert!(!text.contains("pid"), "pids are never labels: {text}");
+    }
+
+    #[test]
+    fn cardinality_cap_folds_into_other() {
+        let (mut metrics, registry) = Metrics::new(2, 32768..=60999, "k");
+        for comm in ["a", "b", "c", "d", "a"] {
+            metrics.finding(&idle_reset(comm, 2000));
+        }
+        let text = encode(&registry);
+        let resets: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("connwatch_resets_total"))
+            .collect();
+        assert_eq!(resets.len(), 3, "two admitted series and other: {resets:?}");
+        assert!(text.contains(r#"connwatch_resets_total{kind="peer_reset_idle",comm="other",remote_port="other"} 2"#), "{text}");
+        assert!(
+            text.contains(
+                r#"connwatch_resets_total{kind="peer_reset_idle",comm="a",remote_port="5432"} 2"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"connwatch_label_overflow_total{metric="connwatch_resets"} 2"#),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn ports_become_labels_only_outside_the_ephemeral_range() {
+        let range = 32768..=60999;
+        assert_eq!(port_label(5432, &range), "5432");
+        assert_eq!(port_label(443, &range), "443");
+        assert_eq!(port_label(40000, &range), "ephemeral");
+        assert_eq!(port_label(0, &range), "none");
+        assert_eq!(port_label(61000, &range), "61000");
+    }
+
+    #[test]
+    fn reads_the_host_port_range() {
+        let range = ephemeral_ports(std::path::Path::new("/proc"));
+        assert!(range.start() < range.end());
+        let missing = ephemeral_ports(std::path::Path::new("/nonexistent"));
+        assert_eq!(missing, 32768..=60999);
+    }
+}

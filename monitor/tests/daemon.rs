@@ -1,0 +1,247 @@
+//! `connwatch daemon` as a Prometheus target, scraped by a real Prometheus server.
+mod support;
+
+use std::{
+    fs,
+    net::TcpListener,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use nix::sys::signal::Signal;
+use serde_json::Value;
+use support::*;
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(5)))
+        .build()
+        .into()
+}
+
+/// (status, body) of a GET.
+fn get(url: &str) -> Option<(u16, String)> {
+    let response = agent().get(url).call().ok()?;
+    let status = response.status().as_u16();
+    Some((status, response.into_body().read_to_string().ok()?))
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A Prometheus server scraping `target` every second, in a temp dir; killed on drop.
+struct Prometheus {
+    child: Child,
+    url: String,
+    dir: PathBuf,
+}
+
+impl Prometheus {
+    fn start(target: &str) -> Prometheus {
+        let dir = std::env::temp_dir().join(format!("connwatch-prometheus-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let config = dir.join("prometheus.yml");
+        fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
+                 scrape_configs:\n  - job_name: connwatch\n    scrape_interval: 1s\n    \
+                 static_configs:\n      - targets: ['{target}']\n"
+            ),
+        )
+        .unwrap();
+        let listen = format!("127.0.0.1:{}", free_port());
+        let log = fs::File::create(dir.join("prometheus.log")).unwrap();
+        let child = Command::new("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
+            .arg(format!("--web.listen-address={listen}"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("prometheus is installed (cargo xtask test installs it)");
+        Prometheus {
+            child,
+            url: format!("http://{listen}"),
+            dir,
+        }
+    }
+
+    /// The single value of an instant query, or None while it has no result.
+    fn query(&self, promql: &str) -> Option<f64> {
+        let response = agent()
+            .get(format!("{}/api/v1/query", self.url))
+            .query("query", promql)
+            .call()
+            .ok()?;
+        let body: Value =
+            serde_json::from_str(&response.into_body().read_to_string().ok()?).ok()?;
+        body["data"]["result"][0]["value"][1].as_str()?.parse().ok()
+    }
+
+    /// Polls `promql` until it equals `want`; panics with the last value and the log.
+    fn wait_for(&self, promql: &str, want: f64) {
+        let deadline = Instant::now() + Duration::from_secs(40);
+        let mut last = None;
+        while Instant::now() < deadline {
+            last = self.query(promql);
+            if last == Some(want) {
+                return;
+            }
+            thread::sleep(Duration::from_millis(250));
+        }
+        panic!(
+            "{promql} = {last:?}, want {want}; prometheus log:\n{}",
+            fs::read_to_string(self.dir.join("prometheus.log")).unwrap_or_default()
+        );
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn prometheus_counts_exactly_the_idle_resets() {
+    const RESETS: usize = 3;
+    let addr = format!("127.0.0.1:{}", free_port());
+    let daemon = Watch::spawn(&["daemon", "--listen", &addr]);
+    let base = format!("http://{addr}");
+    assert_eq!(get(&format!("{base}/readyz")).unwrap().0, 200);
+    assert_eq!(get(&format!("{base}/healthz")).unwrap().0, 200);
+    let (status, body) = get(&format!("{base}/metrics")).unwrap();
+    assert_eq!(status, 200);
+    assert!(body.contains("connwatch_build_info{"), "{body}");
+
+    let prometheus = Prometheus::start(&addr);
+    prometheus.wait_for(r#"up{job="connwatch"}"#, 1.0);
+
+    let (listener, _) = listen("127.0.0.1:0");
+    let pairs: Vec<Pair> = (0..RESETS)
+        .map(|_| Pair::connect(&listener, "cw-prom-client"))
+        .collect();
+    thread::sleep(Duration::from_millis(1500));
+    let _clients: Vec<_> = pairs.into_iter().map(Pair::reset_from_server).collect();
+
+    let resets = r#"sum(connwatch_resets_total{kind="peer_reset_idle",comm="cw-prom-client"})"#;
+    prometheus.wait_for(resets, RESETS as f64);
+    // Idle ~1.5 s: in the (1, 5] bucket, none at or below 1 s.
+    let bucket = |le: &str| {
+        format!(
+            r#"sum(connwatch_peer_reset_idle_seconds_bucket{{comm="cw-prom-client",le=~"{le}"}})"#
+        )
+    };
+    prometheus.wait_for(
+        r#"sum(connwatch_peer_reset_idle_seconds_count{comm="cw-prom-client"})"#,
+        RESETS as f64,
+    );
+    prometheus.wait_for(&bucket(r"1(\\.0)?"), 0.0);
+    prometheus.wait_for(&bucket(r"5(\\.0)?"), RESETS as f64);
+    // Exactly: two more scrapes later, still the same count.
+    thread::sleep(Duration::from_millis(2500));
+    assert_eq!(prometheus.query(resets), Some(RESETS as f64));
+
+    // SIGTERM: detach and exit 0 within 2 s.
+    let stopped_at = Instant::now();
+    let stopped = daemon.stop_with(Signal::SIGTERM);
+    assert!(
+        stopped_at.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        stopped_at.elapsed()
+    );
+    assert!(
+        get(&format!("{base}/healthz")).is_none(),
+        "endpoint gone after exit"
+    );
+    // The structured log has the same findings, in the watch --json schema.
+    let logged = stopped
+        .events
+        .iter()
+        .filter(|e| kind(e) == "peer_reset_idle" && e["comm"] == "cw-prom-client")
+        .count();
+    assert_eq!(logged, RESETS, "{:#?}", stopped.events);
+}
+
+#[test]
+fn log_events_can_be_turned_off() {
+    let addr = format!("127.0.0.1:{}", free_port());
+    let daemon = Watch::spawn(&["daemon", "--listen", &addr, "--log-events", "false"]);
+    let (listener, _) = listen("127.0.0.1:0");
+    let pair = Pair::connect(&listener, "cw-quiet");
+    let _client = pair.reset_from_server();
+    let deadline = Instant::now() + EVENT_TIMEOUT;
+    loop {
+        let (_, body) = get(&format!("http://{addr}/metrics")).unwrap();
+        if body.contains(r#"kind="peer_reset",comm="cw-quiet""#) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "reset never counted: {body}");
+        thread::sleep(Duration::from_millis(100));
+    }
+    let stopped = daemon.stop_with(Signal::SIGTERM);
+    assert!(stopped.events.is_empty(), "{:#?}", stopped.events);
+}
+
+#[test]
+fn port_in_use_and_bad_flags() {
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let output = Command::new(CONNWATCH)
+        .args(["daemon", "--listen", &addr])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.starts_with(&format!(
+            "connwatch: error: cannot listen on {addr}: the port is in use"
+        )),
+        "{stderr}"
+    );
+    for (args, expected) in [
+        (
+            &["daemon", "--listen", "localhost"][..],
+            "invalid value 'localhost' for '--listen <ADDR>'",
+        ),
+        (
+            &["daemon", "--max-series", "0"],
+            "invalid value '0' for '--max-series <N>'",
+        ),
+        (
+            &["daemon", "--log-events", "maybe"],
+            "invalid value 'maybe' for '--log-events <BOOL>'",
+        ),
+    ] {
+        let output = Command::new(CONNWATCH).args(args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(
+            stderr.lines().next().unwrap().contains(expected),
+            "{args:?}: {stderr}"
+        );
+    }
+    // The environment variable works like the flag.
+    let output = Command::new(CONNWATCH)
+        .args(["daemon"])
+        .env("CONNWATCH_LISTEN", &addr)
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&output.stderr).contains(&format!("cannot listen on {addr}")));
+}
