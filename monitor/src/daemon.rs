@@ -3,7 +3,6 @@
 use std::{
     io,
     net::SocketAddr,
-    path::PathBuf,
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -22,7 +21,8 @@ use axum::{
 use prometheus_client::registry::Registry;
 
 use crate::{
-    detect::{DetectConfig, Finding, Kind},
+    args::PipelineArgs,
+    detect::{Finding, Kind},
     engine::{Consumer, Engine, Flow, shutdown_signal},
     events::Event,
     pipeline::Pipeline,
@@ -32,7 +32,7 @@ use crate::{
         json::JsonSink,
         metrics::{Metrics, ephemeral_ports},
     },
-    watch::{output_closed, parse_duration},
+    watch::output_closed,
 };
 
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:9964";
@@ -44,6 +44,8 @@ const STALL_LIMIT: Duration = Duration::from_secs(5);
 pub struct DaemonArgs {
     #[command(flatten)]
     pub probes: ProbeOptions,
+    #[command(flatten)]
+    pub pipeline: PipelineArgs,
     /// Address for /metrics, /healthz and /readyz.
     #[arg(long, env = "CONNWATCH_LISTEN", value_name = "ADDR", default_value = DEFAULT_LISTEN)]
     pub listen: SocketAddr,
@@ -55,20 +57,6 @@ pub struct DaemonArgs {
     #[arg(long, env = "CONNWATCH_MAX_SERIES", value_name = "N", default_value_t = 2000,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_series: u32,
-    /// A peer reset or FIN after at least this long without data is `*_idle`.
-    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
-    pub idle_threshold: Duration,
-    /// A socket in CLOSE_WAIT longer than this is `close_wait_lingering`.
-    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
-    pub close_wait_threshold: Duration,
-    /// The host's /proc (attribution and the ephemeral port range).
-    #[arg(
-        long,
-        value_name = "PATH",
-        default_value = "/proc",
-        env = "CONNWATCH_HOST_PROC"
-    )]
-    pub host_proc: PathBuf,
 }
 
 /// What `/healthz` and `/readyz` answer from.
@@ -226,7 +214,7 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
         .unwrap_or_default();
     let (metrics, registry) = Metrics::new(
         args.max_series as usize,
-        ephemeral_ports(&args.host_proc),
+        ephemeral_ports(&args.pipeline.host_proc),
         &kernel,
     );
     let health = Arc::new(Health::new());
@@ -240,12 +228,7 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
         });
     let server = tokio::spawn(async move { axum::serve(listener, app).await });
 
-    let detect = DetectConfig {
-        idle_threshold: args.idle_threshold,
-        close_wait_threshold: args.close_wait_threshold,
-        state_changes: false,
-    };
-    let mut engine = Engine::start(&args.probes, &detect, args.host_proc.clone())?;
+    let mut engine = Engine::start(&args.probes, &args.pipeline, false)?;
     health.set_attached(true);
     eprintln!(
         "connwatch: serving /metrics, /healthz and /readyz on {}",

@@ -1,7 +1,7 @@
 //! The event loop `watch` and `daemon` share: ring buffer → [`Pipeline`] → a [`Consumer`],
 //! with the kernel's loss counter checked every second. Only what happens to findings
 //! differs between the commands.
-use std::{future::Future, path::PathBuf, time::Duration};
+use std::{future::Future, time::Duration};
 
 use anyhow::{Context as _, Result};
 use aya::maps::{MapData, RingBuf};
@@ -13,7 +13,8 @@ use tokio::{
 };
 
 use crate::{
-    detect::{DetectConfig, Finding},
+    args::PipelineArgs,
+    detect::Finding,
     events::Event,
     pipeline::Pipeline,
     probes::{ProbeOptions, Probes},
@@ -49,11 +50,11 @@ impl Engine {
     /// Attaches the probes; warnings about optional hooks go to stderr.
     pub fn start(
         probe_options: &ProbeOptions,
-        detect: &DetectConfig,
-        host_proc: PathBuf,
+        pipeline: &PipelineArgs,
+        state_changes: bool,
     ) -> Result<Engine> {
         let settings = Settings {
-            eof_grace_ns: detect.idle_threshold.as_nanos() as u64,
+            eof_grace_ns: pipeline.idle_threshold.as_nanos() as u64,
         };
         let (probes, events) = Probes::attach(probe_options, &settings)?;
         for warning in &probes.warnings {
@@ -67,7 +68,10 @@ impl Engine {
         Ok(Engine {
             probes,
             ring,
-            pipeline: Pipeline::new(detect, host_proc),
+            pipeline: Pipeline::new(
+                &pipeline.detect_config(state_changes),
+                pipeline.host_proc.clone(),
+            ),
             clock: WallClock::now(),
             lost_total: 0,
             warned_undecodable: false,

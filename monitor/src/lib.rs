@@ -2,6 +2,7 @@
 //!
 //! An event travels: [`probes`] (load/attach) → [`events`] (decode the ring buffer) →
 //! [`sockets`] (table, owner) → [`detect`] (one module per detector) → [`sinks`].
+pub mod args;
 pub mod daemon;
 pub mod detect;
 pub mod engine;

@@ -1,7 +1,6 @@
 //! `connwatch watch`: live findings on the terminal or as NDJSON.
 use std::{
     io::{self, ErrorKind},
-    path::PathBuf,
     time::{Duration, SystemTime},
 };
 
@@ -9,7 +8,8 @@ use anyhow::{Context as _, Result};
 use tokio::time::{Instant, sleep_until};
 
 use crate::{
-    detect::{DetectConfig, Finding, Kind},
+    args::{PipelineArgs, parse_positive_duration},
+    detect::{Finding, Kind},
     engine::{Consumer, Engine, Flow, shutdown_signal},
     probes::ProbeOptions,
     sinks::{Report, Sink, WallClock, cli::CliSink, json::JsonSink},
@@ -19,6 +19,8 @@ use crate::{
 pub struct WatchArgs {
     #[command(flatten)]
     pub probes: ProbeOptions,
+    #[command(flatten)]
+    pub pipeline: PipelineArgs,
     /// Print NDJSON, one object per event, instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -37,38 +39,12 @@ pub struct WatchArgs {
     /// Only these kinds (repeatable or comma-separated).
     #[arg(long, value_name = "KIND", value_delimiter = ',')]
     pub kind: Vec<Kind>,
-    /// A peer reset or FIN after at least this long without data is `*_idle`.
-    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
-    pub idle_threshold: Duration,
-    /// A socket in CLOSE_WAIT longer than this is `close_wait_lingering`.
-    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_positive_duration)]
-    pub close_wait_threshold: Duration,
     /// Stop after this long (e.g. 30s, 5m).
     #[arg(long, value_name = "DURATION", value_parser = parse_positive_duration)]
     pub duration: Option<Duration>,
     /// Stop after printing this many events.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub count: Option<u64>,
-    /// The host's /proc, for attributing sockets opened before connwatch started.
-    #[arg(
-        long,
-        value_name = "PATH",
-        default_value = "/proc",
-        env = "CONNWATCH_HOST_PROC"
-    )]
-    pub host_proc: PathBuf,
-}
-
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    humantime::parse_duration(text)
-        .map_err(|err| format!("{err}; expected a duration like 500ms, 1s or 2m"))
-}
-
-fn parse_positive_duration(text: &str) -> Result<Duration, String> {
-    match parse_duration(text)? {
-        Duration::ZERO => Err("must be greater than zero".to_string()),
-        duration => Ok(duration),
-    }
 }
 
 /// The `--pid/--comm/--port/--kind` filters: a report passes when it matches every filter
@@ -130,12 +106,8 @@ impl Consumer for Output {
 }
 
 pub async fn run(args: WatchArgs) -> Result<()> {
-    let detect = DetectConfig {
-        idle_threshold: args.idle_threshold,
-        close_wait_threshold: args.close_wait_threshold,
-        state_changes: args.all || args.kind.contains(&Kind::StateChange),
-    };
-    let mut engine = Engine::start(&args.probes, &detect, args.host_proc.clone())?;
+    let state_changes = args.all || args.kind.contains(&Kind::StateChange);
+    let mut engine = Engine::start(&args.probes, &args.pipeline, state_changes)?;
     let stdout = io::stdout().lock();
     let mut output = Output {
         sink: if args.json {

@@ -147,13 +147,7 @@ fn busy_healthy_connection_is_quiet() {
     for _ in 0..2000 {
         busy.round_trip();
     }
-    // A sentinel reset after the traffic: once it is seen, everything before it was too.
-    let sentinel = Pair::connect(&listener, "cw-sentinel");
-    let sentinel_port = sentinel.client_port();
-    let _client = sentinel.reset_from_server();
-    watch.wait_for("the sentinel reset", |events| {
-        count(events, "peer_reset", sentinel_port) >= 1
-    });
+    sync_with_sentinel(&listener, &watch);
     let events = watch.stop().events;
     for kind_name in [
         "write_after_reset",
@@ -189,12 +183,7 @@ fn eof_read_right_after_fin_is_an_ordinary_close() {
     });
     drop(pair.client);
     reader.join().unwrap();
-    let sentinel = Pair::connect(&listener, "cw-sentinel");
-    let sentinel_port = sentinel.client_port();
-    let _client = sentinel.reset_from_server();
-    watch.wait_for("the sentinel reset", |events| {
-        count(events, "peer_reset", sentinel_port) >= 1
-    });
+    sync_with_sentinel(&listener, &watch);
     let events = watch.stop().events;
     assert_eq!(
         count(&events, "write_after_close", server_port),

@@ -144,6 +144,18 @@ impl<L: Clone + Hash + Eq + Fold, M> Capped<L, M> {
     }
 }
 
+/// A metric handle that can register a clone of itself (families and counters share
+/// their storage between clones).
+trait Registrable {
+    fn register_in(&self, registry: &mut Registry, name: &str, help: &str);
+}
+
+impl<M: prometheus_client::registry::Metric + Clone> Registrable for M {
+    fn register_in(&self, registry: &mut Registry, name: &str, help: &str) {
+        registry.register(name, help, self.clone());
+    }
+}
+
 pub struct Metrics {
     max_series: usize,
     ephemeral_ports: RangeInclusive<u16>,
@@ -196,61 +208,66 @@ impl Metrics {
                 kernel: kernel.into(),
             }),
         );
-        registry.register(
-            "connwatch_resets",
-            "TCP resets: received from the peer (peer_reset_idle, peer_reset) or sent (local_reset)",
-            metrics.resets.family.clone(),
-        );
-        registry.register(
-            "connwatch_peer_reset_idle_seconds",
-            "How long sockets reset by their peer had been idle (peer_reset_idle)",
-            metrics.peer_reset_idle.family.clone(),
-        );
-        registry.register(
-            "connwatch_peer_close_idle_seconds",
-            "How long sockets closed by their peer (FIN) had been idle (peer_close_idle)",
-            metrics.peer_close_idle.family.clone(),
-        );
-        registry.register(
-            "connwatch_write_after_peer_end",
-            "Application sends/reads on sockets the peer had reset or closed, by what they got",
-            metrics.write_after.family.clone(),
-        );
-        registry.register(
-            "connwatch_close_wait_lingering",
-            "Sockets left in CLOSE_WAIT past the threshold (the application never closed them)",
-            metrics.close_wait_lingering.family.clone(),
-        );
-        registry.register(
-            "connwatch_tcp_state_transitions",
-            "TCP state changes seen",
-            metrics.transitions.clone(),
-        );
-        registry.register(
-            "connwatch_sockets",
-            "Open TCP sockets connwatch knows, by state",
-            metrics.sockets.clone(),
-        );
-        registry.register(
-            "connwatch_events",
-            "Kernel events processed",
-            metrics.events.clone(),
-        );
-        registry.register(
-            "connwatch_undecodable_events",
-            "Ring buffer records that did not decode (skipped)",
-            metrics.undecodable.clone(),
-        );
-        registry.register(
-            "connwatch_ring_buffer_lost_events",
-            "Events the kernel dropped because the ring buffer was full",
-            metrics.lost.clone(),
-        );
-        registry.register(
-            "connwatch_label_overflow",
-            "Observations folded into comm=\"other\" because a family hit --max-series",
-            metrics.overflow.clone(),
-        );
+        let families = [
+            (
+                &metrics.resets.family as &dyn Registrable,
+                "connwatch_resets",
+                "TCP resets: received from the peer (peer_reset_idle, peer_reset) or sent (local_reset)",
+            ),
+            (
+                &metrics.peer_reset_idle.family,
+                "connwatch_peer_reset_idle_seconds",
+                "How long sockets reset by their peer had been idle (peer_reset_idle)",
+            ),
+            (
+                &metrics.peer_close_idle.family,
+                "connwatch_peer_close_idle_seconds",
+                "How long sockets closed by their peer (FIN) had been idle (peer_close_idle)",
+            ),
+            (
+                &metrics.write_after.family,
+                "connwatch_write_after_peer_end",
+                "Application sends/reads on sockets the peer had reset or closed, by what they got",
+            ),
+            (
+                &metrics.close_wait_lingering.family,
+                "connwatch_close_wait_lingering",
+                "Sockets left in CLOSE_WAIT past the threshold (the application never closed them)",
+            ),
+            (
+                &metrics.transitions,
+                "connwatch_tcp_state_transitions",
+                "TCP state changes seen",
+            ),
+            (
+                &metrics.sockets,
+                "connwatch_sockets",
+                "Open TCP sockets connwatch knows, by state",
+            ),
+            (
+                &metrics.events,
+                "connwatch_events",
+                "Kernel events processed",
+            ),
+            (
+                &metrics.undecodable,
+                "connwatch_undecodable_events",
+                "Ring buffer records that did not decode (skipped)",
+            ),
+            (
+                &metrics.lost,
+                "connwatch_ring_buffer_lost_events",
+                "Events the kernel dropped because the ring buffer was full",
+            ),
+            (
+                &metrics.overflow,
+                "connwatch_label_overflow",
+                "Observations folded into comm=\"other\" because a family hit --max-series",
+            ),
+        ];
+        for (metric, name, help) in families {
+            metric.register_in(&mut registry, name, help);
+        }
         (metrics, Arc::new(registry))
     }
 

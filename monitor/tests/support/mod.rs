@@ -232,6 +232,17 @@ impl Pair {
     }
 }
 
+/// Resets a fresh connection to `listener` and waits until `watch` reports it: connwatch
+/// handles events in order, so everything before the sentinel has been seen too.
+pub fn sync_with_sentinel(listener: &TcpListener, watch: &Watch) {
+    let sentinel = Pair::connect(listener, "cw-sentinel");
+    let sentinel_port = sentinel.client_port();
+    let _client = sentinel.reset_from_server();
+    watch.wait_for("the sentinel reset", |events| {
+        count(events, "peer_reset", sentinel_port) >= 1
+    });
+}
+
 /// close() with SO_LINGER {1, 0}, which makes the kernel send an RST.
 pub fn abort(stream: TcpStream) {
     socket2::SockRef::from(&stream)

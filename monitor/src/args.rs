@@ -1,0 +1,45 @@
+//! Flags shared by every command that runs the pipeline.
+use std::{path::PathBuf, time::Duration};
+
+use crate::detect::DetectConfig;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct PipelineArgs {
+    /// A peer reset or FIN after at least this long without data is `*_idle`.
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
+    pub idle_threshold: Duration,
+    /// A socket in CLOSE_WAIT longer than this is `close_wait_lingering`.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_positive_duration)]
+    pub close_wait_threshold: Duration,
+    /// The host's /proc: attribution of sockets opened before connwatch started, and the
+    /// ephemeral port range.
+    #[arg(
+        long,
+        value_name = "PATH",
+        default_value = "/proc",
+        env = "CONNWATCH_HOST_PROC"
+    )]
+    pub host_proc: PathBuf,
+}
+
+impl PipelineArgs {
+    pub fn detect_config(&self, state_changes: bool) -> DetectConfig {
+        DetectConfig {
+            idle_threshold: self.idle_threshold,
+            close_wait_threshold: self.close_wait_threshold,
+            state_changes,
+        }
+    }
+}
+
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text)
+        .map_err(|err| format!("{err}; expected a duration like 500ms, 1s or 2m"))
+}
+
+pub fn parse_positive_duration(text: &str) -> Result<Duration, String> {
+    match parse_duration(text)? {
+        Duration::ZERO => Err("must be greater than zero".to_string()),
+        duration => Ok(duration),
+    }
+}
