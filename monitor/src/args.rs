@@ -11,6 +11,13 @@ pub struct PipelineArgs {
     /// A socket in CLOSE_WAIT longer than this is `close_wait_lingering`.
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_positive_duration)]
     pub close_wait_threshold: Duration,
+    /// A request acknowledged by the peer and unanswered this long is `request_stalled`.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_positive_duration)]
+    pub stall_threshold: Duration,
+    /// How often to re-read the kernel's socket list (sock_diag): pools, stalls, and what
+    /// events alone miss.
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_positive_duration)]
+    pub refresh: Duration,
     /// The host's /proc: attribution of sockets opened before connwatch started, and the
     /// ephemeral port range.
     #[arg(
@@ -27,6 +34,7 @@ impl PipelineArgs {
         DetectConfig {
             idle_threshold: self.idle_threshold,
             close_wait_threshold: self.close_wait_threshold,
+            stall_threshold: self.stall_threshold,
             state_changes,
         }
     }

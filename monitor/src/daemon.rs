@@ -32,6 +32,7 @@ use crate::{
         json::JsonSink,
         metrics::{Metrics, ephemeral_ports},
     },
+    sockets::pools::Pool,
     watch::output_closed,
 };
 
@@ -204,6 +205,11 @@ impl Consumer for DaemonConsumer {
     fn tick(&mut self, pipeline: &Pipeline) {
         self.metrics.tick(pipeline);
         self.health.tick();
+    }
+
+    fn pools(&mut self, pools: &[Pool]) -> Result<Flow> {
+        self.metrics.pools(pools);
+        Ok(Flow::Continue)
     }
 }
 

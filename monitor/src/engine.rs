@@ -19,6 +19,7 @@ use crate::{
     pipeline::Pipeline,
     probes::{ProbeOptions, Probes},
     sinks::WallClock,
+    sockets::{diag, pools::Pool},
 };
 
 pub enum Flow {
@@ -35,6 +36,10 @@ pub trait Consumer {
     fn lost(&mut self, count: u64, total: u64) -> Result<Flow>;
     /// Once a second: the loop is alive.
     fn tick(&mut self, _pipeline: &Pipeline) {}
+    /// After each sock_diag refresh.
+    fn pools(&mut self, _pools: &[Pool]) -> Result<Flow> {
+        Ok(Flow::Continue)
+    }
 }
 
 pub struct Engine {
@@ -44,6 +49,9 @@ pub struct Engine {
     pub clock: WallClock,
     lost_total: u64,
     warned_undecodable: bool,
+    refresh_ns: u64,
+    last_refresh_ns: Option<u64>,
+    warned_refresh: bool,
 }
 
 impl Engine {
@@ -75,6 +83,9 @@ impl Engine {
             clock: WallClock::now(),
             lost_total: 0,
             warned_undecodable: false,
+            refresh_ns: pipeline.refresh.as_nanos() as u64,
+            last_refresh_ns: None,
+            warned_refresh: false,
         })
     }
 
@@ -106,8 +117,15 @@ impl Engine {
 
     fn upkeep(&mut self, consumer: &mut impl Consumer) -> Result<Flow> {
         let now = self.clock.mono_now_ns();
-        for finding in self.pipeline.tick(now) {
-            if let Flow::Stop = consumer.finding(finding)? {
+        if let Flow::Stop = deliver(self.pipeline.tick(now), consumer)? {
+            return Ok(Flow::Stop);
+        }
+        if self
+            .last_refresh_ns
+            .is_none_or(|at| now.saturating_sub(at) >= self.refresh_ns)
+        {
+            self.last_refresh_ns = Some(now);
+            if let Flow::Stop = self.refresh(now, consumer)? {
                 return Ok(Flow::Stop);
             }
         }
@@ -125,6 +143,27 @@ impl Engine {
         Ok(Flow::Continue)
     }
 
+    /// Reads the kernel's socket list; a failure is reported once and retried next time.
+    fn refresh(&mut self, now: u64, consumer: &mut impl Consumer) -> Result<Flow> {
+        match diag::dump_tcp() {
+            Ok(snapshot) => {
+                if let Flow::Stop = deliver(self.pipeline.refresh(&snapshot, now), consumer)? {
+                    return Ok(Flow::Stop);
+                }
+                consumer.pools(self.pipeline.pools())
+            }
+            Err(err) => {
+                if !self.warned_refresh {
+                    self.warned_refresh = true;
+                    eprintln!(
+                        "connwatch: warning: cannot list sockets (pools and stalls unavailable): {err:#}"
+                    );
+                }
+                Ok(Flow::Continue)
+            }
+        }
+    }
+
     /// One line for stderr at exit; `reported` is what the command output.
     pub fn summary(&self, reported: u64) -> String {
         let lost = self.probes.lost_events().unwrap_or(self.lost_total);
@@ -133,6 +172,15 @@ impl Engine {
             self.pipeline.events, self.pipeline.undecodable
         )
     }
+}
+
+fn deliver(findings: &[Finding], consumer: &mut impl Consumer) -> Result<Flow> {
+    for finding in findings {
+        if let Flow::Stop = consumer.finding(finding)? {
+            return Ok(Flow::Stop);
+        }
+    }
+    Ok(Flow::Continue)
 }
 
 fn drain(
@@ -153,10 +201,8 @@ fn drain(
             }
         };
         consumer.event(&processed.event);
-        for finding in processed.findings {
-            if let Flow::Stop = consumer.finding(finding)? {
-                return Ok(Flow::Stop);
-            }
+        if let Flow::Stop = deliver(processed.findings, consumer)? {
+            return Ok(Flow::Stop);
         }
     }
     Ok(Flow::Continue)

@@ -17,6 +17,8 @@ pub enum Hook {
     SendReset,
     /// A send/recv on a socket the peer had reset or closed.
     IoAfterPeerEnd,
+    /// Not a kernel event: a socket as a sock_diag snapshot listed it.
+    Snapshot,
 }
 
 /// How the peer ended the connection.

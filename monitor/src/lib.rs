@@ -11,4 +11,5 @@ pub mod pipeline;
 pub mod probes;
 pub mod sinks;
 pub mod sockets;
+pub mod top;
 pub mod watch;

@@ -15,6 +15,8 @@ struct Cli {
 enum Command {
     /// Print resets, closes and their impact live, as they happen.
     Watch(monitor::watch::WatchArgs),
+    /// Pools (process × endpoint) live, like top: idle, active, CLOSE_WAIT, stalled.
+    Top(monitor::top::TopArgs),
     /// Run as the node agent: Prometheus /metrics, /healthz, /readyz and JSON event logs.
     Daemon(monitor::daemon::DaemonArgs),
 }
@@ -34,6 +36,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Watch(args) => monitor::watch::run(args).await,
             Command::Daemon(args) => monitor::daemon::run(args).await,
+            Command::Top(args) => monitor::top::run(args).await,
         }
     });
     match result {

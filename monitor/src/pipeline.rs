@@ -1,10 +1,15 @@
-//! The path every event takes: decode → socket table (owner) → detectors.
-use std::path::PathBuf;
+//! The path every event takes: decode → socket table (owner) → detectors; and, at each
+//! refresh, the kernel's socket list → pools and stalls.
+use std::{collections::HashMap, path::PathBuf};
 
 use crate::{
-    detect::{DetectConfig, Detectors, Finding},
-    events::{self, DecodeError, Event},
-    sockets::SocketTable,
+    detect::{DetectConfig, Detectors, Finding, Kind, stall::StallDetector},
+    events::{self, DecodeError, Event, Hook, SocketId, Task, TcpState},
+    sockets::{
+        SocketTable,
+        diag::DiagSocket,
+        pools::{Pool, PoolTracker},
+    },
 };
 
 /// One record's decoded event and what the detectors made of it.
@@ -16,6 +21,11 @@ pub struct Processed<'a> {
 pub struct Pipeline {
     table: SocketTable,
     detectors: Detectors,
+    pools: PoolTracker,
+    stalls: StallDetector,
+    idle_threshold_ms: u64,
+    /// Sockets by state in the last snapshot.
+    snapshot_states: HashMap<TcpState, usize>,
     findings: Vec<Finding>,
     pub events: u64,
     pub undecodable: u64,
@@ -26,6 +36,10 @@ impl Pipeline {
         Pipeline {
             table: SocketTable::new(proc_root),
             detectors: Detectors::new(config),
+            pools: PoolTracker::default(),
+            stalls: StallDetector::new(config.stall_threshold.as_millis() as u64),
+            idle_threshold_ms: config.idle_threshold.as_millis() as u64,
+            snapshot_states: HashMap::new(),
             findings: Vec::new(),
             events: 0,
             undecodable: 0,
@@ -49,11 +63,6 @@ impl Pipeline {
         }
     }
 
-    /// Sockets connwatch knows, by state (closed ones excluded).
-    pub fn sockets_by_state(&self) -> std::collections::HashMap<crate::events::TcpState, usize> {
-        self.table.count_by_state()
-    }
-
     pub fn event(&mut self, event: &Event) -> &[Finding] {
         self.events += 1;
         self.findings.clear();
@@ -62,6 +71,7 @@ impl Pipeline {
             .observe(event)
             .and_then(|entry| entry.owner.clone())
             .or_else(|| event.owner.clone());
+        self.pools.event(event, owner.as_ref());
         self.detectors
             .inspect(event, owner.as_ref(), &mut self.findings);
         &self.findings
@@ -73,5 +83,75 @@ impl Pipeline {
         self.findings.clear();
         self.detectors.tick(mono_now_ns, &mut self.findings);
         &self.findings
+    }
+
+    /// Folds in a fresh sock_diag snapshot: pools, and requests that started stalling.
+    pub fn refresh(&mut self, snapshot: &[DiagSocket], mono_now_ns: u64) -> &[Finding] {
+        self.findings.clear();
+        self.snapshot_states.clear();
+        for socket in snapshot {
+            *self.snapshot_states.entry(socket.state).or_insert(0) += 1;
+        }
+        let listeners = crate::sockets::pools::Listeners::from_snapshot(snapshot);
+        for (socket, stalled_ms) in self.stalls.refresh(snapshot, &listeners) {
+            let owner = self.table.owner_of_inode(socket.inode);
+            let event = snapshot_event(socket, owner.clone(), mono_now_ns);
+            let mut finding = Finding::new(Kind::RequestStalled, &event, owner.as_ref());
+            finding.stalled_ms = Some(stalled_ms);
+            self.findings.push(finding);
+        }
+        let table = &mut self.table;
+        self.pools.refresh(
+            snapshot,
+            |inode| table.owner_of_inode(inode),
+            self.stalls.stalled(),
+            self.idle_threshold_ms,
+            mono_now_ns,
+        );
+        &self.findings
+    }
+
+    pub fn pools(&self) -> &[Pool] {
+        self.pools.pools()
+    }
+
+    /// Sockets by state: from the last snapshot (every socket in this network namespace),
+    /// or those connwatch saw in events before the first one.
+    pub fn sockets_by_state(&self) -> HashMap<TcpState, usize> {
+        if self.snapshot_states.is_empty() {
+            self.table.count_by_state()
+        } else {
+            self.snapshot_states.clone()
+        }
+    }
+}
+
+/// A snapshot's socket as an [`Event`], so findings from snapshots report like any other.
+fn snapshot_event(socket: &DiagSocket, owner: Option<Task>, mono_now_ns: u64) -> Event {
+    Event {
+        hook: Hook::Snapshot,
+        mono_ns: mono_now_ns,
+        socket: SocketId {
+            skaddr: 0,
+            born_ns: socket.cookie,
+        },
+        cookie: socket.cookie,
+        inode: socket.inode,
+        cgroup_id: 0,
+        local: socket.local,
+        remote: socket.remote,
+        old_state: socket.state,
+        new_state: socket.state,
+        current: owner.clone().unwrap_or(Task {
+            pid: 0,
+            tid: 0,
+            comm: String::new(),
+        }),
+        owner,
+        since_send_ms: socket.activity.map(|a| a.last_data_sent_ms),
+        since_recv_ms: socket.activity.map(|a| a.last_data_recv_ms),
+        rst_reason: 0,
+        full_socket: true,
+        io: None,
     }
 }

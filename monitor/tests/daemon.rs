@@ -245,3 +245,30 @@ fn port_in_use_and_bad_flags() {
         .unwrap();
     assert!(String::from_utf8_lossy(&output.stderr).contains(&format!("cannot listen on {addr}")));
 }
+
+#[test]
+fn pool_gauges_follow_the_sockets() {
+    let addr = format!("127.0.0.1:{}", free_port());
+    let daemon = Watch::spawn(&["daemon", "--listen", &addr, "--refresh", "1s"]);
+    let (listener, _) = listen("127.0.0.1:0");
+    let pairs: Vec<Pair> = (0..3)
+        .map(|_| Pair::connect(&listener, "cw-pool"))
+        .collect();
+    // Pools are attributed through /proc: the process name, not the thread's.
+    let comm = fs::read_to_string("/proc/self/comm").unwrap();
+    let series = format!(
+        r#"connwatch_pool_sockets{{direction="outbound",state="established",comm="{}",remote_port="ephemeral"}} 3"#,
+        comm.trim()
+    );
+    let deadline = Instant::now() + EVENT_TIMEOUT;
+    loop {
+        let (_, body) = get(&format!("http://{addr}/metrics")).unwrap();
+        if body.contains(&series) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no {series} in:\n{body}");
+        thread::sleep(Duration::from_millis(200));
+    }
+    drop(pairs);
+    daemon.stop_with(Signal::SIGTERM);
+}

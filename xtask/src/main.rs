@@ -43,10 +43,14 @@ const NIGHTLY: &str = "nightly";
 /// bpf-linker known to build against LLVM 22 with `--features llvm-22`.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages the tests drive: bpftool (BTF cross-check), ip/ss (netns, `ss -K`),
-/// setpriv (unprivileged run), prometheus (scrapes the daemon). Command → package.
+/// setpriv (unprivileged run, running PostgreSQL), prometheus (scrapes the daemon),
+/// PostgreSQL (real stalled queries), python3 (a second client process).
+/// Command (or absolute path, one `*` allowed) → package.
 const TEST_TOOLS: &[(&str, &str)] = &[
     ("bpftool", "bpftool"),
     ("prometheus", "prometheus"),
+    ("/usr/lib/postgresql/*/bin/postgres", "postgresql"),
+    ("python3", "python3"),
     ("ip", "iproute2"),
     ("ss", "iproute2"),
     ("setpriv", "util-linux"),
@@ -187,7 +191,7 @@ fn install_bpf_linker() -> Result<()> {
 fn setup_test_tools() -> Result<()> {
     let mut missing: Vec<&str> = TEST_TOOLS
         .iter()
-        .filter(|(tool, _)| which(tool).is_none())
+        .filter(|(tool, _)| !is_installed(tool))
         .map(|&(_, package)| package)
         .collect();
     missing.dedup();
@@ -254,6 +258,20 @@ fn command_succeeds(command: &mut Command) -> bool {
         .stderr(std::process::Stdio::null())
         .status()
         .is_ok_and(|s| s.success())
+}
+
+/// A command on PATH, or an absolute path with at most one `*` directory.
+fn is_installed(tool: &str) -> bool {
+    let Some((dir, rest)) = tool.split_once("/*/") else {
+        return if tool.starts_with('/') {
+            Path::new(tool).exists()
+        } else {
+            which(tool).is_some()
+        };
+    };
+    std::fs::read_dir(dir)
+        .map(|entries| entries.flatten().any(|e| e.path().join(rest).exists()))
+        .unwrap_or(false)
 }
 
 fn which(tool: &str) -> Option<PathBuf> {

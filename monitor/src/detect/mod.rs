@@ -3,6 +3,7 @@
 pub mod close;
 pub mod impact;
 pub mod reset;
+pub mod stall;
 
 use std::time::Duration;
 
@@ -25,6 +26,8 @@ pub enum Kind {
     WriteAfterClose,
     /// A socket stayed in CLOSE_WAIT past the threshold: the application never closed it.
     CloseWaitLingering,
+    /// A request was sent and acknowledged, and no answer came for the stall threshold.
+    RequestStalled,
     /// Any TCP state change (`watch --all`).
     StateChange,
 }
@@ -39,6 +42,7 @@ impl Kind {
             Kind::WriteAfterReset => "write_after_reset",
             Kind::WriteAfterClose => "write_after_close",
             Kind::CloseWaitLingering => "close_wait_lingering",
+            Kind::RequestStalled => "request_stalled",
             Kind::StateChange => "state_change",
         }
     }
@@ -55,6 +59,8 @@ pub struct Finding {
     pub mono_ns: u64,
     /// For `close_wait_lingering`: how long the socket has been in CLOSE_WAIT.
     pub age_ms: Option<u64>,
+    /// For `request_stalled`: how long the request has waited for an answer.
+    pub stalled_ms: Option<u64>,
 }
 
 impl Finding {
@@ -65,6 +71,7 @@ impl Finding {
             owner: owner.cloned(),
             mono_ns: event.mono_ns,
             age_ms: None,
+            stalled_ms: None,
         }
     }
 }
@@ -73,6 +80,7 @@ impl Finding {
 pub struct DetectConfig {
     pub idle_threshold: Duration,
     pub close_wait_threshold: Duration,
+    pub stall_threshold: Duration,
     /// Also report every state change.
     pub state_changes: bool,
 }

@@ -24,7 +24,7 @@ impl ResetDetector {
                 _ => Kind::PeerReset,
             }),
             Hook::SendReset => Some(Kind::LocalReset),
-            Hook::StateChange | Hook::IoAfterPeerEnd => None,
+            Hook::StateChange | Hook::IoAfterPeerEnd | Hook::Snapshot => None,
         }
     }
 }

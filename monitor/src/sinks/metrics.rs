@@ -21,6 +21,7 @@ use crate::{
     detect::{Finding, Kind},
     events::{Event, Hook, TcpState},
     pipeline::Pipeline,
+    sockets::pools::Pool,
 };
 
 /// Idle-time buckets (seconds) at the timeouts that kill pooled connections in practice:
@@ -51,6 +52,15 @@ pub struct KindWho {
 pub struct ErrorWho {
     pub kind: String,
     pub error: String,
+    #[prometheus(flatten)]
+    pub who: Who,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolLabels {
+    pub direction: String,
+    /// `established`, `idle`, `active`, `close_wait` or `stalled`.
+    pub state: String,
     #[prometheus(flatten)]
     pub who: Who,
 }
@@ -95,6 +105,16 @@ impl Fold for KindWho {
     fn folded(&self) -> Self {
         KindWho {
             kind: self.kind.clone(),
+            who: self.who.folded(),
+        }
+    }
+}
+
+impl Fold for PoolLabels {
+    fn folded(&self) -> Self {
+        PoolLabels {
+            direction: self.direction.clone(),
+            state: self.state.clone(),
             who: self.who.folded(),
         }
     }
@@ -164,6 +184,8 @@ pub struct Metrics {
     peer_close_idle: Capped<Who, Histogram>,
     write_after: Capped<ErrorWho, Counter>,
     close_wait_lingering: Capped<Who, Counter>,
+    request_stalled: Capped<Who, Counter>,
+    pool_sockets: Capped<PoolLabels, Gauge>,
     transitions: Family<Transition, Counter>,
     sockets: Family<StateLabel, Gauge>,
     events: Counter,
@@ -193,6 +215,8 @@ impl Metrics {
             peer_close_idle: Capped::new("connwatch_peer_close_idle_seconds", histograms()),
             write_after: Capped::new("connwatch_write_after_peer_end", Family::default()),
             close_wait_lingering: Capped::new("connwatch_close_wait_lingering", Family::default()),
+            request_stalled: Capped::new("connwatch_request_stalled", Family::default()),
+            pool_sockets: Capped::new("connwatch_pool_sockets", Family::default()),
             transitions: Family::default(),
             sockets: Family::default(),
             events: Counter::default(),
@@ -233,6 +257,16 @@ impl Metrics {
                 &metrics.close_wait_lingering.family,
                 "connwatch_close_wait_lingering",
                 "Sockets left in CLOSE_WAIT past the threshold (the application never closed them)",
+            ),
+            (
+                &metrics.request_stalled.family,
+                "connwatch_request_stalled",
+                "Requests sent and acknowledged that got no answer within the stall threshold",
+            ),
+            (
+                &metrics.pool_sockets.family,
+                "connwatch_pool_sockets",
+                "Sockets per pool (process, direction, endpoint port) by pool state",
             ),
             (
                 &metrics.transitions,
@@ -329,7 +363,43 @@ impl Metrics {
                     .get_or_create(&labels)
                     .inc();
             }
+            Kind::RequestStalled => {
+                let labels = self.request_stalled.admit(who, max, &self.overflow);
+                self.request_stalled.family.get_or_create(&labels).inc();
+            }
             Kind::StateChange => {}
+        }
+    }
+
+    /// Pool gauges, rebuilt from each refresh (pools come and go).
+    pub fn pools(&mut self, pools: &[Pool]) {
+        self.pool_sockets.family.clear();
+        self.pool_sockets.seen.clear();
+        for pool in pools {
+            let who = Who {
+                comm: pool.comm.clone(),
+                remote_port: port_label(pool.endpoint.port(), &self.ephemeral_ports),
+            };
+            for (state, count) in [
+                ("established", pool.established),
+                ("idle", pool.idle),
+                ("active", pool.active),
+                ("close_wait", pool.close_wait),
+                ("stalled", pool.stalled),
+            ] {
+                let labels = PoolLabels {
+                    direction: pool.direction.as_str().into(),
+                    state: state.into(),
+                    who: who.clone(),
+                };
+                let labels = self
+                    .pool_sockets
+                    .admit(labels, self.max_series, &self.overflow);
+                self.pool_sockets
+                    .family
+                    .get_or_create(&labels)
+                    .inc_by(count as i64);
+            }
         }
     }
 

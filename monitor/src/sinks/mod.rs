@@ -90,6 +90,9 @@ pub struct Report {
     /// close_wait_lingering: time in CLOSE_WAIT so far.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub age_ms: Option<u64>,
+    /// request_stalled: time since the request was sent with no answer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stalled_ms: Option<u64>,
 }
 
 impl Report {
@@ -133,6 +136,7 @@ impl Report {
             since_reset_ms: since(PeerEnd::Reset),
             since_close_ms: since(PeerEnd::Fin),
             age_ms: finding.age_ms,
+            stalled_ms: finding.stalled_ms,
         }
     }
 
@@ -180,6 +184,7 @@ mod tests {
             owner,
             mono_ns: 1_000,
             age_ms: None,
+            stalled_ms: None,
         };
         let report = Report::new(&finding, &WallClock::now());
         assert_eq!(report.kind, "peer_reset_idle");

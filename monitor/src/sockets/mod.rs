@@ -1,4 +1,6 @@
 //! The socket table: what connwatch knows about each socket's life, and who owns it.
+pub mod diag;
+pub mod pools;
 pub mod process;
 
 use std::{collections::HashMap, net::SocketAddr, path::PathBuf};
@@ -80,6 +82,11 @@ impl SocketTable {
             entry.owner = self.processes.owner_of(event.inode);
         }
         Some(entry)
+    }
+
+    /// The process holding socket `inode` (through /proc).
+    pub fn owner_of_inode(&mut self, inode: u64) -> Option<Task> {
+        self.processes.owner_of(inode)
     }
 
     /// Open sockets by state: the `connwatch_sockets` gauge.

@@ -2,6 +2,8 @@
 //! this kernel) and drive real sockets at it.
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod postgres;
+
 use std::{
     io::{BufRead, BufReader, Read, Write},
     net::{TcpListener, TcpStream},

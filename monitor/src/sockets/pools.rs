@@ -1,0 +1,286 @@
+//! Pools: a process's sockets towards one endpoint. Pool exhaustion (every connection stuck
+//! in a query, or leaked until "QueuePool limit reached") shows up here as a pattern across
+//! sockets that no single socket's events reveal.
+//!
+//! Outbound pools group by the remote endpoint; inbound ones by the local listening
+//! endpoint, so a server's accepted sockets form one pool instead of one per client port.
+use std::{
+    collections::{HashMap, HashSet, VecDeque},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+};
+
+use serde::Serialize;
+
+use super::diag::DiagSocket;
+use crate::events::{Event, Hook, Task, TcpState};
+
+const MINUTE_NS: u64 = 60_000_000_000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    Outbound,
+    Inbound,
+}
+
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Outbound => "outbound",
+            Direction::Inbound => "inbound",
+        }
+    }
+}
+
+/// Local endpoints with a listening socket: a socket on one of them was accepted.
+#[derive(Debug, Default, Clone)]
+pub struct Listeners(HashSet<SocketAddr>);
+
+impl Listeners {
+    pub fn from_snapshot(snapshot: &[DiagSocket]) -> Listeners {
+        Listeners(
+            snapshot
+                .iter()
+                .filter(|s| s.state.name() == "LISTEN")
+                .map(|s| s.local)
+                .collect(),
+        )
+    }
+
+    pub fn is_inbound(&self, local: SocketAddr) -> bool {
+        let port = local.port();
+        let wildcard = |ip: IpAddr| self.0.contains(&SocketAddr::new(ip, port));
+        self.0.contains(&local)
+            || wildcard(IpAddr::V4(Ipv4Addr::UNSPECIFIED))
+            || wildcard(IpAddr::V6(Ipv6Addr::UNSPECIFIED))
+    }
+
+    /// Which side a socket is on, and the endpoint its pool is named by.
+    pub fn classify(&self, local: SocketAddr, remote: SocketAddr) -> (Direction, SocketAddr) {
+        if self.is_inbound(local) {
+            (Direction::Inbound, local)
+        } else {
+            (Direction::Outbound, remote)
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Pool {
+    pub pid: u32,
+    pub comm: String,
+    pub direction: Direction,
+    /// Serialized as "ip:port" (IPv6 "[ip]:port").
+    pub endpoint: SocketAddr,
+    pub total: u32,
+    pub established: u32,
+    /// ESTABLISHED with no data either way for at least the idle threshold.
+    pub idle: u32,
+    pub active: u32,
+    pub close_wait: u32,
+    pub stalled: u32,
+    pub max_idle_ms: u64,
+    pub connects_per_min: u32,
+    pub resets_per_min: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Happened {
+    Connect,
+    Reset,
+}
+
+/// Who to charge a connect or reset to; pid 0 when the owner is not known yet (a passive
+/// socket before accept()).
+type RateKey = (u32, Direction, SocketAddr);
+
+#[derive(Default)]
+pub struct PoolTracker {
+    listeners: Listeners,
+    recent: HashMap<RateKey, VecDeque<(u64, Happened)>>,
+    pools: Vec<Pool>,
+}
+
+impl PoolTracker {
+    pub fn listeners(&self) -> &Listeners {
+        &self.listeners
+    }
+
+    pub fn pools(&self) -> &[Pool] {
+        &self.pools
+    }
+
+    /// Counts connects and resets for the per-minute rates.
+    pub fn event(&mut self, event: &Event, owner: Option<&Task>) {
+        let happened = match (event.hook, event.new_state.name()) {
+            (Hook::StateChange, "SYN_SENT") => Happened::Connect,
+            (Hook::StateChange, "ESTABLISHED") if event.old_state.name() == "SYN_RECV" => {
+                Happened::Connect
+            }
+            (Hook::ReceiveReset | Hook::SendReset, _) => Happened::Reset,
+            _ => return,
+        };
+        let (direction, endpoint) = if event.old_state.name() == "SYN_RECV" {
+            (Direction::Inbound, event.local)
+        } else {
+            self.listeners.classify(event.local, event.remote)
+        };
+        let pid = owner.map_or(0, |o| o.pid);
+        self.recent
+            .entry((pid, direction, endpoint))
+            .or_default()
+            .push_back((event.mono_ns, happened));
+    }
+
+    /// Rebuilds the pools from a fresh snapshot.
+    pub fn refresh(
+        &mut self,
+        snapshot: &[DiagSocket],
+        mut owner_of: impl FnMut(u64) -> Option<Task>,
+        stalled: &HashSet<u64>,
+        idle_threshold_ms: u64,
+        now_ns: u64,
+    ) {
+        self.listeners = Listeners::from_snapshot(snapshot);
+        self.recent.retain(|_, times| {
+            while times
+                .front()
+                .is_some_and(|&(at, _)| now_ns.saturating_sub(at) > MINUTE_NS)
+            {
+                times.pop_front();
+            }
+            !times.is_empty()
+        });
+        let mut pools: HashMap<(u32, Direction, SocketAddr), Pool> = HashMap::new();
+        for socket in snapshot {
+            let state = socket.state.name();
+            // Listeners are not connections; TIME_WAIT and orphans belong to no process.
+            if state == "LISTEN" || socket.inode == 0 {
+                continue;
+            }
+            let Some(owner) = owner_of(socket.inode) else {
+                continue;
+            };
+            let (direction, endpoint) = self.listeners.classify(socket.local, socket.remote);
+            let pool = pools
+                .entry((owner.pid, direction, endpoint))
+                .or_insert_with(|| Pool {
+                    pid: owner.pid,
+                    comm: owner.comm.clone(),
+                    direction,
+                    endpoint,
+                    total: 0,
+                    established: 0,
+                    idle: 0,
+                    active: 0,
+                    close_wait: 0,
+                    stalled: 0,
+                    max_idle_ms: 0,
+                    connects_per_min: 0,
+                    resets_per_min: 0,
+                });
+            pool.total += 1;
+            if socket.state == TcpState(monitor_common::tcp_state::ESTABLISHED) {
+                pool.established += 1;
+                let idle = socket.idle_ms().unwrap_or(0);
+                pool.max_idle_ms = pool.max_idle_ms.max(idle);
+                if idle >= idle_threshold_ms {
+                    pool.idle += 1;
+                } else {
+                    pool.active += 1;
+                }
+            } else if state == "CLOSE_WAIT" {
+                pool.close_wait += 1;
+            }
+            if stalled.contains(&socket.cookie) {
+                pool.stalled += 1;
+            }
+        }
+        for (key, pool) in pools.iter_mut() {
+            let (pid, direction, endpoint) = *key;
+            let count = |rate_pid, what| {
+                self.recent
+                    .get(&(rate_pid, direction, endpoint))
+                    .map_or(0, |times| {
+                        times.iter().filter(|(_, h)| *h == what).count() as u32
+                    })
+            };
+            pool.connects_per_min = count(pid, Happened::Connect);
+            pool.resets_per_min = count(pid, Happened::Reset);
+            if direction == Direction::Inbound {
+                // Accepted sockets are counted before accept() names their owner.
+                pool.connects_per_min += count(0, Happened::Connect);
+                pool.resets_per_min += count(0, Happened::Reset);
+            }
+        }
+        self.pools = pools.into_values().collect();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sockets::diag::TcpActivity;
+
+    fn socket(local: &str, remote: &str, state: u8, inode: u64, idle_ms: u32) -> DiagSocket {
+        DiagSocket {
+            local: local.parse().unwrap(),
+            remote: remote.parse().unwrap(),
+            state: TcpState(state),
+            inode,
+            cookie: inode,
+            activity: Some(TcpActivity {
+                last_data_sent_ms: idle_ms,
+                last_data_recv_ms: idle_ms,
+                last_ack_recv_ms: idle_ms,
+                unacked: 0,
+                retransmits: 0,
+            }),
+        }
+    }
+
+    fn owner(inode: u64) -> Option<Task> {
+        let pid = if inode < 100 { 10 } else { 20 };
+        Some(Task {
+            pid,
+            tid: pid,
+            comm: format!("app{pid}"),
+        })
+    }
+
+    #[test]
+    fn groups_outbound_by_remote_and_inbound_by_listener() {
+        use monitor_common::tcp_state::*;
+        let snapshot = vec![
+            socket("0.0.0.0:5432", "0.0.0.0:0", LISTEN, 200, 0),
+            socket("10.0.0.1:40001", "10.0.0.9:5432", ESTABLISHED, 1, 5000),
+            socket("10.0.0.1:40002", "10.0.0.9:5432", ESTABLISHED, 2, 10),
+            socket("10.0.0.1:40003", "10.0.0.9:5432", CLOSE_WAIT, 3, 0),
+            socket("10.0.0.1:5432", "10.0.0.7:50001", ESTABLISHED, 201, 0),
+            socket("10.0.0.1:5432", "10.0.0.7:50002", ESTABLISHED, 202, 0),
+            socket("10.0.0.1:40004", "10.0.0.9:6379", TIME_WAIT, 0, 0),
+        ];
+        let mut tracker = PoolTracker::default();
+        let stalled = HashSet::from([2]);
+        tracker.refresh(&snapshot, owner, &stalled, 1000, 0);
+        let mut pools = tracker.pools().to_vec();
+        pools.sort_by_key(|p| p.pid);
+        assert_eq!(pools.len(), 2, "{pools:#?}");
+        let out = &pools[0];
+        assert_eq!(
+            (out.direction, out.endpoint.to_string().as_str()),
+            (Direction::Outbound, "10.0.0.9:5432")
+        );
+        assert_eq!(
+            (out.total, out.established, out.idle, out.active),
+            (3, 2, 1, 1)
+        );
+        assert_eq!((out.close_wait, out.stalled, out.max_idle_ms), (1, 1, 5000));
+        let inbound = &pools[1];
+        assert_eq!(
+            (inbound.direction, inbound.endpoint.to_string().as_str()),
+            (Direction::Inbound, "10.0.0.1:5432")
+        );
+        assert_eq!(inbound.total, 2);
+    }
+}
