@@ -9,6 +9,8 @@ pub mod engine;
 pub mod events;
 pub mod pipeline;
 pub mod probes;
+pub mod proxy;
+pub mod selftest;
 pub mod sinks;
 pub mod sockets;
 pub mod top;

@@ -17,6 +17,10 @@ enum Command {
     Watch(monitor::watch::WatchArgs),
     /// Pools (process × endpoint) live, like top: idle, active, CLOSE_WAIT, stalled.
     Top(monitor::top::TopArgs),
+    /// A TCP proxy that resets, closes or blackholes idle connections, to reproduce incidents.
+    Proxy(monitor::proxy::ProxyArgs),
+    /// Prove on this node that an idle reset is caught and attributed (exit 0 if so).
+    Selftest(monitor::selftest::SelftestArgs),
     /// Run as the node agent: Prometheus /metrics, /healthz, /readyz and JSON event logs.
     Daemon(monitor::daemon::DaemonArgs),
 }
@@ -37,6 +41,8 @@ fn main() -> ExitCode {
             Command::Watch(args) => monitor::watch::run(args).await,
             Command::Daemon(args) => monitor::daemon::run(args).await,
             Command::Top(args) => monitor::top::run(args).await,
+            Command::Proxy(args) => monitor::proxy::run(args).await,
+            Command::Selftest(args) => monitor::selftest::run(args).await,
         }
     });
     match result {

@@ -81,16 +81,7 @@ fn queries_stuck_on_postgres_are_stalled_and_idle_ones_are_not() {
     const STUCK: usize = 3;
     let pg = Postgres::start();
     let pg_port = pg.port.to_string();
-    let watch = Watch::start(&[
-        "--port",
-        &pg_port,
-        "--kind",
-        "request_stalled",
-        "--stall-threshold",
-        "2s",
-        "--refresh",
-        "1s",
-    ]);
+    let watch = Watch::start(&[&["--port", &pg_port][..], &STALL_WATCH].concat());
     // An idle part of the pool: used once, then left alone.
     let mut idle: Vec<::postgres::Client> = (0..2).map(|_| pg.connect().unwrap()).collect();
     for client in &mut idle {

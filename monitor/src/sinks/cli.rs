@@ -51,12 +51,16 @@ fn detail(report: &Report) -> String {
             format_ms(since as u64)
         );
     }
-    match report.age_ms {
-        Some(age) => format!(
+    match (report.age_ms, report.stalled_ms) {
+        (Some(age), _) => format!(
             "in CLOSE_WAIT for {}: the application never closed it",
             format_ms(age)
         ),
-        None => String::new(),
+        (_, Some(stalled)) => format!(
+            "request sent and acknowledged {} ago, no answer yet",
+            format_ms(stalled)
+        ),
+        _ => String::new(),
     }
 }
 
@@ -112,6 +116,35 @@ mod tests {
         assert_eq!(format_ms(350), "350ms");
         assert_eq!(format_ms(2049), "2.0s");
         assert_eq!(format_ms(192_000), "3m12s");
+    }
+
+    fn report(kind: crate::detect::Kind, edit: impl FnOnce(&mut crate::detect::Finding)) -> Report {
+        use crate::events::{from_raw, tests::raw_send_after_reset};
+        let event = from_raw(&raw_send_after_reset()).unwrap();
+        let mut finding = crate::detect::Finding::new(kind, &event, None);
+        if kind != crate::detect::Kind::WriteAfterReset {
+            finding.event.io = None;
+        }
+        edit(&mut finding);
+        Report::new(&finding, &crate::sinks::WallClock::now())
+    }
+
+    #[test]
+    fn details_say_what_happened() {
+        use crate::detect::Kind;
+        assert_eq!(
+            detail(&report(Kind::WriteAfterReset, |_| {})),
+            "send → ECONNRESET, 1.5s after the peer's reset"
+        );
+        assert_eq!(
+            detail(&report(Kind::CloseWaitLingering, |f| f.age_ms = Some(31_000))),
+            "in CLOSE_WAIT for 31.0s: the application never closed it"
+        );
+        assert_eq!(
+            detail(&report(Kind::RequestStalled, |f| f.stalled_ms = Some(12_000))),
+            "request sent and acknowledged 12.0s ago, no answer yet"
+        );
+        assert_eq!(detail(&report(Kind::PeerResetIdle, |_| {})), "");
     }
 
     #[test]

@@ -190,6 +190,16 @@ pub fn count(events: &[Value], kind_name: &str, local_port: u16) -> usize {
     of_kind(events, kind_name, local_port).len()
 }
 
+/// `watch` flags for stall tests: only stalls, a short threshold, frequent refreshes.
+pub const STALL_WATCH: [&str; 6] = [
+    "--kind",
+    "request_stalled",
+    "--stall-threshold",
+    "2s",
+    "--refresh",
+    "1s",
+];
+
 pub const RESET_KINDS: [&str; 3] = ["peer_reset_idle", "peer_reset", "local_reset"];
 
 /// An established client/server pair; the client side lives in its own named thread so
@@ -273,6 +283,39 @@ pub fn listen(addr: &str) -> (TcpListener, u16) {
     let listener = TcpListener::bind(addr).unwrap();
     let port = listener.local_addr().unwrap().port();
     (listener, port)
+}
+
+/// A running `connwatch proxy` in front of `upstream`, with one fault flag.
+pub struct Proxy {
+    child: Child,
+    pub port: u16,
+}
+
+impl Proxy {
+    pub fn start(upstream: u16, fault: &str, after: &str) -> Proxy {
+        let port = listen("127.0.0.1:0").1;
+        let mut child = Command::new(CONNWATCH)
+            .args(["proxy", "--listen", &format!("127.0.0.1:{port}")])
+            .args(["--upstream", &format!("127.0.0.1:{upstream}"), fault, after])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut first = String::new();
+        let mut stderr = BufReader::new(child.stderr.take().unwrap());
+        stderr.read_line(&mut first).unwrap();
+        assert!(first.starts_with("connwatch: proxying"), "{first}");
+        // Keep draining so the proxy never blocks on a full pipe.
+        thread::spawn(move || for _ in stderr.lines() {});
+        Proxy { child, port }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// Runs a command and panics with its output if it fails.

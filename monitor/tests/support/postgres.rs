@@ -5,6 +5,7 @@ use std::{
     os::unix::fs::chown,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
+    sync::atomic::{AtomicUsize, Ordering},
     thread,
     time::{Duration, Instant},
 };
@@ -47,7 +48,10 @@ impl Postgres {
         let user = nix::unistd::User::from_name("postgres")
             .unwrap()
             .expect("the postgres user (created by the Debian package)");
-        let dir = std::env::temp_dir().join(format!("connwatch-pg-{}", std::process::id()));
+        static INSTANCES: AtomicUsize = AtomicUsize::new(0);
+        let instance = INSTANCES.fetch_add(1, Ordering::SeqCst);
+        let dir =
+            std::env::temp_dir().join(format!("connwatch-pg-{}-{instance}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).unwrap();
         chown(&dir, Some(user.uid.as_raw()), Some(user.gid.as_raw())).unwrap();

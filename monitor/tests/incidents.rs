@@ -1,0 +1,310 @@
+//! The incidents connwatch exists for, reproduced on a real PostgreSQL with real clients:
+//! the Rust `postgres` crate and `psql`.
+mod support;
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    process::{Child, ChildStdin, Command, Stdio},
+    thread,
+    time::Duration,
+};
+
+use serde_json::Value;
+use support::{postgres::Postgres, *};
+
+/// Runs `body` on a thread named `name` (the comm connwatch reports) and returns its result.
+fn as_thread<T: Send + 'static>(name: &str, body: impl FnOnce() -> T + Send + 'static) -> T {
+    thread::Builder::new()
+        .name(name.into())
+        .spawn(body)
+        .unwrap()
+        .join()
+        .unwrap()
+}
+
+fn client_url(port: u16) -> String {
+    format!("host=127.0.0.1 port={port} user=postgres dbname=postgres")
+}
+
+/// Events for `comm`'s sockets towards `remote_port`.
+fn of<'a>(events: &'a [Value], kind_name: &str, comm: &str, remote_port: u16) -> Vec<&'a Value> {
+    events
+        .iter()
+        .filter(|e| kind(e) == kind_name && e["comm"] == comm && port(&e["remote"]) == remote_port)
+        .collect()
+}
+
+fn index_of(events: &[Value], kind_name: &str, comm: &str) -> usize {
+    events
+        .iter()
+        .position(|e| kind(e) == kind_name && e["comm"] == comm)
+        .unwrap_or_else(|| panic!("no {kind_name} for {comm}: {events:#?}"))
+}
+
+/// psql reading commands from a pipe, printing bare values.
+struct Psql {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<std::process::ChildStdout>,
+}
+
+impl Psql {
+    fn connect(port: u16) -> Psql {
+        let mut child = Command::new("psql")
+            .args([
+                "-X",
+                "-q",
+                "-t",
+                "-A",
+                "-h",
+                "127.0.0.1",
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+            ])
+            .args(["-p", &port.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("psql (Debian postgresql-client)");
+        let stdin = child.stdin.take().unwrap();
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut psql = Psql {
+            child,
+            stdin,
+            stdout,
+        };
+        assert_eq!(psql.query("SELECT 1;"), "1");
+        psql
+    }
+
+    fn query(&mut self, sql: &str) -> String {
+        writeln!(self.stdin, "{sql}").unwrap();
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).unwrap();
+        line.trim().to_string()
+    }
+
+    fn send(&mut self, sql: &str) {
+        let _ = writeln!(self.stdin, "{sql}");
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Psql {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A proxy ends idle pooled connections (`fault`); each client's next query fails. Both
+/// client stacks must show `peer_kind` for the idle connection, then `app_kind` when they
+/// run into it.
+fn proxy_ends_idle_connections(fault: &str, peer_kind: &str, app_kind: &str) {
+    let pg = Postgres::start();
+    let proxy = Proxy::start(pg.port, fault, "1s");
+    let watch = Watch::start(&["--port", &proxy.port.to_string()]);
+
+    // Rust client stack: the pool's connection, reused after idling.
+    let url = client_url(proxy.port);
+    let mut rust_client = as_thread("cw-app", move || {
+        let mut client = ::postgres::Client::connect(&url, ::postgres::NoTls).unwrap();
+        client.simple_query("SELECT 1").unwrap();
+        client
+    });
+    // psql, the second stack.
+    let mut psql = Psql::connect(proxy.port);
+    thread::sleep(Duration::from_millis(2000));
+    let failed = as_thread("cw-app", move || {
+        rust_client.simple_query("SELECT 2").is_err()
+    });
+    assert!(failed, "the query on the ended connection must fail");
+    psql.send("SELECT 2;");
+
+    watch.wait_for(app_kind, |events| {
+        !of(events, app_kind, "cw-app", proxy.port).is_empty()
+            && !of(events, app_kind, "psql", proxy.port).is_empty()
+    });
+    let events = watch.stop().events;
+    for (comm, pid) in [("cw-app", std::process::id()), ("psql", psql.pid())] {
+        let ended = of(&events, peer_kind, comm, proxy.port);
+        assert_eq!(ended.len(), 1, "{comm}: {events:#?}");
+        assert_eq!(ended[0]["pid"], pid, "{comm}");
+        assert!(ms(ended[0], "idle_ms") >= 900, "{:?}", ended[0]);
+        let hit = of(&events, app_kind, comm, proxy.port);
+        assert_eq!(hit[0]["pid"], pid, "{comm}");
+        assert!(index_of(&events, peer_kind, comm) < index_of(&events, app_kind, comm));
+    }
+    if app_kind == "write_after_reset" {
+        let hit = of(&events, app_kind, "cw-app", proxy.port);
+        assert!(
+            ["ECONNRESET", "EPIPE"].contains(&hit[0]["error"].as_str().unwrap()),
+            "{:?}",
+            hit[0]
+        );
+    }
+}
+
+/// (a) A proxy resets idle pooled connections; the next query fails.
+#[test]
+fn proxy_resets_idle_connections() {
+    proxy_ends_idle_connections("--reset-idle-after", "peer_reset_idle", "write_after_reset");
+}
+
+/// (b) A proxy closes idle connections with FIN; the next query reads EOF.
+#[test]
+fn proxy_closes_idle_connections() {
+    proxy_ends_idle_connections("--fin-idle-after", "peer_close_idle", "write_after_close");
+}
+
+/// (c) Every pooled connection is stuck behind a lock.
+#[test]
+fn pool_blocked_on_a_lock() {
+    const POOL: usize = 3;
+    let pg = Postgres::start();
+    let mut admin = pg.connect().unwrap();
+    admin
+        .batch_execute("CREATE TABLE accounts (id int)")
+        .unwrap();
+    let pg_port = pg.port.to_string();
+    let watch = Watch::start(&[&["--port", &pg_port][..], &STALL_WATCH].concat());
+    let mut locker = pg.connect().unwrap();
+    let mut lock = locker.transaction().unwrap();
+    lock.batch_execute("LOCK TABLE accounts IN ACCESS EXCLUSIVE MODE")
+        .unwrap();
+    let mut pool: Vec<::postgres::Client> = (0..POOL).map(|_| pg.connect().unwrap()).collect();
+    for client in &mut pool {
+        client.simple_query("SELECT 1").unwrap();
+    }
+    thread::sleep(Duration::from_millis(100));
+    for mut client in pool {
+        thread::spawn(move || {
+            let _ = client.simple_query("SELECT count(*) FROM accounts");
+        });
+    }
+    watch.wait_for("request_stalled for the whole pool", |events| {
+        events
+            .iter()
+            .filter(|e| kind(e) == "request_stalled")
+            .count()
+            >= POOL
+    });
+    let events = watch.stop().events;
+    let stalled: Vec<&Value> = events
+        .iter()
+        .filter(|e| kind(e) == "request_stalled")
+        .collect();
+    assert_eq!(
+        stalled.len(),
+        POOL,
+        "the locker and the admin are idle, not stalled: {events:#?}"
+    );
+    for event in stalled {
+        assert_eq!(event["pid"], std::process::id());
+        assert_eq!(port(&event["remote"]), pg.port);
+    }
+    lock.rollback().unwrap();
+}
+
+/// (d) The server ends sessions (a DBA, idle_session_timeout); clients never close theirs.
+#[test]
+fn clients_leak_connections_the_server_closed() {
+    let pg = Postgres::start();
+    let watch = Watch::start(&[
+        "--port",
+        &pg.port.to_string(),
+        "--kind",
+        "close_wait_lingering",
+        "--close-wait-threshold",
+        "2s",
+    ]);
+    let url = pg.url();
+    let leaked = as_thread("cw-leaky-pool", move || {
+        let mut client = ::postgres::Client::connect(&url, ::postgres::NoTls).unwrap();
+        client.simple_query("SELECT 1").unwrap();
+        client
+    });
+    let psql = Psql::connect(pg.port);
+    let mut admin = pg.connect().unwrap();
+    admin
+        .batch_execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE pid <> pg_backend_pid() AND backend_type = 'client backend'",
+        )
+        .unwrap();
+    watch.wait_for("close_wait_lingering for both clients", |events| {
+        !of(events, "close_wait_lingering", "cw-leaky-pool", pg.port).is_empty()
+            && !of(events, "close_wait_lingering", "psql", pg.port).is_empty()
+    });
+    let events = watch.stop().events;
+    for (comm, pid) in [("cw-leaky-pool", std::process::id()), ("psql", psql.pid())] {
+        let lingering = of(&events, "close_wait_lingering", comm, pg.port);
+        assert_eq!(lingering.len(), 1, "{comm}: {events:#?}");
+        assert_eq!(lingering[0]["pid"], pid);
+        assert_eq!(lingering[0]["state"], "CLOSE_WAIT");
+        assert!(ms(lingering[0], "age_ms") >= 2000);
+    }
+    // The admin's own connection stayed healthy.
+    assert!(
+        events.iter().all(|e| e["comm"] != "incidents"),
+        "{events:#?}"
+    );
+    drop(leaked);
+}
+
+#[test]
+fn selftest_passes() {
+    let output = Command::new(CONNWATCH).arg("selftest").output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.contains("ok: peer_reset_idle attributed to pid"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("ok: write_after_reset attributed to pid"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.trim_end().ends_with("connwatch selftest: passed"),
+        "{stdout}"
+    );
+}
+
+/// Zombie connections behind a proxy: writes are accepted and lead nowhere.
+#[test]
+fn proxy_blackholes_idle_connections() {
+    let pg = Postgres::start();
+    let proxy = Proxy::start(pg.port, "--blackhole-idle-after", "1s");
+    let proxy_port = proxy.port.to_string();
+    let watch = Watch::start(&[&["--port", &proxy_port][..], &STALL_WATCH].concat());
+    let url = client_url(proxy.port);
+    let mut client = ::postgres::Client::connect(&url, ::postgres::NoTls).unwrap();
+    client.simple_query("SELECT 1").unwrap();
+    thread::sleep(Duration::from_millis(1500));
+    // Blocks until the proxy goes away at the end of the test.
+    thread::spawn(move || {
+        let _ = client.simple_query("SELECT 2");
+    });
+    watch.wait_for("request_stalled", |events| {
+        events.iter().any(|e| kind(e) == "request_stalled")
+    });
+    let events = watch.stop().events;
+    let stalled: Vec<&Value> = events
+        .iter()
+        .filter(|e| kind(e) == "request_stalled")
+        .collect();
+    assert_eq!(stalled.len(), 1, "{events:#?}");
+    assert_eq!(stalled[0]["pid"], std::process::id());
+    assert_eq!(port(&stalled[0]["remote"]), proxy.port);
+}
