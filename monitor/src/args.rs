@@ -1,7 +1,7 @@
 //! Flags shared by every command that runs the pipeline.
 use std::{path::PathBuf, time::Duration};
 
-use crate::detect::DetectConfig;
+use crate::{detect::DetectConfig, pipeline::HostPaths};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct PipelineArgs {
@@ -18,6 +18,19 @@ pub struct PipelineArgs {
     /// events alone miss.
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_positive_duration)]
     pub refresh: Duration,
+    /// Where the host's filesystem is visible (in a container: its host mount), for
+    /// cgroupfs and the kubelet's pod log directories.
+    #[arg(
+        long,
+        value_name = "PATH",
+        default_value = "/",
+        env = "CONNWATCH_HOST_ROOT"
+    )]
+    pub host_root: PathBuf,
+    /// The kubelet's pod log directory, `<namespace>_<pod>_<uid>` entries
+    /// (default: <host-root>/var/log/pods).
+    #[arg(long, value_name = "PATH", env = "CONNWATCH_POD_LOGS")]
+    pub pod_logs: Option<PathBuf>,
     /// The host's /proc: attribution of sockets opened before connwatch started, and the
     /// ephemeral port range.
     #[arg(
@@ -30,6 +43,14 @@ pub struct PipelineArgs {
 }
 
 impl PipelineArgs {
+    pub fn host_paths(&self) -> HostPaths {
+        HostPaths {
+            proc: self.host_proc.clone(),
+            root: self.host_root.clone(),
+            pod_logs: self.pod_logs.clone(),
+        }
+    }
+
     pub fn detect_config(&self, state_changes: bool) -> DetectConfig {
         DetectConfig {
             idle_threshold: self.idle_threshold,

@@ -78,7 +78,7 @@ impl Engine {
             ring,
             pipeline: Pipeline::new(
                 &pipeline.detect_config(state_changes),
-                pipeline.host_proc.clone(),
+                &pipeline.host_paths(),
             ),
             clock: WallClock::now(),
             lost_total: 0,

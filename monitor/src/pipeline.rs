@@ -9,6 +9,7 @@ use crate::{
         SocketTable,
         diag::DiagSocket,
         pools::{Pool, PoolTracker},
+        workload::WorkloadResolver,
     },
 };
 
@@ -18,8 +19,17 @@ pub struct Processed<'a> {
     pub findings: &'a [Finding],
 }
 
+/// Where the host's files are: /proc, its root, the kubelet's pod logs.
+#[derive(Debug, Clone)]
+pub struct HostPaths {
+    pub proc: PathBuf,
+    pub root: PathBuf,
+    pub pod_logs: Option<PathBuf>,
+}
+
 pub struct Pipeline {
     table: SocketTable,
+    workloads: WorkloadResolver,
     detectors: Detectors,
     pools: PoolTracker,
     stalls: StallDetector,
@@ -32,9 +42,14 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
-    pub fn new(config: &DetectConfig, proc_root: PathBuf) -> Pipeline {
+    pub fn new(config: &DetectConfig, hosts: &HostPaths) -> Pipeline {
         Pipeline {
-            table: SocketTable::new(proc_root),
+            table: SocketTable::new(hosts.proc.clone()),
+            workloads: WorkloadResolver::new(
+                &hosts.root,
+                hosts.proc.clone(),
+                hosts.pod_logs.clone(),
+            ),
             detectors: Detectors::new(config),
             pools: PoolTracker::default(),
             stalls: StallDetector::new(config.stall_threshold.as_millis() as u64),
@@ -74,7 +89,21 @@ impl Pipeline {
         self.pools.event(event, owner.as_ref());
         self.detectors
             .inspect(event, owner.as_ref(), &mut self.findings);
+        self.attribute();
         &self.findings
+    }
+
+    /// Fills in each finding's container and pod.
+    fn attribute(&mut self) {
+        for finding in &mut self.findings {
+            let event = &finding.event;
+            // In softirq the kernel's cgroup id is the interrupted task's; trust it only when
+            // it came from the owner map or a call in the owner's own context.
+            let trusted = event.owner.is_some() || event.hook == Hook::IoAfterPeerEnd;
+            let cgroup_id = if trusted { event.cgroup_id } else { 0 };
+            let pid = finding.owner.as_ref().map_or(0, |o| o.pid);
+            finding.workload = self.workloads.resolve(cgroup_id, pid);
+        }
     }
 
     /// Periodic upkeep: findings that come from time passing; forget old closed sockets.
@@ -82,6 +111,7 @@ impl Pipeline {
         self.table.expire(mono_now_ns);
         self.findings.clear();
         self.detectors.tick(mono_now_ns, &mut self.findings);
+        self.attribute();
         &self.findings
     }
 
@@ -100,6 +130,7 @@ impl Pipeline {
             finding.stalled_ms = Some(stalled_ms);
             self.findings.push(finding);
         }
+        self.attribute();
         let table = &mut self.table;
         self.pools.refresh(
             snapshot,

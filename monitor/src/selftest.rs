@@ -127,6 +127,8 @@ pub async fn run(args: SelftestArgs) -> Result<()> {
         stall_threshold: Duration::from_secs(10),
         refresh: Duration::from_secs(60),
         host_proc: PathBuf::from("/proc"),
+        host_root: PathBuf::from("/"),
+        pod_logs: None,
     };
     let mut engine = Engine::start(&args.probes, &pipeline, false)?;
     println!("connwatch selftest: probes attached");

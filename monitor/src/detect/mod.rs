@@ -7,7 +7,10 @@ pub mod stall;
 
 use std::time::Duration;
 
-use crate::events::{Event, Hook, Task};
+use crate::{
+    events::{Event, Hook, Task},
+    sockets::workload::Workload,
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]
 #[value(rename_all = "snake_case")]
@@ -61,6 +64,8 @@ pub struct Finding {
     pub age_ms: Option<u64>,
     /// For `request_stalled`: how long the request has waited for an answer.
     pub stalled_ms: Option<u64>,
+    /// Container and pod of the process, filled in by the pipeline.
+    pub workload: Workload,
 }
 
 impl Finding {
@@ -72,6 +77,7 @@ impl Finding {
             mono_ns: event.mono_ns,
             age_ms: None,
             stalled_ms: None,
+            workload: Workload::default(),
         }
     }
 }

@@ -37,6 +37,9 @@ pub const OTHER: &str = "other";
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Who {
     pub comm: String,
+    /// Kubernetes namespace and pod when the process runs in one, else empty.
+    pub namespace: String,
+    pub pod: String,
     /// The peer's port when it is a server port; `ephemeral` or `none` otherwise.
     pub remote_port: String,
 }
@@ -96,6 +99,8 @@ impl Fold for Who {
     fn folded(&self) -> Self {
         Who {
             comm: OTHER.into(),
+            namespace: OTHER.into(),
+            pod: OTHER.into(),
             remote_port: OTHER.into(),
         }
     }
@@ -378,6 +383,8 @@ impl Metrics {
         for pool in pools {
             let who = Who {
                 comm: pool.comm.clone(),
+                namespace: String::new(),
+                pod: String::new(),
                 remote_port: port_label(pool.endpoint.port(), &self.ephemeral_ports),
             };
             for (state, count) in [
@@ -428,6 +435,8 @@ impl Metrics {
                 .owner
                 .as_ref()
                 .map_or_else(|| "unknown".into(), |owner| owner.comm.clone()),
+            namespace: finding.workload.namespace.clone().unwrap_or_default(),
+            pod: finding.workload.pod.clone().unwrap_or_default(),
             remote_port: port_label(finding.event.remote.port(), &self.ephemeral_ports),
         }
     }
@@ -480,21 +489,21 @@ mod tests {
         let text = encode(&registry);
         assert!(
             text.contains(
-                r#"connwatch_resets_total{kind="peer_reset_idle",comm="psql",remote_port="5432"} 1"#
+                r#"connwatch_resets_total{kind="peer_reset_idle",comm="psql",namespace="",pod="",remote_port="5432"} 1"#
             ),
             "{text}"
         );
         assert!(
-            text.contains(r#"connwatch_peer_reset_idle_seconds_bucket{le="60.0",comm="psql",remote_port="5432"} 0"#),
+            text.contains(r#"connwatch_peer_reset_idle_seconds_bucket{le="60.0",comm="psql",namespace="",pod="",remote_port="5432"} 0"#),
             "{text}"
         );
         assert!(
-            text.contains(r#"connwatch_peer_reset_idle_seconds_bucket{le="120.0",comm="psql",remote_port="5432"} 1"#),
+            text.contains(r#"connwatch_peer_reset_idle_seconds_bucket{le="120.0",comm="psql",namespace="",pod="",remote_port="5432"} 1"#),
             "{text}"
         );
         assert!(
             text.contains(
-                r#"connwatch_peer_reset_idle_seconds_sum{comm="psql",remote_port="5432"} 90.0"#
+                r#"connwatch_peer_reset_idle_seconds_sum{comm="psql",namespace="",pod="",remote_port="5432"} 90.0"#
             ),
             "{text}"
         );
@@ -522,10 +531,10 @@ mod tests {
             .filter(|l| l.starts_with("connwatch_resets_total"))
             .collect();
         assert_eq!(resets.len(), 3, "two admitted series and other: {resets:?}");
-        assert!(text.contains(r#"connwatch_resets_total{kind="peer_reset_idle",comm="other",remote_port="other"} 2"#), "{text}");
+        assert!(text.contains(r#"connwatch_resets_total{kind="peer_reset_idle",comm="other",namespace="other",pod="other",remote_port="other"} 2"#), "{text}");
         assert!(
             text.contains(
-                r#"connwatch_resets_total{kind="peer_reset_idle",comm="a",remote_port="5432"} 2"#
+                r#"connwatch_resets_total{kind="peer_reset_idle",comm="a",namespace="",pod="",remote_port="5432"} 2"#
             ),
             "{text}"
         );

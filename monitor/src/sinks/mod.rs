@@ -14,6 +14,7 @@ use serde::Serialize;
 use crate::{
     detect::{Finding, Kind},
     events::{IoOp, PeerEnd},
+    sockets::workload::Workload,
 };
 
 /// Turns the kernel's CLOCK_MONOTONIC stamps into wall-clock time.
@@ -93,6 +94,9 @@ pub struct Report {
     /// request_stalled: time since the request was sent with no answer.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stalled_ms: Option<u64>,
+    /// `cgroup`, and `container`, `pod_uid`, `pod`, `namespace` when known.
+    #[serde(flatten)]
+    pub workload: Workload,
 }
 
 impl Report {
@@ -137,6 +141,7 @@ impl Report {
             since_close_ms: since(PeerEnd::Fin),
             age_ms: finding.age_ms,
             stalled_ms: finding.stalled_ms,
+            workload: finding.workload.clone(),
         }
     }
 
@@ -185,6 +190,7 @@ mod tests {
             mono_ns: 1_000,
             age_ms: None,
             stalled_ms: None,
+            workload: Workload::default(),
         };
         let report = Report::new(&finding, &WallClock::now());
         assert_eq!(report.kind, "peer_reset_idle");

@@ -2,6 +2,7 @@
 pub mod diag;
 pub mod pools;
 pub mod process;
+pub mod workload;
 
 use std::{collections::HashMap, net::SocketAddr, path::PathBuf};
 

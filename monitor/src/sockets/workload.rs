@@ -1,0 +1,335 @@
+//! Which container and pod a socket's process runs in, from its cgroup, without API
+//! credentials: the container id and pod UID are in the cgroup path every runtime writes,
+//! and the kubelet names pod log directories `<namespace>_<pod>_<uid>`.
+use std::{
+    collections::HashMap,
+    fs,
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use serde::Serialize;
+
+/// Rescans of cgroupfs and the pod log directory are rate-limited to this.
+const RESCAN_INTERVAL: Duration = Duration::from_secs(1);
+/// Caches are dropped whole past this size, so a churning node cannot grow them forever.
+const CACHE_LIMIT: usize = 65_536;
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Workload {
+    /// cgroup v2 path, relative to the hierarchy root.
+    pub cgroup: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pod_uid: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+}
+
+/// Container id and pod UID from a cgroup path, for containerd, CRI-O, Docker and podman
+/// with the cgroupfs or systemd driver.
+pub fn parse_cgroup_path(path: &str) -> (Option<String>, Option<String>) {
+    let mut container = None;
+    let mut pod_uid = None;
+    for segment in path.split('/') {
+        if let Some(uid) = pod_uid_of(segment) {
+            pod_uid = Some(uid);
+        }
+        if let Some(id) = container_id_of(segment) {
+            container = Some(id);
+        }
+    }
+    (container, pod_uid)
+}
+
+/// `cri-containerd-<id>.scope`, `crio-<id>.scope`, `docker-<id>.scope`, `libpod-<id>.scope`,
+/// or a bare `<id>` (cgroupfs driver). conmon's own cgroup is not the container.
+fn container_id_of(segment: &str) -> Option<String> {
+    let name = segment.strip_suffix(".scope").unwrap_or(segment);
+    if name.contains("conmon") {
+        return None;
+    }
+    let id = [
+        "cri-containerd-",
+        "crio-",
+        "docker-",
+        "libpod-",
+        "containerd-",
+    ]
+    .iter()
+    .find_map(|prefix| name.strip_prefix(prefix))
+    .unwrap_or(name);
+    (id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit())).then(|| id.to_string())
+}
+
+/// `pod<uid>` (cgroupfs) or `kubepods-burstable-pod<uid_with_underscores>.slice` (systemd).
+fn pod_uid_of(segment: &str) -> Option<String> {
+    let name = segment.strip_suffix(".slice").unwrap_or(segment);
+    let start = name.rfind("pod")? + 3;
+    let uid = name[start..].replace('_', "-");
+    is_uid(&uid).then_some(uid)
+}
+
+fn is_uid(text: &str) -> bool {
+    let groups: Vec<&str> = text.split('-').collect();
+    groups.iter().map(|g| g.len()).eq([8, 4, 4, 4, 12])
+        && groups
+            .iter()
+            .all(|g| g.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// `/var/log/pods/<namespace>_<pod>_<uid>` → (uid, namespace, pod).
+pub fn parse_pod_log_dir(name: &str) -> Option<(String, String, String)> {
+    let (rest, uid) = name.rsplit_once('_')?;
+    let (namespace, pod) = rest.split_once('_')?;
+    is_uid(uid).then(|| (uid.to_string(), namespace.to_string(), pod.to_string()))
+}
+
+pub struct WorkloadResolver {
+    host_proc: PathBuf,
+    /// The cgroup v2 hierarchy root, if one is mounted.
+    cgroup_root: Option<PathBuf>,
+    pod_logs: PathBuf,
+    paths: HashMap<u64, String>,
+    pods: HashMap<String, (String, String)>,
+    last_cgroup_scan: Option<Instant>,
+    last_pod_scan: Option<Instant>,
+}
+
+impl WorkloadResolver {
+    /// `host_root` is where the host's filesystem is visible (`/` outside a container).
+    pub fn new(host_root: &Path, host_proc: PathBuf, pod_logs: Option<PathBuf>) -> Self {
+        let cgroup_root = ["sys/fs/cgroup/unified", "sys/fs/cgroup"]
+            .iter()
+            .map(|dir| host_root.join(dir))
+            .find(|dir| dir.join("cgroup.controllers").exists());
+        WorkloadResolver {
+            host_proc,
+            cgroup_root,
+            pod_logs: pod_logs.unwrap_or_else(|| host_root.join("var/log/pods")),
+            paths: HashMap::new(),
+            pods: HashMap::new(),
+            last_cgroup_scan: None,
+            last_pod_scan: None,
+        }
+    }
+
+    /// The workload of a socket owned by `pid`, whose owner ran in cgroup `cgroup_id`.
+    pub fn resolve(&mut self, cgroup_id: u64, pid: u32) -> Workload {
+        let cgroup = self
+            .cgroup_path(cgroup_id)
+            .or_else(|| self.proc_cgroup(pid));
+        let (container, pod_uid) = cgroup.as_deref().map(parse_cgroup_path).unwrap_or_default();
+        let (namespace, pod) = pod_uid
+            .as_deref()
+            .and_then(|uid| self.pod_named(uid))
+            .map_or((None, None), |(ns, pod)| (Some(ns), Some(pod)));
+        Workload {
+            cgroup,
+            container,
+            pod_uid,
+            pod,
+            namespace,
+        }
+    }
+
+    /// cgroup v2 ids are the inode numbers of the cgroup directories.
+    fn cgroup_path(&mut self, id: u64) -> Option<String> {
+        if id == 0 {
+            return None;
+        }
+        if let Some(path) = self.paths.get(&id) {
+            return Some(path.clone());
+        }
+        let root = self.cgroup_root.clone()?;
+        if self
+            .last_cgroup_scan
+            .is_some_and(|at| at.elapsed() < RESCAN_INTERVAL)
+        {
+            return None;
+        }
+        self.last_cgroup_scan = Some(Instant::now());
+        if self.paths.len() > CACHE_LIMIT {
+            self.paths.clear();
+        }
+        let mut pending = vec![root.clone()];
+        while let Some(dir) = pending.pop() {
+            let Ok(meta) = fs::metadata(&dir) else {
+                continue;
+            };
+            let relative = dir.strip_prefix(&root).unwrap_or(&dir);
+            self.paths
+                .insert(meta.ino(), format!("/{}", relative.display()));
+            if let Ok(entries) = fs::read_dir(&dir) {
+                pending.extend(
+                    entries
+                        .flatten()
+                        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                        .map(|e| e.path()),
+                );
+            }
+        }
+        self.paths.get(&id).cloned()
+    }
+
+    /// The v2 line (`0::/path`) of /proc/<pid>/cgroup, for sockets seen only in snapshots.
+    fn proc_cgroup(&self, pid: u32) -> Option<String> {
+        if pid == 0 {
+            return None;
+        }
+        let text = fs::read_to_string(self.host_proc.join(pid.to_string()).join("cgroup")).ok()?;
+        let v2 = text.lines().find_map(|l| l.strip_prefix("0::"))?;
+        Some(v2.to_string())
+    }
+
+    fn pod_named(&mut self, uid: &str) -> Option<(String, String)> {
+        if let Some(found) = self.pods.get(uid) {
+            return Some(found.clone());
+        }
+        if self
+            .last_pod_scan
+            .is_some_and(|at| at.elapsed() < RESCAN_INTERVAL)
+        {
+            return None;
+        }
+        self.last_pod_scan = Some(Instant::now());
+        if self.pods.len() > CACHE_LIMIT {
+            self.pods.clear();
+        }
+        for entry in fs::read_dir(&self.pod_logs).ok()?.flatten() {
+            if let Some((uid, namespace, pod)) =
+                entry.file_name().to_str().and_then(parse_pod_log_dir)
+            {
+                self.pods.insert(uid, (namespace, pod));
+            }
+        }
+        self.pods.get(uid).cloned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ID: &str = "3f5a6e2b8c1d4e7f9a0b1c2d3e4f5a6b7c8d9e0f1a2b3c4d5e6f7a8b9c0d1e2f";
+    const UID: &str = "0b8e4a5c-1d2e-4f3a-9b8c-7d6e5f4a3b2c";
+
+    #[test]
+    fn real_world_cgroup_paths() {
+        let uid_ = UID.replace('-', "_");
+        let cases = [
+            // containerd, cgroupfs driver, v2
+            (
+                format!("/kubepods/burstable/pod{UID}/{ID}"),
+                Some(ID),
+                Some(UID),
+            ),
+            // containerd, cgroupfs driver, guaranteed QoS (no QoS level)
+            (format!("/kubepods/pod{UID}/{ID}"), Some(ID), Some(UID)),
+            // containerd, systemd driver
+            (
+                format!(
+                    "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{uid_}.slice/cri-containerd-{ID}.scope"
+                ),
+                Some(ID),
+                Some(UID),
+            ),
+            // containerd, systemd driver, guaranteed
+            (
+                format!("/kubepods.slice/kubepods-pod{uid_}.slice/cri-containerd-{ID}.scope"),
+                Some(ID),
+                Some(UID),
+            ),
+            // CRI-O, systemd driver
+            (
+                format!(
+                    "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{uid_}.slice/crio-{ID}.scope"
+                ),
+                Some(ID),
+                Some(UID),
+            ),
+            // CRI-O conmon: the pod, but not the container
+            (
+                format!(
+                    "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{uid_}.slice/crio-conmon-{ID}.scope"
+                ),
+                None,
+                Some(UID),
+            ),
+            // CRI-O, cgroupfs driver
+            (
+                format!("/kubepods/besteffort/pod{UID}/crio-{ID}"),
+                Some(ID),
+                Some(UID),
+            ),
+            // Docker (dockershim), cgroupfs, as in a v1 /proc/<pid>/cgroup memory line
+            (
+                format!("/kubepods/burstable/pod{UID}/{ID}"),
+                Some(ID),
+                Some(UID),
+            ),
+            // Docker outside Kubernetes, systemd driver
+            (format!("/system.slice/docker-{ID}.scope"), Some(ID), None),
+            // Docker outside Kubernetes, cgroupfs driver (v1)
+            (format!("/docker/{ID}"), Some(ID), None),
+            // kind / nested kubelet slices
+            (
+                format!(
+                    "/kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-besteffort.slice/kubelet-kubepods-besteffort-pod{uid_}.slice/cri-containerd-{ID}.scope"
+                ),
+                Some(ID),
+                Some(UID),
+            ),
+            // podman
+            (format!("/machine.slice/libpod-{ID}.scope"), Some(ID), None),
+            // plain host processes
+            (
+                "/user.slice/user-1000.slice/session-3.scope".to_string(),
+                None,
+                None,
+            ),
+            ("/system.slice/postgresql.service".to_string(), None, None),
+            ("/".to_string(), None, None),
+        ];
+        for (path, container, pod) in cases {
+            assert_eq!(
+                parse_cgroup_path(&path),
+                (container.map(String::from), pod.map(String::from)),
+                "{path}"
+            );
+        }
+    }
+
+    #[test]
+    fn pod_log_directories() {
+        assert_eq!(
+            parse_pod_log_dir(&format!("payments_api-7d9f8b6c5-x2x9z_{UID}")),
+            Some((UID.into(), "payments".into(), "api-7d9f8b6c5-x2x9z".into()))
+        );
+        assert_eq!(parse_pod_log_dir("not-a-pod"), None);
+        assert_eq!(parse_pod_log_dir("a_b_not-a-uid"), None);
+    }
+
+    #[test]
+    fn names_pods_from_a_fake_kubelet_tree() {
+        let root = std::env::temp_dir().join(format!("connwatch-pods-{}", std::process::id()));
+        let logs = root.join("var/log/pods");
+        fs::create_dir_all(logs.join(format!("shop_checkout-0_{UID}"))).unwrap();
+        fs::create_dir_all(logs.join("kube-system_coredns-1_11111111-2222-3333-4444-555555555555"))
+            .unwrap();
+        let mut resolver = WorkloadResolver::new(&root, "/proc".into(), None);
+        assert_eq!(
+            resolver.pod_named(UID),
+            Some(("shop".into(), "checkout-0".into()))
+        );
+        assert_eq!(
+            resolver.pod_named("99999999-2222-3333-4444-555555555555"),
+            None
+        );
+        fs::remove_dir_all(&root).unwrap();
+    }
+}
