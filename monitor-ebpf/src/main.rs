@@ -5,6 +5,7 @@
 #![no_std]
 #![no_main]
 
+mod doctor;
 mod impact;
 mod kernel;
 mod maps;

@@ -5,6 +5,7 @@
 pub mod args;
 pub mod daemon;
 pub mod detect;
+pub mod doctor;
 pub mod engine;
 pub mod events;
 pub mod pipeline;

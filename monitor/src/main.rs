@@ -17,6 +17,8 @@ enum Command {
     Watch(monitor::watch::WatchArgs),
     /// Pools (process × endpoint) live, like top: idle, active, CLOSE_WAIT, stalled.
     Top(monitor::top::TopArgs),
+    /// Check that connwatch can run on this node: kernel, BTF, tracepoints, capabilities.
+    Doctor(monitor::doctor::DoctorArgs),
     /// A TCP proxy that resets, closes or blackholes idle connections, to reproduce incidents.
     Proxy(monitor::proxy::ProxyArgs),
     /// Prove on this node that an idle reset is caught and attributed (exit 0 if so).
@@ -42,6 +44,7 @@ fn main() -> ExitCode {
             Command::Daemon(args) => monitor::daemon::run(args).await,
             Command::Top(args) => monitor::top::run(args).await,
             Command::Proxy(args) => monitor::proxy::run(args).await,
+            Command::Doctor(args) => monitor::doctor::run(args).await,
             Command::Selftest(args) => monitor::selftest::run(args).await,
         }
     });

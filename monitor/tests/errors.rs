@@ -1,7 +1,7 @@
 //! Bad input gets one clear line naming the problem and the fix, a non-zero exit, no panic.
 mod support;
 
-use std::{fs, path::Path, process::Command, time::Instant};
+use std::{path::Path, process::Command, time::Instant};
 
 use support::CONNWATCH;
 
@@ -101,20 +101,8 @@ fn missing_btf_names_the_fix() {
 /// A tracefs that lacks `tcp:tcp_receive_reset`, as an old kernel's would.
 #[test]
 fn missing_tracepoint_is_named() {
-    let real = monitor::probes::tracefs::locate(None).unwrap();
-    let fake = std::env::temp_dir().join(format!("connwatch-tracefs-{}", std::process::id()));
-    for tracepoint in [
-        "sock/inet_sock_set_state",
-        "tcp/tcp_send_reset",
-        "tcp/tcp_destroy_sock",
-    ] {
-        let dir = fake.join("events").join(tracepoint);
-        fs::create_dir_all(&dir).unwrap();
-        let format = real.join("events").join(tracepoint).join("format");
-        fs::write(dir.join("format"), fs::read(&format).unwrap()).unwrap();
-    }
-    let outcome = connwatch(&["watch", "--tracefs", fake.to_str().unwrap()]);
-    fs::remove_dir_all(&fake).unwrap();
+    let fake = support::FakeTracefs::without("tcp/tcp_receive_reset");
+    let outcome = connwatch(&["watch", "--tracefs", fake.path()]);
     assert_one_line_error(&outcome, "tracepoint tcp:tcp_receive_reset is missing");
 }
 

@@ -9,7 +9,7 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{MapData, PerCpuArray, RingBuf},
-    programs::TracePoint,
+    programs::{FEntry, KProbe, TracePoint},
 };
 use monitor_common::{KernelLayout, Settings, TpLayout};
 
@@ -44,12 +44,12 @@ fn parse_ring_size(text: &str) -> Result<u32, String> {
 }
 
 /// A hook and, when connwatch can run without it, what is lost.
-struct Hook {
-    program: &'static str,
-    category: &'static str,
-    name: &'static str,
+pub struct Hook {
+    pub program: &'static str,
+    pub category: &'static str,
+    pub name: &'static str,
     /// `None`: required. `Some(loss)`: optional; `loss` says what goes missing without it.
-    optional: Option<&'static str>,
+    pub optional: Option<&'static str>,
 }
 
 const ACCEPT_LOSS: &str = "kernel without CONFIG_FTRACE_SYSCALLS?): accepted sockets are \
@@ -57,7 +57,7 @@ const ACCEPT_LOSS: &str = "kernel without CONFIG_FTRACE_SYSCALLS?): accepted soc
 const IO_LOSS: &str = "added in Linux 6.3): write_after_reset and write_after_close are not \
     reported on this kernel";
 
-const HOOKS: &[Hook] = &[
+pub const HOOKS: &[Hook] = &[
     Hook {
         program: "inet_sock_set_state",
         category: "sock",
@@ -110,8 +110,8 @@ const HOOKS: &[Hook] = &[
 
 /// Attached programs and the loss counter. Dropping it detaches everything.
 pub struct Probes {
-    /// Kept alive: the programs stay attached while it lives.
-    _ebpf: Ebpf,
+    /// The programs stay attached while it lives.
+    ebpf: Ebpf,
     lost: PerCpuArray<MapData, u64>,
     pub layout: KernelLayout,
     pub warnings: Vec<String>,
@@ -173,12 +173,43 @@ impl Probes {
                 .context("eBPF object has no LOST map")?,
         )?;
         let probes = Probes {
-            _ebpf: ebpf,
+            ebpf,
             lost,
             layout,
             warnings,
         };
         Ok((probes, events))
+    }
+
+    /// Whether a kprobe can be attached here (informational: connwatch does not use them).
+    pub fn try_kprobe(&mut self) -> Result<()> {
+        let program: &mut KProbe = self
+            .ebpf
+            .program_mut("doctor_kprobe")
+            .context("eBPF object has no doctor_kprobe")?
+            .try_into()?;
+        program.load().map_err(|err| anyhow!("{err:#}"))?;
+        let link = program
+            .attach("tcp_close", 0)
+            .map_err(|err| anyhow!("{err:#}"))?;
+        program.detach(link).map_err(|err| anyhow!("{err:#}"))?;
+        Ok(())
+    }
+
+    /// Whether BPF trampolines (fentry/fexit) work here (informational, likewise).
+    pub fn try_fentry(&mut self) -> Result<()> {
+        let btf = aya::Btf::from_sys_fs().map_err(|err| anyhow!("{err}"))?;
+        let program: &mut FEntry = self
+            .ebpf
+            .program_mut("doctor_fentry")
+            .context("eBPF object has no doctor_fentry")?
+            .try_into()?;
+        program
+            .load("tcp_close", &btf)
+            .map_err(|err| anyhow!("{err:#}"))?;
+        let link = program.attach().map_err(|err| anyhow!("{err:#}"))?;
+        program.detach(link).map_err(|err| anyhow!("{err:#}"))?;
+        Ok(())
     }
 
     /// Events the kernel could not put in the ring buffer since load (all CPUs).
@@ -250,7 +281,7 @@ const CAP_SYS_ADMIN: u32 = 21;
 const CAP_PERFMON: u32 = 38;
 const CAP_BPF: u32 = 39;
 
-fn read_effective_caps() -> Result<u64> {
+pub fn read_effective_caps() -> Result<u64> {
     let status =
         std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
     let hex = status

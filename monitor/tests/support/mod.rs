@@ -318,6 +318,46 @@ impl Drop for Proxy {
     }
 }
 
+/// A copy of the real tracefs's socket tracepoint formats, without `missing`
+/// (e.g. "tcp/tcp_receive_reset"): an old kernel, as connwatch sees it. Removed on drop.
+pub struct FakeTracefs(pub std::path::PathBuf);
+
+impl FakeTracefs {
+    pub fn without(missing: &str) -> FakeTracefs {
+        let real = monitor::probes::tracefs::locate(None).unwrap();
+        let fake = std::env::temp_dir().join(format!(
+            "connwatch-tracefs-{}-{}",
+            std::process::id(),
+            missing.replace('/', "-")
+        ));
+        for tracepoint in [
+            "sock/inet_sock_set_state",
+            "tcp/tcp_receive_reset",
+            "tcp/tcp_send_reset",
+            "tcp/tcp_destroy_sock",
+        ] {
+            if tracepoint == missing {
+                continue;
+            }
+            let dir = fake.join("events").join(tracepoint);
+            std::fs::create_dir_all(&dir).unwrap();
+            let format = real.join("events").join(tracepoint).join("format");
+            std::fs::write(dir.join("format"), std::fs::read(&format).unwrap()).unwrap();
+        }
+        FakeTracefs(fake)
+    }
+
+    pub fn path(&self) -> &str {
+        self.0.to_str().unwrap()
+    }
+}
+
+impl Drop for FakeTracefs {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// Runs a command and panics with its output if it fails.
 pub fn run(program: &str, args: &[&str]) -> String {
     let output = Command::new(program)

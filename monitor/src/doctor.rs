@@ -1,0 +1,258 @@
+//! `connwatch doctor`: can connwatch run on this node, and if not, what to do about it.
+//! One row per requirement; exit 1 when a required one fails. The DaemonSet runs it at start.
+use std::{fmt::Write as _, path::Path};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::probes::{
+    HOOKS, ProbeOptions, Probes, btf, check_privileges, read_effective_caps, tracefs,
+};
+use monitor_common::Settings;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Status {
+    Ok,
+    /// Required and failing: connwatch cannot run.
+    Missing,
+    /// Optional and failing: connwatch runs with less.
+    Degraded,
+    /// Not needed by connwatch; reported for the record.
+    Unavailable,
+}
+
+impl Status {
+    fn word(self) -> &'static str {
+        match self {
+            Status::Ok => "ok",
+            Status::Missing => "MISSING",
+            Status::Degraded => "degraded",
+            Status::Unavailable => "unavailable",
+        }
+    }
+}
+
+struct Check {
+    name: String,
+    status: Status,
+    detail: String,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct DoctorArgs {
+    #[command(flatten)]
+    pub probes: ProbeOptions,
+}
+
+fn check(name: impl Into<String>, result: Result<String>, failing: Status, fix: &str) -> Check {
+    match result {
+        Ok(detail) => Check {
+            name: name.into(),
+            status: Status::Ok,
+            detail,
+        },
+        Err(err) => Check {
+            name: name.into(),
+            status: failing,
+            detail: if fix.is_empty() {
+                format!("{err:#}")
+            } else {
+                format!("{err:#} → {fix}")
+            },
+        },
+    }
+}
+
+fn kernel_version() -> Result<String> {
+    let uname = nix::sys::utsname::uname()?;
+    let release = uname.release().to_string_lossy().into_owned();
+    let mut parts = release
+        .split(['.', '-'])
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    let version = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    if version < (5, 8) {
+        bail!("Linux {release} is older than 5.8 (BPF ring buffer)");
+    }
+    Ok(format!("Linux {release}"))
+}
+
+fn run_checks(options: &ProbeOptions) -> Vec<Check> {
+    let mut checks = vec![check(
+        "kernel",
+        kernel_version(),
+        Status::Missing,
+        "upgrade the node to Linux 5.8 or newer",
+    )];
+    checks.push(check(
+        "capabilities",
+        read_effective_caps()
+            .and_then(check_privileges)
+            .map(|()| "CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN)".to_string()),
+        Status::Missing,
+        "",
+    ));
+    checks.push(check(
+        "kernel BTF",
+        btf::KernelBtf::open(&options.btf)
+            .and_then(|kernel| kernel.kernel_layout(btf::kernel_hz()?))
+            .map(|layout| {
+                format!(
+                    "{}: offsets resolved (tcp_sock.lsndtime at {}), HZ={}",
+                    options.btf.display(),
+                    layout.tcp_lsndtime,
+                    layout.hz
+                )
+            }),
+        Status::Missing,
+        "",
+    ));
+    let tracefs = tracefs::locate(options.tracefs.as_deref());
+    checks.push(check(
+        "tracefs",
+        tracefs
+            .as_ref()
+            .map(|path| path.display().to_string())
+            .map_err(|err| anyhow::anyhow!("{err:#}")),
+        Status::Missing,
+        "",
+    ));
+    if let Ok(root) = &tracefs {
+        checks.extend(HOOKS.iter().map(|hook| tracepoint_check(root, hook)));
+    }
+    checks.push(check(
+        "BPF ring buffer",
+        aya::sys::is_map_supported(aya::maps::MapType::RingBuf)
+            .map_err(|err| anyhow::anyhow!("{err}"))
+            .and_then(|ok| {
+                if ok {
+                    Ok("supported".into())
+                } else {
+                    bail!("not supported by this kernel")
+                }
+            }),
+        Status::Missing,
+        "connwatch needs Linux 5.8 or newer",
+    ));
+    let settings = Settings { eof_grace_ns: 0 };
+    match Probes::attach(options, &settings) {
+        Ok((mut probes, _events)) => {
+            checks.push(Check {
+                name: "load and attach".into(),
+                status: Status::Ok,
+                detail: "the verifier accepted every program; all hooks attached".into(),
+            });
+            checks.push(check(
+                "kprobes",
+                probes
+                    .try_kprobe()
+                    .map(|()| "available (not needed)".into())
+                    .context("no kprobe support (CONFIG_KPROBES off, or kprobes disabled)"),
+                Status::Unavailable,
+                "not needed: connwatch uses tracepoints",
+            ));
+            checks.push(check(
+                "BPF trampolines (fentry)",
+                probes
+                    .try_fentry()
+                    .map(|()| "available (not needed)".into())
+                    .context("fentry refused"),
+                Status::Unavailable,
+                "not needed: connwatch uses tracepoints",
+            ));
+        }
+        Err(err) => checks.push(Check {
+            name: "load and attach".into(),
+            status: Status::Missing,
+            detail: format!("{err:#}"),
+        }),
+    }
+    checks
+}
+
+fn tracepoint_check(root: &Path, hook: &crate::probes::Hook) -> Check {
+    let name = format!("tracepoint {}:{}", hook.category, hook.name);
+    let present = root
+        .join("events")
+        .join(hook.category)
+        .join(hook.name)
+        .is_dir();
+    match (present, hook.optional) {
+        (true, _) => Check {
+            name,
+            status: Status::Ok,
+            detail: String::new(),
+        },
+        (false, None) => Check {
+            name,
+            status: Status::Missing,
+            detail: "required → connwatch needs Linux 5.8 or newer with CONFIG_TRACEPOINTS".into(),
+        },
+        (false, Some(loss)) => Check {
+            name,
+            status: Status::Degraded,
+            detail: format!("optional ({loss}"),
+        },
+    }
+}
+
+/// The table, and whether connwatch can run.
+fn render(checks: &[Check]) -> (String, bool) {
+    let mut out = String::new();
+    let _ = writeln!(out, "{:<44} {:<12} DETAIL", "CHECK", "STATUS");
+    for c in checks {
+        let _ = writeln!(out, "{:<44} {:<12} {}", c.name, c.status.word(), c.detail);
+    }
+    let missing = checks
+        .iter()
+        .filter(|c| c.status == Status::Missing)
+        .count();
+    let degraded = checks
+        .iter()
+        .filter(|c| c.status == Status::Degraded)
+        .count();
+    let _ = match (missing, degraded) {
+        (0, 0) => writeln!(out, "connwatch can run on this node: yes"),
+        (0, n) => writeln!(
+            out,
+            "connwatch can run on this node: yes, with {n} optional hook(s) missing"
+        ),
+        (n, _) => writeln!(
+            out,
+            "connwatch can run on this node: NO ({n} required check(s) failed; fixes above)"
+        ),
+    };
+    (out, missing == 0)
+}
+
+pub async fn run(args: DoctorArgs) -> Result<()> {
+    let (table, can_run) = render(&run_checks(&args.probes));
+    print!("{table}");
+    if !can_run {
+        bail!("connwatch cannot run on this node (see the table above)");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verdict_follows_required_checks() {
+        let row = |status| Check {
+            name: "x".into(),
+            status,
+            detail: String::new(),
+        };
+        assert!(render(&[row(Status::Ok), row(Status::Unavailable)]).1);
+        let (text, ok) = render(&[row(Status::Ok), row(Status::Degraded)]);
+        assert!(
+            ok && text.contains("with 1 optional hook(s) missing"),
+            "{text}"
+        );
+        let (text, ok) = render(&[row(Status::Missing)]);
+        assert!(
+            !ok && text.contains("NO (1 required check(s) failed"),
+            "{text}"
+        );
+    }
+}

@@ -1,0 +1,74 @@
+//! `connwatch doctor` on this machine, and on a kernel that lacks a tracepoint.
+mod support;
+
+use std::process::Command;
+
+use support::{CONNWATCH, FakeTracefs};
+
+fn doctor(args: &[&str]) -> (Option<i32>, String, String) {
+    let output = Command::new(CONNWATCH)
+        .arg("doctor")
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+fn row<'a>(table: &'a str, check: &str) -> &'a str {
+    table
+        .lines()
+        .find(|line| line.starts_with(check))
+        .unwrap_or_else(|| panic!("no {check} row in:\n{table}"))
+}
+
+#[test]
+fn this_machine_can_run_connwatch() {
+    let (code, table, stderr) = doctor(&[]);
+    assert_eq!(code, Some(0), "{table}{stderr}");
+    for check in [
+        "kernel ",
+        "capabilities",
+        "kernel BTF",
+        "tracefs",
+        "tracepoint sock:inet_sock_set_state",
+        "tracepoint tcp:tcp_receive_reset",
+        "tracepoint tcp:tcp_send_reset",
+        "tracepoint tcp:tcp_destroy_sock",
+        "tracepoint sock:sock_send_length",
+        "BPF ring buffer",
+        "load and attach",
+    ] {
+        let line = row(&table, check);
+        assert!(line.contains(" ok "), "{line}");
+    }
+    // Informational rows are present whatever their status.
+    row(&table, "kprobes");
+    row(&table, "BPF trampolines (fentry)");
+    assert!(!table.contains("MISSING"), "{table}");
+    assert!(
+        table.contains("connwatch can run on this node: yes"),
+        "{table}"
+    );
+}
+
+#[test]
+fn a_missing_tracepoint_is_reported_and_fails() {
+    let fake = FakeTracefs::without("tcp/tcp_receive_reset");
+    let (code, table, stderr) = doctor(&["--tracefs", fake.path()]);
+    assert_eq!(code, Some(1), "{table}{stderr}");
+    let line = row(&table, "tracepoint tcp:tcp_receive_reset");
+    assert!(
+        line.contains("MISSING") && line.contains("Linux 5.8"),
+        "{line}"
+    );
+    assert!(row(&table, "tracepoint tcp:tcp_send_reset").contains(" ok "));
+    assert!(
+        table.contains("connwatch can run on this node: NO"),
+        "{table}"
+    );
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+}
