@@ -31,6 +31,10 @@ pub struct PipelineArgs {
     /// (default: <host-root>/var/log/pods).
     #[arg(long, value_name = "PATH", env = "CONNWATCH_POD_LOGS")]
     pub pod_logs: Option<PathBuf>,
+    /// Ask the kubelet for pod names when /var/log/pods does not tell (plain HTTP, e.g. the
+    /// read-only port: http://127.0.0.1:10255).
+    #[arg(long, value_name = "URL", env = "CONNWATCH_KUBELET_URL")]
+    pub kubelet_url: Option<String>,
     /// The host's /proc: attribution of sockets opened before connwatch started, and the
     /// ephemeral port range.
     #[arg(
@@ -48,6 +52,7 @@ impl PipelineArgs {
             proc: self.host_proc.clone(),
             root: self.host_root.clone(),
             pod_logs: self.pod_logs.clone(),
+            kubelet_url: self.kubelet_url.clone(),
         }
     }
 

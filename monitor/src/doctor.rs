@@ -90,6 +90,7 @@ fn run_checks(options: &ProbeOptions) -> Vec<Check> {
         Status::Missing,
         "",
     ));
+    checks.push(attribution_capabilities());
     checks.push(check(
         "kernel BTF",
         btf::KernelBtf::open(&options.btf)
@@ -168,6 +169,38 @@ fn run_checks(options: &ProbeOptions) -> Vec<Check> {
     checks
 }
 
+/// Attributing sockets of other users' processes through /proc/<pid>/fd needs both.
+fn attribution_capabilities() -> Check {
+    const CAP_DAC_READ_SEARCH: u32 = 2;
+    const CAP_SYS_PTRACE: u32 = 19;
+    let name = "attribution capabilities".to_string();
+    let effective = read_effective_caps().unwrap_or(0);
+    let missing: Vec<&str> = [
+        (CAP_SYS_PTRACE, "CAP_SYS_PTRACE"),
+        (CAP_DAC_READ_SEARCH, "CAP_DAC_READ_SEARCH"),
+    ]
+    .into_iter()
+    .filter(|&(cap, _)| effective & (1 << cap) == 0)
+    .map(|(_, cap)| cap)
+    .collect();
+    if missing.is_empty() {
+        return Check {
+            name,
+            status: Status::Ok,
+            detail: "CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH".into(),
+        };
+    }
+    Check {
+        name,
+        status: Status::Degraded,
+        detail: format!(
+            "without {}: sockets of other users' processes are attributed only when connwatch \
+             saw them connect or accept → grant the capabilities",
+            missing.join(" and ")
+        ),
+    }
+}
+
 fn tracepoint_check(root: &Path, hook: &crate::probes::Hook) -> Check {
     let name = format!("tracepoint {}:{}", hook.category, hook.name);
     let present = root
@@ -213,7 +246,7 @@ fn render(checks: &[Check]) -> (String, bool) {
         (0, 0) => writeln!(out, "connwatch can run on this node: yes"),
         (0, n) => writeln!(
             out,
-            "connwatch can run on this node: yes, with {n} optional hook(s) missing"
+            "connwatch can run on this node: yes, with {n} degraded check(s)"
         ),
         (n, _) => writeln!(
             out,
@@ -245,10 +278,7 @@ mod tests {
         };
         assert!(render(&[row(Status::Ok), row(Status::Unavailable)]).1);
         let (text, ok) = render(&[row(Status::Ok), row(Status::Degraded)]);
-        assert!(
-            ok && text.contains("with 1 optional hook(s) missing"),
-            "{text}"
-        );
+        assert!(ok && text.contains("with 1 degraded check(s)"), "{text}");
         let (text, ok) = render(&[row(Status::Missing)]);
         assert!(
             !ok && text.contains("NO (1 required check(s) failed"),

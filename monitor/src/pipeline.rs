@@ -25,6 +25,7 @@ pub struct HostPaths {
     pub proc: PathBuf,
     pub root: PathBuf,
     pub pod_logs: Option<PathBuf>,
+    pub kubelet_url: Option<String>,
 }
 
 pub struct Pipeline {
@@ -49,7 +50,8 @@ impl Pipeline {
                 &hosts.root,
                 hosts.proc.clone(),
                 hosts.pod_logs.clone(),
-            ),
+            )
+            .with_kubelet(hosts.kubelet_url.clone()),
             detectors: Detectors::new(config),
             pools: PoolTracker::default(),
             stalls: StallDetector::new(config.stall_threshold.as_millis() as u64),

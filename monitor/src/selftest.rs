@@ -129,6 +129,7 @@ pub async fn run(args: SelftestArgs) -> Result<()> {
         host_proc: PathBuf::from("/proc"),
         host_root: PathBuf::from("/"),
         pod_logs: None,
+        kubelet_url: None,
     };
     let mut engine = Engine::start(&args.probes, &pipeline, false)?;
     println!("connwatch selftest: probes attached");

@@ -51,6 +51,8 @@ const TEST_TOOLS: &[(&str, &str)] = &[
     ("prometheus", "prometheus"),
     ("/usr/lib/postgresql/*/bin/postgres", "postgresql"),
     ("python3", "python3"),
+    ("node", "nodejs"),
+    ("npm", "npm"),
     ("ip", "iproute2"),
     ("ss", "iproute2"),
     ("setpriv", "util-linux"),
@@ -74,6 +76,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Task::Setup => {
             setup_build()?;
             setup_test_tools()?;
+            setup_validators(&root)?;
             Ok(ExitCode::SUCCESS)
         }
         Task::Run { args } => {
@@ -90,6 +93,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             require_root("the tests load eBPF programs and create network namespaces")?;
             setup_build()?;
             setup_test_tools()?;
+            setup_validators(&root)?;
             step("cargo fmt --check");
             check(cargo().args(["fmt", "--all", "--", "--check"]))?;
             step("cargo clippy -D warnings");
@@ -199,6 +203,43 @@ fn setup_test_tools() -> Result<()> {
         return Ok(());
     }
     apt_install(&missing)
+}
+
+/// Kubernetes manifest validators, installed from PyPI and npm under target/validators:
+/// kubernetes-validate (core kinds) and the Prometheus Operator models (PodMonitor,
+/// ServiceMonitor). tests/deploy.rs runs them.
+fn setup_validators(root: &Path) -> Result<()> {
+    let dir = root.join("target/validators");
+    let venv = dir.join("venv");
+    if !venv.join("bin/kubernetes-validate").exists() {
+        step("installing kubernetes-validate (PyPI) for the manifest tests");
+        check(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+        check(Command::new(venv.join("bin/pip")).args([
+            "install",
+            "--quiet",
+            "kubernetes-validate==1.37.0",
+        ]))?;
+    }
+    let node = dir.join("node");
+    std::fs::create_dir_all(&node)?;
+    // The script and its package.json live in deploy/; they run from here, next to
+    // node_modules, which stays out of the repository.
+    let manifest = std::fs::read(root.join("deploy/package.json"))?;
+    let installed = std::fs::read(node.join("package.json")).unwrap_or_default();
+    std::fs::copy(
+        root.join("deploy/validate-monitors.mjs"),
+        node.join("validate-monitors.mjs"),
+    )?;
+    if manifest != installed || !node.join("node_modules").exists() {
+        step("installing the Prometheus Operator schemas (npm) for the manifest tests");
+        std::fs::write(node.join("package.json"), &manifest)?;
+        check(
+            Command::new("npm")
+                .args(["install", "--silent", "--no-audit", "--no-fund"])
+                .current_dir(&node),
+        )?;
+    }
+    Ok(())
 }
 
 fn apt_install(packages: &[&str]) -> Result<()> {

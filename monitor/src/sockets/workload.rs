@@ -13,6 +13,9 @@ use serde::Serialize;
 
 /// Rescans of cgroupfs and the pod log directory are rate-limited to this.
 const RESCAN_INTERVAL: Duration = Duration::from_secs(1);
+/// The kubelet is asked at most this often, with this timeout: it is a fallback.
+const KUBELET_INTERVAL: Duration = Duration::from_secs(5);
+const KUBELET_TIMEOUT: Duration = Duration::from_secs(2);
 /// Caches are dropped whole past this size, so a churning node cannot grow them forever.
 const CACHE_LIMIT: usize = 65_536;
 
@@ -98,6 +101,9 @@ pub struct WorkloadResolver {
     pods: HashMap<String, (String, String)>,
     last_cgroup_scan: Option<Instant>,
     last_pod_scan: Option<Instant>,
+    kubelet_url: Option<String>,
+    last_kubelet: Option<Instant>,
+    warned_kubelet: bool,
 }
 
 impl WorkloadResolver {
@@ -115,7 +121,16 @@ impl WorkloadResolver {
             pods: HashMap::new(),
             last_cgroup_scan: None,
             last_pod_scan: None,
+            kubelet_url: None,
+            last_kubelet: None,
+            warned_kubelet: false,
         }
+    }
+
+    /// Also ask the kubelet at `url` (its `/pods`) for pods the log directory does not name.
+    pub fn with_kubelet(mut self, url: Option<String>) -> Self {
+        self.kubelet_url = url;
+        self
     }
 
     /// The workload of a socket owned by `pid`, whose owner ran in cgroup `cgroup_id`.
@@ -200,15 +215,78 @@ impl WorkloadResolver {
         if self.pods.len() > CACHE_LIMIT {
             self.pods.clear();
         }
-        for entry in fs::read_dir(&self.pod_logs).ok()?.flatten() {
-            if let Some((uid, namespace, pod)) =
-                entry.file_name().to_str().and_then(parse_pod_log_dir)
-            {
-                self.pods.insert(uid, (namespace, pod));
+        if let Ok(entries) = fs::read_dir(&self.pod_logs) {
+            for entry in entries.flatten() {
+                if let Some((uid, namespace, pod)) =
+                    entry.file_name().to_str().and_then(parse_pod_log_dir)
+                {
+                    self.pods.insert(uid, (namespace, pod));
+                }
             }
+        }
+        if !self.pods.contains_key(uid) {
+            self.ask_kubelet();
         }
         self.pods.get(uid).cloned()
     }
+
+    /// Fills the pod cache from the kubelet's pod list; a failure is reported once.
+    fn ask_kubelet(&mut self) {
+        let Some(url) = self.kubelet_url.clone() else {
+            return;
+        };
+        if self
+            .last_kubelet
+            .is_some_and(|at| at.elapsed() < KUBELET_INTERVAL)
+        {
+            return;
+        }
+        self.last_kubelet = Some(Instant::now());
+        match fetch_pods(&url) {
+            Ok(pods) => self.pods.extend(pods),
+            Err(err) if !self.warned_kubelet => {
+                self.warned_kubelet = true;
+                eprintln!("connwatch: warning: kubelet pod lookup at {url} failed: {err}");
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+/// A pod's UID, and its (namespace, name).
+type NamedPod = (String, (String, String));
+
+/// The pods in a kubelet `GET /pods` (a PodList).
+fn fetch_pods(base: &str) -> Result<Vec<NamedPod>, String> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(KUBELET_TIMEOUT))
+        .build()
+        .into();
+    let url = format!("{}/pods", base.trim_end_matches('/'));
+    let body = agent
+        .get(&url)
+        .call()
+        .map_err(|err| err.to_string())?
+        .into_body()
+        .read_to_string()
+        .map_err(|err| err.to_string())?;
+    let list: serde_json::Value = serde_json::from_str(&body).map_err(|err| err.to_string())?;
+    let items = list["items"]
+        .as_array()
+        .ok_or("the response is not a PodList")?;
+    Ok(items
+        .iter()
+        .filter_map(|pod| {
+            let meta = &pod["metadata"];
+            Some((
+                meta["uid"].as_str()?.to_string(),
+                (
+                    meta["namespace"].as_str()?.to_string(),
+                    meta["name"].as_str()?.to_string(),
+                ),
+            ))
+        })
+        .collect())
 }
 
 #[cfg(test)]
@@ -312,6 +390,36 @@ mod tests {
         );
         assert_eq!(parse_pod_log_dir("not-a-pod"), None);
         assert_eq!(parse_pod_log_dir("a_b_not-a-uid"), None);
+    }
+
+    #[test]
+    fn asks_a_kubelet_when_the_log_directory_does_not_know() {
+        use std::io::{Read, Write};
+        let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", server.local_addr().unwrap());
+        let kubelet = std::thread::spawn(move || {
+            let (mut stream, _) = server.accept().unwrap();
+            let mut request = [0u8; 1024];
+            let n = stream.read(&mut request).unwrap();
+            assert!(String::from_utf8_lossy(&request[..n]).starts_with("GET /pods "));
+            let body = format!(
+                r#"{{"kind":"PodList","apiVersion":"v1","items":[{{"metadata":{{"name":"worker-5","namespace":"batch","uid":"{UID}"}}}}]}}"#
+            );
+            write!(
+                stream,
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            )
+            .unwrap();
+        });
+        let empty = std::env::temp_dir().join(format!("connwatch-nopods-{}", std::process::id()));
+        let mut resolver =
+            WorkloadResolver::new(&empty, "/proc".into(), None).with_kubelet(Some(url));
+        assert_eq!(
+            resolver.pod_named(UID),
+            Some(("batch".into(), "worker-5".into()))
+        );
+        kubelet.join().unwrap();
     }
 
     #[test]

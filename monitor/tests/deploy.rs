@@ -1,0 +1,129 @@
+//! Every manifest in deploy/ passes a real schema validator, and the validators catch a
+//! broken one. `cargo xtask test` installs them under target/validators.
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn validators() -> PathBuf {
+    let dir = root().join("target/validators");
+    assert!(
+        dir.join("venv/bin/kubernetes-validate").exists() && dir.join("node/node_modules").exists(),
+        "validators missing: run `cargo xtask test` (or `cargo xtask setup`)"
+    );
+    dir
+}
+
+fn is_operator_manifest(path: &Path) -> bool {
+    fs::read_to_string(path)
+        .unwrap()
+        .contains("apiVersion: monitoring.coreos.com/")
+}
+
+/// (passed, output) of the validator for this file.
+fn validate(path: &Path) -> (bool, String) {
+    let validators = validators();
+    let output = if is_operator_manifest(path) {
+        Command::new("node")
+            .arg(validators.join("node/validate-monitors.mjs"))
+            .arg(path)
+            .output()
+            .unwrap()
+    } else {
+        Command::new(validators.join("venv/bin/kubernetes-validate"))
+            .args(["--strict", "--kubernetes-version", "1.30.0"])
+            .arg(path)
+            .output()
+            .unwrap()
+    };
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // kubernetes-validate only warns on kinds it has no schema for: treat that as failure.
+    let unknown = text.contains("Couldn't find schema");
+    (output.status.success() && !unknown, text)
+}
+
+fn manifests() -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = fs::read_dir(root().join("deploy"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    files
+}
+
+#[test]
+fn every_manifest_is_valid() {
+    let files = manifests();
+    assert!(files.len() >= 4, "{files:?}");
+    for file in files {
+        let (passed, output) = validate(&file);
+        assert!(passed, "{}:\n{output}", file.display());
+    }
+}
+
+#[test]
+fn validators_reject_broken_manifests() {
+    let dir = std::env::temp_dir().join(format!("connwatch-deploy-{}", std::process::id()));
+    fs::create_dir_all(&dir).unwrap();
+    for (file, from, to) in [
+        ("connwatch.yaml", "hostPID: true", "hostPID: \"yes\""),
+        (
+            "connwatch.yaml",
+            "      hostNetwork: true",
+            "      hostNetwork: true\n      hostPIDs: true",
+        ),
+        ("podmonitor.yaml", "    - port: metrics", "    - port: 9964"),
+    ] {
+        let text = fs::read_to_string(root().join("deploy").join(file)).unwrap();
+        assert!(text.contains(from), "{file} lacks {from}");
+        let broken = dir.join(file);
+        fs::write(&broken, text.replacen(from, to, 1)).unwrap();
+        let (passed, output) = validate(&broken);
+        assert!(!passed, "{file} with {to:?} passed:\n{output}");
+    }
+    fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn daemonset_matches_what_connwatch_needs() {
+    let daemonset = fs::read_to_string(root().join("deploy/connwatch.yaml")).unwrap();
+    for needed in [
+        "hostPID: true",
+        "path: /healthz",
+        "path: /readyz",
+        "args: [\"doctor\"]",
+        "- daemon",
+        "--host-root=/host",
+        "- BPF ",
+        "- PERFMON ",
+        "- SYS_PTRACE ",
+        "- DAC_READ_SEARCH ",
+        "path: /sys/kernel/tracing",
+        "path: /sys/kernel/btf",
+        "path: /sys/fs/bpf",
+        "mountPath: /host/var/log/pods",
+        "mountPath: /host/sys/fs/cgroup",
+        "prometheus.io/scrape: \"true\"",
+        "privileged: false",
+    ] {
+        assert!(
+            daemonset.contains(needed),
+            "connwatch.yaml lacks {needed:?}"
+        );
+    }
+    assert!(!daemonset.contains("privileged: true"));
+}
