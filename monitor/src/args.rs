@@ -31,6 +31,11 @@ pub struct PipelineArgs {
     /// (default: <host-root>/var/log/pods).
     #[arg(long, value_name = "PATH", env = "CONNWATCH_POD_LOGS")]
     pub pod_logs: Option<PathBuf>,
+    /// Sockets tracked at once, in the kernel's maps (LRU) and in connwatch's tables (oldest
+    /// closed ones evicted first, counted). Each costs about 100 bytes in the kernel.
+    #[arg(long, value_name = "N", default_value_t = 65536, env = "CONNWATCH_MAX_TRACKED_SOCKETS",
+          value_parser = clap::value_parser!(u32).range(64..=16_777_216))]
+    pub max_tracked_sockets: u32,
     /// Ask the kubelet for pod names when /var/log/pods does not tell (plain HTTP, e.g. the
     /// read-only port: http://127.0.0.1:10255).
     #[arg(long, value_name = "URL", env = "CONNWATCH_KUBELET_URL")]
@@ -61,6 +66,7 @@ impl PipelineArgs {
             idle_threshold: self.idle_threshold,
             close_wait_threshold: self.close_wait_threshold,
             stall_threshold: self.stall_threshold,
+            max_sockets: self.max_tracked_sockets as usize,
             state_changes,
         }
     }

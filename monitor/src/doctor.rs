@@ -134,7 +134,7 @@ fn run_checks(options: &ProbeOptions) -> Vec<Check> {
         "connwatch needs Linux 5.8 or newer",
     ));
     let settings = Settings { eof_grace_ns: 0 };
-    match Probes::attach(options, &settings) {
+    match Probes::attach(options, &settings, 1024) {
         Ok((mut probes, _events)) => {
             checks.push(Check {
                 name: "load and attach".into(),
@@ -171,18 +171,8 @@ fn run_checks(options: &ProbeOptions) -> Vec<Check> {
 
 /// Attributing sockets of other users' processes through /proc/<pid>/fd needs both.
 fn attribution_capabilities() -> Check {
-    const CAP_DAC_READ_SEARCH: u32 = 2;
-    const CAP_SYS_PTRACE: u32 = 19;
     let name = "attribution capabilities".to_string();
-    let effective = read_effective_caps().unwrap_or(0);
-    let missing: Vec<&str> = [
-        (CAP_SYS_PTRACE, "CAP_SYS_PTRACE"),
-        (CAP_DAC_READ_SEARCH, "CAP_DAC_READ_SEARCH"),
-    ]
-    .into_iter()
-    .filter(|&(cap, _)| effective & (1 << cap) == 0)
-    .map(|(_, cap)| cap)
-    .collect();
+    let missing = crate::probes::missing_attribution_caps();
     if missing.is_empty() {
         return Check {
             name,

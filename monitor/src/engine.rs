@@ -64,8 +64,9 @@ impl Engine {
         let settings = Settings {
             eof_grace_ns: pipeline.idle_threshold.as_nanos() as u64,
         };
-        let (probes, events) = Probes::attach(probe_options, &settings)?;
-        for warning in &probes.warnings {
+        let (probes, events) =
+            Probes::attach(probe_options, &settings, pipeline.max_tracked_sockets)?;
+        for warning in probes.warnings.iter().chain(&attribution_warning()) {
             eprintln!("connwatch: warning: {warning}");
         }
         // SAFETY: the RingBuf owns its map fd, which stays open and unchanged until the
@@ -168,8 +169,11 @@ impl Engine {
     pub fn summary(&self, reported: u64) -> String {
         let lost = self.probes.lost_events().unwrap_or(self.lost_total);
         format!(
-            "connwatch: stopped: {} events read, {reported} reported, {lost} lost, {} undecodable",
-            self.pipeline.events, self.pipeline.undecodable
+            "connwatch: stopped: {} events read, {reported} reported, {lost} lost, {} undecodable, \
+             {} evicted from full tables",
+            self.pipeline.events,
+            self.pipeline.undecodable,
+            self.pipeline.evictions()
         )
     }
 }
@@ -206,6 +210,17 @@ fn drain(
         }
     }
     Ok(Flow::Continue)
+}
+
+fn attribution_warning() -> Option<String> {
+    let missing = crate::probes::missing_attribution_caps();
+    (!missing.is_empty()).then(|| {
+        format!(
+            "missing capability {}: sockets of other users' processes are attributed only when \
+             connwatch saw them connect or accept",
+            missing.join(" and ")
+        )
+    })
 }
 
 /// Resolves on SIGTERM or SIGINT.

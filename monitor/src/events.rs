@@ -410,6 +410,53 @@ pub(crate) mod tests {
         assert_eq!(io(IoOp::Recv, 0).errno(), 0);
     }
 
+    proptest::proptest! {
+        /// Whatever the ring buffer holds, decoding returns; it never panics.
+        #[test]
+        fn decoding_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..400)) {
+            let _ = decode(&bytes);
+        }
+
+        /// Event-sized garbage either decodes to a well-formed event or is rejected.
+        #[test]
+        fn event_sized_garbage_is_decoded_or_rejected(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), size_of::<ConnEvent>())) {
+            if let Ok(event) = decode(&bytes) {
+                proptest::prop_assert_eq!(event.local.is_ipv6(), event.remote.is_ipv6());
+                if let Some(io) = event.io {
+                    proptest::prop_assert!(io.errno() >= 0);
+                    let _ = io.outcome();
+                }
+                let _ = event.idle_ms();
+                let _ = event.old_state.name();
+            }
+        }
+    }
+
+    #[test]
+    fn pipeline_counts_and_skips_corrupt_records() {
+        let config = crate::detect::DetectConfig {
+            idle_threshold: std::time::Duration::from_secs(1),
+            close_wait_threshold: std::time::Duration::from_secs(30),
+            stall_threshold: std::time::Duration::from_secs(10),
+            max_sockets: 64,
+            state_changes: false,
+        };
+        let hosts = crate::pipeline::HostPaths {
+            proc: "/nonexistent".into(),
+            root: "/nonexistent".into(),
+            pod_logs: None,
+            kubelet_url: None,
+        };
+        let mut pipeline = crate::pipeline::Pipeline::new(&config, &hosts);
+        assert!(pipeline.record(&[0u8; 7]).is_err());
+        let mut bad_hook = raw_reset(5000);
+        bad_hook.hook = 200;
+        assert!(pipeline.record(&bytes(&bad_hook)).is_err());
+        let good = pipeline.record(&bytes(&raw_reset(5000))).unwrap();
+        assert_eq!(good.findings.len(), 1, "decoding goes on after bad records");
+        assert_eq!((pipeline.undecodable, pipeline.events), (2, 1));
+    }
+
     #[test]
     fn comm_stops_at_nul_and_survives_bad_utf8() {
         let mut bytes = [0u8; 16];

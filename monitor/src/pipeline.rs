@@ -45,7 +45,7 @@ pub struct Pipeline {
 impl Pipeline {
     pub fn new(config: &DetectConfig, hosts: &HostPaths) -> Pipeline {
         Pipeline {
-            table: SocketTable::new(hosts.proc.clone()),
+            table: SocketTable::new(hosts.proc.clone(), config.max_sockets),
             workloads: WorkloadResolver::new(
                 &hosts.root,
                 hosts.proc.clone(),
@@ -142,6 +142,11 @@ impl Pipeline {
             mono_now_ns,
         );
         &self.findings
+    }
+
+    /// Entries dropped from full tables (socket table, CLOSE_WAIT tracking).
+    pub fn evictions(&self) -> u64 {
+        self.table.evictions + self.detectors.evictions()
     }
 
     pub fn pools(&self) -> &[Pool] {

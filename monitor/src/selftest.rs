@@ -130,6 +130,7 @@ pub async fn run(args: SelftestArgs) -> Result<()> {
         host_root: PathBuf::from("/"),
         pod_logs: None,
         kubelet_url: None,
+        max_tracked_sockets: 4096,
     };
     let mut engine = Engine::start(&args.probes, &pipeline, false)?;
     println!("connwatch selftest: probes attached");

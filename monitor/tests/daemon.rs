@@ -14,29 +14,6 @@ use nix::sys::signal::Signal;
 use serde_json::Value;
 use support::*;
 
-fn agent() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(5)))
-        .build()
-        .into()
-}
-
-/// (status, body) of a GET.
-fn get(url: &str) -> Option<(u16, String)> {
-    let response = agent().get(url).call().ok()?;
-    let status = response.status().as_u16();
-    Some((status, response.into_body().read_to_string().ok()?))
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// A Prometheus server scraping `target` every second, in a temp dir; killed on drop.
 struct Prometheus {
     child: Child,

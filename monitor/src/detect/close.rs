@@ -6,7 +6,10 @@
 use std::{collections::HashMap, time::Duration};
 
 use super::{Finding, Kind};
-use crate::events::{Event, Hook, Task, TcpState};
+use crate::{
+    events::{Event, Hook, Task, TcpState},
+    sockets::make_room,
+};
 
 const CLOSE_WAIT: TcpState = TcpState(monitor_common::tcp_state::CLOSE_WAIT);
 const ESTABLISHED: TcpState = TcpState(monitor_common::tcp_state::ESTABLISHED);
@@ -22,14 +25,23 @@ pub struct CloseDetector {
     close_wait_threshold_ns: u64,
     /// Sockets now in CLOSE_WAIT, by kernel address.
     waiting: HashMap<u64, Waiting>,
+    max: usize,
+    /// CLOSE_WAIT sockets forgotten to stay within `max` (reported ones first).
+    pub evictions: u64,
 }
 
 impl CloseDetector {
-    pub fn new(idle_threshold: Duration, close_wait_threshold: Duration) -> CloseDetector {
+    pub fn new(
+        idle_threshold: Duration,
+        close_wait_threshold: Duration,
+        max: usize,
+    ) -> CloseDetector {
         CloseDetector {
             idle_threshold_ms: idle_threshold.as_millis() as u64,
             close_wait_threshold_ns: close_wait_threshold.as_nanos() as u64,
             waiting: HashMap::new(),
+            max,
+            evictions: 0,
         }
     }
 
@@ -41,6 +53,9 @@ impl CloseDetector {
         if event.new_state != CLOSE_WAIT {
             self.waiting.remove(&event.socket.skaddr);
             return None;
+        }
+        if !self.waiting.contains_key(&event.socket.skaddr) {
+            self.evictions += make_room(&mut self.waiting, self.max, |w| w.reported);
         }
         self.waiting.insert(
             event.socket.skaddr,
@@ -91,7 +106,7 @@ mod tests {
     }
 
     fn detector() -> CloseDetector {
-        CloseDetector::new(Duration::from_secs(1), Duration::from_secs(30))
+        CloseDetector::new(Duration::from_secs(1), Duration::from_secs(30), 1000)
     }
 
     #[test]

@@ -87,6 +87,8 @@ pub struct DetectConfig {
     pub idle_threshold: Duration,
     pub close_wait_threshold: Duration,
     pub stall_threshold: Duration,
+    /// Bound on every per-socket table.
+    pub max_sockets: usize,
     /// Also report every state change.
     pub state_changes: bool,
 }
@@ -101,7 +103,11 @@ impl Detectors {
     pub fn new(config: &DetectConfig) -> Detectors {
         Detectors {
             reset: reset::ResetDetector::new(config.idle_threshold),
-            close: close::CloseDetector::new(config.idle_threshold, config.close_wait_threshold),
+            close: close::CloseDetector::new(
+                config.idle_threshold,
+                config.close_wait_threshold,
+                config.max_sockets,
+            ),
             state_changes: config.state_changes,
         }
     }
@@ -120,6 +126,11 @@ impl Detectors {
         if self.state_changes && event.hook == Hook::StateChange {
             findings.push(Finding::new(Kind::StateChange, event, owner));
         }
+    }
+
+    /// Entries dropped from bounded tables.
+    pub fn evictions(&self) -> u64 {
+        self.close.evictions
     }
 
     /// Findings that come from time passing rather than from an event.

@@ -120,9 +120,11 @@ pub struct Probes {
 impl Probes {
     /// Returns the probes and, separately, the ring buffer they feed, so the event loop can
     /// own the ring buffer while the probes stay attached.
+    /// `max_sockets` sizes the per-socket kernel maps (LRU: the oldest entries go first).
     pub fn attach(
         options: &ProbeOptions,
         settings: &Settings,
+        max_sockets: u32,
     ) -> Result<(Probes, RingBuf<MapData>)> {
         check_privileges(read_effective_caps()?)?;
         raise_memlock_rlimit();
@@ -141,7 +143,9 @@ impl Probes {
             .override_global("TP_DESTROY_SOCK", &layouts.destroy_sock, true)
             .override_global("TP_SYS_EXIT", &layouts.sys_exit, true)
             .override_global("TP_SOCK_LENGTH", &layouts.sock_length, true)
-            .map_max_entries("EVENTS", options.ring_buffer_size);
+            .map_max_entries("EVENTS", options.ring_buffer_size)
+            .map_max_entries("OWNERS", max_sockets)
+            .map_max_entries("PEER_ENDED", max_sockets);
         let mut ebpf = loader
             .load(EBPF_OBJECT)
             .map_err(|err| anyhow!("{err}"))
@@ -291,6 +295,22 @@ pub fn read_effective_caps() -> Result<u64> {
     u64::from_str_radix(hex.trim(), 16).context("parsing CapEff")
 }
 
+const CAP_DAC_READ_SEARCH: u32 = 2;
+const CAP_SYS_PTRACE: u32 = 19;
+
+/// Capabilities missing for attributing other users' sockets through /proc/<pid>/fd.
+pub fn missing_attribution_caps() -> Vec<&'static str> {
+    let effective = read_effective_caps().unwrap_or(0);
+    [
+        (CAP_SYS_PTRACE, "CAP_SYS_PTRACE"),
+        (CAP_DAC_READ_SEARCH, "CAP_DAC_READ_SEARCH"),
+    ]
+    .into_iter()
+    .filter(|&(cap, _)| effective & (1 << cap) == 0)
+    .map(|(_, name)| name)
+    .collect()
+}
+
 /// Names the missing capabilities before the kernel answers a bare EPERM.
 pub fn check_privileges(effective: u64) -> Result<()> {
     let has = |cap: u32| effective & (1 << cap) != 0;
@@ -304,8 +324,8 @@ pub fn check_privileges(effective: u64) -> Result<()> {
         .collect();
     bail!(
         "missing capability {} (needed to load eBPF programs and attach tracepoints): run \
-         connwatch as root, or grant them with `setcap cap_bpf,cap_perfmon,cap_dac_read_search\
-         +ep <path to connwatch>`",
+         connwatch as root, or grant them with `setcap cap_bpf,cap_perfmon,cap_sys_ptrace,\
+         cap_dac_read_search+ep <path to connwatch>`",
         missing.join(" and ")
     )
 }

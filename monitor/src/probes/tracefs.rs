@@ -27,8 +27,16 @@ pub fn locate(explicit: Option<&Path>) -> Result<PathBuf> {
         return Ok(root.to_path_buf());
     }
     for candidate in [DEFAULT_TRACEFS, DEBUGFS_TRACING] {
-        if Path::new(candidate).join("events").is_dir() {
-            return Ok(candidate.into());
+        match std::fs::metadata(Path::new(candidate).join("events")) {
+            Ok(meta) if meta.is_dir() => return Ok(candidate.into()),
+            // tracefs is root-only (0700): a non-root user needs the capability to look in.
+            Err(err) if err.kind() == std::io::ErrorKind::PermissionDenied => bail!(
+                "cannot read tracefs at {candidate} as uid {}: missing capability \
+                 CAP_DAC_READ_SEARCH (needed to read tracepoint formats as a non-root user): \
+                 run as root or grant it",
+                nix::unistd::geteuid()
+            ),
+            _ => {}
         }
     }
     nix::mount::mount(

@@ -196,6 +196,7 @@ pub struct Metrics {
     events: Counter,
     undecodable: Counter,
     lost: Counter,
+    evictions: Counter,
     overflow: Family<MetricLabel, Counter>,
 }
 
@@ -227,6 +228,7 @@ impl Metrics {
             events: Counter::default(),
             undecodable: Counter::default(),
             lost: Counter::default(),
+            evictions: Counter::default(),
             overflow: Family::default(),
         };
         registry.register(
@@ -297,6 +299,11 @@ impl Metrics {
                 &metrics.lost,
                 "connwatch_ring_buffer_lost_events",
                 "Events the kernel dropped because the ring buffer was full",
+            ),
+            (
+                &metrics.evictions,
+                "connwatch_table_evictions",
+                "Sockets forgotten to keep connwatch's tables within --max-tracked-sockets",
             ),
             (
                 &metrics.overflow,
@@ -427,6 +434,8 @@ impl Metrics {
         }
         let undecodable = pipeline.undecodable.saturating_sub(self.undecodable.get());
         self.undecodable.inc_by(undecodable);
+        let evictions = pipeline.evictions().saturating_sub(self.evictions.get());
+        self.evictions.inc_by(evictions);
     }
 
     fn who(&self, finding: &Finding) -> Who {
@@ -511,12 +520,84 @@ mod tests {
             text.contains(r#"connwatch_build_info{version="0.1.0",kernel="6.18.0"} 1"#),
             "{text}"
         );
-        assert!(
-            text.contains("# TYPE connwatch_ring_buffer_lost_events counter"),
-            "{text}"
-        );
         assert!(text.ends_with("# EOF\n"));
         assert!(!text.contains("pid"), "pids are never labels: {text}");
+    }
+
+    /// Families without series are not printed, so every one is exercised before checking.
+    #[test]
+    fn every_family_is_exported() {
+        use crate::{
+            detect::DetectConfig, events::tests::raw_send_after_reset, pipeline::HostPaths,
+            sockets::pools::Direction,
+        };
+        let (mut metrics, registry) = Metrics::new(100, 32768..=60999, "k");
+        for kind in [
+            Kind::PeerResetIdle,
+            Kind::PeerReset,
+            Kind::LocalReset,
+            Kind::PeerCloseIdle,
+            Kind::CloseWaitLingering,
+            Kind::RequestStalled,
+        ] {
+            let mut finding = idle_reset("app", 5000);
+            finding.kind = kind;
+            metrics.finding(&finding);
+        }
+        let io = from_raw(&raw_send_after_reset()).unwrap();
+        metrics.finding(&Finding::new(Kind::WriteAfterReset, &io, io.owner.as_ref()));
+        let mut change = raw_reset(0);
+        change.hook = monitor_common::hook::STATE_CHANGE;
+        metrics.event(&from_raw(&change).unwrap());
+        metrics.pools(&[Pool {
+            pid: 1,
+            comm: "app".into(),
+            direction: Direction::Outbound,
+            endpoint: "10.0.0.9:5432".parse().unwrap(),
+            total: 1,
+            established: 1,
+            idle: 1,
+            active: 0,
+            close_wait: 0,
+            stalled: 0,
+            max_idle_ms: 5000,
+            connects_per_min: 0,
+            resets_per_min: 0,
+        }]);
+        let config = DetectConfig {
+            idle_threshold: std::time::Duration::from_secs(1),
+            close_wait_threshold: std::time::Duration::from_secs(30),
+            stall_threshold: std::time::Duration::from_secs(10),
+            max_sockets: 64,
+            state_changes: false,
+        };
+        let hosts = HostPaths {
+            proc: "/proc".into(),
+            root: "/".into(),
+            pod_logs: None,
+            kubelet_url: None,
+        };
+        metrics.tick(&Pipeline::new(&config, &hosts));
+        metrics.lost(1);
+        let text = encode(&registry);
+        for family in [
+            "# TYPE connwatch_build info",
+            "# TYPE connwatch_resets counter",
+            "# TYPE connwatch_peer_reset_idle_seconds histogram",
+            "# TYPE connwatch_peer_close_idle_seconds histogram",
+            "# TYPE connwatch_write_after_peer_end counter",
+            "# TYPE connwatch_close_wait_lingering counter",
+            "# TYPE connwatch_request_stalled counter",
+            "# TYPE connwatch_pool_sockets gauge",
+            "# TYPE connwatch_tcp_state_transitions counter",
+            "# TYPE connwatch_sockets gauge",
+            "# TYPE connwatch_events counter",
+            "# TYPE connwatch_undecodable_events counter",
+            "# TYPE connwatch_ring_buffer_lost_events counter",
+            "# TYPE connwatch_table_evictions counter",
+        ] {
+            assert!(text.contains(family), "{family} missing:\n{text}");
+        }
     }
 
     #[test]

@@ -23,17 +23,46 @@ pub struct SocketEntry {
     pub closed_ns: Option<u64>,
 }
 
+/// Makes room in a table bounded to `max` entries before an insert: first drops entries
+/// `expendable` says can go, then, if still full, an arbitrary sixteenth of the table, so the
+/// full pass is paid once per `max / 16` inserts. Returns how many were evicted.
+pub fn make_room<K, V>(
+    table: &mut HashMap<K, V>,
+    max: usize,
+    expendable: impl Fn(&V) -> bool,
+) -> u64 {
+    if table.len() < max.max(1) {
+        return 0;
+    }
+    let before = table.len();
+    table.retain(|_, v| !expendable(v));
+    if table.len() >= max.max(1) {
+        let batch = (max / 16).max(1);
+        let mut dropped = 0;
+        table.retain(|_, _| {
+            dropped += 1;
+            dropped > batch
+        });
+    }
+    (before - table.len()) as u64
+}
+
 pub struct SocketTable {
     /// Keyed by kernel address; the entry's `id.born_ns` tells reuse apart.
     sockets: HashMap<u64, SocketEntry>,
     processes: process::ProcIndex,
+    max: usize,
+    /// Entries dropped to stay within `max` (closed ones first).
+    pub evictions: u64,
 }
 
 impl SocketTable {
-    pub fn new(proc_root: PathBuf) -> SocketTable {
+    pub fn new(proc_root: PathBuf, max: usize) -> SocketTable {
         SocketTable {
             sockets: HashMap::new(),
             processes: process::ProcIndex::new(proc_root),
+            max,
+            evictions: 0,
         }
     }
 
@@ -57,6 +86,9 @@ impl SocketTable {
             .is_some_and(|entry| is_new_life(entry, event));
         if reused {
             self.sockets.remove(&skaddr);
+        }
+        if !self.sockets.contains_key(&skaddr) {
+            self.evictions += make_room(&mut self.sockets, self.max, |e| e.closed_ns.is_some());
         }
         let entry = self.sockets.entry(skaddr).or_insert_with(|| SocketEntry {
             id: event.socket,
@@ -127,7 +159,35 @@ mod tests {
 
     fn table() -> SocketTable {
         // A /proc with no processes: attribution must come from the events.
-        SocketTable::new(std::env::temp_dir().join("connwatch-no-such-proc"))
+        SocketTable::new(std::env::temp_dir().join("connwatch-no-such-proc"), 1000)
+    }
+
+    #[test]
+    fn bounded_with_closed_sockets_evicted_first() {
+        let mut map: HashMap<u32, bool> = (0..32).map(|i| (i, i % 2 == 0)).collect();
+        // Full: the 16 "closed" (true) entries go, nothing else.
+        assert_eq!(make_room(&mut map, 32, |closed| *closed), 16);
+        assert!(map.values().all(|closed| !closed));
+        // Full of open entries: a sixteenth of the bound goes.
+        let mut open: HashMap<u32, bool> = (0..64).map(|i| (i, false)).collect();
+        assert_eq!(make_room(&mut open, 64, |closed| *closed), 4);
+        assert_eq!(open.len(), 60);
+        // Not full: nothing goes.
+        assert_eq!(make_room(&mut open, 64, |closed| *closed), 0);
+    }
+
+    #[test]
+    fn table_stays_within_its_bound() {
+        let mut table = SocketTable::new(std::env::temp_dir().join("connwatch-no-such-proc"), 64);
+        for i in 0..1000u64 {
+            let mut raw = raw_reset(1);
+            raw.hook = monitor_common::hook::STATE_CHANGE;
+            raw.new_state = monitor_common::tcp_state::ESTABLISHED;
+            raw.skaddr = 0x1000 + i;
+            table.observe(&from_raw(&raw).unwrap());
+            assert!(table.len() <= 64);
+        }
+        assert_eq!(table.evictions, 1000 - table.len() as u64);
     }
 
     #[test]

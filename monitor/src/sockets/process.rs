@@ -106,6 +106,29 @@ mod tests {
         assert_eq!(socket_inode("/dev/null"), None);
     }
 
+    /// Processes exit while /proc is read: missing fd dirs, dangling links, odd entries.
+    #[test]
+    fn survives_a_proc_that_changes_under_it() {
+        use std::os::unix::fs::symlink;
+        let root = std::env::temp_dir().join(format!("connwatch-fakeproc-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        fs::create_dir_all(root.join("100/fd")).unwrap();
+        fs::write(root.join("100/comm"), "postgres\n").unwrap();
+        symlink("socket:[4242]", root.join("100/fd/3")).unwrap();
+        symlink("/gone/file", root.join("100/fd/4")).unwrap();
+        fs::create_dir_all(root.join("200")).unwrap(); // exited: no fd directory
+        fs::create_dir_all(root.join("300/fd")).unwrap(); // exited: no comm file
+        symlink("socket:[77]", root.join("300/fd/9")).unwrap();
+        fs::create_dir_all(root.join("self")).unwrap();
+        fs::write(root.join("uptime"), "1 1").unwrap();
+        let mut index = ProcIndex::new(root.clone());
+        let owner = index.owner_of(4242).unwrap();
+        assert_eq!((owner.pid, owner.comm.as_str()), (100, "postgres"));
+        assert_eq!(index.owner_of(77).map(|t| t.pid), Some(300));
+        assert_eq!(index.owner_of(12345), None);
+        fs::remove_dir_all(&root).unwrap();
+    }
+
     #[test]
     fn finds_own_socket() {
         use std::os::unix::fs::MetadataExt;

@@ -48,8 +48,14 @@ impl Watch {
     /// Starts `connwatch <args>` (any command that prints JSON lines and says
     /// `connwatch: watching` once attached).
     pub fn spawn(args: &[&str]) -> Watch {
-        let mut child = Command::new(CONNWATCH)
-            .args(args)
+        let mut command = Command::new(CONNWATCH);
+        command.args(args);
+        Watch::spawn_command(command)
+    }
+
+    /// Like [`spawn`](Self::spawn), for a prepared command (e.g. wrapped in setpriv).
+    pub fn spawn_command(mut command: Command) -> Watch {
+        let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -355,6 +361,48 @@ impl FakeTracefs {
 impl Drop for FakeTracefs {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// An HTTP client that returns 4xx/5xx as responses, not errors.
+pub fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(5)))
+        .build()
+        .into()
+}
+
+/// (status, body) of a GET.
+pub fn get(url: &str) -> Option<(u16, String)> {
+    let response = agent().get(url).call().ok()?;
+    let status = response.status().as_u16();
+    Some((status, response.into_body().read_to_string().ok()?))
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Polls `url` until its body contains `needle`; panics with the last body.
+pub fn wait_for_body(url: &str, needle: &str) -> String {
+    let deadline = Instant::now() + EVENT_TIMEOUT;
+    loop {
+        if let Some((_, body)) = get(url)
+            && body.contains(needle)
+        {
+            return body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{url} never contained {needle}: {:?}",
+            get(url)
+        );
+        thread::sleep(Duration::from_millis(200));
     }
 }
 
