@@ -125,6 +125,9 @@ pub struct ConnEvent {
     pub daddr: [u8; 16],
     pub owner_comm: [u8; TASK_COMM_LEN],
     pub ctx_comm: [u8; TASK_COMM_LEN],
+    /// `sk->sk_err` when a socket dies (state change to CLOSE) or sends an RST, else 0.
+    pub sk_err: i32,
+    pub _pad2: [u8; 4],
 }
 
 impl ConnEvent {
@@ -159,6 +162,8 @@ impl ConnEvent {
             daddr: [0; 16],
             owner_comm: [0; TASK_COMM_LEN],
             ctx_comm: [0; TASK_COMM_LEN],
+            sk_err: 0,
+            _pad2: [0; 4],
         }
     }
 }
@@ -282,6 +287,8 @@ pub struct KernelLayout {
     pub file_private_data: u32,
     /// `socket.sk`.
     pub socket_sk: u32,
+    /// `sock.sk_err` (int): the error a dead or aborted socket reports.
+    pub sk_err: u32,
 }
 
 impl KernelLayout {
@@ -301,6 +308,7 @@ impl KernelLayout {
             fdt_fd: 0,
             file_private_data: 0,
             socket_sk: 0,
+            sk_err: 0,
         }
     }
 }
@@ -312,6 +320,9 @@ pub struct Settings {
     /// An EOF read this soon after the peer's FIN is the application noticing the close
     /// (a blocked reader woken by it), not running into a stale connection.
     pub eof_grace_ns: u64,
+    /// Wake the reader only once this much is waiting in the ring buffer; userspace also
+    /// drains on a short timer. One wakeup per event costs more than handling the event.
+    pub wakeup_bytes: u64,
 }
 
 #[cfg(feature = "user")]
@@ -334,7 +345,7 @@ mod tests {
     #[test]
     fn event_has_no_implicit_padding() {
         // Sum of field sizes == struct size means the kernel writes every byte we read.
-        let fields = 6 * 8 + 6 * 4 + 4 + 4 * 2 + 4 + 4 + 4 + 16 * 4;
+        let fields = 6 * 8 + 6 * 4 + 4 + 4 * 2 + 4 + 4 + 4 + 16 * 4 + 4 + 4;
         assert_eq!(size_of::<ConnEvent>(), fields);
         assert_eq!(
             align_of::<ConnEvent>(),

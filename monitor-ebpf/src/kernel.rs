@@ -19,7 +19,10 @@ use crate::maps::OWNERS;
 #[unsafe(no_mangle)]
 static KERNEL: KernelLayout = KernelLayout::zeroed();
 #[unsafe(no_mangle)]
-static SETTINGS: Settings = Settings { eof_grace_ns: 0 };
+static SETTINGS: Settings = Settings {
+    eof_grace_ns: 0,
+    wakeup_bytes: 0,
+};
 #[unsafe(no_mangle)]
 static TP_SET_STATE: TpLayout = TpLayout::absent();
 #[unsafe(no_mangle)]
@@ -133,6 +136,12 @@ fn copy4(dst: &mut [u8; 16], src: Option<[u8; 4]>) {
 #[inline(always)]
 pub fn sk_state(sk: u64) -> u8 {
     read::<u8>(sk, kernel().sk_state as i64).unwrap_or(0)
+}
+
+/// `sk->sk_err` of a full socket.
+#[inline(always)]
+pub fn sk_err(sk: u64) -> i32 {
+    read::<i32>(sk, kernel().sk_err as i64).unwrap_or(0)
 }
 
 /// True for an IPv4/IPv6 TCP full socket (`accept()` also returns unix sockets).

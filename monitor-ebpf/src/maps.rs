@@ -5,6 +5,11 @@ use aya_ebpf::{
 };
 use monitor_common::{ConnEvent, PeerEnd, SockOwner, peer_end};
 
+// bpf_ringbuf_submit/query flags (include/uapi/linux/bpf.h).
+const BPF_RB_NO_WAKEUP: u64 = 1;
+const BPF_RB_FORCE_WAKEUP: u64 = 2;
+const BPF_RB_AVAIL_DATA: u64 = 0;
+
 /// Every observation, in order per CPU.
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 22, 0);
@@ -54,7 +59,14 @@ pub fn emit(event: &ConnEvent) {
     match EVENTS.reserve::<ConnEvent>(0) {
         Some(mut entry) => {
             entry.write(*event);
-            entry.submit(0);
+            // Batch wakeups: userspace polls every few milliseconds anyway.
+            let waiting = EVENTS.query(BPF_RB_AVAIL_DATA);
+            let wake = if waiting >= crate::kernel::settings().wakeup_bytes {
+                BPF_RB_FORCE_WAKEUP
+            } else {
+                BPF_RB_NO_WAKEUP
+            };
+            entry.submit(wake);
         }
         None => {
             if let Some(lost) = LOST.get_ptr_mut(0) {

@@ -4,7 +4,7 @@ use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
 use monitor_common::{hook, peer_end, tcp_state};
 
 use crate::{
-    kernel::{Tp, field, layout, new_event, read_full_socket, read_tuple, sk_state},
+    kernel::{Tp, field, layout, new_event, read_full_socket, read_tuple, sk_err, sk_state},
     maps::{emit, mark_peer_end},
 };
 
@@ -43,6 +43,8 @@ pub fn tcp_send_reset(ctx: TracePointContext) -> u32 {
             // RST leaves; its timestamps still tell how long it had been idle.
             let idle = tcp_state::is_synchronized(state) || state == tcp_state::CLOSE;
             read_full_socket(sk, idle, &mut event);
+            // ECONNABORTED here means sock_destroy (`ss -K`) set it before the RST.
+            event.sk_err = sk_err(sk);
         }
     }
     emit(&event);

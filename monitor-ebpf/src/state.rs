@@ -3,7 +3,7 @@ use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
 use monitor_common::{IPPROTO_TCP, SockOwner, hook, peer_end, tcp_state};
 
 use crate::{
-    kernel::{Tp, current, field, layout, new_event, read_full_socket, read_tuple},
+    kernel::{Tp, current, field, layout, new_event, read_full_socket, read_tuple, sk_err},
     maps::{OWNERS, emit, mark_peer_end},
 };
 
@@ -27,6 +27,11 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
     // Idle as of the old state: ESTABLISHED → CLOSE_WAIT measures how long the peer's FIN
     // found the connection unused.
     read_full_socket(sk, tcp_state::is_synchronized(old_state), &mut event);
+    if new_state == tcp_state::CLOSE {
+        // Why it died: ETIMEDOUT from retransmission/keepalive/user timeouts, ECONNRESET
+        // after an RST, ECONNABORTED from sock_destroy, 0 after a normal close.
+        event.sk_err = sk_err(sk);
+    }
     emit(&event);
     if new_state == tcp_state::CLOSE_WAIT {
         // The peer sent FIN: the application's next write or EOF read is worth reporting.

@@ -67,6 +67,7 @@ impl PipelineArgs {
             close_wait_threshold: self.close_wait_threshold,
             stall_threshold: self.stall_threshold,
             max_sockets: self.max_tracked_sockets as usize,
+            rst_reasons: Default::default(),
             state_changes,
         }
     }

@@ -133,7 +133,10 @@ fn run_checks(options: &ProbeOptions) -> Vec<Check> {
         Status::Missing,
         "connwatch needs Linux 5.8 or newer",
     ));
-    let settings = Settings { eof_grace_ns: 0 };
+    let settings = Settings {
+        eof_grace_ns: 0,
+        wakeup_bytes: 0,
+    };
     match Probes::attach(options, &settings, 1024) {
         Ok((mut probes, _events)) => {
             checks.push(Check {

@@ -9,6 +9,7 @@ use monitor_common::Settings;
 use tokio::{
     io::{Interest, unix::AsyncFd},
     signal::unix::{SignalKind, signal},
+    sync::mpsc,
     time::{MissedTickBehavior, interval},
 };
 
@@ -19,8 +20,15 @@ use crate::{
     pipeline::Pipeline,
     probes::{ProbeOptions, Probes},
     sinks::WallClock,
-    sockets::{diag, pools::Pool},
+    sockets::{
+        diag::{self, Snapshot},
+        pools::Pool,
+        process::ProcIndex,
+    },
 };
+
+/// How often the ring buffer is drained without a wakeup from the kernel.
+const POLL_INTERVAL: Duration = Duration::from_millis(5);
 
 pub enum Flow {
     Continue,
@@ -49,8 +57,8 @@ pub struct Engine {
     pub clock: WallClock,
     lost_total: u64,
     warned_undecodable: bool,
-    refresh_ns: u64,
-    last_refresh_ns: Option<u64>,
+    /// Socket lists taken by the refresher thread.
+    snapshots: mpsc::Receiver<Result<Snapshot, String>>,
     warned_refresh: bool,
 }
 
@@ -63,6 +71,7 @@ impl Engine {
     ) -> Result<Engine> {
         let settings = Settings {
             eof_grace_ns: pipeline.idle_threshold.as_nanos() as u64,
+            wakeup_bytes: u64::from(probe_options.ring_buffer_size / 16),
         };
         let (probes, events) =
             Probes::attach(probe_options, &settings, pipeline.max_tracked_sockets)?;
@@ -74,18 +83,16 @@ impl Engine {
         let ring = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
             .map_err(|err| err.into_parts().1)
             .context("registering the ring buffer with the event loop")?;
+        let mut detect = pipeline.detect_config(state_changes);
+        detect.rst_reasons = probes.rst_reasons.clone();
         Ok(Engine {
             probes,
             ring,
-            pipeline: Pipeline::new(
-                &pipeline.detect_config(state_changes),
-                &pipeline.host_paths(),
-            ),
+            pipeline: Pipeline::new(&detect, &pipeline.host_paths()),
             clock: WallClock::now(),
             lost_total: 0,
             warned_undecodable: false,
-            refresh_ns: pipeline.refresh.as_nanos() as u64,
-            last_refresh_ns: None,
+            snapshots: spawn_refresher(pipeline.refresh, pipeline.host_proc.clone())?,
             warned_refresh: false,
         })
     }
@@ -98,6 +105,9 @@ impl Engine {
     ) -> Result<()> {
         let mut upkeep = interval(Duration::from_secs(1));
         upkeep.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        // The kernel wakes us only for a backlog; this bounds the delay of the rest.
+        let mut poll = interval(POLL_INTERVAL);
+        poll.set_missed_tick_behavior(MissedTickBehavior::Skip);
         tokio::pin!(stop);
         loop {
             let flow = tokio::select! {
@@ -107,7 +117,9 @@ impl Engine {
                     guard.clear_ready();
                     flow
                 }
+                _ = poll.tick() => drain(self.ring.get_mut(), &mut self.pipeline, consumer, &mut self.warned_undecodable)?,
                 _ = upkeep.tick() => self.upkeep(consumer)?,
+                Some(snapshot) = self.snapshots.recv() => self.apply(snapshot, consumer)?,
                 () = &mut stop => Flow::Stop,
             };
             if let Flow::Stop = flow {
@@ -120,15 +132,6 @@ impl Engine {
         let now = self.clock.mono_now_ns();
         if let Flow::Stop = deliver(self.pipeline.tick(now), consumer)? {
             return Ok(Flow::Stop);
-        }
-        if self
-            .last_refresh_ns
-            .is_none_or(|at| now.saturating_sub(at) >= self.refresh_ns)
-        {
-            self.last_refresh_ns = Some(now);
-            if let Flow::Stop = self.refresh(now, consumer)? {
-                return Ok(Flow::Stop);
-            }
         }
         consumer.tick(&self.pipeline);
         let lost = self.probes.lost_events()?;
@@ -144,10 +147,14 @@ impl Engine {
         Ok(Flow::Continue)
     }
 
-    /// Reads the kernel's socket list; a failure is reported once and retried next time.
-    fn refresh(&mut self, now: u64, consumer: &mut impl Consumer) -> Result<Flow> {
-        match diag::dump_tcp() {
+    fn apply(
+        &mut self,
+        snapshot: Result<Snapshot, String>,
+        consumer: &mut impl Consumer,
+    ) -> Result<Flow> {
+        match snapshot {
             Ok(snapshot) => {
+                let now = self.clock.mono_now_ns();
                 if let Flow::Stop = deliver(self.pipeline.refresh(&snapshot, now), consumer)? {
                     return Ok(Flow::Stop);
                 }
@@ -157,7 +164,7 @@ impl Engine {
                 if !self.warned_refresh {
                     self.warned_refresh = true;
                     eprintln!(
-                        "connwatch: warning: cannot list sockets (pools and stalls unavailable): {err:#}"
+                        "connwatch: warning: cannot list sockets (pools and stalls unavailable): {err}"
                     );
                 }
                 Ok(Flow::Continue)
@@ -176,6 +183,30 @@ impl Engine {
             self.pipeline.evictions()
         )
     }
+}
+
+/// Takes a snapshot every `every` on a thread of its own, so a dump of a busy node's sockets
+/// and /proc never delays events. It ends when the engine drops the receiver.
+fn spawn_refresher(
+    every: Duration,
+    host_proc: std::path::PathBuf,
+) -> Result<mpsc::Receiver<Result<Snapshot, String>>> {
+    let (sender, receiver) = mpsc::channel(1);
+    std::thread::Builder::new()
+        .name("cw-refresh".into())
+        .spawn(move || {
+            let mut processes = ProcIndex::new(host_proc);
+            loop {
+                let snapshot =
+                    diag::take_snapshot(&mut processes).map_err(|err| format!("{err:#}"));
+                if sender.blocking_send(snapshot).is_err() {
+                    return;
+                }
+                std::thread::sleep(every);
+            }
+        })
+        .context("starting the refresh thread")?;
+    Ok(receiver)
 }
 
 fn deliver(findings: &[Finding], consumer: &mut impl Consumer) -> Result<Flow> {

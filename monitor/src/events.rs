@@ -60,7 +60,7 @@ impl IoAfterPeerEnd {
     }
 }
 
-fn errno_name(errno: i32) -> &'static str {
+pub fn errno_name(errno: i32) -> &'static str {
     match errno {
         libc::ECONNRESET => "ECONNRESET",
         libc::EPIPE => "EPIPE",
@@ -68,6 +68,8 @@ fn errno_name(errno: i32) -> &'static str {
         libc::ECONNABORTED => "ECONNABORTED",
         libc::EHOSTUNREACH => "EHOSTUNREACH",
         libc::ENOTCONN => "ENOTCONN",
+        libc::ENETUNREACH => "ENETUNREACH",
+        libc::ECONNREFUSED => "ECONNREFUSED",
         _ => "other",
     }
 }
@@ -145,6 +147,8 @@ pub struct Event {
     pub full_socket: bool,
     /// Set for [`Hook::IoAfterPeerEnd`].
     pub io: Option<IoAfterPeerEnd>,
+    /// `sk->sk_err` on a death (change to CLOSE) or a sent RST; 0 otherwise.
+    pub sk_err: i32,
 }
 
 impl Event {
@@ -237,6 +241,7 @@ pub fn from_raw(raw: &ConnEvent) -> Result<Event, DecodeError> {
         rst_reason: raw.reason,
         full_socket: raw.flags & flags::FULL_SOCKET != 0,
         io,
+        sk_err: raw.sk_err,
     })
 }
 
@@ -439,6 +444,7 @@ pub(crate) mod tests {
             close_wait_threshold: std::time::Duration::from_secs(30),
             stall_threshold: std::time::Duration::from_secs(10),
             max_sockets: 64,
+            rst_reasons: Default::default(),
             state_changes: false,
         };
         let hosts = crate::pipeline::HostPaths {

@@ -7,7 +7,7 @@ use crate::{
     events::{self, DecodeError, Event, Hook, SocketId, Task, TcpState},
     sockets::{
         SocketTable,
-        diag::DiagSocket,
+        diag::{DiagSocket, Snapshot},
         pools::{Pool, PoolTracker},
         workload::WorkloadResolver,
     },
@@ -83,14 +83,14 @@ impl Pipeline {
     pub fn event(&mut self, event: &Event) -> &[Finding] {
         self.events += 1;
         self.findings.clear();
+        // Borrowed, not cloned: this runs for every event.
         let owner = self
             .table
             .observe(event)
-            .and_then(|entry| entry.owner.clone())
-            .or_else(|| event.owner.clone());
-        self.pools.event(event, owner.as_ref());
-        self.detectors
-            .inspect(event, owner.as_ref(), &mut self.findings);
+            .and_then(|entry| entry.owner.as_ref())
+            .or(event.owner.as_ref());
+        self.pools.event(event, owner);
+        self.detectors.inspect(event, owner, &mut self.findings);
         self.attribute();
         &self.findings
     }
@@ -118,25 +118,26 @@ impl Pipeline {
     }
 
     /// Folds in a fresh sock_diag snapshot: pools, and requests that started stalling.
-    pub fn refresh(&mut self, snapshot: &[DiagSocket], mono_now_ns: u64) -> &[Finding] {
+    pub fn refresh(&mut self, snapshot: &Snapshot, mono_now_ns: u64) -> &[Finding] {
         self.findings.clear();
         self.snapshot_states.clear();
-        for socket in snapshot {
+        for socket in &snapshot.sockets {
             *self.snapshot_states.entry(socket.state).or_insert(0) += 1;
         }
-        let listeners = crate::sockets::pools::Listeners::from_snapshot(snapshot);
-        for (socket, stalled_ms) in self.stalls.refresh(snapshot, &listeners) {
-            let owner = self.table.owner_of_inode(socket.inode);
+        self.table.learn_owners(&snapshot.owners);
+        let owner_of = |inode: u64| snapshot.owners.get(&inode).cloned();
+        let listeners = crate::sockets::pools::Listeners::from_snapshot(&snapshot.sockets);
+        for (socket, stalled_ms) in self.stalls.refresh(&snapshot.sockets, &listeners) {
+            let owner = owner_of(socket.inode);
             let event = snapshot_event(socket, owner.clone(), mono_now_ns);
             let mut finding = Finding::new(Kind::RequestStalled, &event, owner.as_ref());
             finding.stalled_ms = Some(stalled_ms);
             self.findings.push(finding);
         }
         self.attribute();
-        let table = &mut self.table;
         self.pools.refresh(
-            snapshot,
-            |inode| table.owner_of_inode(inode),
+            &snapshot.sockets,
+            owner_of,
             self.stalls.stalled(),
             self.idle_threshold_ms,
             mono_now_ns,
@@ -191,5 +192,6 @@ fn snapshot_event(socket: &DiagSocket, owner: Option<Task>, mono_now_ns: u64) ->
         rst_reason: 0,
         full_socket: true,
         io: None,
+        sk_err: 0,
     }
 }

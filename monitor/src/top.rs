@@ -30,6 +30,7 @@ pub enum Column {
     MaxIdle,
     Connects,
     Resets,
+    Deaths,
 }
 
 impl Column {
@@ -44,6 +45,7 @@ impl Column {
             Column::MaxIdle => pool.max_idle_ms,
             Column::Connects => pool.connects_per_min as u64,
             Column::Resets => pool.resets_per_min as u64,
+            Column::Deaths => pool.deaths_per_min as u64,
         }
     }
 }
@@ -108,7 +110,7 @@ impl Screen {
         )?;
         writeln!(
             out,
-            "{:>8} {:<16} {:<4} {:<28} {:>5} {:>5} {:>5} {:>6} {:>7} {:>7} {:>8} {:>8} {:>7}",
+            "{:>8} {:<16} {:<4} {:<28} {:>5} {:>5} {:>5} {:>6} {:>7} {:>7} {:>8} {:>8} {:>7} {:>8}",
             "PID",
             "COMM",
             "DIR",
@@ -121,12 +123,13 @@ impl Screen {
             "STALLED",
             "MAX_IDLE",
             "CONN/MIN",
-            "RST/MIN"
+            "RST/MIN",
+            "DIED/MIN"
         )?;
         for p in &sorted {
             writeln!(
                 out,
-                "{:>8} {:<16} {:<4} {:<28} {:>5} {:>5} {:>5} {:>6} {:>7} {:>7} {:>8} {:>8} {:>7}",
+                "{:>8} {:<16} {:<4} {:<28} {:>5} {:>5} {:>5} {:>6} {:>7} {:>7} {:>8} {:>8} {:>7} {:>8}",
                 p.pid,
                 p.comm,
                 if p.direction.as_str() == "inbound" {
@@ -143,7 +146,8 @@ impl Screen {
                 p.stalled,
                 format_ms(p.max_idle_ms),
                 p.connects_per_min,
-                p.resets_per_min
+                p.resets_per_min,
+                p.deaths_per_min
             )?;
         }
         out.flush()

@@ -165,7 +165,7 @@ fn log_events_can_be_turned_off() {
     let deadline = Instant::now() + EVENT_TIMEOUT;
     loop {
         let (_, body) = get(&format!("http://{addr}/metrics")).unwrap();
-        if body.contains(r#"kind="peer_reset",comm="cw-quiet""#) {
+        if body.contains(r#"kind="peer_reset",cause="reset_while_established",comm="cw-quiet""#) {
             break;
         }
         assert!(Instant::now() < deadline, "reset never counted: {body}");

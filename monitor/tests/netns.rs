@@ -3,92 +3,13 @@
 mod support;
 
 use std::{
-    fs::File,
     io::{Read, Write},
     net::{TcpListener, TcpStream},
     thread,
     time::Duration,
 };
 
-use support::*;
-
-/// Our own test hosts: addresses that exist only inside the namespaces this test creates.
-const CLIENT_ADDR: &str = "10.231.0.1";
-const SERVER_ADDR: &str = "10.231.0.2";
-
-struct Hosts {
-    client: String,
-    server: String,
-}
-
-impl Hosts {
-    fn create() -> Hosts {
-        let id = std::process::id();
-        let hosts = Hosts {
-            client: format!("cw-cli-{id}"),
-            server: format!("cw-srv-{id}"),
-        };
-        run("ip", &["netns", "add", &hosts.client]);
-        run("ip", &["netns", "add", &hosts.server]);
-        let veth_client = format!("cwc{id}");
-        let veth_server = format!("cws{id}");
-        run(
-            "ip",
-            &[
-                "link",
-                "add",
-                &veth_client,
-                "netns",
-                &hosts.client,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                &veth_server,
-                "netns",
-                &hosts.server,
-            ],
-        );
-        for (ns, dev, addr) in [
-            (&hosts.client, &veth_client, CLIENT_ADDR),
-            (&hosts.server, &veth_server, SERVER_ADDR),
-        ] {
-            run(
-                "ip",
-                &["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", dev],
-            );
-            run("ip", &["-n", ns, "link", "set", dev, "up"]);
-            run("ip", &["-n", ns, "link", "set", "lo", "up"]);
-        }
-        hosts
-    }
-
-    /// Runs `body` on a thread that lives in namespace `ns`; sockets it creates live there.
-    fn on<T: Send + 'static>(ns: &str, name: &str, body: impl FnOnce() -> T + Send + 'static) -> T {
-        let path = format!("/run/netns/{ns}");
-        thread::Builder::new()
-            .name(name.to_string())
-            .spawn(move || {
-                let netns = File::open(&path).unwrap();
-                nix::sched::setns(netns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-                body()
-            })
-            .unwrap()
-            .join()
-            .unwrap()
-    }
-}
-
-impl Drop for Hosts {
-    fn drop(&mut self) {
-        // Deleting a namespace removes its veth end and, with it, the peer.
-        for ns in [&self.client, &self.server] {
-            let _ = std::process::Command::new("ip")
-                .args(["netns", "delete", ns])
-                .status();
-        }
-    }
-}
+use support::{netns::*, *};
 
 #[test]
 fn ss_kill_across_veth_is_an_idle_reset() {

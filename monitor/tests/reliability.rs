@@ -97,7 +97,7 @@ fn flood_is_counted_and_the_daemon_recovers() {
     let _client = pair.reset_from_server();
     wait_for_body(
         &metrics,
-        r#"connwatch_resets_total{kind="peer_reset_idle",comm="cw-after-flood""#,
+        r#"connwatch_resets_total{kind="peer_reset_idle",cause="reset_while_established",comm="cw-after-flood""#,
     );
     daemon.stop_with(Signal::SIGTERM);
 }

@@ -2,7 +2,10 @@
 //!
 //! - `cargo xtask run -- watch`: build connwatch (release) and run it with the given args.
 //! - `cargo xtask test`: fmt, clippy and the whole test suite (loads real eBPF programs).
+//! - `cargo xtask bench`: measure connwatch's cost side by side; writes BENCHMARKS.md.
 //! - `cargo xtask setup`: only install the prerequisites.
+mod bench;
+
 use std::{
     env,
     ffi::OsString,
@@ -29,6 +32,11 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
+    /// Measure connwatch's cost against no monitor and bpftrace; writes BENCHMARKS.md.
+    Bench,
+    /// (bench helper) hold N loopback connections until stdin closes.
+    #[command(hide = true)]
+    HoldSockets { connections: usize },
     /// Check formatting and lints, then run every test (needs root: tests load eBPF).
     Test {
         /// Extra arguments for `cargo test`, e.g. `-- idle_reset`.
@@ -52,6 +60,7 @@ const TEST_TOOLS: &[(&str, &str)] = &[
     ("/usr/lib/postgresql/*/bin/postgres", "postgresql"),
     ("python3", "python3"),
     ("node", "nodejs"),
+    ("nft", "nftables"),
     ("npm", "npm"),
     ("ip", "iproute2"),
     ("ss", "iproute2"),
@@ -88,6 +97,21 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 .status()
                 .context("starting target/release/connwatch")?;
             Ok(exit_code(status.code()))
+        }
+        Task::HoldSockets { connections } => {
+            bench::hold_sockets(connections)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Task::Bench => {
+            require_root("the benchmark loads eBPF programs")?;
+            setup_build()?;
+            if which("bpftrace").is_none() {
+                apt_install(&["bpftrace"])?;
+            }
+            step("building connwatch (release)");
+            check(cargo().args(["build", "--release", "--package", "monitor"]))?;
+            bench::run(&root, root.join("target/release/connwatch"))?;
+            Ok(ExitCode::SUCCESS)
         }
         Task::Test { args } => {
             require_root("the tests load eBPF programs and create network namespaces")?;

@@ -1,11 +1,12 @@
 //! Detectors: turn socket events into findings an on-call engineer acts on.
 //! One module per detector; each sees every event with the socket's resolved owner.
 pub mod close;
+pub mod death;
 pub mod impact;
 pub mod reset;
 pub mod stall;
 
-use std::time::Duration;
+use std::{collections::HashMap, time::Duration};
 
 use crate::{
     events::{Event, Hook, Task},
@@ -31,6 +32,9 @@ pub enum Kind {
     CloseWaitLingering,
     /// A request was sent and acknowledged, and no answer came for the stall threshold.
     RequestStalled,
+    /// The kernel killed a connection with no RST or FIN (retransmission, keepalive or user
+    /// timeout; unreachable): the network dropped it silently.
+    IdleTimeoutDeath,
     /// Any TCP state change (`watch --all`).
     StateChange,
 }
@@ -46,6 +50,7 @@ impl Kind {
             Kind::WriteAfterClose => "write_after_close",
             Kind::CloseWaitLingering => "close_wait_lingering",
             Kind::RequestStalled => "request_stalled",
+            Kind::IdleTimeoutDeath => "idle_timeout_death",
             Kind::StateChange => "state_change",
         }
     }
@@ -66,6 +71,8 @@ pub struct Finding {
     pub stalled_ms: Option<u64>,
     /// Container and pod of the process, filled in by the pipeline.
     pub workload: Workload,
+    /// For resets: why the RST was sent or received.
+    pub cause: Option<String>,
 }
 
 impl Finding {
@@ -78,6 +85,7 @@ impl Finding {
             age_ms: None,
             stalled_ms: None,
             workload: Workload::default(),
+            cause: None,
         }
     }
 }
@@ -89,12 +97,15 @@ pub struct DetectConfig {
     pub stall_threshold: Duration,
     /// Bound on every per-socket table.
     pub max_sockets: usize,
+    /// This kernel's `enum sk_rst_reason`, value → name.
+    pub rst_reasons: HashMap<u32, String>,
     /// Also report every state change.
     pub state_changes: bool,
 }
 
 pub struct Detectors {
     reset: reset::ResetDetector,
+    rst_reasons: HashMap<u32, String>,
     close: close::CloseDetector,
     state_changes: bool,
 }
@@ -103,6 +114,7 @@ impl Detectors {
     pub fn new(config: &DetectConfig) -> Detectors {
         Detectors {
             reset: reset::ResetDetector::new(config.idle_threshold),
+            rst_reasons: config.rst_reasons.clone(),
             close: close::CloseDetector::new(
                 config.idle_threshold,
                 config.close_wait_threshold,
@@ -114,6 +126,11 @@ impl Detectors {
 
     pub fn inspect(&mut self, event: &Event, owner: Option<&Task>, findings: &mut Vec<Finding>) {
         if let Some(kind) = self.reset.classify(event) {
+            let mut finding = Finding::new(kind, event, owner);
+            finding.cause = Some(reset::cause(event, &self.rst_reasons));
+            findings.push(finding);
+        }
+        if let Some(kind) = death::classify(event) {
             findings.push(Finding::new(kind, event, owner));
         }
         if let Some(kind) = impact::classify(event) {

@@ -4,7 +4,9 @@
 use std::time::Duration;
 
 use super::Kind;
-use crate::events::{Event, Hook};
+use std::collections::HashMap;
+
+use crate::events::{Event, Hook, TcpState};
 
 pub struct ResetDetector {
     idle_threshold_ms: u64,
@@ -26,6 +28,68 @@ impl ResetDetector {
             Hook::SendReset => Some(Kind::LocalReset),
             Hook::StateChange | Hook::IoAfterPeerEnd | Hook::Snapshot => None,
         }
+    }
+}
+
+/// Why an RST was sent or received, as the on-call engineer would say it.
+///
+/// Sent: from the kernel's own `sk_rst_reason` (Linux 6.10+; names read from BTF, since the
+/// values differ between kernels), with `sk_err` telling `ss -K` (ECONNABORTED, set before
+/// the RST) from an SO_LINGER 0 close; older kernels fall back to the socket's state.
+/// Received: from the state the socket was in.
+pub fn cause(event: &Event, reasons: &HashMap<u32, String>) -> String {
+    match event.hook {
+        Hook::SendReset => sent_cause(event, reasons),
+        Hook::ReceiveReset => received_cause(event.old_state).to_string(),
+        _ => "unknown".to_string(),
+    }
+}
+
+fn sent_cause(event: &Event, reasons: &HashMap<u32, String>) -> String {
+    let reason = reasons
+        .get(&u32::from(event.rst_reason))
+        .map(|name| name.trim_start_matches("SK_RST_REASON_"));
+    match reason {
+        Some("NO_SOCKET") => "no_socket".into(),
+        Some("TCP_ABORT_ON_CLOSE") => "unread_data_on_close".into(),
+        Some("TCP_ABORT_ON_DATA") => "data_after_close".into(),
+        Some("TCP_ABORT_ON_LINGER") => "linger_timeout".into(),
+        Some("TCP_ABORT_ON_MEMORY") => "out_of_memory".into(),
+        Some("TCP_KEEPALIVE_TIMEOUT") => "keepalive_timeout".into(),
+        Some("TCP_TIMEWAIT_SOCKET") => "timewait_socket".into(),
+        Some("TCP_STATE") | Some("NOT_SPECIFIED") | None => abort_cause(event).into(),
+        Some(other) => other.to_ascii_lowercase(),
+    }
+}
+
+/// An RST from a socket aborted in place: destroyed by `ss -K`/sock_destroy, or closed
+/// with SO_LINGER 0; with no socket at all, a stray segment.
+///
+/// `tcp_disconnect` (SO_LINGER 0 close, `connect(AF_UNSPEC)`) moves the socket to CLOSE
+/// before it sends the RST; `tcp_abort` (sock_destroy) sends it from the live state, and
+/// sets ECONNABORTED before it on older kernels, after it since 6.x.
+fn abort_cause(event: &Event) -> &'static str {
+    if event.socket.skaddr == 0 {
+        "no_socket"
+    } else if event.sk_err == libc::ECONNABORTED
+        || (event.full_socket && event.old_state != TcpState::CLOSE)
+    {
+        "socket_destroyed"
+    } else if event.full_socket {
+        "linger_zero_abort"
+    } else {
+        "unspecified"
+    }
+}
+
+fn received_cause(state: TcpState) -> &'static str {
+    use monitor_common::tcp_state::*;
+    match state.0 {
+        SYN_SENT => "connection_refused",
+        SYN_RECV => "reset_during_handshake",
+        ESTABLISHED => "reset_while_established",
+        FIN_WAIT1 | FIN_WAIT2 | CLOSING | LAST_ACK | CLOSE_WAIT => "reset_during_close",
+        _ => "unknown",
     }
 }
 
@@ -55,6 +119,66 @@ mod tests {
             detector().classify(&from_raw(&raw).unwrap()),
             Some(Kind::PeerReset)
         );
+    }
+
+    #[test]
+    fn causes() {
+        let reasons: HashMap<u32, String> = [
+            (1, "SK_RST_REASON_NO_SOCKET"),
+            (9, "SK_RST_REASON_TCP_ABORT_ON_CLOSE"),
+            (12, "SK_RST_REASON_TCP_STATE"),
+            (7, "SK_RST_REASON_TCP_ABORT_ON_DATA"),
+            (20, "SK_RST_REASON_TCP_INVALID_SYN"),
+        ]
+        .into_iter()
+        .map(|(v, n)| (v, n.to_string()))
+        .collect();
+        let sent = |reason: u16, sk_err: i32, skaddr: u64| {
+            let mut raw = raw_reset(0);
+            raw.hook = hook::SEND_RESET;
+            raw.reason = reason;
+            raw.sk_err = sk_err;
+            raw.skaddr = skaddr;
+            cause(&from_raw(&raw).unwrap(), &reasons)
+        };
+        assert_eq!(sent(1, 0, 0), "no_socket");
+        assert_eq!(sent(9, 0, 1), "unread_data_on_close");
+        assert_eq!(sent(7, 0, 1), "data_after_close");
+        // raw_reset is ESTABLISHED: a TCP_STATE abort from a live state is sock_destroy.
+        assert_eq!(sent(12, 0, 1), "socket_destroyed");
+        assert_eq!(sent(12, libc::ECONNABORTED, 1), "socket_destroyed");
+        let closed = {
+            let mut raw = raw_reset(0);
+            raw.hook = hook::SEND_RESET;
+            raw.reason = 12;
+            raw.old_state = monitor_common::tcp_state::CLOSE;
+            cause(&from_raw(&raw).unwrap(), &reasons)
+        };
+        assert_eq!(closed, "linger_zero_abort");
+        assert_eq!(sent(20, 0, 1), "tcp_invalid_syn");
+        // A kernel without reasons: the socket tells.
+        assert_eq!(
+            cause(
+                &from_raw(&{
+                    let mut r = raw_reset(0);
+                    r.hook = hook::SEND_RESET;
+                    r.skaddr = 0;
+                    r
+                })
+                .unwrap(),
+                &HashMap::new()
+            ),
+            "no_socket"
+        );
+        let received = |state: u8| {
+            let mut raw = raw_reset(0);
+            raw.old_state = state;
+            cause(&from_raw(&raw).unwrap(), &reasons)
+        };
+        use monitor_common::tcp_state::*;
+        assert_eq!(received(SYN_SENT), "connection_refused");
+        assert_eq!(received(ESTABLISHED), "reset_while_established");
+        assert_eq!(received(CLOSE_WAIT), "reset_during_close");
     }
 
     #[test]

@@ -165,7 +165,31 @@ impl KernelBtf {
             fdt_fd: self.scalar("fdtable", &["fd"], 8)?,
             file_private_data: self.scalar("file", &["private_data"], 8)?,
             socket_sk: self.scalar("socket", &["sk"], 8)?,
+            sk_err: self.scalar("sock", &["sk_err"], 4)?,
         })
+    }
+}
+
+impl KernelBtf {
+    /// Value → name of an enum (e.g. `sk_rst_reason`, whose values differ between kernels);
+    /// empty if this kernel has no such enum.
+    pub fn enum_names(&self, name: &str) -> std::collections::HashMap<u32, String> {
+        let Ok(types) = self.btf.resolve_types_by_name(name) else {
+            return Default::default();
+        };
+        types
+            .into_iter()
+            .find_map(|ty| match ty {
+                Type::Enum(e) => Some(e),
+                _ => None,
+            })
+            .map(|e| {
+                e.members
+                    .iter()
+                    .filter_map(|m| Some((m.val(), self.btf.resolve_name(m).ok()?)))
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 }
 

@@ -115,6 +115,8 @@ pub struct Probes {
     lost: PerCpuArray<MapData, u64>,
     pub layout: KernelLayout,
     pub warnings: Vec<String>,
+    /// `enum sk_rst_reason` of this kernel: value → name (empty before Linux 6.10).
+    pub rst_reasons: std::collections::HashMap<u32, String>,
 }
 
 impl Probes {
@@ -129,8 +131,13 @@ impl Probes {
         check_privileges(read_effective_caps()?)?;
         raise_memlock_rlimit();
         let tracefs = tracefs::locate(options.tracefs.as_deref())?;
-        let kernel_btf = btf::KernelBtf::open(&options.btf)?;
-        let layout = kernel_btf.kernel_layout(btf::kernel_hz()?)?;
+        // Parsed vmlinux BTF is tens of MiB; drop it before aya parses its own copy, so the
+        // two never add up in the daemon's peak memory.
+        let (layout, rst_reasons) = {
+            let kernel_btf = btf::KernelBtf::open(&options.btf)?;
+            let layout = kernel_btf.kernel_layout(btf::kernel_hz()?)?;
+            (layout, kernel_btf.enum_names("sk_rst_reason"))
+        };
         let layouts = TracepointLayouts::read(&tracefs)?;
 
         let mut loader = EbpfLoader::new();
@@ -181,6 +188,7 @@ impl Probes {
             lost,
             layout,
             warnings,
+            rst_reasons,
         };
         Ok((probes, events))
     }

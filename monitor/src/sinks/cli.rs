@@ -40,6 +40,16 @@ pub fn format_ms(ms: u64) -> String {
 
 /// What the kind-specific fields say, in words.
 fn detail(report: &Report) -> String {
+    if let Some(cause) = &report.cause {
+        return format!("cause: {cause}");
+    }
+    if let (None, Some(error)) = (report.op, report.error) {
+        // What matters for a silent death is how long the peer had been silent.
+        let silent = report.since_recv_ms.map_or_else(String::new, |ms| {
+            format!(", nothing from the peer for {}", format_ms(ms as u64))
+        });
+        return format!("killed by the kernel: {error}{silent}; no RST or FIN arrived");
+    }
     if let (Some(op), Some(error)) = (report.op, report.error) {
         let (since, end) = match (report.since_reset_ms, report.since_close_ms) {
             (Some(ms), _) => (ms, "reset"),

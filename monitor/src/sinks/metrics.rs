@@ -47,6 +47,8 @@ pub struct Who {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindWho {
     pub kind: String,
+    /// Why the RST happened (bounded: a fixed vocabulary).
+    pub cause: String,
     #[prometheus(flatten)]
     pub who: Who,
 }
@@ -110,6 +112,7 @@ impl Fold for KindWho {
     fn folded(&self) -> Self {
         KindWho {
             kind: self.kind.clone(),
+            cause: self.cause.clone(),
             who: self.who.folded(),
         }
     }
@@ -190,8 +193,11 @@ pub struct Metrics {
     write_after: Capped<ErrorWho, Counter>,
     close_wait_lingering: Capped<Who, Counter>,
     request_stalled: Capped<Who, Counter>,
+    deaths: Capped<ErrorWho, Counter>,
     pool_sockets: Capped<PoolLabels, Gauge>,
     transitions: Family<Transition, Counter>,
+    /// Counter handles per (from, to): labels are built once, not per event.
+    transition_counters: HashMap<(u8, u8), Counter>,
     sockets: Family<StateLabel, Gauge>,
     events: Counter,
     undecodable: Counter,
@@ -222,8 +228,10 @@ impl Metrics {
             write_after: Capped::new("connwatch_write_after_peer_end", Family::default()),
             close_wait_lingering: Capped::new("connwatch_close_wait_lingering", Family::default()),
             request_stalled: Capped::new("connwatch_request_stalled", Family::default()),
+            deaths: Capped::new("connwatch_idle_timeout_deaths", Family::default()),
             pool_sockets: Capped::new("connwatch_pool_sockets", Family::default()),
             transitions: Family::default(),
+            transition_counters: HashMap::new(),
             sockets: Family::default(),
             events: Counter::default(),
             undecodable: Counter::default(),
@@ -269,6 +277,11 @@ impl Metrics {
                 &metrics.request_stalled.family,
                 "connwatch_request_stalled",
                 "Requests sent and acknowledged that got no answer within the stall threshold",
+            ),
+            (
+                &metrics.deaths.family,
+                "connwatch_idle_timeout_deaths",
+                "Connections the kernel killed with no RST or FIN (timeouts, unreachable), by error",
             ),
             (
                 &metrics.pool_sockets.family,
@@ -320,10 +333,16 @@ impl Metrics {
     pub fn event(&mut self, event: &Event) {
         self.events.inc();
         if event.hook == Hook::StateChange {
-            self.transitions
-                .get_or_create(&Transition {
-                    from: event.old_state.name().into(),
-                    to: event.new_state.name().into(),
+            let transitions = &self.transitions;
+            self.transition_counters
+                .entry((event.old_state.0, event.new_state.0))
+                .or_insert_with(|| {
+                    transitions
+                        .get_or_create(&Transition {
+                            from: event.old_state.name().into(),
+                            to: event.new_state.name().into(),
+                        })
+                        .clone()
                 })
                 .inc();
         }
@@ -337,6 +356,7 @@ impl Metrics {
             Kind::PeerResetIdle | Kind::PeerReset | Kind::LocalReset => {
                 let labels = KindWho {
                     kind: finding.kind.as_str().into(),
+                    cause: finding.cause.clone().unwrap_or_default(),
                     who: who.clone(),
                 };
                 let labels = self.resets.admit(labels, max, &self.overflow);
@@ -378,6 +398,15 @@ impl Metrics {
             Kind::RequestStalled => {
                 let labels = self.request_stalled.admit(who, max, &self.overflow);
                 self.request_stalled.family.get_or_create(&labels).inc();
+            }
+            Kind::IdleTimeoutDeath => {
+                let labels = ErrorWho {
+                    kind: finding.kind.as_str().into(),
+                    error: crate::events::errno_name(finding.event.sk_err).into(),
+                    who,
+                };
+                let labels = self.deaths.admit(labels, max, &self.overflow);
+                self.deaths.family.get_or_create(&labels).inc();
             }
             Kind::StateChange => {}
         }
@@ -498,7 +527,7 @@ mod tests {
         let text = encode(&registry);
         assert!(
             text.contains(
-                r#"connwatch_resets_total{kind="peer_reset_idle",comm="psql",namespace="",pod="",remote_port="5432"} 1"#
+                r#"connwatch_resets_total{kind="peer_reset_idle",cause="",comm="psql",namespace="",pod="",remote_port="5432"} 1"#
             ),
             "{text}"
         );
@@ -563,12 +592,14 @@ mod tests {
             max_idle_ms: 5000,
             connects_per_min: 0,
             resets_per_min: 0,
+            deaths_per_min: 0,
         }]);
         let config = DetectConfig {
             idle_threshold: std::time::Duration::from_secs(1),
             close_wait_threshold: std::time::Duration::from_secs(30),
             stall_threshold: std::time::Duration::from_secs(10),
             max_sockets: 64,
+            rst_reasons: Default::default(),
             state_changes: false,
         };
         let hosts = HostPaths {
@@ -612,10 +643,10 @@ mod tests {
             .filter(|l| l.starts_with("connwatch_resets_total"))
             .collect();
         assert_eq!(resets.len(), 3, "two admitted series and other: {resets:?}");
-        assert!(text.contains(r#"connwatch_resets_total{kind="peer_reset_idle",comm="other",namespace="other",pod="other",remote_port="other"} 2"#), "{text}");
+        assert!(text.contains(r#"connwatch_resets_total{kind="peer_reset_idle",cause="",comm="other",namespace="other",pod="other",remote_port="other"} 2"#), "{text}");
         assert!(
             text.contains(
-                r#"connwatch_resets_total{kind="peer_reset_idle",comm="a",namespace="",pod="",remote_port="5432"} 2"#
+                r#"connwatch_resets_total{kind="peer_reset_idle",cause="",comm="a",namespace="",pod="",remote_port="5432"} 2"#
             ),
             "{text}"
         );

@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use crate::{
     detect::{Finding, Kind},
-    events::{IoOp, PeerEnd},
+    events::{IoOp, PeerEnd, errno_name},
     sockets::workload::Workload,
 };
 
@@ -94,6 +94,9 @@ pub struct Report {
     /// request_stalled: time since the request was sent with no answer.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stalled_ms: Option<u64>,
+    /// Resets: why the RST was sent or received (see README, "Reset causes").
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cause: Option<String>,
     /// `cgroup`, and `container`, `pod_uid`, `pod`, `namespace` when known.
     #[serde(flatten)]
     pub workload: Workload,
@@ -135,12 +138,17 @@ impl Report {
                 IoOp::Send => "send",
                 IoOp::Recv => "recv",
             }),
-            errno: io.map(|io| io.errno()),
-            error: io.map(|io| io.outcome()),
+            errno: io
+                .map(|io| io.errno())
+                .or((finding.kind == Kind::IdleTimeoutDeath).then_some(event.sk_err)),
+            error: io
+                .map(|io| io.outcome())
+                .or((finding.kind == Kind::IdleTimeoutDeath).then(|| errno_name(event.sk_err))),
             since_reset_ms: since(PeerEnd::Reset),
             since_close_ms: since(PeerEnd::Fin),
             age_ms: finding.age_ms,
             stalled_ms: finding.stalled_ms,
+            cause: finding.cause.clone(),
             workload: finding.workload.clone(),
         }
     }
@@ -191,6 +199,7 @@ mod tests {
             age_ms: None,
             stalled_ms: None,
             workload: Workload::default(),
+            cause: None,
         };
         let report = Report::new(&finding, &WallClock::now());
         assert_eq!(report.kind, "peer_reset_idle");

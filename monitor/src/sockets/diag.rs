@@ -13,7 +13,10 @@ use netlink_packet_sock_diag::{
 };
 use netlink_sys::{Socket, SocketAddr as NetlinkAddr, protocols::NETLINK_SOCK_DIAG};
 
-use crate::events::TcpState;
+use std::collections::HashMap;
+
+use super::process::ProcIndex;
+use crate::events::{Task, TcpState};
 
 /// What `tcp_info` says about recent traffic, in milliseconds ago.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,6 +46,25 @@ impl DiagSocket {
         let a = self.activity?;
         Some(a.last_data_sent_ms.min(a.last_data_recv_ms) as u64)
     }
+}
+
+/// A socket list with each socket's process, taken off the event loop.
+pub struct Snapshot {
+    pub sockets: Vec<DiagSocket>,
+    /// Socket inode → the process holding it, from one /proc scan.
+    pub owners: HashMap<u64, Task>,
+}
+
+/// Lists the sockets and resolves their owners: the slow part of a refresh (a netlink dump
+/// and a walk of every process's fds), done on a thread of its own.
+pub fn take_snapshot(processes: &mut ProcIndex) -> Result<Snapshot> {
+    let sockets = dump_tcp()?;
+    let owners = sockets
+        .iter()
+        .filter(|s| s.inode != 0)
+        .filter_map(|s| Some((s.inode, processes.owner_of(s.inode)?)))
+        .collect();
+    Ok(Snapshot { sockets, owners })
 }
 
 /// Every TCP socket in this network namespace, IPv4 and IPv6.
@@ -141,12 +163,15 @@ mod tests {
         let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let _server = listener.accept().unwrap();
         let sockets = dump_tcp().unwrap();
+        // The full 4-tuple: an older connection from the same port may linger in TIME_WAIT.
         let own = sockets
             .iter()
-            .find(|s| s.local == client.local_addr().unwrap())
+            .find(|s| {
+                s.local == client.local_addr().unwrap()
+                    && s.remote == listener.local_addr().unwrap()
+                    && s.state.name() == "ESTABLISHED"
+            })
             .expect("client socket listed");
-        assert_eq!(own.state.name(), "ESTABLISHED");
-        assert_eq!(own.remote, listener.local_addr().unwrap());
         assert_ne!(own.inode, 0);
         assert!(own.activity.is_some());
         let listening = sockets

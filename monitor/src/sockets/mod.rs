@@ -117,9 +117,9 @@ impl SocketTable {
         Some(entry)
     }
 
-    /// The process holding socket `inode` (through /proc).
-    pub fn owner_of_inode(&mut self, inode: u64) -> Option<Task> {
-        self.processes.owner_of(inode)
+    /// Owners a snapshot resolved, so events on those sockets need no /proc scan.
+    pub fn learn_owners(&mut self, owners: &HashMap<u64, Task>) {
+        self.processes.learn(owners);
     }
 
     /// Open sockets by state: the `connwatch_sockets` gauge.

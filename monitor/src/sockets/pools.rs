@@ -82,12 +82,15 @@ pub struct Pool {
     pub max_idle_ms: u64,
     pub connects_per_min: u32,
     pub resets_per_min: u32,
+    /// idle_timeout_death over the last minute.
+    pub deaths_per_min: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Happened {
     Connect,
     Reset,
+    Death,
 }
 
 /// Who to charge a connect or reset to; pid 0 when the owner is not known yet (a passive
@@ -118,6 +121,7 @@ impl PoolTracker {
                 Happened::Connect
             }
             (Hook::ReceiveReset | Hook::SendReset, _) => Happened::Reset,
+            _ if crate::detect::death::classify(event).is_some() => Happened::Death,
             _ => return,
         };
         let (direction, endpoint) = if event.old_state.name() == "SYN_RECV" {
@@ -178,6 +182,7 @@ impl PoolTracker {
                     max_idle_ms: 0,
                     connects_per_min: 0,
                     resets_per_min: 0,
+                    deaths_per_min: 0,
                 });
             pool.total += 1;
             if socket.state == TcpState(monitor_common::tcp_state::ESTABLISHED) {
@@ -207,6 +212,7 @@ impl PoolTracker {
             };
             pool.connects_per_min = count(pid, Happened::Connect);
             pool.resets_per_min = count(pid, Happened::Reset);
+            pool.deaths_per_min = count(pid, Happened::Death);
             if direction == Direction::Inbound {
                 // Accepted sockets are counted before accept() names their owner.
                 pool.connects_per_min += count(0, Happened::Connect);

@@ -44,6 +44,13 @@ impl ProcIndex {
         self.by_inode.get(&inode).cloned()
     }
 
+    /// Adds owners found elsewhere (a snapshot's own scan) to the cache.
+    pub fn learn(&mut self, owners: &HashMap<u64, Task>) {
+        for (inode, task) in owners {
+            self.by_inode.insert(*inode, task.clone());
+        }
+    }
+
     fn rescan(&mut self) {
         self.last_scan = Some(Instant::now());
         self.by_inode.clear();

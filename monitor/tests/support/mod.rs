@@ -2,6 +2,7 @@
 //! this kernel) and drive real sockets at it.
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod netns;
 pub mod postgres;
 
 use std::{
