@@ -3,7 +3,7 @@ mod support;
 
 use std::{
     io::{Read, Write},
-    net::{Shutdown, TcpListener, TcpStream},
+    net::{Shutdown, TcpStream},
     thread,
     time::Duration,
 };
@@ -88,17 +88,7 @@ fn ss_kill() {
     let (listener, server_port, watch) = watched_listener("127.0.0.1:0", &[]);
     let pair = Pair::connect(&listener, "cw-destroyed");
     let client_port = pair.client_port();
-    run(
-        "ss",
-        &[
-            "-K",
-            "state",
-            "established",
-            "sport",
-            "=",
-            &format!(":{server_port}"),
-        ],
-    );
+    kill_established(None, server_port);
     watch.wait_for("the reset", |events| {
         count(events, "peer_reset", client_port) >= 1
     });
@@ -138,9 +128,7 @@ fn data_after_shutdown() {
 #[test]
 fn stray_segment_after_the_server_forgot() {
     let hosts = Hosts::create();
-    let listener: TcpListener = Hosts::on(&hosts.server, "cw-srv-ns", || {
-        TcpListener::bind((SERVER_ADDR, 0)).unwrap()
-    });
+    let listener = hosts.server_listener();
     let server_port = listener.local_addr().unwrap().port();
     let watch = Watch::start(&["--port", &server_port.to_string()]);
     let mut client: TcpStream = Hosts::on(&hosts.client, "cw-stray", move || {
@@ -178,9 +166,7 @@ fn stray_segment_after_the_server_forgot() {
 #[test]
 fn a_connection_the_network_dropped_dies_of_timeout() {
     let hosts = Hosts::create();
-    let listener: TcpListener = Hosts::on(&hosts.server, "cw-srv-ns", || {
-        TcpListener::bind((SERVER_ADDR, 0)).unwrap()
-    });
+    let listener = hosts.server_listener();
     let server_port = listener.local_addr().unwrap().port();
     // A healthy idle connection on loopback, watched too: it must stay quiet.
     let (healthy_listener, healthy_port) = listen("127.0.0.1:0");

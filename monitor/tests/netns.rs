@@ -4,7 +4,7 @@ mod support;
 
 use std::{
     io::{Read, Write},
-    net::{TcpListener, TcpStream},
+    net::TcpStream,
     thread,
     time::Duration,
 };
@@ -14,9 +14,7 @@ use support::{netns::*, *};
 #[test]
 fn ss_kill_across_veth_is_an_idle_reset() {
     let hosts = Hosts::create();
-    let listener: TcpListener = Hosts::on(&hosts.server, "cw-srv-ns", || {
-        TcpListener::bind((SERVER_ADDR, 0)).unwrap()
-    });
+    let listener = hosts.server_listener();
     let server_port = listener.local_addr().unwrap().port();
     let watch = Watch::start(&["--port", &server_port.to_string()]);
 
@@ -31,21 +29,7 @@ fn ss_kill_across_veth_is_an_idle_reset() {
     thread::sleep(Duration::from_secs(2));
 
     // Destroy the server's established socket from inside the server host.
-    run(
-        "ip",
-        &[
-            "netns",
-            "exec",
-            &hosts.server,
-            "ss",
-            "-K",
-            "state",
-            "established",
-            "sport",
-            "=",
-            &format!(":{server_port}"),
-        ],
-    );
+    kill_established(Some(&hosts.server), server_port);
     watch.wait_for("peer_reset_idle across veth", |events| {
         count(events, "peer_reset_idle", client_port) >= 1
             && count(events, "local_reset", server_port) >= 1

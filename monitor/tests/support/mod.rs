@@ -407,6 +407,24 @@ pub fn wait_for_body(url: &str, needle: &str) -> String {
     }
 }
 
+/// `ss -K` on the established sockets with local port `port`, in `netns` if given.
+pub fn kill_established(netns: Option<&str>, port: u16) {
+    let filter = format!(":{port}");
+    let ss = [
+        "ss",
+        "-K",
+        "state",
+        "established",
+        "sport",
+        "=",
+        filter.as_str(),
+    ];
+    match netns {
+        Some(ns) => run("ip", &[&["netns", "exec", ns][..], &ss].concat()),
+        None => run(ss[0], &ss[1..]),
+    };
+}
+
 /// Runs a command and panics with its output if it fails.
 pub fn run(program: &str, args: &[&str]) -> String {
     let output = Command::new(program)

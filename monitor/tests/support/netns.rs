@@ -56,6 +56,13 @@ impl Hosts {
         hosts
     }
 
+    /// A listener on the server host.
+    pub fn server_listener(&self) -> std::net::TcpListener {
+        Hosts::on(&self.server, "cw-srv-ns", || {
+            std::net::TcpListener::bind((SERVER_ADDR, 0)).unwrap()
+        })
+    }
+
     /// Runs `body` on a thread that lives in namespace `ns`; sockets it creates live there.
     pub fn on<T: Send + 'static>(
         ns: &str,
