@@ -234,7 +234,7 @@ fn pool_gauges_follow_the_sockets() {
     // Pools are attributed through /proc: the process name, not the thread's.
     let comm = fs::read_to_string("/proc/self/comm").unwrap();
     let series = format!(
-        r#"connwatch_pool_sockets{{direction="outbound",state="established",comm="{}",namespace="",pod="",remote_port="ephemeral"}} 3"#,
+        r#"connwatch_pool_sockets{{direction="outbound",state="established",comm="{}",namespace="",pod="",container="",remote_port="ephemeral"}} 3"#,
         comm.trim()
     );
     let deadline = Instant::now() + EVENT_TIMEOUT;

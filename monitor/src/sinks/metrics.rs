@@ -37,9 +37,11 @@ pub const OTHER: &str = "other";
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Who {
     pub comm: String,
-    /// Kubernetes namespace and pod when the process runs in one, else empty.
+    /// Kubernetes namespace, pod and container (12-character id) when the process runs in
+    /// one, else empty. Container ids change on every restart: the series cap bounds them.
     pub namespace: String,
     pub pod: String,
+    pub container: String,
     /// The peer's port when it is a server port; `ephemeral` or `none` otherwise.
     pub remote_port: String,
 }
@@ -103,6 +105,7 @@ impl Fold for Who {
             comm: OTHER.into(),
             namespace: OTHER.into(),
             pod: OTHER.into(),
+            container: OTHER.into(),
             remote_port: OTHER.into(),
         }
     }
@@ -421,6 +424,7 @@ impl Metrics {
                 comm: pool.comm.clone(),
                 namespace: String::new(),
                 pod: String::new(),
+                container: String::new(),
                 remote_port: port_label(pool.endpoint.port(), &self.ephemeral_ports),
             };
             for (state, count) in [
@@ -475,6 +479,12 @@ impl Metrics {
                 .map_or_else(|| "unknown".into(), |owner| owner.comm.clone()),
             namespace: finding.workload.namespace.clone().unwrap_or_default(),
             pod: finding.workload.pod.clone().unwrap_or_default(),
+            container: finding
+                .workload
+                .container
+                .as_deref()
+                .map(|id| id.chars().take(12).collect())
+                .unwrap_or_default(),
             remote_port: port_label(finding.event.remote.port(), &self.ephemeral_ports),
         }
     }
@@ -527,21 +537,21 @@ mod tests {
         let text = encode(&registry);
         assert!(
             text.contains(
-                r#"connwatch_resets_total{kind="peer_reset_idle",cause="",comm="psql",namespace="",pod="",remote_port="5432"} 1"#
+                r#"connwatch_resets_total{kind="peer_reset_idle",cause="",comm="psql",namespace="",pod="",container="",remote_port="5432"} 1"#
             ),
             "{text}"
         );
         assert!(
-            text.contains(r#"connwatch_peer_reset_idle_seconds_bucket{le="60.0",comm="psql",namespace="",pod="",remote_port="5432"} 0"#),
+            text.contains(r#"connwatch_peer_reset_idle_seconds_bucket{le="60.0",comm="psql",namespace="",pod="",container="",remote_port="5432"} 0"#),
             "{text}"
         );
         assert!(
-            text.contains(r#"connwatch_peer_reset_idle_seconds_bucket{le="120.0",comm="psql",namespace="",pod="",remote_port="5432"} 1"#),
+            text.contains(r#"connwatch_peer_reset_idle_seconds_bucket{le="120.0",comm="psql",namespace="",pod="",container="",remote_port="5432"} 1"#),
             "{text}"
         );
         assert!(
             text.contains(
-                r#"connwatch_peer_reset_idle_seconds_sum{comm="psql",namespace="",pod="",remote_port="5432"} 90.0"#
+                r#"connwatch_peer_reset_idle_seconds_sum{comm="psql",namespace="",pod="",container="",remote_port="5432"} 90.0"#
             ),
             "{text}"
         );
@@ -632,6 +642,22 @@ mod tests {
     }
 
     #[test]
+    fn workload_labels_when_known() {
+        let (mut metrics, registry) = Metrics::new(100, 32768..=60999, "k");
+        let mut finding = idle_reset("api", 2000);
+        finding.workload.namespace = Some("payments".into());
+        finding.workload.pod = Some("api-7d9f8b6c5-x2x9z".into());
+        finding.workload.container =
+            Some("5e1f7c3a9b2d4e6f8a0b1c3d5e7f9a1b3c5d7e9f1a3b5c7d9e1f3a5b7c9d1e3f".into());
+        metrics.finding(&finding);
+        let text = encode(&registry);
+        assert!(
+            text.contains(r#"comm="api",namespace="payments",pod="api-7d9f8b6c5-x2x9z",container="5e1f7c3a9b2d",remote_port="5432""#),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn cardinality_cap_folds_into_other() {
         let (mut metrics, registry) = Metrics::new(2, 32768..=60999, "k");
         for comm in ["a", "b", "c", "d", "a"] {
@@ -643,10 +669,10 @@ mod tests {
             .filter(|l| l.starts_with("connwatch_resets_total"))
             .collect();
         assert_eq!(resets.len(), 3, "two admitted series and other: {resets:?}");
-        assert!(text.contains(r#"connwatch_resets_total{kind="peer_reset_idle",cause="",comm="other",namespace="other",pod="other",remote_port="other"} 2"#), "{text}");
+        assert!(text.contains(r#"connwatch_resets_total{kind="peer_reset_idle",cause="",comm="other",namespace="other",pod="other",container="other",remote_port="other"} 2"#), "{text}");
         assert!(
             text.contains(
-                r#"connwatch_resets_total{kind="peer_reset_idle",cause="",comm="a",namespace="",pod="",remote_port="5432"} 2"#
+                r#"connwatch_resets_total{kind="peer_reset_idle",cause="",comm="a",namespace="",pod="",container="",remote_port="5432"} 2"#
             ),
             "{text}"
         );
