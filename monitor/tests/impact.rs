@@ -72,6 +72,29 @@ fn write_after_idle_reset() {
 }
 
 #[test]
+fn no_write_after_leaves_the_send_recv_hooks_out() {
+    let (listener, _, watch) = watched_listener("127.0.0.1:0", &["--no-write-after"]);
+    let pair = Pair::connect(&listener, "cw-pool-conn");
+    let client_port = pair.client_port();
+    thread::sleep(Duration::from_millis(1200));
+    let client = pair.reset_from_server();
+    thread::sleep(Duration::from_millis(200));
+    call_in_thread("cw-query", client, write_then_read);
+    sync_with_sentinel(&listener, &watch);
+    let events = watch.stop().events;
+    assert_eq!(
+        count(&events, "peer_reset_idle", client_port),
+        1,
+        "{events:#?}"
+    );
+    assert_eq!(
+        count(&events, "write_after_reset", client_port),
+        0,
+        "{events:#?}"
+    );
+}
+
+#[test]
 fn write_after_idle_fin() {
     let (listener, _, watch) = watched_listener("127.0.0.1:0", &[]);
     let pair = Pair::connect(&listener, "cw-pool-conn");

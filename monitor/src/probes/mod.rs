@@ -25,6 +25,10 @@ pub struct ProbeOptions {
     /// tracefs mount to read tracepoint formats from (found or mounted when not given).
     #[arg(long, env = "CONNWATCH_TRACEFS", value_name = "PATH")]
     pub tracefs: Option<PathBuf>,
+    /// Do not hook every send/recv (no write_after_reset / write_after_close): for nodes
+    /// where that per-call cost matters more (see BENCHMARKS.md).
+    #[arg(long, env = "CONNWATCH_NO_WRITE_AFTER")]
+    pub no_write_after: bool,
     /// Ring buffer size in bytes: a power of two, at least one page.
     #[arg(long, value_name = "BYTES", default_value_t = 4 << 20, value_parser = parse_ring_size)]
     pub ring_buffer_size: u32,
@@ -160,6 +164,10 @@ impl Probes {
 
         let mut warnings = Vec::new();
         for hook in HOOKS {
+            if options.no_write_after && hook.category == "sock" && hook.name.ends_with("_length") {
+                // Opted out: these fire on every send/recv on the host.
+                continue;
+            }
             let present = tracefs
                 .join("events")
                 .join(hook.category)
