@@ -20,8 +20,9 @@ pub const CONNWATCH: &str = env!("CARGO_BIN_EXE_connwatch");
 
 /// How long connwatch may take to load and attach (the verifier, BTF parsing).
 const START_TIMEOUT: Duration = Duration::from_secs(60);
-/// How long an expected event may take to show up.
-pub const EVENT_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long an expected event may take to show up: an upper bound for a loaded machine
+/// (tests move on as soon as their events arrive).
+pub const EVENT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A running `connwatch watch --json`.
 pub struct Watch {
