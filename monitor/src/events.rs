@@ -439,21 +439,7 @@ pub(crate) mod tests {
 
     #[test]
     fn pipeline_counts_and_skips_corrupt_records() {
-        let config = crate::detect::DetectConfig {
-            idle_threshold: std::time::Duration::from_secs(1),
-            close_wait_threshold: std::time::Duration::from_secs(30),
-            stall_threshold: std::time::Duration::from_secs(10),
-            max_sockets: 64,
-            rst_reasons: Default::default(),
-            state_changes: false,
-        };
-        let hosts = crate::pipeline::HostPaths {
-            proc: "/nonexistent".into(),
-            root: "/nonexistent".into(),
-            pod_logs: None,
-            kubelet_url: None,
-        };
-        let mut pipeline = crate::pipeline::Pipeline::new(&config, &hosts);
+        let mut pipeline = crate::pipeline::Pipeline::for_tests();
         assert!(pipeline.record(&[0u8; 7]).is_err());
         let mut bad_hook = raw_reset(5000);
         bad_hook.hook = 200;

@@ -165,6 +165,28 @@ impl Pipeline {
     }
 }
 
+#[cfg(test)]
+impl Pipeline {
+    /// Default thresholds, small tables, and host paths that find nothing.
+    pub fn for_tests() -> Pipeline {
+        let config = DetectConfig {
+            idle_threshold: std::time::Duration::from_secs(1),
+            close_wait_threshold: std::time::Duration::from_secs(30),
+            stall_threshold: std::time::Duration::from_secs(10),
+            max_sockets: 64,
+            rst_reasons: Default::default(),
+            state_changes: false,
+        };
+        let hosts = HostPaths {
+            proc: "/nonexistent".into(),
+            root: "/nonexistent".into(),
+            pod_logs: None,
+            kubelet_url: None,
+        };
+        Pipeline::new(&config, &hosts)
+    }
+}
+
 /// A snapshot's socket as an [`Event`], so findings from snapshots report like any other.
 fn snapshot_event(socket: &DiagSocket, owner: Option<Task>, mono_now_ns: u64) -> Event {
     Event {

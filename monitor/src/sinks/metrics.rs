@@ -566,10 +566,7 @@ mod tests {
     /// Families without series are not printed, so every one is exercised before checking.
     #[test]
     fn every_family_is_exported() {
-        use crate::{
-            detect::DetectConfig, events::tests::raw_send_after_reset, pipeline::HostPaths,
-            sockets::pools::Direction,
-        };
+        use crate::{events::tests::raw_send_after_reset, sockets::pools::Direction};
         let (mut metrics, registry) = Metrics::new(100, 32768..=60999, "k");
         for kind in [
             Kind::PeerResetIdle,
@@ -604,21 +601,7 @@ mod tests {
             resets_per_min: 0,
             deaths_per_min: 0,
         }]);
-        let config = DetectConfig {
-            idle_threshold: std::time::Duration::from_secs(1),
-            close_wait_threshold: std::time::Duration::from_secs(30),
-            stall_threshold: std::time::Duration::from_secs(10),
-            max_sockets: 64,
-            rst_reasons: Default::default(),
-            state_changes: false,
-        };
-        let hosts = HostPaths {
-            proc: "/proc".into(),
-            root: "/".into(),
-            pod_logs: None,
-            kubelet_url: None,
-        };
-        metrics.tick(&Pipeline::new(&config, &hosts));
+        metrics.tick(&Pipeline::for_tests());
         metrics.lost(1);
         let text = encode(&registry);
         for family in [
