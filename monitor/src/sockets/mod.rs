@@ -23,6 +23,29 @@ pub struct SocketEntry {
     pub closed_ns: Option<u64>,
 }
 
+/// Lets an expensive lookup (a /proc walk, a cgroupfs walk, a kubelet request) run at most
+/// once per interval, however many misses ask for it.
+#[derive(Debug)]
+pub struct Throttle {
+    every: std::time::Duration,
+    last: Option<std::time::Instant>,
+}
+
+impl Throttle {
+    pub const fn new(every: std::time::Duration) -> Throttle {
+        Throttle { every, last: None }
+    }
+
+    /// True, and the interval restarts, when the last run is at least `every` ago.
+    pub fn ready(&mut self) -> bool {
+        if self.last.is_some_and(|at| at.elapsed() < self.every) {
+            return false;
+        }
+        self.last = Some(std::time::Instant::now());
+        true
+    }
+}
+
 /// Makes room in a table bounded to `max` entries before an insert: first drops entries
 /// `expendable` says can go, then, if still full, an arbitrary sixteenth of the table, so the
 /// full pass is paid once per `max / 16` inserts. Returns how many were evicted.
@@ -160,6 +183,15 @@ mod tests {
     fn table() -> SocketTable {
         // A /proc with no processes: attribution must come from the events.
         SocketTable::new(std::env::temp_dir().join("connwatch-no-such-proc"), 1000)
+    }
+
+    #[test]
+    fn throttle_runs_once_per_interval() {
+        let mut throttle = Throttle::new(std::time::Duration::from_secs(3600));
+        assert!(throttle.ready());
+        assert!(!throttle.ready());
+        let mut always = Throttle::new(std::time::Duration::ZERO);
+        assert!(always.ready() && always.ready());
     }
 
     #[test]

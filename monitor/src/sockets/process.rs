@@ -1,12 +1,8 @@
 //! Socket inode → process, through /proc: the fallback for sockets whose owner the kernel
 //! programs never saw (opened before connwatch started, or accepted without accept()).
-use std::{
-    collections::HashMap,
-    fs,
-    path::PathBuf,
-    time::{Duration, Instant},
-};
+use std::{collections::HashMap, fs, path::PathBuf, time::Duration};
 
+use super::Throttle;
 use crate::events::Task;
 
 /// A whole-/proc scan costs one readlink per open fd on the host, so rescan at most this often.
@@ -15,7 +11,7 @@ const RESCAN_INTERVAL: Duration = Duration::from_secs(1);
 pub struct ProcIndex {
     proc_root: PathBuf,
     by_inode: HashMap<u64, Task>,
-    last_scan: Option<Instant>,
+    rescans: Throttle,
 }
 
 impl ProcIndex {
@@ -23,7 +19,7 @@ impl ProcIndex {
         ProcIndex {
             proc_root,
             by_inode: HashMap::new(),
-            last_scan: None,
+            rescans: Throttle::new(RESCAN_INTERVAL),
         }
     }
 
@@ -35,10 +31,7 @@ impl ProcIndex {
         if let Some(task) = self.by_inode.get(&inode) {
             return Some(task.clone());
         }
-        let due = self
-            .last_scan
-            .is_none_or(|at| at.elapsed() >= RESCAN_INTERVAL);
-        if due {
+        if self.rescans.ready() {
             self.rescan();
         }
         self.by_inode.get(&inode).cloned()
@@ -52,7 +45,6 @@ impl ProcIndex {
     }
 
     fn rescan(&mut self) {
-        self.last_scan = Some(Instant::now());
         self.by_inode.clear();
         let Ok(entries) = fs::read_dir(&self.proc_root) else {
             return;

@@ -6,10 +6,12 @@ use std::{
     fs,
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use serde::Serialize;
+
+use super::Throttle;
 
 /// Rescans of cgroupfs and the pod log directory are rate-limited to this.
 const RESCAN_INTERVAL: Duration = Duration::from_secs(1);
@@ -99,10 +101,10 @@ pub struct WorkloadResolver {
     pod_logs: PathBuf,
     paths: HashMap<u64, String>,
     pods: HashMap<String, (String, String)>,
-    last_cgroup_scan: Option<Instant>,
-    last_pod_scan: Option<Instant>,
+    cgroup_scans: Throttle,
+    pod_scans: Throttle,
     kubelet_url: Option<String>,
-    last_kubelet: Option<Instant>,
+    kubelet_requests: Throttle,
     warned_kubelet: bool,
 }
 
@@ -119,10 +121,10 @@ impl WorkloadResolver {
             pod_logs: pod_logs.unwrap_or_else(|| host_root.join("var/log/pods")),
             paths: HashMap::new(),
             pods: HashMap::new(),
-            last_cgroup_scan: None,
-            last_pod_scan: None,
+            cgroup_scans: Throttle::new(RESCAN_INTERVAL),
+            pod_scans: Throttle::new(RESCAN_INTERVAL),
             kubelet_url: None,
-            last_kubelet: None,
+            kubelet_requests: Throttle::new(KUBELET_INTERVAL),
             warned_kubelet: false,
         }
     }
@@ -161,13 +163,9 @@ impl WorkloadResolver {
             return Some(path.clone());
         }
         let root = self.cgroup_root.clone()?;
-        if self
-            .last_cgroup_scan
-            .is_some_and(|at| at.elapsed() < RESCAN_INTERVAL)
-        {
+        if !self.cgroup_scans.ready() {
             return None;
         }
-        self.last_cgroup_scan = Some(Instant::now());
         if self.paths.len() > CACHE_LIMIT {
             self.paths.clear();
         }
@@ -205,13 +203,9 @@ impl WorkloadResolver {
         if let Some(found) = self.pods.get(uid) {
             return Some(found.clone());
         }
-        if self
-            .last_pod_scan
-            .is_some_and(|at| at.elapsed() < RESCAN_INTERVAL)
-        {
+        if !self.pod_scans.ready() {
             return None;
         }
-        self.last_pod_scan = Some(Instant::now());
         if self.pods.len() > CACHE_LIMIT {
             self.pods.clear();
         }
@@ -235,13 +229,9 @@ impl WorkloadResolver {
         let Some(url) = self.kubelet_url.clone() else {
             return;
         };
-        if self
-            .last_kubelet
-            .is_some_and(|at| at.elapsed() < KUBELET_INTERVAL)
-        {
+        if !self.kubelet_requests.ready() {
             return;
         }
-        self.last_kubelet = Some(Instant::now());
         match fetch_pods(&url) {
             Ok(pods) => self.pods.extend(pods),
             Err(err) if !self.warned_kubelet => {
