@@ -339,12 +339,14 @@ fn is_installed(tool: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// `tool` on PATH, or in /usr/sbin and /sbin (ip, ss, bpftool live there; some PATHs, such
+/// as CI's or sudo's, lack them).
 fn which(tool: &str) -> Option<PathBuf> {
-    let path = env::var_os("PATH")?;
-    env::split_paths(&path)
-        .chain(["/usr/sbin".into(), "/sbin".into()])
-        .map(|dir| dir.join(tool))
-        .find(|candidate| candidate.is_file())
+    let path = env::var_os("PATH").unwrap_or_default();
+    let search =
+        env::join_paths(env::split_paths(&path).chain(["/usr/sbin".into(), "/sbin".into()]))
+            .ok()?;
+    which::which_in(tool, Some(search), "/").ok()
 }
 
 /// `cargo install` puts bpf-linker in $CARGO_HOME/bin; rustc must find it on PATH even
