@@ -71,7 +71,28 @@ pub const TASK_COMM_LEN: usize = 16;
 /// `since_*_ms` value meaning "not measured".
 pub const UNKNOWN_MS: u32 = u32::MAX;
 
+/// A connection's addresses, as the kernel program read them.
+///
+/// Addresses are always 16 bytes in IPv6 form: an `AF_INET` socket's are IPv4-mapped
+/// (`::ffff:a.b.c.d`), as the tracepoints themselves store them, so the kernel side copies
+/// one layout whatever the family.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tuple {
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    /// `AF_INET` or `AF_INET6`; 0 when the kernel gave no socket (a stray segment's RST).
+    pub family: u16,
+    /// Local and remote ports, host byte order.
+    pub sport: u16,
+    pub dport: u16,
+    pub _pad: u16,
+}
+
 /// One kernel observation, written to the `EVENTS` ring buffer.
+///
+/// The kernel side writes it in place in the ring buffer, field by field (see
+/// `monitor-ebpf/src/event.rs`), so every byte, padding included, is written there.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ConnEvent {
@@ -104,33 +125,28 @@ pub struct ConnEvent {
     pub flags: u8,
     pub old_state: u8,
     pub new_state: u8,
-    /// `AF_INET` or `AF_INET6`.
-    pub family: u16,
-    /// Local and remote ports, host byte order.
-    pub sport: u16,
-    pub dport: u16,
     /// `enum sk_rst_reason` for sent resets on kernels that report it, else 0.
     pub reason: u16,
-    /// Return value of the send/recv that ran into an ended connection.
-    pub ret: i32,
-    /// Milliseconds from the peer's RST/FIN to that send/recv.
-    pub since_peer_end_ms: u32,
     /// One of [`io`] (0 for other hooks).
     pub io: u8,
     /// One of [`peer_end`] (0 for other hooks).
     pub peer_end: u8,
-    pub _pad: [u8; 2],
-    /// Local and remote addresses; IPv4 uses the first four bytes.
-    pub saddr: [u8; 16],
-    pub daddr: [u8; 16],
-    pub owner_comm: [u8; TASK_COMM_LEN],
-    pub ctx_comm: [u8; TASK_COMM_LEN],
+    /// Return value of the send/recv that ran into an ended connection.
+    pub ret: i32,
+    /// Milliseconds from the peer's RST/FIN to that send/recv.
+    pub since_peer_end_ms: u32,
     /// `sk->sk_err` when a socket dies (state change to CLOSE) or sends an RST, else 0.
     pub sk_err: i32,
-    pub _pad2: [u8; 4],
+    pub _pad: u32,
+    pub tuple: Tuple,
+    pub owner_comm: [u8; TASK_COMM_LEN],
+    pub ctx_comm: [u8; TASK_COMM_LEN],
 }
 
 impl ConnEvent {
+    /// Size in bytes; the kernel side zeroes and copies it in 8-byte words.
+    pub const SIZE: usize = 168;
+
     pub const fn zeroed() -> Self {
         ConnEvent {
             ts_ns: 0,
@@ -149,21 +165,23 @@ impl ConnEvent {
             flags: 0,
             old_state: 0,
             new_state: 0,
-            family: 0,
-            sport: 0,
-            dport: 0,
             reason: 0,
-            ret: 0,
-            since_peer_end_ms: 0,
             io: 0,
             peer_end: 0,
-            _pad: [0; 2],
-            saddr: [0; 16],
-            daddr: [0; 16],
+            ret: 0,
+            since_peer_end_ms: 0,
+            sk_err: 0,
+            _pad: 0,
+            tuple: Tuple {
+                saddr: [0; 16],
+                daddr: [0; 16],
+                family: 0,
+                sport: 0,
+                dport: 0,
+                _pad: 0,
+            },
             owner_comm: [0; TASK_COMM_LEN],
             ctx_comm: [0; TASK_COMM_LEN],
-            sk_err: 0,
-            _pad2: [0; 4],
         }
     }
 }
@@ -180,11 +198,9 @@ pub struct PeerEnd {
     pub how: u8,
     /// Set once the application's first call into it was reported.
     pub reported: u8,
-    pub family: u16,
-    pub sport: u16,
-    pub dport: u16,
-    pub saddr: [u8; 16],
-    pub daddr: [u8; 16],
+    pub _pad: u16,
+    pub _pad2: u32,
+    pub tuple: Tuple,
 }
 
 /// Who owns a socket, captured in process context (connect, accept, listen).
@@ -201,11 +217,15 @@ pub struct SockOwner {
 
 /// Field offsets of one classic tracepoint's record, read from tracefs `format` at load time.
 ///
-/// Offsets change between kernels (`tcp_send_reset` switched to sockaddr fields in 6.10), so
-/// they are never compiled in. [`ABSENT`] marks a field this kernel's tracepoint lacks.
+/// Offsets change between kernels (`tcp_send_reset` switched to sockaddr fields in 6.10;
+/// Linux 5.10's `tcp_receive_reset` has no `family`), so they are never compiled in.
+/// [`ABSENT`] marks a field this kernel's tracepoint lacks.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TpLayout {
+    /// Bytes the kernel program copies from the record: past the end of every field here,
+    /// at most [`MAX_RECORD_BYTES`].
+    pub record_size: u16,
     pub skaddr: u16,
     /// `oldstate` (set_state) or `state` (send_reset).
     pub old_state: u16,
@@ -214,8 +234,7 @@ pub struct TpLayout {
     pub protocol: u16,
     pub sport: u16,
     pub dport: u16,
-    pub saddr: u16,
-    pub daddr: u16,
+    /// 16-byte addresses (IPv4-mapped for IPv4 sockets), 4-aligned.
     pub saddr_v6: u16,
     pub daddr_v6: u16,
     /// `saddr`/`daddr` as `sockaddr_in6`-sized unions (tcp_send_reset since 6.10).
@@ -223,15 +242,20 @@ pub struct TpLayout {
     pub daddr_sockaddr: u16,
     pub cookie: u16,
     pub reason: u16,
-    /// `ret` of a syscall exit tracepoint.
+    /// `ret` of a syscall exit or send/recv tracepoint.
     pub ret: u16,
+    pub _pad: u16,
 }
 
 pub const ABSENT: u16 = u16::MAX;
 
+/// The longest tracepoint record the kernel programs copy (one stack buffer).
+pub const MAX_RECORD_BYTES: u16 = 128;
+
 impl TpLayout {
     pub const fn absent() -> Self {
         TpLayout {
+            record_size: 0,
             skaddr: ABSENT,
             old_state: ABSENT,
             new_state: ABSENT,
@@ -239,8 +263,6 @@ impl TpLayout {
             protocol: ABSENT,
             sport: ABSENT,
             dport: ABSENT,
-            saddr: ABSENT,
-            daddr: ABSENT,
             saddr_v6: ABSENT,
             daddr_v6: ABSENT,
             saddr_sockaddr: ABSENT,
@@ -248,6 +270,7 @@ impl TpLayout {
             cookie: ABSENT,
             reason: ABSENT,
             ret: ABSENT,
+            _pad: 0,
         }
     }
 }
@@ -325,6 +348,22 @@ pub struct Settings {
     pub wakeup_bytes: u64,
 }
 
+// The kernel side relies on these: whole 8-byte words, and 8-aligned arrays it copies as
+// words. A field moved without updating the other side fails the build here.
+const _: () = {
+    use core::mem::{offset_of, size_of};
+    assert!(size_of::<Tuple>() == 40);
+    assert!(size_of::<ConnEvent>() == ConnEvent::SIZE);
+    assert!(offset_of!(ConnEvent, tuple) == 96);
+    assert!(offset_of!(ConnEvent, owner_comm) == 136);
+    assert!(offset_of!(ConnEvent, ctx_comm) == 152);
+    assert!(offset_of!(ConnEvent, sk_err) == 88);
+    assert!(size_of::<PeerEnd>() == 56);
+    assert!(offset_of!(PeerEnd, tuple) == 16);
+    assert!(size_of::<SockOwner>() == 40);
+    assert!(offset_of!(SockOwner, comm) == 24);
+};
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: all are #[repr(C)], Copy, made only of integers and byte arrays, with
@@ -345,7 +384,9 @@ mod tests {
     #[test]
     fn event_has_no_implicit_padding() {
         // Sum of field sizes == struct size means the kernel writes every byte we read.
-        let fields = 6 * 8 + 6 * 4 + 4 + 4 * 2 + 4 + 4 + 4 + 16 * 4 + 4 + 4;
+        let tuple = 16 * 2 + 2 * 4;
+        assert_eq!(size_of::<Tuple>(), tuple);
+        let fields = 6 * 8 + 6 * 4 + 4 + 2 + 2 + 4 + 4 + 4 + 4 + tuple + 16 * 2;
         assert_eq!(size_of::<ConnEvent>(), fields);
         assert_eq!(
             align_of::<ConnEvent>(),
@@ -353,7 +394,7 @@ mod tests {
             "ring buffer records are 8-aligned"
         );
         assert_eq!(size_of::<SockOwner>(), 8 + 8 + 4 + 4 + 16);
-        assert_eq!(size_of::<PeerEnd>(), 8 + 1 + 1 + 2 * 3 + 32);
+        assert_eq!(size_of::<PeerEnd>(), 8 + 1 + 1 + 2 + 4 + 40);
     }
 
     #[test]

@@ -1,13 +1,22 @@
-//! `sock:sock_send_length` / `sock:sock_recv_length`: the application runs into a connection
-//! its peer already ended (write: broken pipe, ECONNRESET, EOF). These fire on every
-//! send/recv on the host, so a healthy call leaves after reading its return value (and, for
-//! a successful send, the socket state); only marked sockets cost a map lookup.
-use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::tracepoint, programs::TracePointContext};
-use monitor_common::{IPPROTO_TCP, hook, io, peer_end, tcp_state};
+//! The application runs into a connection its peer already ended (write: broken pipe,
+//! ECONNRESET, EOF). Hooked on every send/recv of the host: `sock:sock_send_length` /
+//! `sock:sock_recv_length` where the kernel has them (6.3+), else fexit on `tcp_sendmsg` /
+//! `tcp_recvmsg`, chosen by userspace at load time. A healthy call leaves after reading its
+//! return value (and, for a successful send, the socket state); only marked sockets cost a
+//! map lookup.
+use core::mem::MaybeUninit;
+
+use aya_ebpf::{
+    helpers::bpf_ktime_get_ns,
+    macros::{fexit, tracepoint},
+    programs::{FExitContext, TracePointContext},
+};
+use monitor_common::{IPPROTO_TCP, PeerEnd, hook, io, peer_end, tcp_state};
 
 use crate::{
-    kernel::{Tp, field, layout, new_event, settings, sk_state},
-    maps::{PEER_ENDED, emit},
+    event::{Slot, set},
+    kernel::{Record, Tp, layout, settings, sk_state},
+    maps::PEER_ENDED,
 };
 
 const EAGAIN: i32 = 11;
@@ -15,27 +24,51 @@ const EINTR: i32 = 4;
 
 #[tracepoint(category = "sock", name = "sock_send_length")]
 pub fn sock_send_length(ctx: TracePointContext) -> u32 {
-    after_peer_end(&ctx, io::SEND)
+    from_tracepoint(&ctx, io::SEND)
 }
 
 #[tracepoint(category = "sock", name = "sock_recv_length")]
 pub fn sock_recv_length(ctx: TracePointContext) -> u32 {
-    after_peer_end(&ctx, io::RECV)
+    from_tracepoint(&ctx, io::RECV)
+}
+
+/// `int tcp_sendmsg(struct sock *sk, struct msghdr *msg, size_t size)`.
+#[fexit(function = "tcp_sendmsg")]
+pub fn tcp_sendmsg_exit(ctx: FExitContext) -> u32 {
+    after_peer_end(ctx.arg::<u64>(0), ctx.arg::<i32>(3), io::SEND)
+}
+
+/// `tcp_recvmsg(sk, msg, len, flags, addr_len)`, Linux 5.19+.
+#[fexit(function = "tcp_recvmsg")]
+pub fn tcp_recvmsg_exit5(ctx: FExitContext) -> u32 {
+    after_peer_end(ctx.arg::<u64>(0), ctx.arg::<i32>(5), io::RECV)
+}
+
+/// `tcp_recvmsg(sk, msg, len, nonblock, flags, addr_len)`, before Linux 5.19.
+#[fexit(function = "tcp_recvmsg")]
+pub fn tcp_recvmsg_exit6(ctx: FExitContext) -> u32 {
+    after_peer_end(ctx.arg::<u64>(0), ctx.arg::<i32>(6), io::RECV)
 }
 
 #[inline(always)]
-fn after_peer_end(ctx: &TracePointContext, op: u8) -> u32 {
+fn from_tracepoint(ctx: &TracePointContext, op: u8) -> u32 {
     let tp = layout(Tp::SockLength);
-    let Some(ret) = field::<i32>(ctx, tp.ret) else {
+    let mut record = Record::new();
+    if !record.fill(ctx, &tp) || record.get::<u16>(tp.protocol) != Some(IPPROTO_TCP) {
         return 0;
-    };
+    }
+    match (record.get::<u64>(tp.skaddr), record.get::<i32>(tp.ret)) {
+        (Some(sk), Some(ret)) => after_peer_end(sk, ret, op),
+        _ => 0,
+    }
+}
+
+#[inline(always)]
+fn after_peer_end(sk: u64, ret: i32, op: u8) -> u32 {
     // Data moved, or a non-blocking socket had none: the common case, done.
     if (ret > 0 && op == io::RECV) || ret == -EAGAIN || ret == -EINTR {
         return 0;
     }
-    let Some(sk) = field::<u64>(ctx, tp.skaddr) else {
-        return 0;
-    };
     // After a FIN the socket still accepts writes (CLOSE_WAIT), so a successful send is
     // interesting there, and in CLOSE when the write itself drew the peer's RST.
     if ret > 0 {
@@ -44,41 +77,71 @@ fn after_peer_end(ctx: &TracePointContext, op: u8) -> u32 {
             return 0;
         }
     }
-    if field::<u16>(ctx, tp.protocol) != Some(IPPROTO_TCP) {
-        return 0;
-    }
     let Some(mark) = PEER_ENDED.get_ptr_mut(sk) else {
         return 0;
     };
-    // SAFETY: the pointer is from a map lookup on this CPU; a racing update of `reported`
-    // can at worst report twice, never read freed memory (LRU entries are preallocated).
-    let found = unsafe { *mark };
-    if found.reported != 0 {
+    // SAFETY: a pointer from a lookup in a preallocated (LRU) map: always valid memory.
+    // The entry can be recycled for another socket between this lookup and the writes
+    // below (the map is full and evicts it); the event then carries the other socket's
+    // tuple or is not sent, and that socket's mark is spent. Both need more sockets with a
+    // peer-ended mark than the map holds, and the map is sized for every socket.
+    let (at_ns, how, reported) = unsafe { ((*mark).at_ns, (*mark).how, (*mark).reported) };
+    if reported != 0 {
         return 0;
     }
-    let since_ns = unsafe { bpf_ktime_get_ns() }.saturating_sub(found.at_ns);
-    if op == io::RECV
-        && ret == 0
-        && found.how == peer_end::FIN
-        && since_ns < settings().eof_grace_ns
-    {
+    let since_ns = unsafe { bpf_ktime_get_ns() }.saturating_sub(at_ns);
+    if op == io::RECV && ret == 0 && how == peer_end::FIN && since_ns < settings().eof_grace_ns {
         // A reader woken by the FIN: an ordinary close. Keep the mark for a later write.
         return 0;
     }
+    // SAFETY: as above.
     unsafe { (*mark).reported = 1 };
-    let mark = found;
-    let mut event = new_event(hook::IO_AFTER_PEER_END, sk);
-    event.io = op;
-    event.ret = ret;
-    event.peer_end = mark.how;
-    event.since_peer_end_ms = (since_ns / 1_000_000) as u32;
-    event.old_state = sk_state(sk);
-    event.new_state = event.old_state;
-    event.family = mark.family;
-    event.sport = mark.sport;
-    event.dport = mark.dport;
-    event.saddr = mark.saddr;
-    event.daddr = mark.daddr;
-    emit(&event);
+    let Some(slot) = Slot::begin(hook::IO_AFTER_PEER_END, sk) else {
+        return 0;
+    };
+    let state = sk_state(sk);
+    set!(slot, io, op);
+    set!(slot, ret, ret);
+    set!(slot, peer_end, how);
+    set!(slot, since_peer_end_ms, (since_ns / 1_000_000) as u32);
+    set!(slot, old_state, state);
+    set!(slot, new_state, state);
+    let event = slot.as_ptr();
+    // SAFETY: both are whole, 8-aligned tuples: the event's, and the map value's (see above).
+    unsafe {
+        let from = (&raw const (*mark).tuple).cast::<u64>();
+        let to = (&raw mut (*event).tuple).cast::<u64>();
+        for i in 0..size_of::<monitor_common::Tuple>() / 8 {
+            core::ptr::write_volatile(to.add(i), core::ptr::read_volatile(from.add(i)));
+        }
+    }
+    slot.submit();
     0
+}
+
+/// Remembers that the peer ended `sk` (`how`: [`peer_end`]), with its tuple as it is now.
+#[inline(always)]
+pub fn mark_peer_end(how: u8, record: &Record, tp: &monitor_common::TpLayout, sk: u64) {
+    if how == peer_end::RESET
+        && let Some(mark) = PEER_ENDED.get_ptr(sk)
+        // SAFETY: pointer from a lookup of a preallocated (LRU) map, read once.
+        && unsafe { (*mark).how == peer_end::FIN && (*mark).reported == 0 }
+    {
+        // The application has not touched the socket since the FIN: its next call is
+        // reported against the FIN, the root cause (on loopback a write after FIN draws the
+        // RST before the write's own hook runs).
+        return;
+    }
+    let mut mark = MaybeUninit::<PeerEnd>::uninit();
+    let ptr = mark.as_mut_ptr();
+    // SAFETY: every field of the stack value is written here or by `tuple`.
+    unsafe {
+        core::ptr::write_volatile(&raw mut (*ptr).at_ns, bpf_ktime_get_ns());
+        core::ptr::write_volatile(&raw mut (*ptr).how, how);
+        core::ptr::write_volatile(&raw mut (*ptr).reported, 0);
+        core::ptr::write_volatile(&raw mut (*ptr)._pad, 0);
+        core::ptr::write_volatile(&raw mut (*ptr)._pad2, 0);
+        record.tuple(tp, sk, &raw mut (*ptr).tuple);
+        let _ = PEER_ENDED.insert(sk, mark.assume_init_ref(), 0);
+    }
 }

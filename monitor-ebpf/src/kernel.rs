@@ -1,21 +1,27 @@
 //! Reading the kernel: tracepoint records and `struct sock` fields at offsets that userspace
 //! resolved from the running kernel (tracefs formats and BTF) and wrote into these globals.
+//!
+//! Nothing here builds a value by zeroing a buffer: LLVM turns such zeroing into calls to an
+//! out-of-line `memset`, and Linux 6.1's verifier stops pruning states at subprogram calls
+//! (inet_sock_set_state then exceeded its 1M-instruction limit).
+use core::mem::{MaybeUninit, align_of, size_of};
+
 use aya_ebpf::{
+    EbpfContext,
     helpers::{
-        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_jiffies64,
-        bpf_ktime_get_ns, bpf_probe_read_kernel,
+        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_jiffies64, bpf_ktime_get_ns,
+        bpf_probe_read_kernel, generated,
     },
     programs::TracePointContext,
 };
 use monitor_common::{
-    ABSENT, AF_INET, AF_INET6, ConnEvent, KernelLayout, Settings, SockOwner, TpLayout, UNKNOWN_MS,
-    flags,
+    ABSENT, AF_INET, AF_INET6, ConnEvent, KernelLayout, Settings, SockOwner, TpLayout, Tuple,
+    UNKNOWN_MS, flags,
 };
 
-use crate::maps::OWNERS;
-
-// Globals overwritten by the loader (`EbpfLoader::override_global`); the values here are
-// placeholders that make every read fail safe (ABSENT) rather than read a wrong offset.
+// Globals overwritten by the loader (`EbpfLoader::override_global`, `must_exist`), which then
+// freezes them: the verifier sees every offset as a constant and prunes the branches this
+// kernel's layout rules out. The placeholders only have to be something the loader replaces.
 #[unsafe(no_mangle)]
 static KERNEL: KernelLayout = KernelLayout::zeroed();
 #[unsafe(no_mangle)]
@@ -49,87 +55,162 @@ pub enum Tp {
 
 #[inline(always)]
 pub fn layout(tp: Tp) -> TpLayout {
-    // read_volatile: without it the compiler folds the placeholder values in.
-    unsafe {
-        core::ptr::read_volatile(match tp {
-            Tp::SetState => &TP_SET_STATE,
-            Tp::ReceiveReset => &TP_RECEIVE_RESET,
-            Tp::SendReset => &TP_SEND_RESET,
-            Tp::DestroySock => &TP_DESTROY_SOCK,
-            Tp::SysExit => &TP_SYS_EXIT,
-            Tp::SockLength => &TP_SOCK_LENGTH,
-        })
-    }
+    let global = match tp {
+        Tp::SetState => &TP_SET_STATE,
+        Tp::ReceiveReset => &TP_RECEIVE_RESET,
+        Tp::SendReset => &TP_SEND_RESET,
+        Tp::DestroySock => &TP_DESTROY_SOCK,
+        Tp::SysExit => &TP_SYS_EXIT,
+        Tp::SockLength => &TP_SOCK_LENGTH,
+    };
+    // SAFETY: a valid, aligned static. Volatile so that the compiler does not fold in the
+    // placeholder: the loader rewrites the value before the program runs.
+    unsafe { core::ptr::read_volatile(global) }
 }
 
 #[inline(always)]
 fn kernel() -> KernelLayout {
+    // SAFETY: as in `layout`.
     unsafe { core::ptr::read_volatile(&KERNEL) }
 }
 
 #[inline(always)]
 pub fn settings() -> Settings {
+    // SAFETY: as in `layout`.
     unsafe { core::ptr::read_volatile(&SETTINGS) }
 }
 
-/// Reads a tracepoint field; `None` when this kernel's tracepoint lacks it.
-#[inline(always)]
-pub fn field<T>(ctx: &TracePointContext, offset: u16) -> Option<T> {
-    if offset == ABSENT {
-        return None;
+/// Bytes of a tracepoint record copied to the stack; userspace refuses longer records.
+pub const RECORD_BYTES: usize = monitor_common::MAX_RECORD_BYTES as usize;
+
+/// A tracepoint record copied to the stack with one helper call, instead of one call per
+/// field. `TpLayout::record_size` covers every field offset userspace handed over.
+pub struct Record(MaybeUninit<[u64; RECORD_BYTES / 8]>);
+
+impl Record {
+    #[inline(always)]
+    pub fn new() -> Record {
+        Record(MaybeUninit::uninit())
     }
-    unsafe { ctx.read_at::<T>(offset as usize) }.ok()
+
+    /// Copies this hook's record; false if the layout is unset or the copy failed.
+    #[inline(always)]
+    pub fn fill(&mut self, ctx: &TracePointContext, tp: &TpLayout) -> bool {
+        let len = tp.record_size as u32;
+        if len == 0 || len > RECORD_BYTES as u32 {
+            return false;
+        }
+        // SAFETY: writes `len` ≤ RECORD_BYTES bytes into our buffer; the source is the
+        // tracepoint's own record, `record_size` bytes long on this kernel.
+        let ret = unsafe {
+            generated::bpf_probe_read_kernel(self.0.as_mut_ptr().cast(), len, ctx.as_ptr())
+        };
+        ret == 0
+    }
+
+    /// The field at `offset`; `None` when this kernel's tracepoint lacks it.
+    #[inline(always)]
+    pub fn get<T: Copy>(&self, offset: u16) -> Option<T> {
+        let at = offset as usize;
+        if offset == ABSENT
+            || !at.is_multiple_of(align_of::<T>())
+            || at + size_of::<T>() > RECORD_BYTES
+        {
+            return None;
+        }
+        // SAFETY: in bounds and aligned (checked; the buffer is 8-aligned), and written by
+        // `fill`, since `record_size` reaches past every field of the layout.
+        Some(unsafe { *self.0.as_ptr().cast::<u8>().add(at).cast::<T>() })
+    }
+
+    /// Copies a 16-byte address stored at `offset`, in 2-byte words: Linux 6.1 places
+    /// `saddr_v6` at offset 30 (userspace checks the 2-byte alignment).
+    #[inline(always)]
+    fn addr16(&self, offset: u16, dst: *mut [u8; 16]) {
+        let words = dst.cast::<u16>();
+        for i in 0..8 {
+            let word = self
+                .get::<u16>(offset.wrapping_add(2 * i as u16))
+                .unwrap_or(0);
+            // SAFETY: `dst` is a valid, 8-aligned 16-byte array (an event or a stack value).
+            unsafe { core::ptr::write_volatile(words.add(i), word) };
+        }
+    }
+
+    /// An IPv4 address (network order) stored at `offset`, in 2-byte words likewise.
+    #[inline(always)]
+    fn addr4(&self, offset: u16) -> [u16; 2] {
+        [
+            self.get::<u16>(offset).unwrap_or(0),
+            self.get::<u16>(offset.wrapping_add(2)).unwrap_or(0),
+        ]
+    }
+
+    /// Fills `tuple` (all 40 bytes) from the record, for either address layout.
+    #[inline(always)]
+    pub fn tuple(&self, tp: &TpLayout, sk: u64, tuple: *mut Tuple) {
+        // SAFETY: `tuple` points at a whole, 8-aligned `Tuple` (in an event being written or
+        // a stack value); each field is written through its own place.
+        unsafe {
+            let (family, sport, dport) = if tp.saddr_sockaddr != ABSENT {
+                // Linux 6.10+ tcp_send_reset: sockaddr_in { u16 family; be16 port; be32 addr }
+                // or sockaddr_in6 { u16 family; be16 port; u32 flowinfo; u8 addr[16] }.
+                let family = self.get::<u16>(tp.saddr_sockaddr).unwrap_or(0);
+                if family == AF_INET6 {
+                    self.addr16(tp.saddr_sockaddr + 8, &raw mut (*tuple).saddr);
+                    self.addr16(tp.daddr_sockaddr + 8, &raw mut (*tuple).daddr);
+                } else {
+                    v4_mapped(self.addr4(tp.saddr_sockaddr + 4), &raw mut (*tuple).saddr);
+                    v4_mapped(self.addr4(tp.daddr_sockaddr + 4), &raw mut (*tuple).daddr);
+                }
+                let port = |at: u16| u16::from_be(self.get::<u16>(at + 2).unwrap_or(0));
+                (family, port(tp.saddr_sockaddr), port(tp.daddr_sockaddr))
+            } else {
+                // Older layouts: `saddr_v6`/`daddr_v6` hold IPv4-mapped addresses for IPv4
+                // sockets. Linux 5.10's tcp_event_sk has no `family`: the socket has it.
+                self.addr16(tp.saddr_v6, &raw mut (*tuple).saddr);
+                self.addr16(tp.daddr_v6, &raw mut (*tuple).daddr);
+                let family = match self.get::<u16>(tp.family) {
+                    Some(family) => family,
+                    None => read::<u16>(sk, kernel().sk_family as i64).unwrap_or(0),
+                };
+                (
+                    family,
+                    self.get::<u16>(tp.sport).unwrap_or(0),
+                    self.get::<u16>(tp.dport).unwrap_or(0),
+                )
+            };
+            core::ptr::write_volatile(&raw mut (*tuple).family, family);
+            core::ptr::write_volatile(&raw mut (*tuple).sport, sport);
+            core::ptr::write_volatile(&raw mut (*tuple).dport, dport);
+            core::ptr::write_volatile(&raw mut (*tuple)._pad, 0);
+        }
+    }
+}
+
+/// `::ffff:a.b.c.d` from an IPv4 address (network order), as the tracepoints store them.
+#[inline(always)]
+fn v4_mapped(addr: [u16; 2], dst: *mut [u8; 16]) {
+    let words = dst.cast::<u16>();
+    // SAFETY: `dst` is a valid, 8-aligned 16-byte array.
+    unsafe {
+        for i in 0..5 {
+            core::ptr::write_volatile(words.add(i), 0);
+        }
+        core::ptr::write_volatile(words.add(5), 0xffff);
+        core::ptr::write_volatile(words.add(6), addr[0]);
+        core::ptr::write_volatile(words.add(7), addr[1]);
+    }
 }
 
 /// Reads `T` at `base + offset` in kernel memory.
 #[inline(always)]
-fn read<T>(base: u64, offset: i64) -> Option<T> {
+pub fn read<T>(base: u64, offset: i64) -> Option<T> {
     if base == 0 {
         return None;
     }
+    // SAFETY: bpf_probe_read_kernel checks the address and fails instead of faulting.
     unsafe { bpf_probe_read_kernel((base as i64 + offset) as *const T) }.ok()
-}
-
-/// Fills family, ports and addresses from the record, for either address layout.
-#[inline(always)]
-pub fn read_tuple(ctx: &TracePointContext, tp: &TpLayout, event: &mut ConnEvent) {
-    if tp.saddr_sockaddr != ABSENT {
-        // sockaddr_in { u16 family; be16 port; be32 addr } or
-        // sockaddr_in6 { u16 family; be16 port; u32 flowinfo; u8 addr[16] }.
-        let family: u16 = field(ctx, tp.saddr_sockaddr).unwrap_or(0);
-        event.family = family;
-        let addr_at = if family == AF_INET6 { 8 } else { 4 };
-        event.sport = u16::from_be(field(ctx, tp.saddr_sockaddr + 2).unwrap_or(0));
-        event.dport = u16::from_be(field(ctx, tp.daddr_sockaddr + 2).unwrap_or(0));
-        if family == AF_INET6 {
-            event.saddr = field(ctx, tp.saddr_sockaddr + addr_at).unwrap_or([0; 16]);
-            event.daddr = field(ctx, tp.daddr_sockaddr + addr_at).unwrap_or([0; 16]);
-        } else {
-            copy4(&mut event.saddr, field(ctx, tp.saddr_sockaddr + addr_at));
-            copy4(&mut event.daddr, field(ctx, tp.daddr_sockaddr + addr_at));
-        }
-        return;
-    }
-    event.family = field(ctx, tp.family).unwrap_or(0);
-    event.sport = field(ctx, tp.sport).unwrap_or(0);
-    event.dport = field(ctx, tp.dport).unwrap_or(0);
-    if event.family == AF_INET {
-        copy4(&mut event.saddr, field(ctx, tp.saddr));
-        copy4(&mut event.daddr, field(ctx, tp.daddr));
-    } else {
-        event.saddr = field(ctx, tp.saddr_v6).unwrap_or([0; 16]);
-        event.daddr = field(ctx, tp.daddr_v6).unwrap_or([0; 16]);
-    }
-}
-
-#[inline(always)]
-fn copy4(dst: &mut [u8; 16], src: Option<[u8; 4]>) {
-    if let Some(src) = src {
-        dst[0] = src[0];
-        dst[1] = src[1];
-        dst[2] = src[2];
-        dst[3] = src[3];
-    }
 }
 
 /// `sk->__sk_common.skc_state`; valid for full, timewait and request sockets alike.
@@ -153,29 +234,38 @@ pub fn is_inet_tcp(sk: u64) -> bool {
     (family == AF_INET || family == AF_INET6) && protocol == monitor_common::IPPROTO_TCP
 }
 
-/// Fields that need a full `tcp_sock`: idle times and inode. Callers check the state first,
-/// because timewait and request mini-sockets end where `tcp_sock` fields begin. `idle`
-/// says whether the send/receive stamps mean "last data" (not before the handshake ends).
+/// Fields that need a full `tcp_sock`: idle times and inode, written into `event`. Callers
+/// check the state first, because timewait and request mini-sockets end where `tcp_sock`
+/// fields begin. `idle` says whether the send/receive stamps mean "last data" (not before
+/// the handshake ends).
 #[inline(always)]
-pub fn read_full_socket(sk: u64, idle: bool, event: &mut ConnEvent) {
+pub fn read_full_socket(sk: u64, idle: bool, event: *mut ConnEvent) {
     let k = kernel();
-    event.flags |= flags::FULL_SOCKET;
-    if let Some(socket) = read::<u64>(sk, k.sk_socket as i64) {
-        event.inode = read::<u64>(socket, k.socket_ino as i64).unwrap_or(0);
+    let inode = read::<u64>(sk, k.sk_socket as i64)
+        .and_then(|socket| read::<u64>(socket, k.socket_ino as i64))
+        .unwrap_or(0);
+    let mut bits = flags::FULL_SOCKET;
+    let (mut since_send, mut since_recv) = (UNKNOWN_MS, UNKNOWN_MS);
+    if idle && k.hz != 0 {
+        // tcp_sock times are u32 jiffies (tcp_jiffies32): compare in the same clock, wrapping.
+        let now = unsafe { bpf_jiffies64() } as u32;
+        let ms = |then: u32| (now.wrapping_sub(then) as u64 * 1000 / k.hz as u64) as u32;
+        if let (Some(sent), Some(received)) = (
+            read::<u32>(sk, k.tcp_lsndtime as i64),
+            read::<u32>(sk, k.tcp_lrcvtime as i64),
+        ) {
+            since_send = ms(sent).min(UNKNOWN_MS - 1);
+            since_recv = ms(received).min(UNKNOWN_MS - 1);
+            bits |= flags::IDLE_KNOWN;
+        }
     }
-    if !idle || k.hz == 0 {
-        return;
-    }
-    // tcp_sock times are u32 jiffies (tcp_jiffies32): compare in the same clock, wrapping.
-    let now = unsafe { bpf_jiffies64() } as u32;
-    let ms = |then: u32| (now.wrapping_sub(then) as u64 * 1000 / k.hz as u64) as u32;
-    if let (Some(sent), Some(received)) = (
-        read::<u32>(sk, k.tcp_lsndtime as i64),
-        read::<u32>(sk, k.tcp_lrcvtime as i64),
-    ) {
-        event.since_send_ms = ms(sent).min(UNKNOWN_MS - 1);
-        event.since_recv_ms = ms(received).min(UNKNOWN_MS - 1);
-        event.flags |= flags::IDLE_KNOWN;
+    // SAFETY: `event` points at a whole event being written (see `event::Slot`).
+    unsafe {
+        core::ptr::write_volatile(&raw mut (*event).inode, inode);
+        core::ptr::write_volatile(&raw mut (*event).since_send_ms, since_send);
+        core::ptr::write_volatile(&raw mut (*event).since_recv_ms, since_recv);
+        let old = core::ptr::read_volatile(&raw const (*event).flags);
+        core::ptr::write_volatile(&raw mut (*event).flags, old | bits);
     }
 }
 
@@ -183,7 +273,8 @@ pub fn read_full_socket(sk: u64, idle: bool, event: &mut ConnEvent) {
 #[inline(always)]
 pub fn sock_of_fd(fd: u64) -> Option<u64> {
     let k = kernel();
-    let task = unsafe { aya_ebpf::helpers::generated::bpf_get_current_task() };
+    // SAFETY: no preconditions; returns the current task's address.
+    let task = unsafe { generated::bpf_get_current_task() };
     let files = read::<u64>(task, k.task_files as i64)?;
     let fdt = read::<u64>(files, k.files_fdt as i64)?;
     let max_fds = read::<u32>(fdt, k.fdt_max_fds as i64)?;
@@ -197,42 +288,29 @@ pub fn sock_of_fd(fd: u64) -> Option<u64> {
     (sk != 0).then_some(sk)
 }
 
-/// The task running now. In softirq this is whoever was interrupted, not the socket's owner.
+/// Writes the task running now into `owner` (a whole `SockOwner`). In softirq this is
+/// whoever was interrupted, not the socket's owner; `with_task` false leaves the task
+/// fields zero (a passive child born in softirq: its owner is known only at accept()).
 #[inline(always)]
-pub fn current() -> SockOwner {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    SockOwner {
-        born_ns: unsafe { bpf_ktime_get_ns() },
-        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
-        tgid: (pid_tgid >> 32) as u32,
-        pid: pid_tgid as u32,
-        comm: bpf_get_current_comm().unwrap_or([0; 16]),
-    }
-}
-
-/// A new event for `sk` stamped with the current task and the owner map's entry.
-#[inline(always)]
-pub fn new_event(hook: u8, sk: u64) -> ConnEvent {
-    let now = current();
-    let mut event = ConnEvent::zeroed();
-    event.ts_ns = now.born_ns;
-    event.hook = hook;
-    event.skaddr = sk;
-    event.ctx_tgid = now.tgid;
-    event.ctx_pid = now.pid;
-    event.ctx_comm = now.comm;
-    event.cgroup_id = now.cgroup_id;
-    if sk != 0
-        && let Some(owner) = unsafe { OWNERS.get(sk) }
-    {
-        event.born_ns = owner.born_ns;
-        if owner.tgid != 0 {
-            event.flags |= flags::OWNER_KNOWN;
-            event.owner_tgid = owner.tgid;
-            event.owner_pid = owner.pid;
-            event.owner_comm = owner.comm;
-            event.cgroup_id = owner.cgroup_id;
+pub fn current_owner(owner: *mut SockOwner, with_task: bool) {
+    // SAFETY: `owner` points at a whole, 8-aligned SockOwner on the stack; the comm helper
+    // writes exactly TASK_COMM_LEN bytes into its comm array.
+    unsafe {
+        core::ptr::write_volatile(&raw mut (*owner).born_ns, bpf_ktime_get_ns());
+        core::ptr::write_volatile(&raw mut (*owner).cgroup_id, bpf_get_current_cgroup_id());
+        let words = (&raw mut (*owner).comm).cast::<u64>();
+        if with_task {
+            let pid_tgid = bpf_get_current_pid_tgid();
+            core::ptr::write_volatile(&raw mut (*owner).tgid, (pid_tgid >> 32) as u32);
+            core::ptr::write_volatile(&raw mut (*owner).pid, pid_tgid as u32);
+            if generated::bpf_get_current_comm(words.cast(), 16) == 0 {
+                return;
+            }
+        } else {
+            core::ptr::write_volatile(&raw mut (*owner).tgid, 0);
+            core::ptr::write_volatile(&raw mut (*owner).pid, 0);
         }
+        core::ptr::write_volatile(words, 0);
+        core::ptr::write_volatile(words.add(1), 0);
     }
-    event
 }

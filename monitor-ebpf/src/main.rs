@@ -6,6 +6,7 @@
 #![no_main]
 
 mod doctor;
+mod event;
 mod impact;
 mod kernel;
 mod maps;

@@ -1,8 +1,11 @@
 //! Ownership: who accepted a socket, and forgetting sockets the kernel destroyed.
+use core::mem::MaybeUninit;
+
 use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
+use monitor_common::SockOwner;
 
 use crate::{
-    kernel::{Tp, current, field, is_inet_tcp, layout, sock_of_fd},
+    kernel::{Record, Tp, current_owner, is_inet_tcp, layout, sock_of_fd},
     maps::{OWNERS, PEER_ENDED},
 };
 
@@ -20,7 +23,12 @@ pub fn sys_exit_accept(ctx: TracePointContext) -> u32 {
 /// process is known for sure.
 #[inline(always)]
 fn record_acceptor(ctx: &TracePointContext) -> u32 {
-    let Some(fd) = field::<i64>(ctx, layout(Tp::SysExit).ret) else {
+    let tp = layout(Tp::SysExit);
+    let mut record = Record::new();
+    if !record.fill(ctx, &tp) {
+        return 0;
+    }
+    let Some(fd) = record.get::<i64>(tp.ret) else {
         return 0;
     };
     if fd < 0 {
@@ -32,9 +40,13 @@ fn record_acceptor(ctx: &TracePointContext) -> u32 {
     if !is_inet_tcp(sk) {
         return 0;
     }
-    let mut owner = current();
-    if let Some(known) = OWNERS.get_ptr_mut(sk) {
+    let mut owner = MaybeUninit::<SockOwner>::uninit();
+    current_owner(owner.as_mut_ptr(), true);
+    // SAFETY: current_owner wrote every field.
+    let owner = unsafe { owner.assume_init_mut() };
+    if let Some(known) = OWNERS.get_ptr(sk) {
         // Keep the birth time from SYN_RECV: it identifies this socket's life.
+        // SAFETY: a pointer from a lookup in a preallocated (LRU) map, read once.
         owner.born_ns = unsafe { (*known).born_ns };
     }
     let _ = OWNERS.insert(sk, owner, 0);
@@ -43,7 +55,11 @@ fn record_acceptor(ctx: &TracePointContext) -> u32 {
 
 #[tracepoint(category = "tcp", name = "tcp_destroy_sock")]
 pub fn tcp_destroy_sock(ctx: TracePointContext) -> u32 {
-    if let Some(sk) = field::<u64>(&ctx, layout(Tp::DestroySock).skaddr) {
+    let tp = layout(Tp::DestroySock);
+    let mut record = Record::new();
+    if record.fill(&ctx, &tp)
+        && let Some(sk) = record.get::<u64>(tp.skaddr)
+    {
         let _ = OWNERS.remove(sk);
         let _ = PEER_ENDED.remove(sk);
     }

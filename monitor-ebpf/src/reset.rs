@@ -4,26 +4,34 @@ use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
 use monitor_common::{hook, peer_end, tcp_state};
 
 use crate::{
-    kernel::{Tp, field, layout, new_event, read_full_socket, read_tuple, sk_err, sk_state},
-    maps::{emit, mark_peer_end},
+    event::{Slot, set},
+    impact::mark_peer_end,
+    kernel::{Record, Tp, layout, read_full_socket, sk_err, sk_state},
 };
 
 /// Fires in softirq: the current task is not the owner (on loopback it is the RST sender).
 #[tracepoint(category = "tcp", name = "tcp_receive_reset")]
 pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
     let tp = layout(Tp::ReceiveReset);
-    let Some(sk) = field::<u64>(&ctx, tp.skaddr) else {
+    let mut record = Record::new();
+    if !record.fill(&ctx, &tp) {
+        return 0;
+    }
+    let Some(sk) = record.get::<u64>(tp.skaddr) else {
+        return 0;
+    };
+    mark_peer_end(peer_end::RESET, &record, &tp, sk);
+    let Some(slot) = Slot::begin(hook::RECEIVE_RESET, sk) else {
         return 0;
     };
     let state = sk_state(sk);
-    let mut event = new_event(hook::RECEIVE_RESET, sk);
-    event.old_state = state;
-    event.new_state = tcp_state::CLOSE;
-    event.cookie = field(&ctx, tp.cookie).unwrap_or(0);
-    read_tuple(&ctx, &tp, &mut event);
-    read_full_socket(sk, tcp_state::is_synchronized(state), &mut event);
-    emit(&event);
-    mark_peer_end(peer_end::RESET, &event);
+    set!(slot, old_state, state);
+    set!(slot, new_state, tcp_state::CLOSE);
+    set!(slot, cookie, record.get(tp.cookie).unwrap_or(0));
+    // SAFETY: the slot's event is a whole, reserved ConnEvent.
+    record.tuple(&tp, sk, unsafe { &raw mut (*slot.as_ptr()).tuple });
+    read_full_socket(sk, tcp_state::is_synchronized(state), slot.as_ptr());
+    slot.submit();
     0
 }
 
@@ -31,22 +39,33 @@ pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
 #[tracepoint(category = "tcp", name = "tcp_send_reset")]
 pub fn tcp_send_reset(ctx: TracePointContext) -> u32 {
     let tp = layout(Tp::SendReset);
-    let sk = field::<u64>(&ctx, tp.skaddr).unwrap_or(0);
-    let mut event = new_event(hook::SEND_RESET, sk);
-    event.reason = field::<u32>(&ctx, tp.reason).unwrap_or(0) as u16;
-    read_tuple(&ctx, &tp, &mut event);
+    let mut record = Record::new();
+    if !record.fill(&ctx, &tp) {
+        return 0;
+    }
+    let sk = record.get::<u64>(tp.skaddr).unwrap_or(0);
+    let Some(slot) = Slot::begin(hook::SEND_RESET, sk) else {
+        return 0;
+    };
+    set!(
+        slot,
+        reason,
+        record.get::<u32>(tp.reason).unwrap_or(0) as u16
+    );
+    // SAFETY: the slot's event is a whole, reserved ConnEvent.
+    record.tuple(&tp, sk, unsafe { &raw mut (*slot.as_ptr()).tuple });
     if sk != 0 {
         let state = sk_state(sk);
-        event.old_state = state;
+        set!(slot, old_state, state);
         if state != tcp_state::TIME_WAIT && state != tcp_state::NEW_SYN_RECV {
             // An abort (close with SO_LINGER 0, `ss -K`) moves the socket to CLOSE before the
             // RST leaves; its timestamps still tell how long it had been idle.
             let idle = tcp_state::is_synchronized(state) || state == tcp_state::CLOSE;
-            read_full_socket(sk, idle, &mut event);
+            read_full_socket(sk, idle, slot.as_ptr());
             // ECONNABORTED here means sock_destroy (`ss -K`) set it before the RST.
-            event.sk_err = sk_err(sk);
+            set!(slot, sk_err, sk_err(sk));
         }
     }
-    emit(&event);
+    slot.submit();
     0
 }

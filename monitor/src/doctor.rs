@@ -144,6 +144,32 @@ fn run_checks(options: &ProbeOptions) -> Vec<Check> {
                 status: Status::Ok,
                 detail: "the verifier accepted every program; all hooks attached".into(),
             });
+            let mut counts = probes.verified_instructions();
+            counts.sort();
+            checks.push(Check {
+                name: "verified instructions".into(),
+                status: Status::Ok,
+                detail: counts
+                    .iter()
+                    .map(|(name, count)| match count {
+                        Some(n) => format!("{name} {n}"),
+                        None => format!("{name} (not reported before Linux 5.16)"),
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            });
+            checks.extend(probes.capabilities.iter().map(|c| Check {
+                name: format!("capability {}", c.name),
+                status: if c.degraded.is_some() {
+                    Status::Degraded
+                } else {
+                    Status::Ok
+                },
+                detail: match &c.degraded {
+                    None => format!("served by {}", c.served_by),
+                    Some(why) => format!("served by {}: {why}", c.served_by),
+                },
+            }));
             checks.push(check(
                 "kprobes",
                 probes
@@ -157,10 +183,10 @@ fn run_checks(options: &ProbeOptions) -> Vec<Check> {
                 "BPF trampolines (fentry)",
                 probes
                     .try_fentry()
-                    .map(|()| "available (not needed)".into())
+                    .map(|()| "available".into())
                     .context("fentry refused"),
                 Status::Unavailable,
-                "not needed: connwatch uses tracepoints",
+                "needed only where sock:sock_send_length is missing (before Linux 6.3)",
             ));
         }
         Err(err) => checks.push(Check {
@@ -211,6 +237,12 @@ fn tracepoint_check(root: &Path, hook: &crate::probes::Hook) -> Check {
             name,
             status: Status::Missing,
             detail: "required → connwatch needs Linux 5.8 or newer with CONFIG_TRACEPOINTS".into(),
+        },
+        // Informational: the capability row says whether fexit serves instead.
+        (false, Some(loss)) if hook.is_io() => Check {
+            name,
+            status: Status::Unavailable,
+            detail: format!("optional ({loss}"),
         },
         (false, Some(loss)) => Check {
             name,

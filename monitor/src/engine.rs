@@ -75,6 +75,11 @@ impl Engine {
         };
         let (probes, events) =
             Probes::attach(probe_options, &settings, pipeline.max_tracked_sockets)?;
+        eprintln!(
+            "connwatch: on {}: {}",
+            crate::probes::kernel_release(),
+            crate::probes::describe(&probes.capabilities)
+        );
         for warning in probes.warnings.iter().chain(&attribution_warning()) {
             eprintln!("connwatch: warning: {warning}");
         }

@@ -200,11 +200,15 @@ pub fn from_raw(raw: &ConnEvent) -> Result<Event, DecodeError> {
         Hook::IoAfterPeerEnd => Some(decode_io(raw)?),
         _ => None,
     };
-    let (local, remote) = match raw.family {
-        AF_INET => (ipv4(&raw.saddr, raw.sport), ipv4(&raw.daddr, raw.dport)),
+    let tuple = &raw.tuple;
+    let (local, remote) = match tuple.family {
+        AF_INET => (
+            ipv4(&tuple.saddr, tuple.sport),
+            ipv4(&tuple.daddr, tuple.dport),
+        ),
         AF_INET6 => (
-            SocketAddr::new(IpAddr::V6(Ipv6Addr::from(raw.saddr)), raw.sport),
-            SocketAddr::new(IpAddr::V6(Ipv6Addr::from(raw.daddr)), raw.dport),
+            SocketAddr::new(IpAddr::V6(Ipv6Addr::from(tuple.saddr)), tuple.sport),
+            SocketAddr::new(IpAddr::V6(Ipv6Addr::from(tuple.daddr)), tuple.dport),
         ),
         // An RST for a segment the kernel could not parse carries no family; keep it visible.
         0 if hook == Hook::SendReset => (unspecified(), unspecified()),
@@ -264,8 +268,9 @@ fn decode_io(raw: &ConnEvent) -> Result<IoAfterPeerEnd, DecodeError> {
     })
 }
 
+/// An IPv4 socket's address, which the kernel side hands over IPv4-mapped.
 fn ipv4(addr: &[u8; 16], port: u16) -> SocketAddr {
-    let octets = [addr[0], addr[1], addr[2], addr[3]];
+    let octets = [addr[12], addr[13], addr[14], addr[15]];
     SocketAddr::new(IpAddr::V4(Ipv4Addr::from(octets)), port)
 }
 
@@ -289,11 +294,12 @@ pub(crate) mod tests {
         raw.ts_ns = 1_000;
         raw.hook = hook::RECEIVE_RESET;
         raw.flags = flags::OWNER_KNOWN | flags::IDLE_KNOWN | flags::FULL_SOCKET;
-        raw.family = AF_INET;
-        raw.saddr[..4].copy_from_slice(&[127, 0, 0, 1]);
-        raw.daddr[..4].copy_from_slice(&[127, 0, 0, 1]);
-        raw.sport = 40000;
-        raw.dport = 5432;
+        let loopback = Ipv4Addr::LOCALHOST.to_ipv6_mapped().octets();
+        raw.tuple.family = AF_INET;
+        raw.tuple.saddr = loopback;
+        raw.tuple.daddr = loopback;
+        raw.tuple.sport = 40000;
+        raw.tuple.dport = 5432;
         raw.skaddr = 0xffff_8880_0000_1000;
         raw.born_ns = 500;
         raw.old_state = monitor_common::tcp_state::ESTABLISHED;
@@ -338,9 +344,9 @@ pub(crate) mod tests {
     #[test]
     fn decodes_ipv6_with_brackets() {
         let mut raw = raw_reset(10);
-        raw.family = AF_INET6;
-        raw.saddr = Ipv6Addr::LOCALHOST.octets();
-        raw.daddr = "2001:db8::1".parse::<Ipv6Addr>().unwrap().octets();
+        raw.tuple.family = AF_INET6;
+        raw.tuple.saddr = Ipv6Addr::LOCALHOST.octets();
+        raw.tuple.daddr = "2001:db8::1".parse::<Ipv6Addr>().unwrap().octets();
         let event = decode(&bytes(&raw)).unwrap();
         assert_eq!(event.local.to_string(), "[::1]:40000");
         assert_eq!(event.remote.to_string(), "[2001:db8::1]:5432");
@@ -369,7 +375,7 @@ pub(crate) mod tests {
         raw.hook = 99;
         assert_eq!(decode(&bytes(&raw)), Err(DecodeError::UnknownHook(99)));
         let mut raw = raw_reset(1);
-        raw.family = 1;
+        raw.tuple.family = 1;
         assert_eq!(decode(&bytes(&raw)), Err(DecodeError::UnknownFamily(1)));
     }
 

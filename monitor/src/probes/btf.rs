@@ -171,6 +171,19 @@ impl KernelBtf {
 }
 
 impl KernelBtf {
+    /// How many arguments kernel function `name` takes, from its BTF prototype; `None` if
+    /// BTF does not describe it (not traceable with fentry/fexit then).
+    pub fn function_arity(&self, name: &str) -> Option<usize> {
+        let types = self.btf.resolve_types_by_name(name).ok()?;
+        types.into_iter().find_map(|ty| match ty {
+            Type::Func(func) => match self.btf.resolve_chained_type(&func).ok()? {
+                Type::FuncProto(proto) => Some(proto.parameters.len()),
+                _ => None,
+            },
+            _ => None,
+        })
+    }
+
     /// Value → name of an enum (e.g. `sk_rst_reason`, whose values differ between kernels);
     /// empty if this kernel has no such enum.
     pub fn enum_names(&self, name: &str) -> std::collections::HashMap<u32, String> {

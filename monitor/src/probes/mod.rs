@@ -9,7 +9,7 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{MapData, PerCpuArray, RingBuf},
-    programs::{FEntry, KProbe, TracePoint},
+    programs::{FEntry, FExit, KProbe, TracePoint},
 };
 use monitor_common::{KernelLayout, Settings, TpLayout};
 
@@ -58,8 +58,8 @@ pub struct Hook {
 
 const ACCEPT_LOSS: &str = "kernel without CONFIG_FTRACE_SYSCALLS?): accepted sockets are \
     attributed through /proc instead, which misses sockets closed before connwatch looks";
-const IO_LOSS: &str = "added in Linux 6.3): write_after_reset and write_after_close are not \
-    reported on this kernel";
+const IO_LOSS: &str = "added in Linux 6.3): fexit on tcp_sendmsg/tcp_recvmsg serves instead \
+    where the kernel allows it";
 
 pub const HOOKS: &[Hook] = &[
     Hook {
@@ -112,6 +112,53 @@ pub const HOOKS: &[Hook] = &[
     },
 ];
 
+impl Hook {
+    /// The per-send/recv tracepoints behind `write_after_*`.
+    pub fn is_io(&self) -> bool {
+        self.category == "sock" && self.name.ends_with("_length")
+    }
+}
+
+/// One thing connwatch reports, and what serves it on this kernel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Capability {
+    pub name: &'static str,
+    /// The kernel hook (or data) behind it, e.g. `fexit tcp_sendmsg + tcp_recvmsg`.
+    pub served_by: String,
+    /// Why it is degraded or missing on this kernel; `None` when fully served.
+    pub degraded: Option<String>,
+}
+
+impl Capability {
+    fn full(name: &'static str, served_by: impl Into<String>) -> Capability {
+        Capability {
+            name,
+            served_by: served_by.into(),
+            degraded: None,
+        }
+    }
+}
+
+/// `uname -r`, for messages that say which kernel they are about.
+pub fn kernel_release() -> String {
+    nix::sys::utsname::uname().map_or_else(
+        |_| "this kernel".into(),
+        |uts| format!("Linux {}", uts.release().to_string_lossy()),
+    )
+}
+
+/// The capabilities a kernel's hooks give: the start-up line and `doctor` show them.
+pub fn describe(capabilities: &[Capability]) -> String {
+    capabilities
+        .iter()
+        .map(|c| match &c.degraded {
+            None => format!("{} ← {}", c.name, c.served_by),
+            Some(why) => format!("{} ← {} (degraded: {why})", c.name, c.served_by),
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 /// Attached programs and the loss counter. Dropping it detaches everything.
 pub struct Probes {
     /// The programs stay attached while it lives.
@@ -121,6 +168,8 @@ pub struct Probes {
     pub warnings: Vec<String>,
     /// `enum sk_rst_reason` of this kernel: value → name (empty before Linux 6.10).
     pub rst_reasons: std::collections::HashMap<u32, String>,
+    /// What serves each capability on this kernel.
+    pub capabilities: Vec<Capability>,
 }
 
 impl Probes {
@@ -137,10 +186,14 @@ impl Probes {
         let tracefs = tracefs::locate(options.tracefs.as_deref())?;
         // Parsed vmlinux BTF is tens of MiB; drop it before aya parses its own copy, so the
         // two never add up in the daemon's peak memory.
-        let (layout, rst_reasons) = {
+        let (layout, rst_reasons, recvmsg_args) = {
             let kernel_btf = btf::KernelBtf::open(&options.btf)?;
             let layout = kernel_btf.kernel_layout(btf::kernel_hz()?)?;
-            (layout, kernel_btf.enum_names("sk_rst_reason"))
+            (
+                layout,
+                kernel_btf.enum_names("sk_rst_reason"),
+                kernel_btf.function_arity("tcp_recvmsg"),
+            )
         };
         let layouts = TracepointLayouts::read(&tracefs)?;
 
@@ -163,8 +216,9 @@ impl Probes {
             .context("loading the eBPF object into the kernel")?;
 
         let mut warnings = Vec::new();
+        let mut io_tracepoints = true;
         for hook in HOOKS {
-            if options.no_write_after && hook.category == "sock" && hook.name.ends_with("_length") {
+            if options.no_write_after && hook.is_io() {
                 // Opted out: these fire on every send/recv on the host.
                 continue;
             }
@@ -174,14 +228,68 @@ impl Probes {
                 .join(hook.name)
                 .is_dir();
             if let (false, Some(loss)) = (present, hook.optional) {
-                warnings.push(format!(
-                    "tracepoint {}:{} is missing ({loss}",
-                    hook.category, hook.name
-                ));
+                if hook.is_io() {
+                    io_tracepoints = false;
+                } else {
+                    warnings.push(format!(
+                        "tracepoint {}:{} is missing ({loss}",
+                        hook.category, hook.name
+                    ));
+                }
                 continue;
             }
             attach_tracepoint(&mut ebpf, hook)?;
         }
+        let io = if options.no_write_after {
+            Capability {
+                name: "write_after_*",
+                served_by: "nothing".into(),
+                degraded: Some("turned off by --no-write-after".into()),
+            }
+        } else if io_tracepoints {
+            Capability::full(
+                "write_after_*",
+                "tracepoints sock:sock_send_length, sock:sock_recv_length",
+            )
+        } else {
+            match attach_io_fexit(&mut ebpf, options, recvmsg_args) {
+                Ok(()) => Capability::full("write_after_*", "fexit tcp_sendmsg, tcp_recvmsg"),
+                Err(err) => {
+                    let why = format!(
+                        "sock:sock_send_length needs Linux 6.3, and fexit on tcp_sendmsg \
+                         failed: {err:#}"
+                    );
+                    warnings.push(format!("write_after_reset/close are not reported: {why}"));
+                    Capability {
+                        name: "write_after_*",
+                        served_by: "nothing".into(),
+                        degraded: Some(why),
+                    }
+                }
+            }
+        };
+        let causes = if rst_reasons.is_empty() {
+            Capability {
+                name: "reset causes",
+                served_by: "the socket's state, error and linger flag".into(),
+                degraded: Some(
+                    "tcp:tcp_send_reset reports no reason before Linux 6.10: keepalive, \
+                     memory and linger timeouts show as the abort they end in"
+                        .into(),
+                ),
+            }
+        } else {
+            Capability::full("reset causes", "the kernel's sk_rst_reason")
+        };
+        let capabilities = vec![
+            Capability::full("state changes", "tracepoint sock:inet_sock_set_state"),
+            Capability::full(
+                "resets",
+                "tracepoints tcp:tcp_receive_reset, tcp:tcp_send_reset",
+            ),
+            causes,
+            io,
+        ];
 
         let events = RingBuf::try_from(
             ebpf.take_map("EVENTS")
@@ -197,8 +305,21 @@ impl Probes {
             layout,
             warnings,
             rst_reasons,
+            capabilities,
         };
         Ok((probes, events))
+    }
+
+    /// Instructions the verifier processed for each loaded program (Linux 5.16+ reports
+    /// it; `None` before): how close each program is to the 1M limit on this kernel.
+    pub fn verified_instructions(&self) -> Vec<(String, Option<u32>)> {
+        self.ebpf
+            .programs()
+            .filter_map(|(name, program)| {
+                let info = program.info().ok()?;
+                Some((name.to_string(), info.verified_instruction_count()))
+            })
+            .collect()
     }
 
     /// Whether a kprobe can be attached here (informational: connwatch does not use them).
@@ -239,6 +360,43 @@ impl Probes {
     }
 }
 
+/// `write_after_*` where the send/recv tracepoints are missing (before Linux 6.3): fexit on
+/// the TCP send and receive functions, whose return value is the call's result.
+fn attach_io_fexit(
+    ebpf: &mut Ebpf,
+    options: &ProbeOptions,
+    recvmsg_args: Option<usize>,
+) -> Result<()> {
+    let btf = aya::Btf::parse_file(&options.btf, aya::Endianness::default())
+        .map_err(|err| anyhow!("{err}"))
+        .with_context(|| format!("parsing {}", options.btf.display()))?;
+    // tcp_recvmsg lost its `nonblock` argument in Linux 5.19; the return value follows the
+    // arguments, so each arity has its own program.
+    let recv_program = match recvmsg_args {
+        Some(5) => "tcp_recvmsg_exit5",
+        Some(6) => "tcp_recvmsg_exit6",
+        other => bail!("tcp_recvmsg has {other:?} arguments in this kernel's BTF, not 5 or 6"),
+    };
+    for (program, function) in [
+        ("tcp_sendmsg_exit", "tcp_sendmsg"),
+        (recv_program, "tcp_recvmsg"),
+    ] {
+        let program: &mut FExit = ebpf
+            .program_mut(program)
+            .with_context(|| format!("eBPF object has no program {program}"))?
+            .try_into()?;
+        program
+            .load(function, &btf)
+            .map_err(|err| anyhow!("{err:#}"))
+            .with_context(|| format!("loading fexit on {function}"))?;
+        program
+            .attach()
+            .map_err(|err| anyhow!("{err:#}"))
+            .with_context(|| format!("attaching fexit to {function}"))?;
+    }
+    Ok(())
+}
+
 fn attach_tracepoint(ebpf: &mut Ebpf, hook: &Hook) -> Result<()> {
     let tracepoint = format!("{}:{}", hook.category, hook.name);
     let program: &mut TracePoint = ebpf
@@ -272,7 +430,7 @@ impl TracepointLayouts {
         // accept and accept4 share the generic syscall-exit record; either gives `ret`.
         for name in ["sys_exit_accept4", "sys_exit_accept"] {
             if let Ok(format) = tracefs::Format::read(tracefs, "syscalls", name) {
-                sys_exit.ret = format.require("ret")?;
+                sys_exit = format.exit_layout()?;
             }
         }
         let mut sock_length = TpLayout::absent();

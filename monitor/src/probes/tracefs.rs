@@ -6,7 +6,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, anyhow, bail};
-use monitor_common::{ABSENT, TpLayout};
+use monitor_common::{ABSENT, MAX_RECORD_BYTES, TpLayout};
 
 pub const DEFAULT_TRACEFS: &str = "/sys/kernel/tracing";
 const DEBUGFS_TRACING: &str = "/sys/kernel/debug/tracing";
@@ -76,6 +76,8 @@ pub enum FormatError {
     },
     #[error("tracepoint {tracepoint} lacks field `{field}` (kernel layout not supported)")]
     MissingField { tracepoint: String, field: String },
+    #[error("tracepoint {tracepoint}: {why} (kernel layout not supported)")]
+    Unsupported { tracepoint: String, why: String },
 }
 
 impl Format {
@@ -153,19 +155,16 @@ impl Format {
             tp.saddr_sockaddr = self.require("saddr")?;
             tp.daddr_sockaddr = self.require("daddr")?;
         } else {
-            tp.family = self.require("family")?;
+            // Linux 5.10's tcp_event_sk lacks `family`; the kernel program reads the socket's.
+            tp.family = self.offset("family");
             tp.sport = self.require("sport")?;
             tp.dport = self.require("dport")?;
-            tp.saddr = self.require("saddr")?;
-            tp.daddr = self.require("daddr")?;
             tp.saddr_v6 = self.require("saddr_v6")?;
             tp.daddr_v6 = self.require("daddr_v6")?;
         }
-        Ok(tp)
+        self.finish(tp)
     }
-}
 
-impl Format {
     /// Layout of `sock:sock_send_length` / `sock:sock_recv_length` (Linux 6.3+).
     pub fn io_layout(&self) -> Result<TpLayout, FormatError> {
         let mut tp = TpLayout::absent();
@@ -173,7 +172,64 @@ impl Format {
         tp.protocol = self.require("protocol")?;
         tp.family = self.require("family")?;
         tp.ret = self.require("ret")?;
+        self.finish(tp)
+    }
+
+    /// Layout of a syscall exit tracepoint: only `ret`.
+    pub fn exit_layout(&self) -> Result<TpLayout, FormatError> {
+        let mut tp = TpLayout::absent();
+        tp.ret = self.require("ret")?;
+        self.finish(tp)
+    }
+
+    /// Sets how much of the record the kernel program copies, and checks what it assumes:
+    /// the record fits its buffer, and each field is aligned to its size (arrays, which it
+    /// copies in 2-byte words, to 2).
+    fn finish(&self, mut tp: TpLayout) -> Result<TpLayout, FormatError> {
+        let used = [
+            tp.skaddr,
+            tp.old_state,
+            tp.new_state,
+            tp.family,
+            tp.protocol,
+            tp.sport,
+            tp.dport,
+            tp.saddr_v6,
+            tp.daddr_v6,
+            tp.saddr_sockaddr,
+            tp.daddr_sockaddr,
+            tp.cookie,
+            tp.reason,
+            tp.ret,
+        ];
+        let mut end = 0;
+        for (name, &(offset, size)) in &self.fields {
+            if !used.contains(&offset) {
+                continue;
+            }
+            let align = if size > 8 { 2 } else { size };
+            if align == 0 || !offset.is_multiple_of(align) {
+                return Err(self.unsupported(format!(
+                    "field `{name}` at offset {offset} is not {align}-byte aligned"
+                )));
+            }
+            end = end.max(offset + size);
+        }
+        if end > MAX_RECORD_BYTES {
+            return Err(self.unsupported(format!(
+                "the fields connwatch reads end at byte {end}, past the {MAX_RECORD_BYTES} \
+                 bytes its kernel programs copy"
+            )));
+        }
+        tp.record_size = end;
         Ok(tp)
+    }
+
+    fn unsupported(&self, why: String) -> FormatError {
+        FormatError::Unsupported {
+            tracepoint: self.tracepoint.clone(),
+            why,
+        }
     }
 }
 

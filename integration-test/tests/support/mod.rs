@@ -9,14 +9,26 @@ use std::{
     io::{BufRead, BufReader, Read, Write},
     net::{TcpListener, TcpStream},
     process::{Child, Command, ExitStatus, Stdio},
-    sync::{Arc, Mutex, mpsc},
+    sync::{Arc, LazyLock, Mutex, mpsc},
     thread,
     time::{Duration, Instant},
 };
 
 use serde_json::Value;
 
-pub const CONNWATCH: &str = env!("CARGO_BIN_EXE_connwatch");
+/// The connwatch binary under test: `$CONNWATCH_BIN` (xtask sets it; in a guest of the
+/// kernel matrix it is the static build), else this workspace's debug build.
+pub static CONNWATCH: LazyLock<String> = LazyLock::new(|| {
+    let path = std::env::var("CONNWATCH_BIN").unwrap_or_else(|_| {
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../target/debug/connwatch").to_string()
+    });
+    assert!(
+        std::path::Path::new(&path).is_file(),
+        "no connwatch binary at {path}: run `cargo xtask test`, or `cargo build -p monitor` \
+         first, or set CONNWATCH_BIN"
+    );
+    path
+});
 
 /// How long connwatch may take to load and attach (the verifier, BTF parsing).
 const START_TIMEOUT: Duration = Duration::from_secs(60);
@@ -50,7 +62,7 @@ impl Watch {
     /// Starts `connwatch <args>` (any command that prints JSON lines and says
     /// `connwatch: watching` once attached).
     pub fn spawn(args: &[&str]) -> Watch {
-        let mut command = Command::new(CONNWATCH);
+        let mut command = Command::new(&*CONNWATCH);
         command.args(args);
         Watch::spawn_command(command)
     }
@@ -302,7 +314,7 @@ pub struct Proxy {
 impl Proxy {
     pub fn start(upstream: u16, fault: &str, after: &str) -> Proxy {
         let port = listen("127.0.0.1:0").1;
-        let mut child = Command::new(CONNWATCH)
+        let mut child = Command::new(&*CONNWATCH)
             .args(["proxy", "--listen", &format!("127.0.0.1:{port}")])
             .args(["--upstream", &format!("127.0.0.1:{upstream}"), fault, after])
             .stdout(Stdio::null())

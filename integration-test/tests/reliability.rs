@@ -245,7 +245,7 @@ fn as_nobody(caps: &str) -> Command {
         .arg(format!("--inh-caps=-all,{caps}"))
         .arg(format!("--ambient-caps=-all,{caps}"))
         .arg("--")
-        .arg(CONNWATCH);
+        .arg(&*CONNWATCH);
     command
 }
 

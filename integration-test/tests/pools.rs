@@ -41,7 +41,7 @@ fn top_once_shows_a_pool_opened_before_start() {
         .unwrap();
     assert_eq!(ready.trim(), "ready");
 
-    let output = Command::new(CONNWATCH)
+    let output = Command::new(&*CONNWATCH)
         .args(["top", "--once", "--json"])
         .output()
         .unwrap();

@@ -260,7 +260,7 @@ fn clients_leak_connections_the_server_closed() {
 
 #[test]
 fn selftest_passes() {
-    let output = Command::new(CONNWATCH).arg("selftest").output().unwrap();
+    let output = Command::new(&*CONNWATCH).arg("selftest").output().unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
         output.status.success(),

@@ -179,7 +179,7 @@ fn log_events_can_be_turned_off() {
 fn port_in_use_and_bad_flags() {
     let taken = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
-    let output = Command::new(CONNWATCH)
+    let output = Command::new(&*CONNWATCH)
         .args(["daemon", "--listen", &addr])
         .output()
         .unwrap();
@@ -206,7 +206,7 @@ fn port_in_use_and_bad_flags() {
             "invalid value 'maybe' for '--log-events <BOOL>'",
         ),
     ] {
-        let output = Command::new(CONNWATCH).args(args).output().unwrap();
+        let output = Command::new(&*CONNWATCH).args(args).output().unwrap();
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
         assert!(
@@ -215,7 +215,7 @@ fn port_in_use_and_bad_flags() {
         );
     }
     // The environment variable works like the flag.
-    let output = Command::new(CONNWATCH)
+    let output = Command::new(&*CONNWATCH)
         .args(["daemon"])
         .env("CONNWATCH_LISTEN", &addr)
         .output()

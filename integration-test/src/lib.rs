@@ -1,0 +1,1 @@
+//! Empty: the privileged tests live in `tests/`; see Cargo.toml.

@@ -1,0 +1,346 @@
+//! The release image, built for real: `deploy/Containerfile` through buildah (no daemon, and
+//! `FROM scratch` pulls nothing), its config checked, and the binary run inside its rootfs
+//! with chroot. The rootfs holds nothing but the binary, so running there proves it needs no
+//! libc. Needs root and buildah; `cargo xtask test` provides both and sets
+//! `CONNWATCH_STATIC_BIN`.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::{Command, Output},
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use serde_json::{Value, json};
+
+/// Where the release build puts the static binary, relative to the workspace root; also the
+/// Containerfile's default for its `CONNWATCH_BIN` build argument.
+const DEFAULT_STATIC_BIN: &str = "target/x86_64-unknown-linux-musl/release/connwatch";
+const ENTRYPOINT: &str = "/usr/local/bin/connwatch";
+
+#[test]
+fn image_is_the_static_binary_alone_and_it_runs() {
+    let binary = static_binary();
+    let bytes = fs::read(&binary).expect("read the static binary");
+    if let Err(why) = static_elf(&bytes) {
+        panic!(
+            "{} is not statically linked ({why}): the image has no libc, so it would not run \
+             there; build it for x86_64-unknown-linux-musl",
+            binary.display()
+        );
+    }
+
+    let mut buildah = Buildah::new();
+    let tag = buildah.build(&binary);
+
+    let inspect: Value = serde_json::from_str(&buildah.run(&["inspect", "--type", "image", &tag]))
+        .expect("buildah inspect prints JSON");
+    let image = &inspect["OCIv1"];
+    let config = &image["config"];
+    assert_eq!(config["Entrypoint"], json!([ENTRYPOINT]), "{config:#}");
+    assert_eq!(config["Cmd"], json!(["daemon"]), "{config:#}");
+    // Root, like deploy/connwatch.yaml (runAsUser: 0 with a dropped capability set).
+    assert_eq!(config["User"], "0:0", "{config:#}");
+    let labels = &config["Labels"];
+    assert_eq!(
+        labels["org.opencontainers.image.licenses"],
+        "MIT OR Apache-2.0"
+    );
+    for label in ["source", "description"] {
+        let value = labels[format!("org.opencontainers.image.{label}")].as_str();
+        assert!(
+            value.is_some_and(|v| !v.is_empty()),
+            "no {label} label: {labels:#}"
+        );
+    }
+    let layers = image["rootfs"]["diff_ids"].as_array().expect("diff_ids");
+    assert_eq!(layers.len(), 1, "one layer, the binary's: {image:#}");
+
+    let rootfs = buildah.mount(&tag);
+    let files = files_under(&rootfs);
+    assert_eq!(
+        files,
+        [ENTRYPOINT.trim_start_matches('/')],
+        "the rootfs must hold the binary alone (no shell, no libc, no certificates)"
+    );
+    assert!(
+        fs::read(rootfs.join(&files[0])).expect("read the image's binary") == bytes,
+        "the image's binary differs from {}",
+        binary.display()
+    );
+
+    let user = config["User"].as_str().unwrap();
+    let version = command_output(Command::new("chroot").args([
+        &format!("--userspec={user}"),
+        rootfs.to_str().unwrap(),
+        ENTRYPOINT,
+        "--version",
+    ]));
+    assert_eq!(
+        version.trim(),
+        format!("connwatch {}", env!("CARGO_PKG_VERSION"))
+    );
+
+    // doctor needs the host's /proc and /sys: bind them in a private mount namespace, so they
+    // vanish with it whatever happens, and never propagate back to the host.
+    for dir in ["proc", "sys"] {
+        fs::create_dir(rootfs.join(dir)).expect("create a mount point in the container");
+    }
+    let doctor = command_output(Command::new("unshare").args([
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        r#"mount --rbind /proc "$1/proc" && mount --rbind /sys "$1/sys" &&
+           exec chroot --userspec="$2" "$1" "$3" doctor"#,
+        "sh",
+        rootfs.to_str().unwrap(),
+        user,
+        ENTRYPOINT,
+    ]));
+    let release = fs::read_to_string("/proc/sys/kernel/osrelease").expect("kernel release");
+    assert!(
+        doctor.contains(&format!("Linux {}", release.trim())),
+        "doctor does not name the kernel:\n{doctor}"
+    );
+    assert!(
+        doctor.contains("connwatch can run on this node: yes"),
+        "{doctor}"
+    );
+}
+
+/// The check above must be able to fail: this test binary is linked against glibc.
+#[test]
+fn a_dynamically_linked_binary_is_refused() {
+    let own = fs::read(std::env::current_exe().unwrap()).unwrap();
+    assert!(static_elf(&own).is_err());
+}
+
+/// `$CONNWATCH_STATIC_BIN`, else the workspace's musl release build.
+fn static_binary() -> PathBuf {
+    let path = std::env::var_os("CONNWATCH_STATIC_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join(DEFAULT_STATIC_BIN));
+    assert!(
+        path.is_file(),
+        "no static connwatch at {}: build it with `rustup target add x86_64-unknown-linux-musl \
+         && cargo build --release -p monitor --target x86_64-unknown-linux-musl`, or set \
+         CONNWATCH_STATIC_BIN",
+        path.display()
+    );
+    path
+}
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// Why `elf` would not run without files beside it, if so: a PT_INTERP names the dynamic
+/// loader, a DT_NEEDED a shared library. A static-pie (what musl builds) has a PT_DYNAMIC for
+/// its own relocations but neither of those.
+fn static_elf(elf: &[u8]) -> Result<(), String> {
+    const PT_DYNAMIC: u32 = 2;
+    const PT_INTERP: u32 = 3;
+    const DT_NEEDED: u64 = 1;
+    let bytes = |at: u64, len: usize| -> Result<&[u8], String> {
+        usize::try_from(at)
+            .ok()
+            .and_then(|at| elf.get(at..at.checked_add(len)?))
+            .ok_or_else(|| format!("truncated ELF: nothing at offset {at:#x}"))
+    };
+    let u16_at = |at| Ok::<_, String>(u16::from_le_bytes(bytes(at, 2)?.try_into().unwrap()));
+    let u32_at = |at| Ok::<_, String>(u32::from_le_bytes(bytes(at, 4)?.try_into().unwrap()));
+    let u64_at = |at| Ok::<_, String>(u64::from_le_bytes(bytes(at, 8)?.try_into().unwrap()));
+
+    if elf.get(..6) != Some(b"\x7fELF\x02\x01") {
+        return Err("not a 64-bit little-endian ELF file".into());
+    }
+    let (phoff, phentsize, phnum) = (u64_at(0x20)?, u16_at(0x36)?, u16_at(0x38)?);
+    for header in (0..u64::from(phnum)).map(|i| phoff + i * u64::from(phentsize)) {
+        match u32_at(header)? {
+            PT_INTERP => return Err("it has a program interpreter (PT_INTERP)".into()),
+            PT_DYNAMIC => {
+                let (offset, size) = (u64_at(header + 0x08)?, u64_at(header + 0x20)?);
+                for entry in (offset..offset + size).step_by(16) {
+                    match u64_at(entry)? {
+                        0 => break,
+                        DT_NEEDED => return Err("it needs shared libraries (DT_NEEDED)".into()),
+                        _ => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Every file that is not a directory under `root`, relative to it.
+fn files_under(root: &Path) -> Vec<String> {
+    let mut files = Vec::new();
+    let mut dirs = vec![root.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        for entry in fs::read_dir(&dir).expect("list the rootfs") {
+            let path = entry.expect("list the rootfs").path();
+            if path.is_dir() && !path.is_symlink() {
+                dirs.push(path);
+            } else {
+                let relative = path.strip_prefix(root).unwrap();
+                files.push(relative.to_string_lossy().into_owned());
+            }
+        }
+    }
+    files.sort();
+    files
+}
+
+/// Runs `command`; its stdout then stderr, or a panic that shows them.
+fn command_output(command: &mut Command) -> String {
+    let output = command
+        .output()
+        .unwrap_or_else(|err| panic!("cannot run {command:?}: {err}"));
+    assert!(
+        output.status.success(),
+        "{command:?} failed: {}",
+        describe(&output)
+    );
+    describe(&output)
+}
+
+/// stdout then stderr, and the exit status if it is not success.
+fn describe(output: &Output) -> String {
+    let mut text = String::from_utf8_lossy(&output.stdout).into_owned();
+    text.push_str(&String::from_utf8_lossy(&output.stderr));
+    if !output.status.success() {
+        text.push_str(&format!("({})", output.status));
+    }
+    text
+}
+
+/// buildah with a private vfs store in a fresh directory: nothing lands in the host's store,
+/// concurrent runs cannot collide, and vfs needs nothing from the kernel (no overlay). Drop
+/// unmounts and removes the container, the image and the store, even after a failed assert.
+struct Buildah {
+    store: PathBuf,
+    image: Option<String>,
+    container: Option<String>,
+}
+
+impl Buildah {
+    fn new() -> Buildah {
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        let unique = format!("{}-{nanos}", std::process::id());
+        let store = std::env::temp_dir().join(format!("connwatch-image-test-{unique}"));
+        fs::create_dir(&store).expect("create the buildah store");
+        Buildah {
+            store,
+            image: None,
+            container: None,
+        }
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new("buildah");
+        command
+            .arg("--root")
+            .arg(self.store.join("storage"))
+            .arg("--runroot")
+            .arg(self.store.join("run"))
+            .args(["--storage-driver", "vfs"])
+            .args(args);
+        command
+    }
+
+    /// Runs buildah; its stdout, or a panic that shows why it failed.
+    fn run(&self, args: &[&str]) -> String {
+        let mut command = self.command(args);
+        let output = command.output().unwrap_or_else(|err| {
+            panic!("cannot run buildah ({err}): install it (`apt-get install buildah`)")
+        });
+        assert!(
+            output.status.success(),
+            "{command:?} failed: {}",
+            describe(&output)
+        );
+        String::from_utf8(output.stdout).expect("buildah prints UTF-8")
+    }
+
+    /// Builds deploy/Containerfile around `binary` with the repository root as the context, as
+    /// the README says; a binary outside the repository gets a context of its own.
+    fn build(&mut self, binary: &Path) -> String {
+        let tag = format!(
+            "localhost/connwatch-image-test:{}",
+            self.store.file_name().unwrap().to_str().unwrap()
+        );
+        let root = workspace().canonicalize().unwrap();
+        let binary = binary.canonicalize().unwrap();
+        let (context, relative) = match binary.strip_prefix(&root) {
+            Ok(relative) => (root.clone(), relative.to_str().unwrap().to_string()),
+            Err(_) => {
+                let context = self.store.join("context");
+                fs::create_dir(&context).unwrap();
+                fs::copy(&binary, context.join("connwatch")).unwrap();
+                (context, "connwatch".to_string())
+            }
+        };
+        let containerfile = root.join("deploy/Containerfile");
+        let build_arg = format!("CONNWATCH_BIN={relative}");
+        let mut args = vec![
+            "build",
+            // No RUN step, so nothing is executed; chroot isolation keeps buildah from
+            // looking for an OCI runtime it cannot use here.
+            "--isolation",
+            "chroot",
+            "-f",
+            containerfile.to_str().unwrap(),
+            "-t",
+            &tag,
+        ];
+        // Leave the Containerfile's default in force when it is the path used, so it is tested.
+        if relative != DEFAULT_STATIC_BIN {
+            args.extend(["--build-arg", &build_arg]);
+        }
+        args.push(context.to_str().unwrap());
+        self.image = Some(tag.clone());
+        self.run(&args);
+        tag
+    }
+
+    /// A working container from `image`, mounted: the path of its rootfs.
+    fn mount(&mut self, image: &str) -> PathBuf {
+        let container = self.run(&["from", image]).trim().to_string();
+        self.container = Some(container.clone());
+        PathBuf::from(self.run(&["mount", &container]).trim())
+    }
+}
+
+impl Drop for Buildah {
+    fn drop(&mut self) {
+        let mut steps = Vec::new();
+        if let Some(container) = &self.container {
+            steps.push(vec!["umount", container]);
+            steps.push(vec!["rm", container]);
+        }
+        if let Some(image) = &self.image {
+            steps.push(vec!["rmi", image]);
+        }
+        // Report, do not panic: a panic while unwinding from a failed assert would abort.
+        for step in steps {
+            match self.command(&step).output() {
+                Ok(output) if output.status.success() => {}
+                Ok(output) => eprintln!("buildah {step:?}: {}", describe(&output)),
+                Err(err) => eprintln!("buildah {step:?}: {err}"),
+            }
+        }
+        if let Err(err) = fs::remove_dir_all(&self.store) {
+            eprintln!("removing {}: {err}", self.store.display());
+        }
+    }
+}

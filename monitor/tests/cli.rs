@@ -1,0 +1,72 @@
+//! Command-line errors an ordinary user can meet without privileges: bad flag values, and
+//! running without the capabilities. Plain `cargo test` runs these; the privileged error
+//! paths are in integration-test/tests/errors.rs.
+mod outcome;
+
+use std::process::Command;
+
+use outcome::Outcome;
+
+const CONNWATCH: &str = env!("CARGO_BIN_EXE_connwatch");
+
+fn connwatch(args: &[&str]) -> Outcome {
+    Outcome::of(Command::new(CONNWATCH).args(args))
+}
+
+#[test]
+fn bad_flag_values_are_named() {
+    for (args, expected) in [
+        (
+            &["watch", "--idle-threshold", "soon"][..],
+            "invalid value 'soon' for '--idle-threshold <DURATION>'",
+        ),
+        (&["watch", "--duration", "0s"], "must be greater than zero"),
+        (
+            &["watch", "--port", "0"],
+            "invalid value '0' for '--port <PORT>'",
+        ),
+        (
+            &["watch", "--count=0"],
+            "invalid value '0' for '--count <N>'",
+        ),
+        (
+            &["watch", "--ring-buffer-size", "5000"],
+            "5000 is not a power of two of at least 4096",
+        ),
+        (&["watch", "--bogus"], "unexpected argument '--bogus'"),
+    ] {
+        let outcome = connwatch(args);
+        assert_eq!(outcome.code, Some(2), "{args:?}: {}", outcome.stderr);
+        let first = outcome.stderr.lines().next().unwrap_or_default();
+        assert!(
+            first.contains(expected),
+            "{args:?}: {first:?} lacks {expected:?}"
+        );
+    }
+}
+
+#[test]
+fn unprivileged_user_is_told_which_capabilities() {
+    // As root, become nobody with no capabilities at all; as anyone else, run as is.
+    let outcome = if nix::unistd::geteuid().is_root() {
+        Outcome::of(
+            Command::new("setpriv")
+                .args([
+                    "--reuid=65534",
+                    "--regid=65534",
+                    "--clear-groups",
+                    "--inh-caps=-all",
+                ])
+                .arg(CONNWATCH)
+                .arg("watch"),
+        )
+    } else {
+        connwatch(&["watch"])
+    };
+    outcome.assert_one_line_error("missing capability CAP_BPF and CAP_PERFMON");
+    assert!(
+        outcome.stderr.contains("run connwatch as root"),
+        "{}",
+        outcome.stderr
+    );
+}
