@@ -33,7 +33,10 @@ impl Dump {
                 else {
                     continue;
                 };
-                let Some(rest) = rest.strip_prefix("STRUCT '") else {
+                let Some(rest) = rest
+                    .strip_prefix("STRUCT '")
+                    .or_else(|| rest.strip_prefix("UNION '"))
+                else {
                     continue;
                 };
                 let id: u32 = id.parse().unwrap();
@@ -60,24 +63,42 @@ impl Dump {
                     .unwrap()
             };
             let entry = (word("bits_offset=") / 8, word("type_id="));
-            dump.by_id
-                .get_mut(&id)
-                .unwrap()
-                .insert(member.to_string(), entry);
+            let members = dump.by_id.get_mut(&id).unwrap();
+            // Anonymous unions and structs each get a key of their own.
+            let key = if member == "(anon)" {
+                format!("(anon){}", members.len())
+            } else {
+                member.to_string()
+            };
+            members.insert(key, entry);
         }
         dump
     }
 
-    /// Byte offset of `path` inside struct `outer`, following member type ids.
+    /// Byte offset of `path` inside struct `outer`, following member type ids and looking
+    /// inside anonymous unions and structs on the way.
     fn offset(&self, outer: &str, path: &[&str]) -> u32 {
         let mut id = self.by_name[outer];
         let mut offset = 0;
         for member in path {
-            let (at, type_id) = self.by_id[&id][*member];
+            let (at, type_id) = self
+                .find(id, member)
+                .unwrap_or_else(|| panic!("bpftool shows no {outer}.{}", path.join(".")));
             offset += at;
             id = type_id;
         }
         offset
+    }
+
+    fn find(&self, id: u32, member: &str) -> Option<(u32, u32)> {
+        let members = self.by_id.get(&id)?;
+        if let Some(&found) = members.get(member) {
+            return Some(found);
+        }
+        members
+            .iter()
+            .filter(|(name, _)| name.starts_with("(anon)"))
+            .find_map(|(_, &(at, anon))| self.find(anon, member).map(|(off, ty)| (at + off, ty)))
     }
 }
 
@@ -106,7 +127,21 @@ fn offsets_match_bpftool_for_this_kernel() {
     assert_eq!(layout.fdt_max_fds, dump.offset("fdtable", &["max_fds"]));
     assert_eq!(layout.fdt_fd, dump.offset("fdtable", &["fd"]));
     assert_eq!(layout.socket_sk, dump.offset("socket", &["sk"]));
-    assert_eq!(layout.hz, 250, "HZ is passed through as given");
+    assert_eq!(layout.sk_err, dump.offset("sock", &["sk_err"]));
+    assert_eq!(
+        layout.sk_lingertime,
+        dump.offset("sock", &["sk_lingertime"])
+    );
+    // In sock_common since Linux 6.x; in sock itself on 5.10.
+    let in_common = dump
+        .find(dump.by_name["sock_common"], "skc_flags")
+        .is_some();
+    let sk_flags = if in_common {
+        dump.offset("sock", &["__sk_common", "skc_flags"])
+    } else {
+        dump.offset("sock", &["sk_flags"])
+    };
+    assert_eq!(layout.sk_flags, sk_flags);
 }
 
 #[test]

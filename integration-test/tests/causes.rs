@@ -24,20 +24,33 @@ fn connecting_to_a_closed_port() {
     drop(listener);
     let watch = Watch::start(&["--port", &port.to_string()]);
     assert!(TcpStream::connect(("127.0.0.1", port)).is_err());
+    let sides = if sees_socketless_resets() { 2 } else { 1 };
     watch.wait_for("both sides of the refusal", |events| {
         events
             .iter()
             .filter(|e| RESET_KINDS.contains(&kind(e)))
             .count()
-            >= 2
+            >= sides
     });
     let events = watch.stop().events;
     let refused: Vec<&Value> = events.iter().filter(|e| kind(e) == "peer_reset").collect();
     assert_eq!(refused.len(), 1, "{events:#?}");
     assert_eq!(refused[0]["cause"], "connection_refused");
     assert_eq!(refused[0]["state"], "SYN_SENT");
-    // The kernel answered the SYN for a port nobody listens on.
-    assert_eq!(with_cause(&events, "local_reset", port), ["no_socket"]);
+    // The kernel answered the SYN for a port nobody listens on (sent on loopback before the
+    // client's receive, so it would be here by now).
+    let expected: &[&str] = if sees_socketless_resets() {
+        &["no_socket"]
+    } else {
+        &[]
+    };
+    assert_eq!(with_cause(&events, "local_reset", port), expected);
+}
+
+/// Linux 6.10 made tcp:tcp_send_reset fire for RSTs sent with no socket; before, the
+/// receiving side is all there is to see (doctor says so).
+fn sees_socketless_resets() -> bool {
+    kernel_at_least(6, 10)
 }
 
 #[test]
@@ -150,13 +163,23 @@ fn stray_segment_after_the_server_forgot() {
         client.read(&mut buf).is_err(),
         "the stray segment is answered with an RST"
     );
+    let client_port = client.local_addr().unwrap().port();
     watch.wait_for("the stray reset", |events| {
-        with_cause(events, "local_reset", server_port).contains(&"no_socket")
+        if sees_socketless_resets() {
+            with_cause(events, "local_reset", server_port).contains(&"no_socket")
+        } else {
+            !with_cause(events, "peer_reset", client_port).is_empty()
+        }
     });
     let events = watch.stop().events;
+    let expected: &[&str] = if sees_socketless_resets() {
+        &["linger_zero_abort", "no_socket"]
+    } else {
+        &["linger_zero_abort"]
+    };
     assert_eq!(
         with_cause(&events, "local_reset", server_port),
-        ["linger_zero_abort", "no_socket"],
+        expected,
         "the dropped abort, then the answer to the stray segment"
     );
 }

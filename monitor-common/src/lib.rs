@@ -37,6 +37,10 @@ pub mod flags {
     pub const IDLE_KNOWN: u8 = 1 << 1;
     /// `skaddr` was a full socket (not NULL, not a timewait or request mini-socket).
     pub const FULL_SOCKET: u8 = 1 << 2;
+    /// The socket sending an RST had SO_LINGER on with a zero timeout: the application
+    /// closed it to abort. Tells that abort from a close with unread data on kernels whose
+    /// `tcp_send_reset` gives no reason (before 6.10).
+    pub const LINGER_ZERO: u8 = 1 << 3;
 }
 
 /// TCP states as the kernel numbers them (`include/net/tcp_states.h`).
@@ -312,6 +316,10 @@ pub struct KernelLayout {
     pub socket_sk: u32,
     /// `sock.sk_err` (int): the error a dead or aborted socket reports.
     pub sk_err: u32,
+    /// `sock.sk_flags` (unsigned long; bit `SOCK_LINGER`).
+    pub sk_flags: u32,
+    /// `sock.sk_lingertime` (unsigned long).
+    pub sk_lingertime: u32,
 }
 
 impl KernelLayout {
@@ -332,6 +340,8 @@ impl KernelLayout {
             file_private_data: 0,
             socket_sk: 0,
             sk_err: 0,
+            sk_flags: 0,
+            sk_lingertime: 0,
         }
     }
 }

@@ -225,6 +225,17 @@ pub fn sk_err(sk: u64) -> i32 {
     read::<i32>(sk, kernel().sk_err as i64).unwrap_or(0)
 }
 
+/// `SOCK_LINGER` in `enum sock_flags` (include/net/sock.h; unchanged since 2.6).
+const SOCK_LINGER: u64 = 4;
+
+/// SO_LINGER on with a zero timeout, on a full socket.
+#[inline(always)]
+pub fn linger_zero(sk: u64) -> bool {
+    let k = kernel();
+    let on = read::<u64>(sk, k.sk_flags as i64).is_some_and(|f| f & (1 << SOCK_LINGER) != 0);
+    on && read::<u64>(sk, k.sk_lingertime as i64) == Some(0)
+}
+
 /// True for an IPv4/IPv6 TCP full socket (`accept()` also returns unix sockets).
 #[inline(always)]
 pub fn is_inet_tcp(sk: u64) -> bool {

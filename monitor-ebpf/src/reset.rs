@@ -6,7 +6,7 @@ use monitor_common::{hook, peer_end, tcp_state};
 use crate::{
     event::{Slot, set},
     impact::mark_peer_end,
-    kernel::{Record, Tp, layout, read_full_socket, sk_err, sk_state},
+    kernel::{Record, Tp, layout, linger_zero, read_full_socket, sk_err, sk_state},
 };
 
 /// Fires in softirq: the current task is not the owner (on loopback it is the RST sender).
@@ -64,6 +64,11 @@ pub fn tcp_send_reset(ctx: TracePointContext) -> u32 {
             read_full_socket(sk, idle, slot.as_ptr());
             // ECONNABORTED here means sock_destroy (`ss -K`) set it before the RST.
             set!(slot, sk_err, sk_err(sk));
+            if linger_zero(sk) {
+                // SAFETY: the slot's event is a whole, reserved ConnEvent.
+                let flags = unsafe { core::ptr::read_volatile(&raw const (*slot.as_ptr()).flags) };
+                set!(slot, flags, flags | monitor_common::flags::LINGER_ZERO);
+            }
         }
     }
     slot.submit();

@@ -80,6 +80,7 @@ pub struct TcpState(pub u8);
 
 impl TcpState {
     pub const CLOSE: TcpState = TcpState(monitor_common::tcp_state::CLOSE);
+    pub const TIME_WAIT: TcpState = TcpState(monitor_common::tcp_state::TIME_WAIT);
 
     pub fn name(self) -> &'static str {
         use monitor_common::tcp_state::*;
@@ -145,6 +146,8 @@ pub struct Event {
     pub since_recv_ms: Option<u32>,
     pub rst_reason: u16,
     pub full_socket: bool,
+    /// An RST's socket had SO_LINGER on with a zero timeout.
+    pub linger_zero: bool,
     /// Set for [`Hook::IoAfterPeerEnd`].
     pub io: Option<IoAfterPeerEnd>,
     /// `sk->sk_err` on a death (change to CLOSE) or a sent RST; 0 otherwise.
@@ -244,6 +247,7 @@ pub fn from_raw(raw: &ConnEvent) -> Result<Event, DecodeError> {
         since_recv_ms: known(raw.since_recv_ms),
         rst_reason: raw.reason,
         full_socket: raw.flags & flags::FULL_SOCKET != 0,
+        linger_zero: raw.flags & flags::LINGER_ZERO != 0,
         io,
         sk_err: raw.sk_err,
     })

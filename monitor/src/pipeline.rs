@@ -213,6 +213,7 @@ fn snapshot_event(socket: &DiagSocket, owner: Option<Task>, mono_now_ns: u64) ->
         since_recv_ms: socket.activity.map(|a| a.last_data_recv_ms),
         rst_reason: 0,
         full_socket: true,
+        linger_zero: false,
         io: None,
         sk_err: 0,
     }

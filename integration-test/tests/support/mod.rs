@@ -452,3 +452,14 @@ pub fn run(program: &str, args: &[&str]) -> String {
     );
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
+
+/// Whether the running kernel is at least `major.minor`: tests state what each kernel of
+/// the matrix can and cannot see (README "Supported kernels").
+pub fn kernel_at_least(major: u32, minor: u32) -> bool {
+    let uname = nix::sys::utsname::uname().expect("uname");
+    let release = uname.release().to_string_lossy().into_owned();
+    let mut parts = release
+        .split(['.', '-'])
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0)) >= (major, minor)
+}

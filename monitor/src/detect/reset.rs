@@ -57,8 +57,42 @@ fn sent_cause(event: &Event, reasons: &HashMap<u32, String>) -> String {
         Some("TCP_ABORT_ON_MEMORY") => "out_of_memory".into(),
         Some("TCP_KEEPALIVE_TIMEOUT") => "keepalive_timeout".into(),
         Some("TCP_TIMEWAIT_SOCKET") => "timewait_socket".into(),
-        Some("TCP_STATE") | Some("NOT_SPECIFIED") | None => abort_cause(event).into(),
+        Some("TCP_STATE") | Some("NOT_SPECIFIED") => abort_cause(event).into(),
         Some(other) => other.to_ascii_lowercase(),
+        None if reasons.is_empty() => socket_cause(event).into(),
+        None => abort_cause(event).into(),
+    }
+}
+
+/// Before Linux 6.10 `tcp_send_reset` gives no reason: the socket tells what it can.
+/// - A live socket: `tcp_abort` (`ss -K`) sets ECONNABORTED before its RST on these
+///   kernels; otherwise a timer aborted it (keepalive, FIN_WAIT2 linger, out of memory),
+///   which only 6.10's reasons tell apart.
+/// - A close that aborts (SO_LINGER 0) and a close with unread data both move the socket
+///   to CLOSE before the RST; the linger flag tells them apart. `tcp_reset` after data
+///   arrived past shutdown sets ECONNRESET before the RST leaves.
+fn socket_cause(event: &Event) -> &'static str {
+    if event.old_state == TcpState::TIME_WAIT {
+        return "timewait_socket";
+    }
+    if event.socket.skaddr == 0 || !event.full_socket {
+        return abort_cause(event);
+    }
+    if event.old_state != TcpState::CLOSE {
+        return if event.sk_err == libc::ECONNABORTED {
+            "socket_destroyed"
+        } else {
+            "timer_abort"
+        };
+    }
+    if event.linger_zero {
+        "linger_zero_abort"
+    } else if event.sk_err == libc::ECONNRESET {
+        "data_after_close"
+    } else if event.sk_err == 0 {
+        "unread_data_on_close"
+    } else {
+        abort_cause(event)
     }
 }
 
@@ -170,6 +204,28 @@ mod tests {
             ),
             "no_socket"
         );
+        let from_socket = |state: u8, sk_err: i32, linger_zero: bool| {
+            let mut raw = raw_reset(0);
+            raw.hook = hook::SEND_RESET;
+            raw.old_state = state;
+            raw.sk_err = sk_err;
+            if linger_zero {
+                raw.flags |= monitor_common::flags::LINGER_ZERO;
+            }
+            cause(&from_raw(&raw).unwrap(), &HashMap::new())
+        };
+        use monitor_common::tcp_state::{CLOSE, ESTABLISHED as LIVE};
+        assert_eq!(from_socket(CLOSE, 0, true), "linger_zero_abort");
+        assert_eq!(from_socket(CLOSE, 0, false), "unread_data_on_close");
+        assert_eq!(
+            from_socket(CLOSE, libc::ECONNRESET, false),
+            "data_after_close"
+        );
+        assert_eq!(
+            from_socket(LIVE, libc::ECONNABORTED, false),
+            "socket_destroyed"
+        );
+        assert_eq!(from_socket(LIVE, 0, false), "timer_abort");
         let received = |state: u8| {
             let mut raw = raw_reset(0);
             raw.old_state = state;

@@ -166,6 +166,11 @@ impl KernelBtf {
             file_private_data: self.scalar("file", &["private_data"], 8)?,
             socket_sk: self.scalar("socket", &["sk"], 8)?,
             sk_err: self.scalar("sock", &["sk_err"], 4)?,
+            // Moved into sock_common (as skc_flags) in Linux 6.x.
+            sk_flags: self
+                .scalar("sock", &["__sk_common", "skc_flags"], 8)
+                .or_else(|_| self.scalar("sock", &["sk_flags"], 8))?,
+            sk_lingertime: self.scalar("sock", &["sk_lingertime"], 8)?,
         })
     }
 }

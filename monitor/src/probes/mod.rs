@@ -281,12 +281,25 @@ impl Probes {
         } else {
             Capability::full("reset causes", "the kernel's sk_rst_reason")
         };
+        let resets = "tracepoints tcp:tcp_receive_reset, tcp:tcp_send_reset";
+        let resets = if layouts.send_reset.saddr_sockaddr == monitor_common::ABSENT {
+            // Linux 6.10 made tcp_send_reset fire without a full socket, reading the
+            // addresses from the segment (hence its sockaddr fields).
+            Capability {
+                name: "resets",
+                served_by: resets.into(),
+                degraded: Some(
+                    "before Linux 6.10 tcp_send_reset does not fire for RSTs sent with no \
+                     socket (a closed port, a stray segment) or from TIME_WAIT"
+                        .into(),
+                ),
+            }
+        } else {
+            Capability::full("resets", resets)
+        };
         let capabilities = vec![
             Capability::full("state changes", "tracepoint sock:inet_sock_set_state"),
-            Capability::full(
-                "resets",
-                "tracepoints tcp:tcp_receive_reset, tcp:tcp_send_reset",
-            ),
+            resets,
             causes,
             io,
         ];
