@@ -23,7 +23,7 @@ use prometheus_client::registry::Registry;
 use crate::{
     args::PipelineArgs,
     detect::{Finding, Kind},
-    engine::{Consumer, Engine, Flow, shutdown_signal},
+    engine::{Consumer, Engine, Flow, Shutdown},
     events::Event,
     pipeline::Pipeline,
     probes::ProbeOptions,
@@ -235,6 +235,7 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
     let server = tokio::spawn(async move { axum::serve(listener, app).await });
 
     let mut engine = Engine::start(&args.probes, &args.pipeline, false)?;
+    let shutdown = Shutdown::install()?;
     health.set_attached(true);
     eprintln!(
         "connwatch: serving /metrics, /healthz and /readyz on {}",
@@ -248,12 +249,7 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
         clock: engine.clock,
         findings: 0,
     };
-    let stop = async {
-        if let Err(err) = shutdown_signal().await {
-            eprintln!("connwatch: warning: {err:#}");
-        }
-    };
-    let outcome = engine.run(&mut consumer, stop).await;
+    let outcome = engine.run(&mut consumer, shutdown.received()).await;
     health.set_attached(false);
     server.abort();
     eprintln!("{}", engine.summary(consumer.findings));

@@ -8,7 +8,7 @@ use aya::maps::{MapData, RingBuf};
 use monitor_common::Settings;
 use tokio::{
     io::{Interest, unix::AsyncFd},
-    signal::unix::{SignalKind, signal},
+    signal::unix::{Signal, SignalKind, signal},
     sync::mpsc,
     time::{MissedTickBehavior, interval},
 };
@@ -260,12 +260,27 @@ fn attribution_warning() -> Option<String> {
 }
 
 /// Resolves on SIGTERM or SIGINT.
-pub async fn shutdown_signal() -> Result<()> {
-    let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-    let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-    tokio::select! {
-        _ = sigterm.recv() => {}
-        _ = sigint.recv() => {}
+/// SIGTERM and SIGINT, caught from the moment this is made: commands install it before
+/// they say they are ready, so a signal sent right after never meets the default action
+/// (which would kill the process with a non-zero status and leave no summary).
+pub struct Shutdown {
+    sigterm: Signal,
+    sigint: Signal,
+}
+
+impl Shutdown {
+    pub fn install() -> Result<Shutdown> {
+        Ok(Shutdown {
+            sigterm: signal(SignalKind::terminate()).context("installing SIGTERM handler")?,
+            sigint: signal(SignalKind::interrupt()).context("installing SIGINT handler")?,
+        })
     }
-    Ok(())
+
+    /// Resolves at the first SIGTERM or SIGINT.
+    pub async fn received(mut self) {
+        tokio::select! {
+            _ = self.sigterm.recv() => {}
+            _ = self.sigint.recv() => {}
+        }
+    }
 }

@@ -167,6 +167,7 @@ async fn relay(
 
 pub async fn run(args: ProxyArgs) -> Result<()> {
     let listener = bind(args.listen).await?;
+    let shutdown = crate::engine::Shutdown::install()?;
     eprintln!(
         "connwatch: proxying {} → {} ({})",
         args.listen,
@@ -175,7 +176,7 @@ pub async fn run(args: ProxyArgs) -> Result<()> {
     );
     tokio::select! {
         result = serve(listener, args.upstream, args.faults) => result,
-        result = crate::engine::shutdown_signal() => result,
+        () = shutdown.received() => Ok(()),
     }
 }
 

@@ -11,7 +11,7 @@ use serde::Serialize;
 use crate::{
     args::PipelineArgs,
     detect::Finding,
-    engine::{Consumer, Engine, Flow, shutdown_signal},
+    engine::{Consumer, Engine, Flow, Shutdown},
     probes::ProbeOptions,
     sinks::cli::format_ms,
     sockets::pools::Pool,
@@ -177,6 +177,7 @@ impl Consumer for Screen {
 
 pub async fn run(args: TopArgs) -> Result<()> {
     let mut engine = Engine::start(&args.probes, &args.pipeline, false)?;
+    let shutdown = Shutdown::install()?;
     let mut screen = Screen {
         sort: args.sort,
         once: args.once,
@@ -184,10 +185,5 @@ pub async fn run(args: TopArgs) -> Result<()> {
         limit: args.limit,
         refresh: humantime::format_duration(args.pipeline.refresh).to_string(),
     };
-    let stop = async {
-        if let Err(err) = shutdown_signal().await {
-            eprintln!("connwatch: warning: {err:#}");
-        }
-    };
-    engine.run(&mut screen, stop).await
+    engine.run(&mut screen, shutdown.received()).await
 }

@@ -10,7 +10,7 @@ use tokio::time::{Instant, sleep_until};
 use crate::{
     args::{PipelineArgs, parse_positive_duration},
     detect::{Finding, Kind},
-    engine::{Consumer, Engine, Flow, shutdown_signal},
+    engine::{Consumer, Engine, Flow, Shutdown},
     probes::ProbeOptions,
     sinks::{Report, Sink, WallClock, cli::CliSink, json::JsonSink},
 };
@@ -125,15 +125,12 @@ pub async fn run(args: WatchArgs) -> Result<()> {
         printed: 0,
         count: args.count,
     };
+    let shutdown = Shutdown::install()?;
     eprintln!("connwatch: watching");
     let deadline = args.duration.map(|d| Instant::now() + d);
     let stop = async {
         tokio::select! {
-            result = shutdown_signal() => {
-                if let Err(err) = result {
-                    eprintln!("connwatch: warning: {err:#}");
-                }
-            }
+            () = shutdown.received() => {}
             () = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {}
         }
     };
