@@ -93,6 +93,8 @@ struct Measure {
     lost: u64,
     peak_rss_kib: u64,
     rss_kib: u64,
+    /// In-kernel cost of the monitor's programs: name → (run_time_ns, run_cnt).
+    programs: std::collections::BTreeMap<String, (u64, u64)>,
 }
 
 impl Measure {
@@ -104,7 +106,70 @@ impl Measure {
         self.lost += other.lost;
         self.peak_rss_kib = self.peak_rss_kib.max(other.peak_rss_kib);
         self.rss_kib = self.rss_kib.max(other.rss_kib);
+        for (name, (ns, count)) in &other.programs {
+            let sum = self.programs.entry(name.clone()).or_default();
+            sum.0 += ns;
+            sum.1 += count;
+        }
     }
+}
+
+/// `kernel.bpf_stats_enabled` on for the run (the kernel then times every program run),
+/// restored when dropped.
+struct BpfStats(String);
+
+impl BpfStats {
+    const PATH: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+    fn enable() -> Result<BpfStats> {
+        let old = std::fs::read_to_string(Self::PATH).context("reading bpf_stats_enabled")?;
+        std::fs::write(Self::PATH, "1").context("enabling kernel.bpf_stats_enabled")?;
+        Ok(BpfStats(old.trim().to_string()))
+    }
+}
+
+impl Drop for BpfStats {
+    fn drop(&mut self) {
+        let _ = std::fs::write(Self::PATH, &self.0);
+    }
+}
+
+/// run_time_ns and run_cnt of each program `pid` holds, from its fds' fdinfo (bpftool's
+/// `pids` needs BPF iterators, which some kernels refuse), named through bpftool.
+fn program_costs(pid: u32) -> Result<std::collections::BTreeMap<String, (u64, u64)>> {
+    let names: serde_json::Value = serde_json::from_slice(
+        &Command::new("bpftool")
+            .args(["prog", "show", "--json"])
+            .output()
+            .context("running bpftool prog show")?
+            .stdout,
+    )?;
+    let name_of = |id: u64| {
+        names.as_array().and_then(|progs| {
+            progs.iter().find_map(|p| {
+                (p["id"].as_u64() == Some(id))
+                    .then(|| p["name"].as_str().unwrap_or("?").to_string())
+            })
+        })
+    };
+    let mut costs = std::collections::BTreeMap::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))?.flatten() {
+        let Ok(text) = std::fs::read_to_string(entry.path()) else {
+            continue;
+        };
+        let field = |key: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(key))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        };
+        if let (Some(id), Some(ns), Some(count)) =
+            (field("prog_id:"), field("run_time_ns:"), field("run_cnt:"))
+            && let Some(name) = name_of(id)
+        {
+            costs.insert(name, (ns, count));
+        }
+    }
+    Ok(costs)
 }
 
 /// Runs the load until `stop`, counting completed operations.
@@ -358,6 +423,9 @@ fn measure(workload: Workload, monitor: Monitor, connwatch: &Path) -> Result<Mea
         result.cpu_seconds = cpu_seconds(running.child.id()) - cpu_before;
         result.peak_rss_kib = peak_rss_kib(running.child.id());
         result.rss_kib = status_kib(running.child.id(), "VmRSS:");
+        if running.metrics_url.is_some() {
+            result.programs = program_costs(running.child.id())?;
+        }
         running.stop();
     }
     Ok(result)
@@ -619,6 +687,8 @@ pub fn run(root: &Path, connwatch: PathBuf) -> Result<()> {
         report,
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"
     )?;
+    let stats = BpfStats::enable()?;
+    let mut costs = String::new();
     let mut verdicts = Vec::new();
     for workload in [
         Workload::Churn,
@@ -670,8 +740,39 @@ pub fn run(root: &Path, connwatch: PathBuf) -> Result<()> {
                 }
             )?;
         }
+        writeln!(
+            costs,
+            "| {} | {:.0} |",
+            workload.name(),
+            cw.ops_per_sec * RUN.as_secs_f64()
+        )?;
+        let ops = cw.ops_per_sec * RUN.as_secs_f64() * REPEATS as f64;
+        for (name, (ns, count)) in &cw.programs {
+            if *count > 0 {
+                writeln!(
+                    costs,
+                    "| | `{name}` | {} | {:.2} |",
+                    ns / count,
+                    *count as f64 / ops.max(1.0)
+                )?;
+            }
+        }
         verdicts.push((workload, base, cw, bt));
     }
+    drop(stats);
+    writeln!(report, "\n## In-kernel cost per hook hit\n")?;
+    writeln!(
+        report,
+        "`kernel.bpf_stats_enabled=1` during the runs; run_time_ns / run_cnt of each program \
+         the connwatch daemon (default flags) loaded, summed over its runs of each workload. \
+         Programs that did not run are left out.\n"
+    )?;
+    writeln!(
+        report,
+        "| workload (ops per run) | program | ns per hit | hits per op |"
+    )?;
+    writeln!(report, "| --- | --- | ---: | ---: |")?;
+    report.push_str(&costs);
     eprintln!("xtask bench: reset → flag latency");
     let latency = reset_to_flag_latency(&connwatch, 500)?;
     let (p50, p99, samples) = (latency.p50, latency.p99, latency.samples);

@@ -568,7 +568,10 @@ mod tests {
         }
         assert!(programs >= 8, "found {programs} tracepoint programs");
         // Map references are relocations too: the check above saw the programs' calls.
-        assert!(relocations > programs, "only {relocations} relocations read");
+        assert!(
+            relocations > programs,
+            "only {relocations} relocations read"
+        );
     }
 
     #[test]
