@@ -65,9 +65,10 @@ fn sent_cause(event: &Event, reasons: &HashMap<u32, String>) -> String {
 }
 
 /// Before Linux 6.10 `tcp_send_reset` gives no reason: the socket tells what it can.
-/// - A live socket: `tcp_abort` (`ss -K`) sets ECONNABORTED before its RST on these
-///   kernels; otherwise a timer aborted it (keepalive, FIN_WAIT2 linger, out of memory),
-///   which only 6.10's reasons tell apart.
+/// - A live socket: destroyed from outside (`ss -K`), or aborted by a timer (keepalive,
+///   FIN_WAIT2 linger, out of memory). Only ECONNABORTED, which `tcp_abort` sets before its
+///   RST on some of these kernels (5.10, not 6.1), tells them apart; without it the cause
+///   stays `live_abort`.
 /// - A close that aborts (SO_LINGER 0) and a close with unread data both move the socket
 ///   to CLOSE before the RST; the linger flag tells them apart. `tcp_reset` after data
 ///   arrived past shutdown sets ECONNRESET before the RST leaves.
@@ -82,7 +83,7 @@ fn socket_cause(event: &Event) -> &'static str {
         return if event.sk_err == libc::ECONNABORTED {
             "socket_destroyed"
         } else {
-            "timer_abort"
+            "live_abort"
         };
     }
     if event.linger_zero {
@@ -225,7 +226,7 @@ mod tests {
             from_socket(LIVE, libc::ECONNABORTED, false),
             "socket_destroyed"
         );
-        assert_eq!(from_socket(LIVE, 0, false), "timer_abort");
+        assert_eq!(from_socket(LIVE, 0, false), "live_abort");
         let received = |state: u8| {
             let mut raw = raw_reset(0);
             raw.old_state = state;

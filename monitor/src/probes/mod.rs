@@ -182,7 +182,7 @@ impl Probes {
         max_sockets: u32,
     ) -> Result<(Probes, RingBuf<MapData>)> {
         check_privileges(read_effective_caps()?)?;
-        raise_memlock_rlimit();
+        let memlock_raised = raise_memlock_rlimit();
         let tracefs = tracefs::locate(options.tracefs.as_deref())?;
         // Parsed vmlinux BTF is tens of MiB; drop it before aya parses its own copy, so the
         // two never add up in the daemon's peak memory.
@@ -212,7 +212,18 @@ impl Probes {
             .map_max_entries("PEER_ENDED", max_sockets);
         let mut ebpf = loader
             .load(EBPF_OBJECT)
-            .map_err(|err| anyhow!("{err}"))
+            .map_err(|err| {
+                let err = anyhow!("{err}");
+                if memlock_raised {
+                    return err;
+                }
+                // Kernels before 5.11 charge maps to RLIMIT_MEMLOCK: the cause, not the map.
+                err.context(
+                    "the memlock limit is too low and connwatch could not raise it (Linux \
+                     before 5.11 charges BPF maps to RLIMIT_MEMLOCK): grant CAP_SYS_RESOURCE, \
+                     or raise the limit (`ulimit -l unlimited`, LimitMEMLOCK=infinity)",
+                )
+            })
             .context("loading the eBPF object into the kernel")?;
 
         let mut warnings = Vec::new();
@@ -422,9 +433,34 @@ fn attach_tracepoint(ebpf: &mut Ebpf, hook: &Hook) -> Result<()> {
         .with_context(|| format!("the kernel verifier rejected the program for {tracepoint}"))?;
     program
         .attach(hook.category, hook.name)
-        .map_err(|err| anyhow!("{err:#}"))
+        .map_err(|err| {
+            let err = anyhow!("{err:#}");
+            match perf_paranoid_hint() {
+                Some(hint) => err.context(hint),
+                None => err,
+            }
+        })
         .with_context(|| format!("attaching to tracepoint {tracepoint}"))?;
     Ok(())
+}
+
+/// Debian and Ubuntu patch `kernel.perf_event_paranoid=3` (their default) to refuse
+/// perf_event_open, which attaching a tracepoint uses, to all but CAP_SYS_ADMIN; CAP_PERFMON
+/// is not enough there.
+fn perf_paranoid_hint() -> Option<String> {
+    let level: i32 = std::fs::read_to_string("/proc/sys/kernel/perf_event_paranoid")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    let has_admin = read_effective_caps().is_ok_and(|caps| caps & (1 << CAP_SYS_ADMIN) != 0);
+    (level > 2 && !has_admin).then(|| {
+        format!(
+            "kernel.perf_event_paranoid is {level}, which (a Debian/Ubuntu patch) allows \
+             tracepoints only with CAP_SYS_ADMIN: run connwatch as root or with \
+             CAP_SYS_ADMIN, or set `sysctl kernel.perf_event_paranoid=2`"
+        )
+    })
 }
 
 /// Record layouts of every tracepoint we attach to, read from this kernel's tracefs.
@@ -519,13 +555,14 @@ pub fn check_privileges(effective: u64) -> Result<()> {
 
 /// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; newer ones charge the cgroup.
 /// Failure is harmless on the latter, and the load error names the problem on the former.
-fn raise_memlock_rlimit() {
+/// Returns whether the limit is now unlimited.
+fn raise_memlock_rlimit() -> bool {
     let unlimited = libc::rlimit {
         rlim_cur: libc::RLIM_INFINITY,
         rlim_max: libc::RLIM_INFINITY,
     };
     // SAFETY: setrlimit reads a valid, initialised struct.
-    let _ = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) };
+    unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) == 0 }
 }
 
 #[cfg(test)]
