@@ -1,16 +1,22 @@
 //! `cargo xtask`: the project's entry points, installing what a fresh machine lacks first.
 //!
 //! - `cargo xtask run -- watch`: build connwatch (release) and run it with the given args.
-//! - `cargo xtask test`: fmt, clippy and the whole test suite (loads real eBPF programs).
+//! - `cargo xtask test`: fmt, clippy and every test tier (loads real eBPF programs), on
+//!   this host and in QEMU guests of Debian's kernels; `--host-only`, `--vm-only`,
+//!   `--kernel 6.1` pick the tiers.
 //! - `cargo xtask bench`: measure connwatch's cost side by side; writes BENCHMARKS.md.
+//! - `cargo xtask vm-run 6.1 -- CMD...`: run CMD as root in a QEMU guest booting Debian's
+//!   kernel 5.10, 6.1 or 6.12 on this machine's filesystem (see vm.rs).
 //! - `cargo xtask setup`: only install the prerequisites.
 mod bench;
+mod vm;
 
 use std::{
     env,
-    ffi::OsString,
+    ffi::{OsStr, OsString},
     path::{Path, PathBuf},
     process::{Command, ExitCode},
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail};
@@ -34,25 +40,67 @@ enum Task {
     },
     /// Measure connwatch's cost against no monitor and bpftrace; writes BENCHMARKS.md.
     Bench,
+    /// Run a command as root in a QEMU guest booting one of Debian's kernels, in this
+    /// workspace on this machine's filesystem: `cargo xtask vm-run 6.1 -- uname -r`.
+    /// Exits with the command's exit status.
+    VmRun {
+        /// Kernel line: 5.10 (bullseye), 6.1 (bookworm) or 6.12 (trixie).
+        kernel: String,
+        /// Give up (and fail) after this many minutes.
+        #[arg(long, default_value_t = 30)]
+        timeout_minutes: u64,
+        /// Environment variables for the command, NAME=VALUE (the guest does not inherit
+        /// this environment).
+        #[arg(long = "env", value_name = "NAME=VALUE", value_parser = name_value)]
+        env: Vec<(String, String)>,
+        /// The command and its arguments, run in the workspace. Files it writes to
+        /// $XTASK_VM_OUT are kept on the host (the rest of the filesystem is read-only).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+        command: Vec<OsString>,
+    },
     /// (bench helper) hold N loopback connections until stdin closes.
     #[command(hide = true)]
     HoldSockets { connections: usize },
-    /// Check formatting and lints, then run every test (needs root: tests load eBPF).
+    /// Check formatting and lints, then run every test tier (needs root: tests load eBPF):
+    /// unprivileged `cargo test`, the integration tests on this host, then the integration
+    /// tests that meet kernel differences in QEMU guests of Debian's kernels 5.10, 6.1, 6.12.
     Test {
-        /// Extra arguments for `cargo test`, e.g. `-- idle_reset`.
+        /// Only this host: skip the kernel matrix.
+        #[arg(long, conflicts_with_all = ["vm_only", "kernel"])]
+        host_only: bool,
+        /// Only the kernel matrix: skip fmt, clippy and the tests on this host.
+        #[arg(long)]
+        vm_only: bool,
+        /// Boot only this kernel line (repeatable): 5.10, 6.1, 6.12.
+        #[arg(long, value_name = "LINE")]
+        kernel: Vec<String>,
+        /// Extra arguments for the host's `cargo test` runs, e.g. `-- idle_reset`.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
+    },
+    /// (test helper, run inside a guest) the kernel matrix's tests; see vm.rs.
+    #[command(hide = true)]
+    GuestSuite {
+        /// The connwatch binary the tests drive.
+        #[arg(long)]
+        connwatch: PathBuf,
+        /// An integration-test executable: NAME=PATH (repeatable).
+        #[arg(long = "test", value_name = "NAME=PATH", value_parser = name_value)]
+        tests: Vec<(String, String)>,
     },
 }
 
 /// The toolchain that builds the eBPF programs: needs nightly for `-Z build-std`.
 /// Never updated by xtask: a new nightly would bring an LLVM bpf-linker was not built for.
 const NIGHTLY: &str = "nightly";
+/// The target of the static connwatch build.
+const MUSL: &str = "x86_64-unknown-linux-musl";
 /// bpf-linker known to build against LLVM 22 with `--features llvm-22`.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages the tests drive: bpftool (BTF cross-check), ip/ss (netns, `ss -K`),
 /// setpriv (unprivileged run, running PostgreSQL), prometheus (scrapes the daemon),
-/// PostgreSQL (real stalled queries), python3 (a second client process).
+/// PostgreSQL (real stalled queries), python3 (a second client process), buildah (builds
+/// the scratch image around the static binary).
 /// Command (or absolute path, one `*` allowed) → package.
 const TEST_TOOLS: &[(&str, &str)] = &[
     ("bpftool", "bpftool"),
@@ -65,6 +113,7 @@ const TEST_TOOLS: &[(&str, &str)] = &[
     ("ip", "iproute2"),
     ("ss", "iproute2"),
     ("setpriv", "util-linux"),
+    ("buildah", "buildah"),
 ];
 
 fn main() -> ExitCode {
@@ -86,6 +135,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             setup_build()?;
             setup_test_tools()?;
             setup_validators(&root)?;
+            setup_static_target()?;
+            vm::Vm::new(&root).setup()?;
             Ok(ExitCode::SUCCESS)
         }
         Task::Run { args } => {
@@ -97,6 +148,41 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 .status()
                 .context("starting target/release/connwatch")?;
             Ok(exit_code(status.code()))
+        }
+        Task::VmRun {
+            kernel,
+            timeout_minutes,
+            env,
+            command,
+        } => {
+            require_root("booting guests and loading modules")?;
+            let vm = vm::Vm::new(&root);
+            vm.setup()?;
+            vm::end_guest_on_signals();
+            let kernel = vm.kernel(vm::Vm::line(&kernel)?)?;
+            let env: Vec<(&str, &OsStr)> = env
+                .iter()
+                .map(|(name, value)| (name.as_str(), OsStr::new(value)))
+                .collect();
+            step(&format!(
+                "booting {} {} (QEMU, no KVM)",
+                kernel.package, kernel.version
+            ));
+            let run = vm.run(
+                &kernel,
+                &env,
+                &command,
+                Duration::from_secs(timeout_minutes * 60),
+            )?;
+            step(&format!(
+                "guest {} finished in {:.0} s: exit status {} (console, output: {})",
+                kernel.line.name,
+                run.elapsed.as_secs_f64(),
+                run.code
+                    .map_or_else(|| "unknown".to_string(), |c| c.to_string()),
+                run.dir.display()
+            ));
+            Ok(exit_code(run.code))
         }
         Task::HoldSockets { connections } => {
             bench::hold_sockets(connections)?;
@@ -113,43 +199,220 @@ fn run(cli: Cli) -> Result<ExitCode> {
             bench::run(&root, root.join("target/release/connwatch"))?;
             Ok(ExitCode::SUCCESS)
         }
-        Task::Test { args } => {
-            require_root("the tests load eBPF programs and create network namespaces")?;
-            setup_build()?;
-            setup_test_tools()?;
-            setup_validators(&root)?;
-            step("cargo fmt --check");
-            check(cargo().args(["fmt", "--all", "--", "--check"]))?;
-            step("cargo clippy -D warnings");
-            check(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
-            step("cargo clippy -D warnings (eBPF programs, bpf target)");
-            check(
-                Command::new("rustup")
-                    .args([
-                        "run",
-                        NIGHTLY,
-                        "cargo",
-                        "clippy",
-                        "--target",
-                        "bpfel-unknown-none",
-                    ])
-                    .args(["-Z", "build-std=core", "--", "-D", "warnings"])
-                    .current_dir(root.join("monitor-ebpf"))
-                    // Nightly artifacts apart from stable's, so neither invalidates the other.
-                    .env("CARGO_TARGET_DIR", root.join("target/ebpf-clippy"))
-                    // Set by the outer (stable) cargo; they would pick the wrong compiler.
-                    .env_remove("RUSTC")
-                    .env_remove("RUSTC_WORKSPACE_WRAPPER"),
-            )?;
-            step("cargo test");
-            let status = cargo()
-                .arg("test")
-                .args(args)
-                .status()
-                .context("running cargo test")?;
-            Ok(exit_code(status.code()))
+        Task::Test {
+            host_only,
+            vm_only,
+            kernel,
+            args,
+        } => test(&root, host_only, vm_only, &kernel, &args),
+        Task::GuestSuite { connwatch, tests } => {
+            let tests: Vec<(String, PathBuf)> = tests
+                .into_iter()
+                .map(|(name, path)| (name, PathBuf::from(path)))
+                .collect();
+            let passed = vm::guest_suite(&tests, &connwatch)?;
+            Ok(if passed {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
     }
+}
+
+/// `cargo xtask test`: lints first (a failure stops there: they are quick to fix), then
+/// every test tier, each run even when an earlier one failed so that one CI run reports
+/// all of them; the exit status is a failure if any tier failed.
+fn test(
+    root: &Path,
+    host_only: bool,
+    vm_only: bool,
+    kernels: &[String],
+    args: &[OsString],
+) -> Result<ExitCode> {
+    require_root("the tests load eBPF programs and create network namespaces")?;
+    let lines = if kernels.is_empty() {
+        vm::KERNELS.iter().collect()
+    } else {
+        kernels
+            .iter()
+            .map(|k| vm::Vm::line(k))
+            .collect::<Result<Vec<_>>>()?
+    };
+    setup_build()?;
+    setup_test_tools()?;
+    setup_validators(root)?;
+    setup_static_target()?;
+    let vm = vm::Vm::new(root);
+    if !host_only {
+        vm.setup()?;
+        vm::end_guest_on_signals();
+    }
+    if !vm_only {
+        lint(root)?;
+    }
+    step("building connwatch: debug, and static (musl, release) for images and guests");
+    check(cargo().args(["build", "--package", "monitor"]))?;
+    check(cargo().args([
+        "build",
+        "--release",
+        "--package",
+        "monitor",
+        "--target",
+        MUSL,
+    ]))?;
+    let static_bin = root.join(format!("target/{MUSL}/release/connwatch"));
+    let debug_bin = root.join("target/debug/connwatch");
+
+    let mut tiers: Vec<(String, bool, Duration)> = Vec::new();
+    let mut tier = |name: String, command: &mut Command| -> Result<()> {
+        step(&name);
+        let started = Instant::now();
+        let status = command
+            .env("CONNWATCH_STATIC_BIN", &static_bin)
+            .status()
+            .with_context(|| format!("starting {command:?}"))?;
+        tiers.push((name, status.success(), started.elapsed()));
+        Ok(())
+    };
+    if !vm_only {
+        tier(
+            "unprivileged tests: cargo test (default members)".to_string(),
+            cargo().arg("test").args(args),
+        )?;
+        let kernel = output(Command::new("uname").arg("-r"))?;
+        tier(
+            format!("privileged tests on this host (Linux {})", kernel.trim()),
+            cargo()
+                .args(["test", "--package", "integration-test"])
+                .args(args)
+                .env("CONNWATCH_BIN", &debug_bin),
+        )?;
+    }
+    if !host_only {
+        step("building the integration tests for the guests");
+        let tests = integration_test_executables()?;
+        let started = Instant::now();
+        let xtask = env::current_exe().context("locating the xtask binary")?;
+        let results = vm.matrix(&lines, &xtask, &tests, &static_bin);
+        vm::print_summary(&results);
+        for result in &results {
+            tiers.push((
+                format!("kernel matrix: Linux {}", result.kernel),
+                result.passed(),
+                Duration::from_secs_f64(result.seconds),
+            ));
+        }
+        step(&format!(
+            "kernel matrix took {:.0} s",
+            started.elapsed().as_secs_f64()
+        ));
+    }
+    println!("\ntest tiers:");
+    for (name, passed, took) in &tiers {
+        let verdict = if *passed { "pass" } else { "FAIL" };
+        println!("  {verdict}  {:>5.0} s  {name}", took.as_secs_f64());
+    }
+    let failed = tiers.iter().filter(|(_, passed, _)| !passed).count();
+    if failed > 0 {
+        eprintln!("xtask: {failed} of {} test tiers failed", tiers.len());
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// rustfmt and clippy on the host crates (integration-test included) and on the eBPF
+/// programs (bpf target, nightly).
+fn lint(root: &Path) -> Result<()> {
+    step("cargo fmt --check");
+    check(cargo().args(["fmt", "--all", "--", "--check"]))?;
+    step("cargo clippy -D warnings");
+    check(cargo().args([
+        "clippy",
+        "--workspace",
+        // Builds only for the bpf target: linted below.
+        "--exclude",
+        "monitor-ebpf",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    step("cargo clippy -D warnings (eBPF programs, bpf target)");
+    check(
+        Command::new("rustup")
+            .args([
+                "run",
+                NIGHTLY,
+                "cargo",
+                "clippy",
+                "--target",
+                "bpfel-unknown-none",
+            ])
+            .args(["-Z", "build-std=core", "--", "-D", "warnings"])
+            .current_dir(root.join("monitor-ebpf"))
+            // Nightly artifacts apart from stable's, so neither invalidates the other.
+            .env("CARGO_TARGET_DIR", root.join("target/ebpf-clippy"))
+            // Set by the outer (stable) cargo; they would pick the wrong compiler.
+            .env_remove("RUSTC")
+            .env_remove("RUSTC_WORKSPACE_WRAPPER"),
+    )
+}
+
+/// The integration-test executables by test target name (`doctor`, `reset`, ...), built
+/// by cargo: the guests run them directly (no cargo in the guest, and the workspace is
+/// read-only there).
+fn integration_test_executables() -> Result<Vec<(String, PathBuf)>> {
+    let mut build = cargo();
+    build
+        .args(["test", "--package", "integration-test", "--no-run"])
+        .arg("--message-format=json-render-diagnostics")
+        // Compiler messages and progress to the terminal; only the JSON is ours.
+        .stderr(std::process::Stdio::inherit());
+    let json = output(&mut build)?;
+    let mut tests = Vec::new();
+    for line in json.lines() {
+        let Ok(message) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let is_test = message["reason"] == "compiler-artifact"
+            && message["target"]["kind"] == serde_json::json!(["test"]);
+        if let (true, Some(exe)) = (is_test, message["executable"].as_str()) {
+            let name = message["target"]["name"]
+                .as_str()
+                .context("cargo's artifact message has no target name")?;
+            tests.push((name.to_string(), PathBuf::from(exe)));
+        }
+    }
+    if tests.is_empty() {
+        bail!("cargo built no integration-test executables");
+    }
+    Ok(tests)
+}
+
+/// The static build (connwatch in scratch images, and in the guests) needs the musl
+/// target of the stable toolchain. Added, never updated: `rustup update` would move the
+/// toolchain under everyone's feet.
+fn setup_static_target() -> Result<()> {
+    let installed = output(Command::new("rustup").args([
+        "target",
+        "list",
+        "--installed",
+        "--toolchain",
+        "stable",
+    ]))?;
+    if !installed.lines().any(|line| line.trim() == MUSL) {
+        step(&format!("adding the {MUSL} target to the stable toolchain"));
+        check(Command::new("rustup").args(["target", "add", MUSL, "--toolchain", "stable"]))?;
+    }
+    Ok(())
+}
+
+/// Parses `NAME=VALUE` command-line values.
+fn name_value(pair: &str) -> Result<(String, String), String> {
+    pair.split_once('=')
+        .map(|(name, value)| (name.to_string(), value.to_string()))
+        .ok_or_else(|| format!("`{pair}`: expected NAME=VALUE"))
 }
 
 fn setup_build() -> Result<()> {

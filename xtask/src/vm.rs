@@ -1,0 +1,1114 @@
+//! Debian's stock kernels in QEMU: `cargo xtask vm-run` and the kernel matrix of
+//! `cargo xtask test`.
+//!
+//! connwatch's eBPF programs meet a different verifier, different tracepoint formats and
+//! different kernel function signatures on every kernel line it supports; the host's kernel
+//! is only one of them (and refuses kprobes). So the privileged tests also run in guests
+//! that boot the kernels real users run, as Debian ships them.
+//!
+//! How a guest is made, and why:
+//! - Kernels: the `linux-image-*-amd64-unsigned` package of each line, fetched with
+//!   `apt-get download` through a private apt configuration under `target/vm/apt/` (the
+//!   host's /etc/apt is never touched), and unpacked with `dpkg -x` under
+//!   `target/vm/kernels/<line>/`. The archive's address is read from the host's own apt
+//!   sources, so no mirror is written down here.
+//! - Guests: virtme-ng (PyPI, in a venv under `target/vm/`) boots the kernel on this
+//!   machine's own root filesystem over 9p (read-only), so every host tool and every
+//!   host-built test binary is there without building an image. It finds the package's
+//!   modules next to its vmlinuz and runs depmod on them. QEMU runs without KVM (TCG).
+//! - Results: the guest's console mixes kernel messages with the command's output and
+//!   vng's exit status is not the command's, so the guest writes the command's output and
+//!   exit status into a directory shared read-write with the host
+//!   (`target/vm/run/<kernel>.<pid>/`).
+
+use std::{
+    collections::BTreeSet,
+    ffi::{OsStr, OsString},
+    fmt::Write as _,
+    fs,
+    io::{BufRead as _, Read, Seek, SeekFrom, Write},
+    os::unix::{ffi::OsStrExt, process::CommandExt},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::atomic::{AtomicI32, Ordering},
+    time::{Duration, Instant, SystemTime},
+};
+
+use anyhow::{Context as _, Result, bail};
+use serde::{Deserialize, Serialize};
+
+use crate::{check, output, step, which};
+
+/// One kernel line of the matrix: which Debian release ships it and how its package is
+/// named. The newest package matching `package` (an apt-cache regular expression) wins.
+pub struct KernelLine {
+    /// What the user types: `cargo xtask vm-run 6.1 -- ...`.
+    pub name: &'static str,
+    /// Debian release whose archive (and `<suite>-security`) carries the package.
+    pub suite: &'static str,
+    /// Regular expression for the package names of this line.
+    pub package: &'static str,
+}
+
+/// The kernels the matrix boots: the stock kernels of Debian 11, 12 and 13.
+/// (`6.1.0-0.debNN` and `+deb12` are backports to older releases; the patterns skip them.)
+pub const KERNELS: &[KernelLine] = &[
+    KernelLine {
+        name: "5.10",
+        suite: "bullseye",
+        package: r"^linux-image-5\.10\.[0-9]+-[0-9]+-amd64-unsigned$",
+    },
+    KernelLine {
+        name: "6.1",
+        suite: "bookworm",
+        package: r"^linux-image-6\.1\.[0-9]+-[0-9]+-amd64-unsigned$",
+    },
+    KernelLine {
+        name: "6.12",
+        suite: "trixie",
+        package: r"^linux-image-6\.12\.[0-9]+\+deb13(\.[0-9]+)?-amd64-unsigned$",
+    },
+];
+
+/// The privileged tests each guest runs: the integration-test files (test targets) whose
+/// outcome depends on the kernel, with `cargo test` name filters (none: the whole file).
+/// Left out, as the kernel does not change them: `deploy` (manifests), `image` (buildah
+/// around the static binary), `errors` (command-line mistakes). Under TCG these take
+/// about 6 minutes a guest (measured: 2.5 for the first six, 3.7 for the rest).
+pub const GUEST_TESTS: &[(&str, &[&str])] = &[
+    // Loads and attaches every program: the verifier, tracepoints, fentry/kprobe fallbacks.
+    ("doctor", &[]),
+    // The struct offsets handed to the programs, from this kernel's BTF.
+    ("btf_layout", &[]),
+    // tcp_receive_reset / tcp_send_reset, whose formats and firing changed in 6.10.
+    ("reset", &[]),
+    // Write/read after reset and FIN: tcp_sendmsg/tcp_recvmsg signatures, sock_*_length.
+    ("impact", &[]),
+    // Reset reasons (`enum sk_rst_reason`, 6.10+) and the fallbacks without them.
+    ("causes", &[]),
+    // The ring buffer filling up.
+    ("loss", &[]),
+    // Sockets opened before connwatch started: the sock_diag snapshot (inet_diag modules).
+    ("pools", &[]),
+    // Network namespaces and veth, sockets destroyed with `ss -K`.
+    ("netns", &[]),
+    // cgroup ids of a pod-shaped cgroup.
+    ("workload", &[]),
+    // Floods and least privilege: CAP_BPF/CAP_PERFMON are honoured differently per kernel.
+    ("reliability", &[]),
+    // The daemon's probes and metrics.
+    ("daemon", &[]),
+    // Real PostgreSQL incidents, end to end.
+    ("incidents", &[]),
+];
+/// Test threads in a guest: one per vCPU.
+const GUEST_TEST_THREADS: &str = "2";
+/// A guest that has not finished by then is stopped and fails: a hang must not eat the
+/// CI's 90 minutes.
+pub const GUEST_TIMEOUT: Duration = Duration::from_secs(15 * 60);
+
+/// virtme-ng, pinned: its guest init and command-line options are what this file relies on.
+const VIRTME_NG: &str = "virtme-ng==1.42";
+/// Command (as on PATH) → Debian package, for booting guests: QEMU itself, depmod for the
+/// kernel package's modules, a static busybox for virtme's initramfs (Debian's kernels
+/// have 9p as modules), `file` for virtme-ng to read the kernel's version.
+const VM_TOOLS: &[(&str, &str)] = &[
+    ("qemu-system-x86_64", "qemu-system-x86"),
+    ("depmod", "kmod"),
+    ("busybox", "busybox-static"),
+    ("file", "file"),
+];
+/// Guest size: two vCPUs (the host's cores; TCG runs one thread per vCPU), and memory
+/// for the tests' servers and the verifier.
+const GUEST_CPUS: &str = "2";
+const GUEST_MEMORY: &str = "2G";
+/// Names, in the guest, a directory the command may write files to that the host keeps
+/// (`target/vm/run/<kernel>.<pid>/out`): the rest of the host's filesystem is read-only there.
+pub const SHARED_ENV: &str = "XTASK_VM_OUT";
+/// Debian's keyring, which holds the keys of every release above.
+const DEBIAN_KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
+/// The private apt index is refreshed when older than this.
+const INDEX_MAX_AGE: Duration = Duration::from_secs(12 * 3600);
+
+/// Where everything of this module lives: `target/vm/`.
+pub struct Vm {
+    root: PathBuf,
+    dir: PathBuf,
+}
+
+/// A kernel ready to boot.
+pub struct Kernel {
+    pub line: &'static KernelLine,
+    /// The Debian package and version it came from, for the logs.
+    pub package: String,
+    pub version: String,
+    pub vmlinuz: PathBuf,
+}
+
+/// What happened to a command run in a guest.
+pub struct GuestRun {
+    /// The command's exit status; None when the guest never reported one (crash, timeout).
+    pub code: Option<i32>,
+    pub elapsed: Duration,
+    /// Holds `output.log` (the command's stdout and stderr, as also streamed to ours),
+    /// `console.log` (the serial console: boot, kernel warnings, verifier splats) and
+    /// `out/` (the command's files, see [`SHARED_ENV`]).
+    pub dir: PathBuf,
+}
+
+impl Vm {
+    pub fn new(root: &Path) -> Self {
+        Self {
+            root: root.to_path_buf(),
+            dir: root.join("target/vm"),
+        }
+    }
+
+    /// Install QEMU, kmod, busybox and virtme-ng where missing.
+    pub fn setup(&self) -> Result<()> {
+        let mut missing: Vec<&str> = VM_TOOLS
+            .iter()
+            .filter(|(tool, _)| which(tool).is_none())
+            .map(|&(_, package)| package)
+            .collect();
+        missing.dedup();
+        if !missing.is_empty() {
+            crate::apt_install(&missing)?;
+        }
+        let venv = self.dir.join("venv");
+        if !venv.join("bin/vng").exists() {
+            step(&format!(
+                "installing {VIRTME_NG} (PyPI) under target/vm/venv"
+            ));
+            check(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+            check(
+                Command::new(venv.join("bin/pip"))
+                    .args(["install", "--quiet", VIRTME_NG])
+                    .env_remove("PIP_REQUIRE_VIRTUALENV"),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// The kernel line called `name`, for the command line.
+    pub fn line(name: &str) -> Result<&'static KernelLine> {
+        KERNELS.iter().find(|k| k.name == name).with_context(|| {
+            let names: Vec<_> = KERNELS.iter().map(|k| k.name).collect();
+            format!(
+                "no kernel line `{name}`: choose one of {}",
+                names.join(", ")
+            )
+        })
+    }
+
+    /// Resolve the newest package of `line`, download and unpack it unless cached.
+    pub fn kernel(&self, line: &'static KernelLine) -> Result<Kernel> {
+        let apt = self.apt()?;
+        let package = apt
+            .newest(line.package)
+            .with_context(|| format!("resolving the {} kernel package", line.name))?;
+        let version = apt.candidate_version(&package)?;
+        let line_dir = self.dir.join("kernels").join(line.name);
+        let dir = line_dir.join(format!("{package}_{version}"));
+        if !dir.join(".complete").exists() {
+            step(&format!("downloading {package} {version}"));
+            let download = line_dir.join("download");
+            for stale in [&download, &dir] {
+                if stale.exists() {
+                    fs::remove_dir_all(stale)?;
+                }
+            }
+            fs::create_dir_all(&download)?;
+            check(
+                apt.get()
+                    .arg("download")
+                    .arg(&package)
+                    .current_dir(&download),
+            )?;
+            let deb = only_entry(&download)?;
+            check(Command::new("dpkg").arg("-x").arg(&deb).arg(&dir))?;
+            fs::write(dir.join(".complete"), "")?;
+            // Older packages of this line: superseded, and a few hundred MB each.
+            for entry in fs::read_dir(&line_dir)?.flatten() {
+                if entry.path() != dir {
+                    fs::remove_dir_all(entry.path())?;
+                }
+            }
+        }
+        let vmlinuz = fs::read_dir(dir.join("boot"))
+            .with_context(|| format!("reading {}/boot", dir.display()))?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.as_bytes().starts_with(b"vmlinuz-"))
+            })
+            .with_context(|| format!("no vmlinuz-* in {}/boot", dir.display()))?;
+        Ok(Kernel {
+            line,
+            package,
+            version,
+            vmlinuz,
+        })
+    }
+
+    /// The private apt configuration, its index refreshed when stale.
+    fn apt(&self) -> Result<PrivateApt> {
+        let apt = PrivateApt::new(self.dir.join("apt"))?;
+        apt.update_if_stale()?;
+        Ok(apt)
+    }
+
+    /// Boot `kernel` and run `command` as root in the workspace; stream its output.
+    ///
+    /// `env` is exported in the guest (the guest does not inherit our environment).
+    /// The guest is ready for connwatch: loopback up, tracefs mounted, the sock_diag
+    /// modules loaded (connwatch's snapshot of existing connections needs them).
+    pub fn run(
+        &self,
+        kernel: &Kernel,
+        env: &[(&str, &OsStr)],
+        command: &[OsString],
+        timeout: Duration,
+    ) -> Result<GuestRun> {
+        let run_dir = self.fresh_run_dir(kernel.line.name)?;
+        let output_path = run_dir.join("output.log");
+        let console_path = run_dir.join("console.log");
+        let status_path = run_dir.join("status");
+        let shared = run_dir.join("out");
+        fs::create_dir_all(&shared)?;
+        let env: Vec<(&str, &OsStr)> = std::iter::once((SHARED_ENV, shared.as_os_str()))
+            .chain(env.iter().copied())
+            .collect();
+        let script = guest_script(&env, command, &output_path, &status_path);
+        let script_path = run_dir.join("guest.sh");
+        fs::write(&script_path, script)?;
+
+        let venv_bin = self.dir.join("venv/bin");
+        let path = std::env::join_paths(std::iter::once(venv_bin.clone()).chain(
+            std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()),
+        ))?;
+        let console = fs::File::create(&console_path)?;
+        let mut vng = Command::new(venv_bin.join("vng"));
+        vng.arg("--run")
+            .arg(&kernel.vmlinuz)
+            // No KVM on our machines; 9p, as virtiofs needs a daemon; --verbose puts the
+            // kernel's messages (oopses, verifier warnings) in console.log.
+            .args(["--disable-kvm", "--force-9p", "--verbose"])
+            .args(["--cpus", GUEST_CPUS, "--memory", GUEST_MEMORY])
+            .arg("--cwd")
+            .arg(&self.root)
+            .arg(format!("--rwdir={}", run_dir.display()))
+            .arg("--exec")
+            .arg(format!("sh {}", sh_quote(script_path.as_os_str())))
+            .env("PATH", path)
+            .stdin(Stdio::null())
+            .stdout(console.try_clone()?)
+            .stderr(console)
+            // Its own process group, so a timeout ends QEMU too, not only vng.
+            .process_group(0);
+        let started = Instant::now();
+        let mut child = vng.spawn().context("starting vng")?;
+        GUEST_GROUP.store(child.id() as i32, Ordering::SeqCst);
+        let mut tail = Tail::new(&output_path);
+        let mut timed_out = false;
+        let status = loop {
+            tail.pump()?;
+            if let Some(status) = child.try_wait()? {
+                break status;
+            }
+            if started.elapsed() > timeout && !timed_out {
+                timed_out = true;
+                eprintln!(
+                    "xtask: guest {} timed out after {timeout:?}",
+                    kernel.line.name
+                );
+                kill_guest();
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        GUEST_GROUP.store(0, Ordering::SeqCst);
+        tail.pump()?;
+        let elapsed = started.elapsed();
+        let code = fs::read_to_string(&status_path)
+            .ok()
+            .and_then(|s| s.trim().parse().ok());
+        if code.is_none() {
+            eprintln!(
+                "xtask: the {} guest reported no exit status (vng: {status}); last console lines \
+                 ({}):",
+                kernel.line.name,
+                console_path.display()
+            );
+            let console = fs::read_to_string(&console_path).unwrap_or_default();
+            let lines: Vec<&str> = console.lines().collect();
+            for line in &lines[lines.len().saturating_sub(40)..] {
+                eprintln!("  {line}");
+            }
+        }
+        Ok(GuestRun {
+            code,
+            elapsed,
+            dir: run_dir,
+        })
+    }
+}
+
+impl Vm {
+    /// A new directory for one guest run, `target/vm/run/<kernel>.<pid>`: one per xtask
+    /// process, so two runs at once (a developer's and the matrix) do not mix files.
+    /// Those of xtask processes that are gone are removed.
+    fn fresh_run_dir(&self, kernel: &str) -> Result<PathBuf> {
+        let runs = self.dir.join("run");
+        fs::create_dir_all(&runs)?;
+        for entry in fs::read_dir(&runs)?.flatten() {
+            let name = entry.file_name();
+            let pid = name
+                .to_string_lossy()
+                .rsplit_once('.')
+                .map(|(_, p)| p.to_string());
+            let alive = pid.is_some_and(|p| Path::new("/proc").join(p).exists());
+            if !alive {
+                let _ = fs::remove_dir_all(entry.path());
+            }
+        }
+        let dir = runs.join(format!("{kernel}.{}", std::process::id()));
+        if dir.exists() {
+            fs::remove_dir_all(&dir)?;
+        }
+        fs::create_dir_all(&dir)?;
+        Ok(dir)
+    }
+}
+
+/// The process group of the guest now running (vng and its QEMU), 0 when none. vng runs
+/// in its own group so that a timeout can end QEMU with it; that also keeps Ctrl-C from
+/// reaching it, so our SIGINT/SIGTERM handler ends it through this.
+static GUEST_GROUP: AtomicI32 = AtomicI32::new(0);
+
+fn kill_guest() {
+    let group = GUEST_GROUP.load(Ordering::SeqCst);
+    if group > 0 {
+        // SAFETY: kill is async-signal-safe and has no memory-safety preconditions.
+        unsafe { libc::kill(-group, libc::SIGKILL) };
+    }
+}
+
+extern "C" fn on_signal(signal: libc::c_int) {
+    kill_guest();
+    // SAFETY: _exit is async-signal-safe.
+    unsafe { libc::_exit(128 + signal) };
+}
+
+/// End the guest when we are interrupted or terminated, instead of leaving QEMU running.
+pub fn end_guest_on_signals() {
+    for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        // SAFETY: on_signal only calls async-signal-safe functions.
+        unsafe { libc::signal(signal, on_signal as *const () as libc::sighandler_t) };
+    }
+}
+
+/// The shell script the guest runs: prepare the guest, run the command with its output
+/// and exit status written to the shared directory.
+fn guest_script(
+    env: &[(&str, &OsStr)],
+    command: &[OsString],
+    output: &Path,
+    status: &Path,
+) -> String {
+    let mut script = String::from(
+        "# Written by `cargo xtask` (xtask/src/vm.rs); runs as root inside the guest.\n\
+         ip link set lo up\n\
+         mountpoint -q /sys/kernel/tracing || mount -t tracefs tracefs /sys/kernel/tracing\n\
+         modprobe -a inet_diag tcp_diag || echo 'xtask: modprobe inet_diag tcp_diag failed'\n",
+    );
+    for (key, value) in env {
+        let _ = writeln!(script, "export {key}={}", sh_quote(value));
+    }
+    let words: Vec<String> = command.iter().map(|w| sh_quote(w)).collect();
+    let output = sh_quote(output.as_os_str());
+    let _ = writeln!(
+        script,
+        "{} > {output} 2>&1 < /dev/null\necho $? > {}",
+        words.join(" "),
+        sh_quote(status.as_os_str())
+    );
+    script
+}
+
+/// `word` quoted for sh.
+fn sh_quote(word: &OsStr) -> String {
+    let word = word.to_string_lossy();
+    format!("'{}'", word.replace('\'', r"'\''"))
+}
+
+/// Follows a file another process appends to, copying new bytes to our stdout.
+struct Tail {
+    path: PathBuf,
+    offset: u64,
+}
+
+impl Tail {
+    fn new(path: &Path) -> Self {
+        Self {
+            path: path.to_path_buf(),
+            offset: 0,
+        }
+    }
+
+    fn pump(&mut self) -> Result<()> {
+        let Ok(mut file) = fs::File::open(&self.path) else {
+            return Ok(());
+        };
+        file.seek(SeekFrom::Start(self.offset))?;
+        let mut new = Vec::new();
+        file.read_to_end(&mut new)?;
+        self.offset += new.len() as u64;
+        let mut stdout = std::io::stdout().lock();
+        stdout.write_all(&new)?;
+        stdout.flush()?;
+        Ok(())
+    }
+}
+
+/// One check of the guest suite, as the guest reports it to the host.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct CheckResult {
+    pub name: String,
+    pub passed: bool,
+    pub seconds: f64,
+    /// For a failure: the failing tests and the first line of each panic.
+    pub detail: Vec<String>,
+}
+
+/// The file, in the guest's shared directory, that the suite writes its results to.
+const RESULTS_FILE: &str = "results.json";
+
+/// One guest of the matrix.
+pub struct GuestResult {
+    pub kernel: &'static str,
+    /// Package and version, or why there is none.
+    pub package: String,
+    pub seconds: f64,
+    pub checks: Vec<CheckResult>,
+    /// What went wrong outside the checks (download, boot, timeout, a lost result).
+    pub error: Option<String>,
+}
+
+impl GuestResult {
+    pub fn passed(&self) -> bool {
+        self.error.is_none() && !self.checks.is_empty() && self.checks.iter().all(|c| c.passed)
+    }
+}
+
+impl Vm {
+    /// Boot each kernel in turn and run the guest suite in it: `xtask` is this program
+    /// (it runs the suite in the guest), `tests` the integration-test executables by
+    /// target name, `connwatch` the static build the tests drive.
+    pub fn matrix(
+        &self,
+        lines: &[&'static KernelLine],
+        xtask: &Path,
+        tests: &[(String, PathBuf)],
+        connwatch: &Path,
+    ) -> Vec<GuestResult> {
+        let mut command: Vec<OsString> = vec![xtask.into(), "guest-suite".into()];
+        command.push("--connwatch".into());
+        command.push(connwatch.into());
+        let chosen = tests
+            .iter()
+            .filter(|(name, _)| GUEST_TESTS.iter().any(|(n, _)| n == name));
+        for (name, path) in chosen {
+            let mut pair = OsString::from(format!("{name}="));
+            pair.push(path);
+            command.extend(["--test".into(), pair]);
+        }
+        let env = [
+            ("CONNWATCH_BIN", connwatch.as_os_str()),
+            ("CONNWATCH_STATIC_BIN", connwatch.as_os_str()),
+        ];
+        let mut results = Vec::new();
+        for &line in lines {
+            let mut result = GuestResult {
+                kernel: line.name,
+                package: String::new(),
+                seconds: 0.0,
+                checks: Vec::new(),
+                error: None,
+            };
+            let outcome = self.kernel(line).and_then(|kernel| {
+                result.package = format!("{} {}", kernel.package, kernel.version);
+                step(&format!(
+                    "guest {}: {} (QEMU without KVM): {} test files, selftest, static binary",
+                    line.name,
+                    result.package,
+                    GUEST_TESTS.len()
+                ));
+                self.run(&kernel, &env, &command, GUEST_TIMEOUT)
+            });
+            match outcome {
+                Err(err) => result.error = Some(format!("{err:#}")),
+                Ok(run) => {
+                    result.seconds = run.elapsed.as_secs_f64();
+                    let path = run.dir.join("out").join(RESULTS_FILE);
+                    match fs::read(&path).map(|json| serde_json::from_slice(&json)) {
+                        Ok(Ok(checks)) => result.checks = checks,
+                        _ => {
+                            result.error = Some(format!("no results in {}", path.display()));
+                        }
+                    }
+                    if run.code.is_none() {
+                        result.error = Some(format!(
+                            "the guest did not finish (see {}/console.log)",
+                            run.dir.display()
+                        ));
+                    }
+                }
+            }
+            results.push(result);
+        }
+        results
+    }
+}
+
+/// The summary of the matrix: one line a kernel, then each failure's first lines.
+pub fn print_summary(results: &[GuestResult]) {
+    println!("\nkernel matrix:");
+    println!(
+        "{:<7} {:<56} {:<7} {:>7}",
+        "KERNEL", "PACKAGE", "RESULT", "SECONDS"
+    );
+    for r in results {
+        let verdict = if r.passed() { "pass" } else { "FAIL" };
+        println!(
+            "{:<7} {:<56} {:<7} {:>7.0}",
+            r.kernel, r.package, verdict, r.seconds
+        );
+    }
+    for r in results.iter().filter(|r| !r.passed()) {
+        println!("\n{} failed:", r.kernel);
+        if let Some(error) = &r.error {
+            println!("  {error}");
+        }
+        for check in r.checks.iter().filter(|c| !c.passed) {
+            println!("  {} ({:.0} s):", check.name, check.seconds);
+            for line in &check.detail {
+                println!("    {line}");
+            }
+        }
+    }
+}
+
+/// The guest side of [`Vm::matrix`], run inside the guest by `xtask guest-suite`: the
+/// chosen integration-test files, `connwatch selftest`, and the static binary in a root
+/// with no libc. Streams their output and writes each check's result to the shared
+/// directory as it goes, so a guest that dies midway still tells how far it got.
+/// Returns whether every check passed.
+pub fn guest_suite(tests: &[(String, PathBuf)], connwatch: &Path) -> Result<bool> {
+    let shared = PathBuf::from(
+        std::env::var_os(SHARED_ENV).with_context(|| format!("{SHARED_ENV} is not set"))?,
+    );
+    let mut results = Vec::new();
+    let mut record = |result: CheckResult| -> Result<()> {
+        let mark = if result.passed { "ok" } else { "FAILED" };
+        println!(
+            "xtask guest: {} {mark} ({:.0} s)",
+            result.name, result.seconds
+        );
+        results.push(result);
+        // Written whole each time: small, and never half a file if the guest dies.
+        let json = serde_json::to_vec_pretty(&results)?;
+        fs::write(shared.join(RESULTS_FILE), json)?;
+        Ok(())
+    };
+    for &(name, filters) in GUEST_TESTS {
+        let Some((_, exe)) = tests.iter().find(|(n, _)| n == name) else {
+            record(CheckResult {
+                name: name.to_string(),
+                passed: false,
+                seconds: 0.0,
+                detail: vec![format!("no test executable `{name}` was built")],
+            })?;
+            continue;
+        };
+        let mut command = Command::new(exe);
+        command
+            .args(["--test-threads", GUEST_TEST_THREADS])
+            .args(filters);
+        record(run_check(name, command, cargo_test_failures)?)?;
+    }
+    let mut selftest = Command::new(connwatch);
+    selftest.arg("selftest");
+    record(run_check("connwatch selftest", selftest, last_lines)?)?;
+    record(static_binary_check(connwatch)?)?;
+    Ok(results.iter().all(|r| r.passed))
+}
+
+/// Runs `command`, its output streamed to ours and kept; a failure's detail comes from
+/// `explain`.
+fn run_check(
+    name: &str,
+    mut command: Command,
+    explain: fn(&str) -> Vec<String>,
+) -> Result<CheckResult> {
+    println!("xtask guest: {name}: {command:?}");
+    let started = Instant::now();
+    let (reader, writer) = std::io::pipe()?;
+    command
+        .stdin(Stdio::null())
+        .stdout(writer.try_clone()?)
+        .stderr(writer);
+    let mut child = command
+        .spawn()
+        .with_context(|| format!("starting {command:?}"))?;
+    // Our copies of the pipe's write end must go, or the read below never ends.
+    drop(command);
+    let mut text = String::new();
+    for line in std::io::BufReader::new(reader).lines() {
+        let line = line.unwrap_or_else(|e| format!("(unreadable output: {e})"));
+        println!("{line}");
+        text.push_str(&line);
+        text.push('\n');
+    }
+    let status = child.wait()?;
+    let passed = status.success();
+    let mut detail = if passed { Vec::new() } else { explain(&text) };
+    if !passed {
+        detail.insert(0, status.to_string());
+    }
+    Ok(CheckResult {
+        name: name.to_string(),
+        passed,
+        seconds: started.elapsed().as_secs_f64(),
+        detail,
+    })
+}
+
+/// Lines of a panic message kept in a failure's summary.
+const PANIC_LINES: usize = 3;
+
+/// From `cargo test` output: each failed test with the first lines of its panic message.
+fn cargo_test_failures(text: &str) -> Vec<String> {
+    let mut detail = Vec::new();
+    let mut lines = text.lines();
+    let mut test = "";
+    while let Some(line) = lines.next() {
+        if let Some(name) = line
+            .strip_prefix("---- ")
+            .and_then(|l| l.strip_suffix(" stdout ----"))
+        {
+            test = name;
+        } else if line.contains("panicked at") {
+            // The message's first lines: the assertion, and often the value it looked at.
+            let message: Vec<&str> = lines.by_ref().take(PANIC_LINES).map(str::trim).collect();
+            let message: String = message.join(" ").chars().take(300).collect();
+            detail.push(format!("{test}: {message}"));
+        }
+    }
+    if detail.is_empty() {
+        detail = last_lines(text);
+    }
+    detail
+}
+
+/// The last lines of a failed command's output.
+fn last_lines(text: &str) -> Vec<String> {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(8)..]
+        .iter()
+        .map(|l| l.to_string())
+        .collect()
+}
+
+/// The static build runs where there is no libc at all (a distroless or scratch image):
+/// copied alone into an empty root with only /proc, /sys and /dev mounted, `--version`
+/// and `doctor` must succeed there.
+fn static_binary_check(connwatch: &Path) -> Result<CheckResult> {
+    let started = Instant::now();
+    let root = std::env::temp_dir().join("xtask-empty-root");
+    let _ = Command::new("umount").arg("-R").arg(&root).status();
+    if root.exists() {
+        fs::remove_dir_all(&root)?;
+    }
+    fs::create_dir_all(&root)?;
+    fs::copy(connwatch, root.join("connwatch"))?;
+    let mut mounted = Vec::new();
+    for (dir, how) in [("proc", "--bind"), ("sys", "--rbind"), ("dev", "--bind")] {
+        let target = root.join(dir);
+        fs::create_dir(&target)?;
+        check(
+            Command::new("mount")
+                .arg(how)
+                .arg(Path::new("/").join(dir))
+                .arg(&target),
+        )?;
+        mounted.push(target);
+    }
+    let mut detail = vec![format!(
+        "root {}: {:?}",
+        root.display(),
+        fs::read_dir(&root)?
+            .flatten()
+            .map(|e| e.file_name())
+            .collect::<Vec<_>>()
+    )];
+    let mut passed = true;
+    for args in [&["--version"][..], &["doctor"][..]] {
+        let mut command = Command::new("chroot");
+        command.arg(&root).arg("/connwatch").args(args);
+        let check = run_check(
+            &format!("chroot connwatch {}", args[0]),
+            command,
+            last_lines,
+        )?;
+        passed &= check.passed;
+        detail.extend(check.detail);
+    }
+    for target in mounted.iter().rev() {
+        let _ = Command::new("umount").arg("-R").arg(target).status();
+    }
+    Ok(CheckResult {
+        name: "static binary without libc".to_string(),
+        passed,
+        seconds: started.elapsed().as_secs_f64(),
+        detail: if passed { Vec::new() } else { detail },
+    })
+}
+
+/// The single file in `dir` (where `apt-get download` put the package).
+fn only_entry(dir: &Path) -> Result<PathBuf> {
+    let entries: Vec<PathBuf> = fs::read_dir(dir)?.flatten().map(|e| e.path()).collect();
+    match entries.as_slice() {
+        [one] => Ok(one.clone()),
+        _ => bail!("expected one file in {}, found {entries:?}", dir.display()),
+    }
+}
+
+/// apt with its own sources, index and cache under `target/vm/apt/`, so downloading the
+/// kernels of other releases neither needs nor changes the host's apt configuration.
+struct PrivateApt {
+    dir: PathBuf,
+}
+
+impl PrivateApt {
+    fn new(dir: PathBuf) -> Result<Self> {
+        for sub in ["lists/partial", "cache/archives/partial", "sources.list.d"] {
+            fs::create_dir_all(dir.join(sub))?;
+        }
+        let status = dir.join("status");
+        if !status.exists() {
+            fs::write(&status, "")?;
+        }
+        let archives = HostArchives::read()?;
+        let sources = archives.sources_list();
+        let path = dir.join("sources.list");
+        if fs::read_to_string(&path).ok().as_deref() != Some(sources.as_str()) {
+            fs::write(&path, sources)?;
+            // New sources: the old index no longer matches them.
+            let _ = fs::remove_file(dir.join("updated"));
+        }
+        Ok(Self { dir })
+    }
+
+    /// The options that point apt at this directory instead of /etc/apt and /var.
+    fn options(&self, command: &mut Command) {
+        let d = |sub: &str| self.dir.join(sub).display().to_string();
+        for (key, value) in [
+            ("Dir::Etc::SourceList", d("sources.list")),
+            ("Dir::Etc::SourceParts", d("sources.list.d")),
+            ("Dir::State", d("")),
+            ("Dir::State::Lists", d("lists")),
+            ("Dir::State::status", d("status")),
+            ("Dir::Cache", d("cache")),
+            ("Dir::Cache::archives", d("cache/archives")),
+            ("APT::Architecture", "amd64".to_string()),
+            ("APT::Architectures", "amd64".to_string()),
+            // Our directories are root's; apt's `_apt` user could not write them.
+            ("APT::Sandbox::User", "root".to_string()),
+        ] {
+            command.arg("-o").arg(format!("{key}={value}"));
+        }
+    }
+
+    fn get(&self) -> Command {
+        let mut command = Command::new("apt-get");
+        self.options(&mut command);
+        command
+    }
+
+    fn cache(&self) -> Command {
+        let mut command = Command::new("apt-cache");
+        self.options(&mut command);
+        command
+    }
+
+    fn update_if_stale(&self) -> Result<()> {
+        let stamp = self.dir.join("updated");
+        let fresh = fs::metadata(&stamp)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| SystemTime::now().duration_since(t).ok())
+            .is_some_and(|age| age < INDEX_MAX_AGE);
+        if fresh {
+            return Ok(());
+        }
+        step("refreshing the private apt index of Debian's kernels (target/vm/apt)");
+        let updated = check(self.get().args(["update", "-qq"]));
+        match updated {
+            Ok(()) => fs::write(&stamp, "")?,
+            // Offline, an older index still names kernels we may have cached.
+            Err(err) if self.dir.join("lists").read_dir()?.count() > 1 => {
+                eprintln!("xtask: warning: {err:#}; using the previous index");
+            }
+            Err(err) => return Err(err),
+        }
+        Ok(())
+    }
+
+    /// The newest package whose name matches `pattern`: names compared by their numbers,
+    /// so `5.10.0-46` beats `5.10.0-9` and `6.12.115+deb13.1` beats `6.12.115+deb13`.
+    fn newest(&self, pattern: &str) -> Result<String> {
+        let found = output(self.cache().args(["search", "--names-only", pattern]))?;
+        let names: BTreeSet<&str> = found
+            .lines()
+            .filter_map(|line| line.split_whitespace().next())
+            .collect();
+        names
+            .into_iter()
+            .max_by_key(|name| numbers(name))
+            .map(str::to_string)
+            .with_context(|| format!("no package matches {pattern} in the private apt index"))
+    }
+
+    fn candidate_version(&self, package: &str) -> Result<String> {
+        let shown = output(self.cache().args(["show", "--no-all-versions", package]))?;
+        shown
+            .lines()
+            .find_map(|line| line.strip_prefix("Version: "))
+            .map(str::to_string)
+            .with_context(|| format!("apt-cache show {package} names no version"))
+    }
+}
+
+/// The runs of digits in a kernel package's version part (before `-amd64`), as numbers.
+fn numbers(package: &str) -> Vec<u64> {
+    let version = package.split("-amd64").next().unwrap_or(package);
+    version
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|part| !part.is_empty())
+        .map(|part| part.parse().unwrap_or(u64::MAX))
+        .collect()
+}
+
+/// Where the host's apt gets Debian from: the main archive and the security archive.
+#[derive(Debug, PartialEq)]
+struct HostArchives {
+    main: String,
+    security: String,
+}
+
+impl HostArchives {
+    fn read() -> Result<Self> {
+        let mut entries = Vec::new();
+        let mut files = vec![PathBuf::from("/etc/apt/sources.list")];
+        if let Ok(dir) = fs::read_dir("/etc/apt/sources.list.d") {
+            let mut more: Vec<PathBuf> = dir.flatten().map(|e| e.path()).collect();
+            more.sort();
+            files.extend(more);
+        }
+        for file in files {
+            let Ok(text) = fs::read_to_string(&file) else {
+                continue;
+            };
+            match file.extension().and_then(OsStr::to_str) {
+                Some("sources") => entries.extend(parse_deb822(&text)),
+                _ if file.file_name() == Some(OsStr::new("sources.list"))
+                    || file.extension() == Some(OsStr::new("list")) =>
+                {
+                    entries.extend(parse_one_line(&text))
+                }
+                _ => {}
+            }
+        }
+        Self::from_entries(&entries).context(
+            "cannot find Debian's main and security archives in the host's apt sources \
+             (/etc/apt/sources.list, /etc/apt/sources.list.d/)",
+        )
+    }
+
+    /// The main archive is the one serving a Debian release's base suite; the security
+    /// archive the one serving a `<release>-security` suite.
+    fn from_entries(entries: &[SourceEntry]) -> Option<Self> {
+        let serves = |pick: fn(&str) -> bool| {
+            entries
+                .iter()
+                .find(|e| e.suites.iter().any(|s| pick(s)))
+                .map(|e| e.uri.trim_end_matches('/').to_string())
+        };
+        Some(Self {
+            main: serves(|s| DEBIAN_RELEASES.contains(&s))?,
+            security: serves(|s| {
+                s.strip_suffix("-security")
+                    .is_some_and(|r| DEBIAN_RELEASES.contains(&r))
+            })?,
+        })
+    }
+
+    fn sources_list(&self) -> String {
+        let mut list = String::from("# Written by `cargo xtask` from the host's apt sources.\n");
+        let suites: BTreeSet<&str> = KERNELS.iter().map(|k| k.suite).collect();
+        for suite in suites {
+            let _ = writeln!(
+                list,
+                "deb [signed-by={DEBIAN_KEYRING}] {} {suite} main",
+                self.main
+            );
+            let _ = writeln!(
+                list,
+                "deb [signed-by={DEBIAN_KEYRING}] {} {suite}-security main",
+                self.security
+            );
+        }
+        list
+    }
+}
+
+/// Debian release names and aliases that identify an archive as Debian's.
+const DEBIAN_RELEASES: &[&str] = &[
+    "buster",
+    "bullseye",
+    "bookworm",
+    "trixie",
+    "forky",
+    "duke",
+    "sid",
+    "oldoldstable",
+    "oldstable",
+    "stable",
+    "testing",
+    "unstable",
+];
+
+#[derive(Debug, PartialEq)]
+struct SourceEntry {
+    uri: String,
+    suites: Vec<String>,
+}
+
+/// `deb [options] uri suite components...` lines.
+fn parse_one_line(text: &str) -> Vec<SourceEntry> {
+    text.lines()
+        .filter_map(|line| {
+            let line = line.split('#').next()?.trim();
+            let rest = line.strip_prefix("deb ")?.trim_start();
+            let rest = match rest.strip_prefix('[') {
+                Some(options) => options.split_once(']')?.1,
+                None => rest,
+            };
+            let mut words = rest.split_whitespace();
+            Some(SourceEntry {
+                uri: words.next()?.to_string(),
+                suites: words.next().into_iter().map(str::to_string).collect(),
+            })
+        })
+        .collect()
+}
+
+/// deb822 `.sources` stanzas with `Types: deb`, `URIs:` and `Suites:`.
+fn parse_deb822(text: &str) -> Vec<SourceEntry> {
+    let mut entries = Vec::new();
+    for stanza in text.split("\n\n") {
+        let field = |name: &str| {
+            stanza
+                .lines()
+                .filter(|l| !l.starts_with('#'))
+                .find_map(|l| {
+                    let (key, value) = l.split_once(':')?;
+                    key.trim()
+                        .eq_ignore_ascii_case(name)
+                        .then(|| value.split_whitespace().map(str::to_string).collect())
+                })
+                .unwrap_or_else(Vec::new)
+        };
+        let enabled = field("Enabled").first().is_none_or(|v| v != "no");
+        if !enabled || !field("Types").iter().any(|t| t == "deb") {
+            continue;
+        }
+        let suites = field("Suites");
+        for uri in field("URIs") {
+            entries.push(SourceEntry {
+                uri,
+                suites: suites.clone(),
+            });
+        }
+    }
+    entries
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_archives_in_deb822_and_one_line_sources() {
+        let deb822 = "Types: deb\n# a comment\nURIs: http://mirror.example/debian\n\
+                      Suites: bookworm bookworm-updates\nComponents: main\n\n\
+                      Types: deb\nURIs: http://mirror.example/debian-security/\n\
+                      Suites: bookworm-security\nComponents: main\n\n\
+                      Types: deb\nURIs: https://other.example/node\nSuites: nodistro\n";
+        let archives = HostArchives::from_entries(&parse_deb822(deb822)).unwrap();
+        assert_eq!(archives.main, "http://mirror.example/debian");
+        assert_eq!(archives.security, "http://mirror.example/debian-security");
+
+        let list = "# comment\ndeb [arch=amd64 signed-by=/k.gpg] http://m.example/debian trixie main\n\
+                    deb http://s.example/debian-security trixie-security main\n\
+                    deb-src http://m.example/debian trixie main\n";
+        let archives = HostArchives::from_entries(&parse_one_line(list)).unwrap();
+        assert_eq!(archives.main, "http://m.example/debian");
+        assert_eq!(archives.security, "http://s.example/debian-security");
+        let sources = archives.sources_list();
+        assert!(sources.contains("http://m.example/debian bullseye main"));
+        assert!(sources.contains("http://s.example/debian-security trixie-security main"));
+    }
+
+    #[test]
+    fn newest_kernel_compares_numbers() {
+        let mut names = [
+            "linux-image-5.10.0-9-amd64-unsigned",
+            "linux-image-5.10.0-46-amd64-unsigned",
+            "linux-image-5.10.0-32-amd64-unsigned",
+        ];
+        names.sort_by_key(|n| numbers(n));
+        assert_eq!(names[2], "linux-image-5.10.0-46-amd64-unsigned");
+        assert!(
+            numbers("linux-image-6.12.115+deb13.1-amd64-unsigned")
+                > numbers("linux-image-6.12.115+deb13-amd64-unsigned")
+        );
+    }
+
+    #[test]
+    fn failures_name_the_test_and_its_panic() {
+        let output = "running 2 tests\ntest a ... ok\ntest b ... FAILED\n\nfailures:\n\n\
+                      ---- b stdout ----\n\nthread 'b' (7) panicked at tests/x.rs:1:2:\n\
+                      timed out; events: [\n    Object {\n        \"kind\": 1,\n\n\
+                      failures:\n    b\n\ntest result: FAILED. 1 passed; 1 failed\n";
+        assert_eq!(
+            cargo_test_failures(output),
+            ["b: timed out; events: [ Object { \"kind\": 1,"]
+        );
+        assert_eq!(cargo_test_failures("error: no\n"), ["error: no"]);
+    }
+
+    #[test]
+    fn guest_script_quotes_words() {
+        let script = guest_script(
+            &[("CONNWATCH_BIN", OsStr::new("/a b/connwatch"))],
+            &["echo".into(), "it's".into()],
+            Path::new("/out"),
+            Path::new("/status"),
+        );
+        assert!(script.contains("export CONNWATCH_BIN='/a b/connwatch'"));
+        assert!(script.contains(r"'echo' 'it'\''s'"));
+        assert!(script.contains("echo $? > '/status'"));
+    }
+}
