@@ -284,8 +284,9 @@ impl Probes {
                 name: "reset causes",
                 served_by: "the socket's state, error and linger flag".into(),
                 degraded: Some(
-                    "tcp:tcp_send_reset reports no reason before Linux 6.10: keepalive, \
-                     memory and linger timeouts show as the abort they end in"
+                    "tcp:tcp_send_reset reports no reason before Linux 6.10: `ss -K` and \
+                     timer aborts (keepalive, FIN_WAIT2 linger, memory) can show as \
+                     live_abort"
                         .into(),
                 ),
             }
