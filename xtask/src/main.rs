@@ -314,6 +314,8 @@ fn test(
         println!("  {verdict}  {:>5.0} s  {name}", took.as_secs_f64());
     }
     let failed = tiers.iter().filter(|(_, passed, _)| !passed).count();
+    // The plain closing line CI reads: test tiers, each a whole `cargo test` run or guest.
+    println!("tiers: {} passed, {failed} failed", tiers.len() - failed);
     if failed > 0 {
         eprintln!("xtask: {failed} of {} test tiers failed", tiers.len());
         return Ok(ExitCode::FAILURE);
