@@ -3,6 +3,7 @@ mod support;
 
 use std::{
     fs,
+    io::Read,
     net::TcpListener,
     path::PathBuf,
     process::{Child, Command, Stdio},
@@ -247,5 +248,59 @@ fn pool_gauges_follow_the_sockets() {
         thread::sleep(Duration::from_millis(200));
     }
     drop(pairs);
+    daemon.stop_with(Signal::SIGTERM);
+}
+
+/// Every state change is counted in the kernel (read at scrape time); only those connwatch
+/// acts on cross the ring buffer as events.
+#[test]
+fn state_changes_are_counted_in_the_kernel_and_few_are_streamed() {
+    const CONNECTIONS: usize = 200;
+    let addr = format!("127.0.0.1:{}", free_port());
+    let url = format!("http://{addr}/metrics");
+    let daemon = Watch::spawn(&["daemon", "--listen", &addr, "--log-events", "false"]);
+    let transitions = "connwatch_tcp_state_transitions_total{";
+    let active_close = r#"connwatch_tcp_state_transitions_total{from="FIN_WAIT1",to="FIN_WAIT2"}"#;
+    let before = wait_for_body(&url, "connwatch_events_total");
+    let (listener, _) = listen("127.0.0.1:0");
+    for _ in 0..CONNECTIONS {
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (mut server, _) = listener.accept().unwrap();
+        // The client closes first: FIN_WAIT1 → FIN_WAIT2 → CLOSE (its TIME_WAIT is a
+        // mini-socket) on its side; CLOSE_WAIT, then, once the server has read the EOF,
+        // LAST_ACK → CLOSE on the server's.
+        drop(client);
+        assert_eq!(server.read(&mut [0u8; 1]).unwrap(), 0);
+        drop(server);
+    }
+    let deadline = Instant::now() + EVENT_TIMEOUT;
+    let after = loop {
+        let (_, body) = get(&url).unwrap();
+        let delta =
+            |series| metric(&body, series).unwrap_or(0.0) - metric(&before, series).unwrap_or(0.0);
+        let (counted, events) = (delta(active_close), delta("connwatch_events_total"));
+        // Six streamed per connection: connect, accept, the peer's FIN, the application's
+        // close after it, and both ends.
+        if counted >= CONNECTIONS as f64 && events >= 6.0 * CONNECTIONS as f64 {
+            break body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{counted} active closes counted, {events} events:\n{body}"
+        );
+        thread::sleep(Duration::from_millis(200));
+    };
+    let changes = metric_sum(&after, transitions) - metric_sum(&before, transitions);
+    let events = metric(&after, "connwatch_events_total").unwrap()
+        - metric(&before, "connwatch_events_total").unwrap();
+    // 10 state changes per connection, 6 of them streamed.
+    assert!(
+        changes >= 10.0 * CONNECTIONS as f64,
+        "{changes} state changes counted"
+    );
+    assert!(
+        events <= 0.7 * changes,
+        "{events} events for {changes} state changes: the kernel streamed what it only counts"
+    );
     daemon.stop_with(Signal::SIGTERM);
 }

@@ -43,15 +43,6 @@ fn python_client(port: u16) -> (Child, u16) {
     )
 }
 
-fn metric(body: &str, series: &str) -> Option<f64> {
-    body.lines()
-        .find(|line| line.starts_with(series))?
-        .rsplit_once(' ')?
-        .1
-        .parse()
-        .ok()
-}
-
 #[test]
 fn flood_is_counted_and_the_daemon_recovers() {
     let addr = format!("127.0.0.1:{}", free_port());

@@ -58,6 +58,26 @@ pub mod tcp_state {
     pub const CLOSING: u8 = 11;
     pub const NEW_SYN_RECV: u8 = 12;
 
+    /// Slots of the kernel's per-CPU transition counters: `index(old, new)`.
+    pub const TRANSITIONS: u32 = 256;
+
+    /// The counter slot of `old → new` (states are 1..=12, four bits each).
+    pub const fn index(old: u8, new: u8) -> u32 {
+        ((old & 0xf) as u32) << 4 | (new & 0xf) as u32
+    }
+
+    /// The state changes userspace acts on, so the only ones that cross the ring buffer
+    /// unless every change is asked for: a connect (SYN_SENT, and a passive child's
+    /// SYN_RECV → ESTABLISHED), the peer's FIN (→ CLOSE_WAIT), the application closing
+    /// after it (CLOSE_WAIT →), and the end of a socket (→ CLOSE, with its error). The rest
+    /// of a healthy connection's life (FIN_WAIT*, TIME_WAIT, LAST_ACK after an active
+    /// close…) is only counted, in the kernel.
+    pub const fn streamed(old: u8, new: u8) -> bool {
+        matches!(new, SYN_SENT | CLOSE_WAIT | CLOSE)
+            || old == CLOSE_WAIT
+            || (old == SYN_RECV && new == ESTABLISHED)
+    }
+
     /// States in which `tcp_sock` send/receive timestamps mean "last data exchanged".
     pub const fn is_synchronized(state: u8) -> bool {
         matches!(
@@ -356,6 +376,8 @@ pub struct Settings {
     /// Wake the reader only once this much is waiting in the ring buffer; userspace also
     /// drains on a short timer. One wakeup per event costs more than handling the event.
     pub wakeup_bytes: u64,
+    /// Nonzero: stream every state change (`watch --all`), not only the `streamed` ones.
+    pub all_state_changes: u64,
 }
 
 // The kernel side relies on these: whole 8-byte words, and 8-aligned arrays it copies as
@@ -369,6 +391,8 @@ const _: () = {
     assert!(offset_of!(ConnEvent, ctx_comm) == 152);
     assert!(offset_of!(ConnEvent, sk_err) == 88);
     assert!(size_of::<PeerEnd>() == 56);
+    assert!(size_of::<Settings>() == 24);
+    assert!(offset_of!(Settings, all_state_changes) == 16);
     assert!(offset_of!(PeerEnd, tuple) == 16);
     assert!(size_of::<SockOwner>() == 40);
     assert!(offset_of!(SockOwner, comm) == 24);
@@ -414,5 +438,50 @@ mod tests {
         assert!(!tcp_state::is_synchronized(tcp_state::SYN_SENT));
         assert!(!tcp_state::is_synchronized(tcp_state::TIME_WAIT));
         assert!(!tcp_state::is_synchronized(tcp_state::NEW_SYN_RECV));
+    }
+
+    #[test]
+    fn a_healthy_connection_streams_its_connect_and_its_end_only() {
+        use tcp_state::*;
+        // Client side of a connection the client closes first.
+        let active = [
+            (CLOSE, SYN_SENT),
+            (SYN_SENT, ESTABLISHED),
+            (ESTABLISHED, FIN_WAIT1),
+            (FIN_WAIT1, FIN_WAIT2),
+            (FIN_WAIT2, CLOSE),
+        ];
+        let crossing: Vec<_> = active.iter().filter(|(o, n)| streamed(*o, *n)).collect();
+        assert_eq!(crossing, [&(CLOSE, SYN_SENT), &(FIN_WAIT2, CLOSE)]);
+        // Server side: the passive child, then the peer's FIN and the application's close.
+        let passive = [
+            (CLOSE, SYN_RECV),
+            (SYN_RECV, ESTABLISHED),
+            (ESTABLISHED, CLOSE_WAIT),
+            (CLOSE_WAIT, LAST_ACK),
+            (LAST_ACK, CLOSE),
+        ];
+        let crossing: Vec<_> = passive.iter().filter(|(o, n)| streamed(*o, *n)).collect();
+        assert_eq!(
+            crossing,
+            [
+                &(SYN_RECV, ESTABLISHED),
+                &(ESTABLISHED, CLOSE_WAIT),
+                &(CLOSE_WAIT, LAST_ACK),
+                &(LAST_ACK, CLOSE)
+            ]
+        );
+    }
+
+    #[test]
+    fn transition_slots_are_distinct_and_in_range() {
+        let mut seen = std::collections::HashSet::new();
+        for old in 1..=12u8 {
+            for new in 1..=12u8 {
+                let slot = tcp_state::index(old, new);
+                assert!(slot < tcp_state::TRANSITIONS);
+                assert!(seen.insert(slot));
+            }
+        }
     }
 }

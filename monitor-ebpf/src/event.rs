@@ -54,26 +54,27 @@ impl Slot {
         set!(slot, skaddr, sk);
         set!(slot, ctx_tgid, (pid_tgid >> 32) as u32);
         set!(slot, ctx_pid, pid_tgid as u32);
-        set!(slot, cgroup_id, unsafe { bpf_get_current_cgroup_id() });
         set!(slot, since_send_ms, UNKNOWN_MS);
         set!(slot, since_recv_ms, UNKNOWN_MS);
         let event = slot.as_ptr();
         // SAFETY: the helper writes at most 16 bytes into the event's 16-byte comm array
         // (zero on failure, as zeroed above).
         let _ = unsafe { generated::bpf_get_current_comm((&raw mut (*event).ctx_comm).cast(), 16) };
-        if sk != 0
-            && let Some(owner) = OWNERS.get_ptr(sk)
-        {
-            // SAFETY: a pointer from a lookup in a preallocated (LRU) map: valid memory,
-            // though the entry may be recycled for another socket meanwhile; then the event
-            // names the wrong owner, which userspace cannot tell (a known, rare race).
-            let owner = unsafe { &*owner };
+        // SAFETY: a pointer from a lookup in a preallocated (LRU) map: valid memory, though
+        // the entry may be recycled for another socket meanwhile; then the event names the
+        // wrong owner, which userspace cannot tell (a known, rare race).
+        let owner = (sk != 0)
+            .then(|| OWNERS.get_ptr(sk))
+            .flatten()
+            .map(|owner| unsafe { &*owner });
+        let mut cgroup_id = 0;
+        if let Some(owner) = owner {
             set!(slot, born_ns, owner.born_ns);
             if owner.tgid != 0 {
                 set!(slot, flags, flags::OWNER_KNOWN);
                 set!(slot, owner_tgid, owner.tgid);
                 set!(slot, owner_pid, owner.pid);
-                set!(slot, cgroup_id, owner.cgroup_id);
+                cgroup_id = owner.cgroup_id;
                 let from = (&raw const owner.comm).cast::<u64>();
                 // SAFETY: both are 8-aligned 16-byte arrays: the map value's (SockOwner
                 // asserts the offset) and the reserved event's.
@@ -84,6 +85,11 @@ impl Slot {
                 }
             }
         }
+        if cgroup_id == 0 {
+            // The running task's: the owner's when the hook runs in process context.
+            cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+        }
+        set!(slot, cgroup_id, cgroup_id);
         Some(slot)
     }
 

@@ -28,6 +28,7 @@ static KERNEL: KernelLayout = KernelLayout::zeroed();
 static SETTINGS: Settings = Settings {
     eof_grace_ns: 0,
     wakeup_bytes: 0,
+    all_state_changes: 0,
 };
 #[unsafe(no_mangle)]
 static TP_SET_STATE: TpLayout = TpLayout::absent();
@@ -299,29 +300,44 @@ pub fn sock_of_fd(fd: u64) -> Option<u64> {
     (sk != 0).then_some(sk)
 }
 
-/// Writes the task running now into `owner` (a whole `SockOwner`). In softirq this is
-/// whoever was interrupted, not the socket's owner; `with_task` false leaves the task
-/// fields zero (a passive child born in softirq: its owner is known only at accept()).
+/// Starts a new owner entry in `owner` (a whole `SockOwner` on the stack): born now, and
+/// owned by the task running now when `with_task`. In softirq the running task is whoever
+/// was interrupted, not the socket's owner: a passive child born there gets zero task
+/// fields and its owner at accept().
 #[inline(always)]
-pub fn current_owner(owner: *mut SockOwner, with_task: bool) {
-    // SAFETY: `owner` points at a whole, 8-aligned SockOwner on the stack; the comm helper
-    // writes exactly TASK_COMM_LEN bytes into its comm array.
+pub fn new_owner(owner: *mut SockOwner, with_task: bool) {
+    // SAFETY: `owner` points at a whole, 8-aligned SockOwner on the stack.
     unsafe {
         core::ptr::write_volatile(&raw mut (*owner).born_ns, bpf_ktime_get_ns());
-        core::ptr::write_volatile(&raw mut (*owner).cgroup_id, bpf_get_current_cgroup_id());
-        let words = (&raw mut (*owner).comm).cast::<u64>();
         if with_task {
-            let pid_tgid = bpf_get_current_pid_tgid();
-            core::ptr::write_volatile(&raw mut (*owner).tgid, (pid_tgid >> 32) as u32);
-            core::ptr::write_volatile(&raw mut (*owner).pid, pid_tgid as u32);
-            if generated::bpf_get_current_comm(words.cast(), 16) == 0 {
-                return;
-            }
+            set_owner_task(owner);
         } else {
-            core::ptr::write_volatile(&raw mut (*owner).tgid, 0);
+            let words = (&raw mut (*owner).comm).cast::<u64>();
+            core::ptr::write_volatile(words, 0);
+            core::ptr::write_volatile(words.add(1), 0);
+            core::ptr::write_volatile(&raw mut (*owner).cgroup_id, 0);
             core::ptr::write_volatile(&raw mut (*owner).pid, 0);
+            core::ptr::write_volatile(&raw mut (*owner).tgid, 0);
         }
-        core::ptr::write_volatile(words, 0);
-        core::ptr::write_volatile(words.add(1), 0);
+    }
+}
+
+/// Writes the task running now into `owner`'s task fields, `tgid` last: an event being
+/// written on another CPU reads `tgid` first (`event::Slot::begin`), so on x86's ordered
+/// stores it never pairs a new tgid with the old, empty name. `owner` may be a map value.
+#[inline(always)]
+pub fn set_owner_task(owner: *mut SockOwner) {
+    // SAFETY: `owner` points at a whole, 8-aligned SockOwner (stack or map value); the
+    // comm helper writes exactly TASK_COMM_LEN bytes into its comm array.
+    unsafe {
+        let words = (&raw mut (*owner).comm).cast::<u64>();
+        if generated::bpf_get_current_comm(words.cast(), 16) != 0 {
+            core::ptr::write_volatile(words, 0);
+            core::ptr::write_volatile(words.add(1), 0);
+        }
+        core::ptr::write_volatile(&raw mut (*owner).cgroup_id, bpf_get_current_cgroup_id());
+        let pid_tgid = bpf_get_current_pid_tgid();
+        core::ptr::write_volatile(&raw mut (*owner).pid, pid_tgid as u32);
+        core::ptr::write_volatile(&raw mut (*owner).tgid, (pid_tgid >> 32) as u32);
     }
 }

@@ -13,6 +13,12 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 22, 0);
 #[map]
 pub static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
+/// TCP state changes by `tcp_state::index(old, new)`, per CPU: the transitions metric,
+/// read at scrape time, so that no state change needs an event to be counted.
+#[map]
+pub static TRANSITIONS: PerCpuArray<u64> =
+    PerCpuArray::with_max_entries(monitor_common::tcp_state::TRANSITIONS, 0);
+
 /// Socket → owner, captured in process context. LRU so a missed destroy cannot fill it.
 #[map]
 pub static OWNERS: LruHashMap<u64, SockOwner> = LruHashMap::with_max_entries(65536, 0);

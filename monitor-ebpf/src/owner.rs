@@ -5,7 +5,7 @@ use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
 use monitor_common::SockOwner;
 
 use crate::{
-    kernel::{Record, Tp, current_owner, is_inet_tcp, layout, sock_of_fd},
+    kernel::{Record, Tp, is_inet_tcp, layout, new_owner, set_owner_task, sock_of_fd},
     maps::{OWNERS, PEER_ENDED},
 };
 
@@ -40,16 +40,16 @@ fn record_acceptor(ctx: &TracePointContext) -> u32 {
     if !is_inet_tcp(sk) {
         return 0;
     }
-    let mut owner = MaybeUninit::<SockOwner>::uninit();
-    current_owner(owner.as_mut_ptr(), true);
-    // SAFETY: current_owner wrote every field.
-    let owner = unsafe { owner.assume_init_mut() };
-    if let Some(known) = OWNERS.get_ptr(sk) {
-        // Keep the birth time from SYN_RECV: it identifies this socket's life.
-        // SAFETY: a pointer from a lookup in a preallocated (LRU) map, read once.
-        owner.born_ns = unsafe { (*known).born_ns };
+    if let Some(known) = OWNERS.get_ptr_mut(sk) {
+        // Born at SYN_RECV (its birth time identifies this socket's life): filled in place,
+        // which spares the LRU map allocating a new element as an update would.
+        set_owner_task(known);
+    } else {
+        let mut owner = MaybeUninit::<SockOwner>::uninit();
+        new_owner(owner.as_mut_ptr(), true);
+        // SAFETY: new_owner wrote every field.
+        let _ = OWNERS.insert(sk, unsafe { owner.assume_init_ref() }, 0);
     }
-    let _ = OWNERS.insert(sk, owner, 0);
     0
 }
 
@@ -61,7 +61,11 @@ pub fn tcp_destroy_sock(ctx: TracePointContext) -> u32 {
         && let Some(sk) = record.get::<u64>(tp.skaddr)
     {
         let _ = OWNERS.remove(sk);
-        let _ = PEER_ENDED.remove(sk);
+        // Few sockets were ever ended by their peer: a lookup is cheaper than a delete,
+        // which locks the hash bucket even when the key is absent.
+        if PEER_ENDED.get_ptr(sk).is_some() {
+            let _ = PEER_ENDED.remove(sk);
+        }
     }
     0
 }

@@ -7,8 +7,8 @@ use monitor_common::{IPPROTO_TCP, SockOwner, hook, peer_end, tcp_state};
 use crate::{
     event::{Slot, set},
     impact::mark_peer_end,
-    kernel::{Record, Tp, current_owner, layout, read_full_socket, sk_err},
-    maps::OWNERS,
+    kernel::{Record, Tp, layout, new_owner, read_full_socket, settings, sk_err},
+    maps::{OWNERS, TRANSITIONS},
 };
 
 #[tracepoint(category = "sock", name = "inet_sock_set_state")]
@@ -23,10 +23,19 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
     };
     let old_state = record.get::<i32>(tp.old_state).unwrap_or(0) as u8;
     let new_state = record.get::<i32>(tp.new_state).unwrap_or(0) as u8;
+    if let Some(count) = TRANSITIONS.get_ptr_mut(tcp_state::index(old_state, new_state)) {
+        // SAFETY: a valid slot of a per-CPU array: this CPU's copy. Only programs on this
+        // CPU write it, and trace_call_bpf's per-CPU guard keeps them from nesting; were
+        // one to interrupt this increment, a count would be lost, nothing worse.
+        unsafe { *count += 1 };
+    }
     record_birth(sk, new_state);
     if new_state == tcp_state::CLOSE_WAIT {
         // The peer sent FIN: the application's next write or EOF read is worth reporting.
         mark_peer_end(peer_end::FIN, &record, &tp, sk);
+    }
+    if settings().all_state_changes == 0 && !tcp_state::streamed(old_state, new_state) {
+        return 0;
     }
 
     let Some(slot) = Slot::begin(hook::STATE_CHANGE, sk) else {
@@ -59,7 +68,7 @@ fn record_birth(sk: u64, new_state: u8) {
         _ => return,
     };
     let mut owner = MaybeUninit::<SockOwner>::uninit();
-    current_owner(owner.as_mut_ptr(), with_task);
-    // SAFETY: current_owner wrote every field.
+    new_owner(owner.as_mut_ptr(), with_task);
+    // SAFETY: new_owner wrote every field.
     let _ = OWNERS.insert(sk, unsafe { owner.assume_init_ref() }, 0);
 }

@@ -235,6 +235,9 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
     let server = tokio::spawn(async move { axum::serve(listener, app).await });
 
     let mut engine = Engine::start(&args.probes, &args.pipeline, false)?;
+    if let Some(counters) = engine.take_kernel_counters() {
+        metrics.serve_kernel_counters(counters);
+    }
     let shutdown = Shutdown::install()?;
     health.set_attached(true);
     eprintln!(

@@ -72,6 +72,7 @@ impl Engine {
         let settings = Settings {
             eof_grace_ns: pipeline.idle_threshold.as_nanos() as u64,
             wakeup_bytes: u64::from(probe_options.ring_buffer_size / 16),
+            all_state_changes: u64::from(state_changes),
         };
         let (probes, events) =
             Probes::attach(probe_options, &settings, pipeline.max_tracked_sockets)?;
@@ -100,6 +101,12 @@ impl Engine {
             snapshots: spawn_refresher(pipeline.refresh, pipeline.host_proc.clone())?,
             warned_refresh: false,
         })
+    }
+
+    /// The kernel's own counters (state transitions), for the metrics to read at scrape
+    /// time; `None` once taken.
+    pub fn take_kernel_counters(&mut self) -> Option<crate::probes::KernelCounters> {
+        self.probes.take_counters()
     }
 
     /// Runs until `stop` resolves or the consumer says stop.

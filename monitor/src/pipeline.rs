@@ -154,14 +154,10 @@ impl Pipeline {
         self.pools.pools()
     }
 
-    /// Sockets by state: from the last snapshot (every socket in this network namespace),
-    /// or those connwatch saw in events before the first one.
-    pub fn sockets_by_state(&self) -> HashMap<TcpState, usize> {
-        if self.snapshot_states.is_empty() {
-            self.table.count_by_state()
-        } else {
-            self.snapshot_states.clone()
-        }
+    /// Sockets by state, from the last snapshot (every socket in this network namespace).
+    /// Events cannot tell: only the state changes connwatch acts on cross the ring buffer.
+    pub fn sockets_by_state(&self) -> &HashMap<TcpState, usize> {
+        &self.snapshot_states
     }
 }
 

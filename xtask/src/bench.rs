@@ -176,16 +176,16 @@ fn program_costs(pid: u32) -> Result<std::collections::BTreeMap<String, (u64, u6
     Ok(costs)
 }
 
-/// Runs the load until `stop`, counting completed operations.
+/// One of the server's threads: a blocking accept loop (no polling, which would cap the
+/// rate at the poll interval instead of the kernel's), ended by `stop` and a last connect.
 fn server(workload: Workload, listener: TcpListener, stop: Arc<AtomicBool>) {
-    listener.set_nonblocking(true).ok();
     while !stop.load(Ordering::Relaxed) {
         let Ok((mut stream, _)) = listener.accept() else {
-            thread::sleep(Duration::from_micros(50));
             continue;
         };
-        stream.set_nonblocking(false).ok();
-        let stop = stop.clone();
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
         match workload {
             Workload::ResetStorm => {
                 let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
@@ -197,6 +197,7 @@ fn server(workload: Workload, listener: TcpListener, stop: Arc<AtomicBool>) {
                 }
             }
             Workload::RequestResponse => {
+                let stop = stop.clone();
                 thread::spawn(move || {
                     let mut buf = [0u8; 64];
                     while !stop.load(Ordering::Relaxed) && stream.read_exact(&mut buf).is_ok() {
@@ -245,8 +246,14 @@ fn drive(workload: Workload) -> Result<f64> {
     let addr = listener.local_addr()?;
     let stop = Arc::new(AtomicBool::new(false));
     let ops = Arc::new(AtomicU64::new(0));
-    let server_stop = stop.clone();
-    let server = thread::spawn(move || server(workload, listener, server_stop));
+    // As many accepting threads as clients, so that the server side is never the
+    // bottleneck of the churn: the load is the kernel's connection handling.
+    let servers = (0..CLIENTS)
+        .map(|_| {
+            let (listener, stop) = (listener.try_clone()?, stop.clone());
+            Ok(thread::spawn(move || server(workload, listener, stop)))
+        })
+        .collect::<Result<Vec<_>>>()?;
     let clients: Vec<_> = (0..CLIENTS)
         .map(|_| {
             let (stop, ops) = (stop.clone(), ops.clone());
@@ -261,7 +268,12 @@ fn drive(workload: Workload) -> Result<f64> {
     for c in clients {
         let _ = c.join();
     }
-    let _ = server.join();
+    // One connection per server thread wakes each blocked accept(), which then sees `stop`.
+    let wakers: Vec<_> = servers.iter().map(|_| TcpStream::connect(addr)).collect();
+    for server in servers {
+        let _ = server.join();
+    }
+    drop(wakers);
     Ok(done as f64 / elapsed)
 }
 

@@ -402,6 +402,24 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// The value of the first sample in an OpenMetrics `body` that starts with `series`.
+pub fn metric(body: &str, series: &str) -> Option<f64> {
+    body.lines()
+        .find(|line| line.starts_with(series))?
+        .rsplit_once(' ')?
+        .1
+        .parse()
+        .ok()
+}
+
+/// The sum of every sample in `body` that starts with `series` (all of a family's labels).
+pub fn metric_sum(body: &str, series: &str) -> f64 {
+    body.lines()
+        .filter(|line| line.starts_with(series))
+        .filter_map(|line| line.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
 /// Polls `url` until its body contains `needle`; panics with the last body.
 pub fn wait_for_body(url: &str, needle: &str) -> String {
     let deadline = Instant::now() + EVENT_TIMEOUT;

@@ -11,7 +11,7 @@ use aya::{
     maps::{MapData, PerCpuArray, RingBuf},
     programs::{FEntry, FExit, KProbe, TracePoint},
 };
-use monitor_common::{KernelLayout, Settings, TpLayout};
+use monitor_common::{KernelLayout, Settings, TpLayout, tcp_state};
 
 /// The object built from `monitor-ebpf` by build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/monitor"));
@@ -160,10 +160,44 @@ pub fn describe(capabilities: &[Capability]) -> String {
 }
 
 /// Attached programs and the loss counter. Dropping it detaches everything.
+/// Counters the kernel programs keep in per-CPU maps, read when asked (at scrape time),
+/// so that counting costs no event and no userspace work per occurrence.
+pub struct KernelCounters {
+    transitions: PerCpuArray<MapData, u64>,
+}
+
+impl std::fmt::Debug for KernelCounters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KernelCounters").finish_non_exhaustive()
+    }
+}
+
+impl KernelCounters {
+    /// TCP state changes since load, summed over CPUs: `(old, new, count)`, counted ones
+    /// only, in state order.
+    pub fn transitions(&self) -> Result<Vec<(u8, u8, u64)>> {
+        let mut counted = Vec::new();
+        for old in 1..=tcp_state::NEW_SYN_RECV {
+            for new in 1..=tcp_state::NEW_SYN_RECV {
+                let per_cpu = self
+                    .transitions
+                    .get(&tcp_state::index(old, new), 0)
+                    .context("reading the TRANSITIONS map")?;
+                let count: u64 = per_cpu.iter().sum();
+                if count > 0 {
+                    counted.push((old, new, count));
+                }
+            }
+        }
+        Ok(counted)
+    }
+}
+
 pub struct Probes {
     /// The programs stay attached while it lives.
     ebpf: Ebpf,
     lost: PerCpuArray<MapData, u64>,
+    counters: Option<KernelCounters>,
     pub layout: KernelLayout,
     pub warnings: Vec<String>,
     /// `enum sk_rst_reason` of this kernel: value → name (empty before Linux 6.10).
@@ -324,9 +358,14 @@ impl Probes {
             ebpf.take_map("LOST")
                 .context("eBPF object has no LOST map")?,
         )?;
+        let transitions = PerCpuArray::try_from(
+            ebpf.take_map("TRANSITIONS")
+                .context("eBPF object has no TRANSITIONS map")?,
+        )?;
         let probes = Probes {
             ebpf,
             lost,
+            counters: Some(KernelCounters { transitions }),
             layout,
             warnings,
             rst_reasons,
@@ -376,6 +415,11 @@ impl Probes {
         let link = program.attach().map_err(|err| anyhow!("{err:#}"))?;
         program.detach(link).map_err(|err| anyhow!("{err:#}"))?;
         Ok(())
+    }
+
+    /// The kernel-side counters, handed once to whoever serves them (the metrics).
+    pub fn take_counters(&mut self) -> Option<KernelCounters> {
+        self.counters.take()
     }
 
     /// Events the kernel could not put in the ring buffer since load (all CPUs).

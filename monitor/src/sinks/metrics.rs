@@ -5,22 +5,31 @@
 //! `--max-series` label sets; later ones fold into `comm="other"` and are counted in
 //! `connwatch_label_overflow_total`.
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashSet,
     hash::Hash,
     ops::RangeInclusive,
-    sync::Arc,
+    sync::{Arc, OnceLock},
 };
 
 use prometheus_client::{
-    encoding::EncodeLabelSet,
-    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram, info::Info},
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric},
+    metrics::{
+        MetricType,
+        counter::{ConstCounter, Counter},
+        family::Family,
+        gauge::Gauge,
+        histogram::Histogram,
+        info::Info,
+    },
     registry::Registry,
 };
 
 use crate::{
     detect::{Finding, Kind},
-    events::{Event, Hook, TcpState},
+    events::{Event, TcpState},
     pipeline::Pipeline,
+    probes::KernelCounters,
     sockets::pools::Pool,
 };
 
@@ -177,6 +186,35 @@ impl<L: Clone + Hash + Eq + Fold, M> Capped<L, M> {
 
 /// A metric handle that can register a clone of itself (families and counters share
 /// their storage between clones).
+/// Counters the kernel keeps (per-CPU maps), read and encoded at scrape time, as
+/// ebpf_exporter does: counting them costs no event and no userspace work per occurrence.
+#[derive(Debug, Default)]
+struct KernelCollector(OnceLock<KernelCounters>);
+
+impl Collector for KernelCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        let mut family = encoder.encode_descriptor(
+            "connwatch_tcp_state_transitions",
+            "TCP state changes, counted in the kernel (every socket on the node)",
+            None,
+            MetricType::Counter,
+        )?;
+        // Before the probes attach there is nothing to count; a failed map read leaves the
+        // family empty for this scrape rather than failing every other family with it.
+        let Some(Ok(transitions)) = self.0.get().map(KernelCounters::transitions) else {
+            return Ok(());
+        };
+        for (old, new, count) in transitions {
+            let labels = Transition {
+                from: TcpState(old).name().into(),
+                to: TcpState(new).name().into(),
+            };
+            ConstCounter::new(count).encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+}
+
 trait Registrable {
     fn register_in(&self, registry: &mut Registry, name: &str, help: &str);
 }
@@ -198,9 +236,7 @@ pub struct Metrics {
     request_stalled: Capped<Who, Counter>,
     deaths: Capped<ErrorWho, Counter>,
     pool_sockets: Capped<PoolLabels, Gauge>,
-    transitions: Family<Transition, Counter>,
-    /// Counter handles per (from, to): labels are built once, not per event.
-    transition_counters: HashMap<(u8, u8), Counter>,
+    kernel: Arc<KernelCollector>,
     sockets: Family<StateLabel, Gauge>,
     events: Counter,
     undecodable: Counter,
@@ -233,8 +269,7 @@ impl Metrics {
             request_stalled: Capped::new("connwatch_request_stalled", Family::default()),
             deaths: Capped::new("connwatch_idle_timeout_deaths", Family::default()),
             pool_sockets: Capped::new("connwatch_pool_sockets", Family::default()),
-            transitions: Family::default(),
-            transition_counters: HashMap::new(),
+            kernel: Arc::new(KernelCollector::default()),
             sockets: Family::default(),
             events: Counter::default(),
             undecodable: Counter::default(),
@@ -292,11 +327,6 @@ impl Metrics {
                 "Sockets per pool (process, direction, endpoint port) by pool state",
             ),
             (
-                &metrics.transitions,
-                "connwatch_tcp_state_transitions",
-                "TCP state changes seen",
-            ),
-            (
                 &metrics.sockets,
                 "connwatch_sockets",
                 "Open TCP sockets connwatch knows, by state",
@@ -330,25 +360,17 @@ impl Metrics {
         for (metric, name, help) in families {
             metric.register_in(&mut registry, name, help);
         }
+        registry.register_collector(Box::new(metrics.kernel.clone()));
         (metrics, Arc::new(registry))
     }
 
-    pub fn event(&mut self, event: &Event) {
+    pub fn event(&mut self, _event: &Event) {
         self.events.inc();
-        if event.hook == Hook::StateChange {
-            let transitions = &self.transitions;
-            self.transition_counters
-                .entry((event.old_state.0, event.new_state.0))
-                .or_insert_with(|| {
-                    transitions
-                        .get_or_create(&Transition {
-                            from: event.old_state.name().into(),
-                            to: event.new_state.name().into(),
-                        })
-                        .clone()
-                })
-                .inc();
-        }
+    }
+
+    /// Serves the kernel's own counters from now on (they exist once the probes attach).
+    pub fn serve_kernel_counters(&self, counters: KernelCounters) {
+        let _ = self.kernel.0.set(counters);
     }
 
     pub fn finding(&mut self, finding: &Finding) {
@@ -456,7 +478,7 @@ impl Metrics {
 
     /// Gauges that mirror the pipeline's state.
     pub fn tick(&mut self, pipeline: &Pipeline) {
-        let counts: HashMap<TcpState, usize> = pipeline.sockets_by_state();
+        let counts = pipeline.sockets_by_state();
         for state in (1..=12).map(TcpState) {
             let count = counts.get(&state).copied().unwrap_or(0) as i64;
             self.sockets

@@ -145,15 +145,6 @@ impl SocketTable {
         self.processes.learn(owners);
     }
 
-    /// Open sockets by state: the `connwatch_sockets` gauge.
-    pub fn count_by_state(&self) -> HashMap<TcpState, usize> {
-        let mut counts = HashMap::new();
-        for entry in self.sockets.values().filter(|e| e.closed_ns.is_none()) {
-            *counts.entry(entry.state).or_insert(0) += 1;
-        }
-        counts
-    }
-
     /// Drops sockets closed longer than the retention period before `now_ns`.
     pub fn expire(&mut self, now_ns: u64) {
         self.sockets.retain(|_, entry| {
