@@ -1,21 +1,21 @@
 //! The application runs into a connection its peer already ended (write: broken pipe,
 //! ECONNRESET, EOF). Hooked on every send/recv of the host: `sock:sock_send_length` /
-//! `sock:sock_recv_length` where the kernel has them (6.3+), else fexit on `tcp_sendmsg` /
-//! `tcp_recvmsg`, chosen by userspace at load time. A healthy call leaves after reading its
-//! return value (and, for a successful send, the socket state); only marked sockets cost a
-//! map lookup.
+//! `sock:sock_recv_length` where the kernel has them (6.3+; typed raw tracepoints, else
+//! classic ones), else fexit on `tcp_sendmsg` / `tcp_recvmsg`, chosen by userspace at load
+//! time. A healthy call leaves after reading its return value (and, for a successful send,
+//! the socket state); only marked sockets cost a map lookup.
 use core::mem::MaybeUninit;
 
 use aya_ebpf::{
     helpers::bpf_ktime_get_ns,
-    macros::{fexit, tracepoint},
-    programs::{FExitContext, TracePointContext},
+    macros::{btf_tracepoint, fexit, tracepoint},
+    programs::{BtfTracePointContext, FExitContext, TracePointContext},
 };
 use monitor_common::{IPPROTO_TCP, PeerEnd, hook, io, peer_end, tcp_state};
 
 use crate::{
     event::{Slot, set},
-    kernel::{Record, Tp, layout, settings, sk_state},
+    kernel::{Record, Tp, is_tcp, layout, settings, sk_state},
     maps::PEER_ENDED,
 };
 
@@ -32,22 +32,36 @@ pub fn sock_recv_length(ctx: TracePointContext) -> u32 {
     from_tracepoint(&ctx, io::RECV)
 }
 
+/// `sock_send_length(struct sock *sk, int ret, int flags)` as a typed raw tracepoint: the
+/// arguments are read from the context, with no record to copy. Preferred where the kernel
+/// allows it; the classic tracepoint above is the fallback.
+#[btf_tracepoint(function = "sock_send_length")]
+pub fn sock_send_length_btf(ctx: BtfTracePointContext) -> i32 {
+    after_peer_end(ctx.arg::<u64>(0), ctx.arg::<i32>(1), io::SEND, Protocol::Unchecked) as i32
+}
+
+/// `sock_recv_length(struct sock *sk, int ret, int flags)`, likewise.
+#[btf_tracepoint(function = "sock_recv_length")]
+pub fn sock_recv_length_btf(ctx: BtfTracePointContext) -> i32 {
+    after_peer_end(ctx.arg::<u64>(0), ctx.arg::<i32>(1), io::RECV, Protocol::Unchecked) as i32
+}
+
 /// `int tcp_sendmsg(struct sock *sk, struct msghdr *msg, size_t size)`.
 #[fexit(function = "tcp_sendmsg")]
 pub fn tcp_sendmsg_exit(ctx: FExitContext) -> u32 {
-    after_peer_end(ctx.arg::<u64>(0), ctx.arg::<i32>(3), io::SEND)
+    after_peer_end(ctx.arg::<u64>(0), ctx.arg::<i32>(3), io::SEND, Protocol::Tcp)
 }
 
 /// `tcp_recvmsg(sk, msg, len, flags, addr_len)`, Linux 5.19+.
 #[fexit(function = "tcp_recvmsg")]
 pub fn tcp_recvmsg_exit5(ctx: FExitContext) -> u32 {
-    after_peer_end(ctx.arg::<u64>(0), ctx.arg::<i32>(5), io::RECV)
+    after_peer_end(ctx.arg::<u64>(0), ctx.arg::<i32>(5), io::RECV, Protocol::Tcp)
 }
 
 /// `tcp_recvmsg(sk, msg, len, nonblock, flags, addr_len)`, before Linux 5.19.
 #[fexit(function = "tcp_recvmsg")]
 pub fn tcp_recvmsg_exit6(ctx: FExitContext) -> u32 {
-    after_peer_end(ctx.arg::<u64>(0), ctx.arg::<i32>(6), io::RECV)
+    after_peer_end(ctx.arg::<u64>(0), ctx.arg::<i32>(6), io::RECV, Protocol::Tcp)
 }
 
 #[inline(always)]
@@ -58,13 +72,21 @@ fn from_tracepoint(ctx: &TracePointContext, op: u8) -> u32 {
         return 0;
     }
     match (record.get::<u64>(tp.skaddr), record.get::<i32>(tp.ret)) {
-        (Some(sk), Some(ret)) => after_peer_end(sk, ret, op),
+        (Some(sk), Some(ret)) => after_peer_end(sk, ret, op, Protocol::Tcp),
         _ => 0,
     }
 }
 
+/// Whether the hook already knows the socket is TCP (`sock_*_length` fire for every
+/// protocol; the typed ones check only when it matters, after the cheaper tests).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Protocol {
+    Tcp,
+    Unchecked,
+}
+
 #[inline(always)]
-fn after_peer_end(sk: u64, ret: i32, op: u8) -> u32 {
+fn after_peer_end(sk: u64, ret: i32, op: u8, protocol: Protocol) -> u32 {
     // Data moved, or a non-blocking socket had none: the common case, done.
     if (ret > 0 && op == io::RECV) || ret == -EAGAIN || ret == -EINTR {
         return 0;
@@ -76,6 +98,9 @@ fn after_peer_end(sk: u64, ret: i32, op: u8) -> u32 {
         if state != tcp_state::CLOSE_WAIT && state != tcp_state::CLOSE {
             return 0;
         }
+    }
+    if protocol == Protocol::Unchecked && !is_tcp(sk) {
+        return 0;
     }
     let Some(mark) = PEER_ENDED.get_ptr_mut(sk) else {
         return 0;

@@ -237,6 +237,12 @@ pub fn linger_zero(sk: u64) -> bool {
     on && read::<u64>(sk, k.sk_lingertime as i64) == Some(0)
 }
 
+/// True for a TCP socket, IPv4 or IPv6.
+#[inline(always)]
+pub fn is_tcp(sk: u64) -> bool {
+    read::<u16>(sk, kernel().sk_protocol as i64) == Some(monitor_common::IPPROTO_TCP)
+}
+
 /// True for an IPv4/IPv6 TCP full socket (`accept()` also returns unix sockets).
 #[inline(always)]
 pub fn is_inet_tcp(sk: u64) -> bool {

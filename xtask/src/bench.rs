@@ -177,13 +177,19 @@ fn program_costs(pid: u32) -> Result<std::collections::BTreeMap<String, (u64, u6
 }
 
 /// One of the server's threads: a blocking accept loop (no polling, which would cap the
-/// rate at the poll interval instead of the kernel's), ended by `stop` and a last connect.
-fn server(workload: Workload, listener: TcpListener, stop: Arc<AtomicBool>) {
-    while !stop.load(Ordering::Relaxed) {
+/// rate at the poll interval instead of the kernel's), ended by `servers_stop` and a last
+/// connect; `stop` ends the persistent connections' threads.
+fn server(
+    workload: Workload,
+    listener: TcpListener,
+    stop: &Arc<AtomicBool>,
+    servers_stop: &AtomicBool,
+) {
+    loop {
         let Ok((mut stream, _)) = listener.accept() else {
             continue;
         };
-        if stop.load(Ordering::Relaxed) {
+        if servers_stop.load(Ordering::Relaxed) {
             break;
         }
         match workload {
@@ -213,21 +219,29 @@ fn server(workload: Workload, listener: TcpListener, stop: Arc<AtomicBool>) {
 
 fn client(workload: Workload, addr: SocketAddr, stop: Arc<AtomicBool>, ops: Arc<AtomicU64>) {
     let mut persistent = None;
+    // No read may hang the run, whatever the server threads do.
+    let timeout = Some(Duration::from_secs(2));
     while !stop.load(Ordering::Relaxed) {
         let done = match workload {
             Workload::Churn => TcpStream::connect(addr).and_then(|mut s| {
+                s.set_read_timeout(timeout)?;
                 s.write_all(&[1u8; 16])?;
                 let mut buf = [0u8; 16];
                 s.read_exact(&mut buf)
             }),
             Workload::ResetStorm => TcpStream::connect(addr).map(|mut s| {
+                let _ = s.set_read_timeout(timeout);
                 let mut buf = [0u8; 1];
                 let _ = s.read(&mut buf);
             }),
             Workload::RequestResponse => {
                 let stream = match persistent.as_mut() {
                     Some(s) => s,
-                    None => persistent.insert(TcpStream::connect(addr).expect("connect")),
+                    None => {
+                        let stream = TcpStream::connect(addr).expect("connect");
+                        let _ = stream.set_read_timeout(timeout);
+                        persistent.insert(stream)
+                    }
                 };
                 stream.write_all(&[2u8; 64]).and_then(|()| {
                     let mut buf = [0u8; 64];
@@ -248,10 +262,16 @@ fn drive(workload: Workload) -> Result<f64> {
     let ops = Arc::new(AtomicU64::new(0));
     // As many accepting threads as clients, so that the server side is never the
     // bottleneck of the churn: the load is the kernel's connection handling.
+    // They stop after the clients (`servers_stop`): a client's last connect must still
+    // find one to accept it.
+    let servers_stop = Arc::new(AtomicBool::new(false));
     let servers = (0..CLIENTS)
         .map(|_| {
-            let (listener, stop) = (listener.try_clone()?, stop.clone());
-            Ok(thread::spawn(move || server(workload, listener, stop)))
+            let listener = listener.try_clone()?;
+            let (stop, servers_stop) = (stop.clone(), servers_stop.clone());
+            Ok(thread::spawn(move || {
+                server(workload, listener, &stop, &servers_stop)
+            }))
         })
         .collect::<Result<Vec<_>>>()?;
     let clients: Vec<_> = (0..CLIENTS)
@@ -268,7 +288,8 @@ fn drive(workload: Workload) -> Result<f64> {
     for c in clients {
         let _ = c.join();
     }
-    // One connection per server thread wakes each blocked accept(), which then sees `stop`.
+    servers_stop.store(true, Ordering::Relaxed);
+    // One connection per server thread wakes each blocked accept(), which then stops.
     let wakers: Vec<_> = servers.iter().map(|_| TcpStream::connect(addr)).collect();
     for server in servers {
         let _ = server.join();

@@ -9,7 +9,7 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{MapData, PerCpuArray, RingBuf},
-    programs::{FEntry, FExit, KProbe, TracePoint},
+    programs::{BtfTracePoint, FEntry, FExit, KProbe, TracePoint},
 };
 use monitor_common::{KernelLayout, Settings, TpLayout, tcp_state};
 
@@ -259,9 +259,16 @@ impl Probes {
                 )
             })
             .context("loading the eBPF object into the kernel")?;
+        // The loader holds its own parse of the kernel BTF: free it before BTF-typed
+        // programs need one (`TypedBtf`), so that two never coexist.
+        drop(loader);
 
         let mut warnings = Vec::new();
         let mut io_tracepoints = true;
+        let mut typed_btf = TypedBtf::new(&options.btf);
+        // Typed raw tracepoints for the per-send/recv hooks, where the kernel takes them:
+        // their arguments come from the context, with no record to copy.
+        let mut io_typed: Result<(), String> = Ok(());
         for hook in HOOKS {
             if options.no_write_after && hook.is_io() {
                 // Opted out: these fire on every send/recv on the host.
@@ -283,6 +290,12 @@ impl Probes {
                 }
                 continue;
             }
+            if hook.is_io() && io_typed.is_ok() {
+                match attach_btf_tracepoint(&mut ebpf, hook, &mut typed_btf) {
+                    Ok(()) => continue,
+                    Err(err) => io_typed = Err(format!("{err:#}")),
+                }
+            }
             attach_tracepoint(&mut ebpf, hook)?;
         }
         let io = if options.no_write_after {
@@ -292,12 +305,17 @@ impl Probes {
                 degraded: Some("turned off by --no-write-after".into()),
             }
         } else if io_tracepoints {
-            Capability::full(
-                "write_after_*",
-                "tracepoints sock:sock_send_length, sock:sock_recv_length",
-            )
+            let hooks = "sock:sock_send_length, sock:sock_recv_length";
+            match io_typed {
+                Ok(()) => Capability::full("write_after_*", format!("tp_btf {hooks}")),
+                // Served all the same, at the classic tracepoints' cost per call.
+                Err(why) => Capability::full(
+                    "write_after_*",
+                    format!("tracepoints {hooks} (tp_btf refused: {why})"),
+                ),
+            }
         } else {
-            match attach_io_fexit(&mut ebpf, options, recvmsg_args) {
+            match attach_io_fexit(&mut ebpf, &mut typed_btf, recvmsg_args) {
                 Ok(()) => Capability::full("write_after_*", "fexit tcp_sendmsg, tcp_recvmsg"),
                 Err(err) => {
                     let why = format!(
@@ -433,12 +451,10 @@ impl Probes {
 /// the TCP send and receive functions, whose return value is the call's result.
 fn attach_io_fexit(
     ebpf: &mut Ebpf,
-    options: &ProbeOptions,
+    typed_btf: &mut TypedBtf<'_>,
     recvmsg_args: Option<usize>,
 ) -> Result<()> {
-    let btf = aya::Btf::parse_file(&options.btf, aya::Endianness::default())
-        .map_err(|err| anyhow!("{err}"))
-        .with_context(|| format!("parsing {}", options.btf.display()))?;
+    let btf = typed_btf.get()?;
     // tcp_recvmsg lost its `nonblock` argument in Linux 5.19; the return value follows the
     // arguments, so each arity has its own program.
     let recv_program = match recvmsg_args {
@@ -455,7 +471,7 @@ fn attach_io_fexit(
             .with_context(|| format!("eBPF object has no program {program}"))?
             .try_into()?;
         program
-            .load(function, &btf)
+            .load(function, btf)
             .map_err(|err| anyhow!("{err:#}"))
             .with_context(|| format!("loading fexit on {function}"))?;
         program
@@ -463,6 +479,49 @@ fn attach_io_fexit(
             .map_err(|err| anyhow!("{err:#}"))
             .with_context(|| format!("attaching fexit to {function}"))?;
     }
+    Ok(())
+}
+
+/// aya's parse of the kernel BTF, which BTF-typed programs (tp_btf, fexit) load against:
+/// made once, on first need, and dropped with the loader's other start-up state.
+struct TypedBtf<'a> {
+    path: &'a Path,
+    parsed: Option<aya::Btf>,
+}
+
+impl<'a> TypedBtf<'a> {
+    fn new(path: &'a Path) -> TypedBtf<'a> {
+        TypedBtf { path, parsed: None }
+    }
+
+    fn get(&mut self) -> Result<&aya::Btf> {
+        if self.parsed.is_none() {
+            let btf = aya::Btf::parse_file(self.path, aya::Endianness::default())
+                .map_err(|err| anyhow!("{err}"))
+                .with_context(|| format!("parsing {}", self.path.display()))?;
+            self.parsed = Some(btf);
+        }
+        Ok(self.parsed.as_ref().expect("parsed above"))
+    }
+}
+
+/// Attaches `hook`'s typed raw tracepoint (program `<program>_btf`): raw_tracepoint_open,
+/// not perf_event_open, and the arguments straight from the context.
+fn attach_btf_tracepoint(ebpf: &mut Ebpf, hook: &Hook, typed_btf: &mut TypedBtf<'_>) -> Result<()> {
+    let name = format!("{}_btf", hook.program);
+    let btf = typed_btf.get()?;
+    let program: &mut BtfTracePoint = ebpf
+        .program_mut(&name)
+        .with_context(|| format!("eBPF object has no program {name}"))?
+        .try_into()?;
+    program
+        .load(hook.name, btf)
+        .map_err(|err| anyhow!("{err:#}"))
+        .with_context(|| format!("loading tp_btf {}", hook.name))?;
+    program
+        .attach()
+        .map_err(|err| anyhow!("{err:#}"))
+        .with_context(|| format!("attaching tp_btf {}", hook.name))?;
     Ok(())
 }
 
