@@ -37,31 +37,56 @@ pub fn sock_recv_length(ctx: TracePointContext) -> u32 {
 /// allows it; the classic tracepoint above is the fallback.
 #[btf_tracepoint(function = "sock_send_length")]
 pub fn sock_send_length_btf(ctx: BtfTracePointContext) -> i32 {
-    after_peer_end(ctx.arg::<u64>(0), ctx.arg::<i32>(1), io::SEND, Protocol::Unchecked) as i32
+    after_peer_end(
+        ctx.arg::<u64>(0),
+        ctx.arg::<i32>(1),
+        io::SEND,
+        Protocol::Unchecked,
+    ) as i32
 }
 
 /// `sock_recv_length(struct sock *sk, int ret, int flags)`, likewise.
 #[btf_tracepoint(function = "sock_recv_length")]
 pub fn sock_recv_length_btf(ctx: BtfTracePointContext) -> i32 {
-    after_peer_end(ctx.arg::<u64>(0), ctx.arg::<i32>(1), io::RECV, Protocol::Unchecked) as i32
+    after_peer_end(
+        ctx.arg::<u64>(0),
+        ctx.arg::<i32>(1),
+        io::RECV,
+        Protocol::Unchecked,
+    ) as i32
 }
 
 /// `int tcp_sendmsg(struct sock *sk, struct msghdr *msg, size_t size)`.
 #[fexit(function = "tcp_sendmsg")]
 pub fn tcp_sendmsg_exit(ctx: FExitContext) -> u32 {
-    after_peer_end(ctx.arg::<u64>(0), ctx.arg::<i32>(3), io::SEND, Protocol::Tcp)
+    after_peer_end(
+        ctx.arg::<u64>(0),
+        ctx.arg::<i32>(3),
+        io::SEND,
+        Protocol::Tcp,
+    )
 }
 
 /// `tcp_recvmsg(sk, msg, len, flags, addr_len)`, Linux 5.19+.
 #[fexit(function = "tcp_recvmsg")]
 pub fn tcp_recvmsg_exit5(ctx: FExitContext) -> u32 {
-    after_peer_end(ctx.arg::<u64>(0), ctx.arg::<i32>(5), io::RECV, Protocol::Tcp)
+    after_peer_end(
+        ctx.arg::<u64>(0),
+        ctx.arg::<i32>(5),
+        io::RECV,
+        Protocol::Tcp,
+    )
 }
 
 /// `tcp_recvmsg(sk, msg, len, nonblock, flags, addr_len)`, before Linux 5.19.
 #[fexit(function = "tcp_recvmsg")]
 pub fn tcp_recvmsg_exit6(ctx: FExitContext) -> u32 {
-    after_peer_end(ctx.arg::<u64>(0), ctx.arg::<i32>(6), io::RECV, Protocol::Tcp)
+    after_peer_end(
+        ctx.arg::<u64>(0),
+        ctx.arg::<i32>(6),
+        io::RECV,
+        Protocol::Tcp,
+    )
 }
 
 #[inline(always)]

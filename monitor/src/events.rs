@@ -1,8 +1,10 @@
 //! Decoding ring-buffer records into [`Event`]s. Records come from the kernel, so every
 //! field is checked: a short record or an unknown hook is an error to count, never a panic.
 use std::{
+    cell::RefCell,
     fmt,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::Arc,
 };
 
 use monitor_common::{
@@ -114,7 +116,8 @@ impl fmt::Display for TcpState {
 pub struct Task {
     pub pid: u32,
     pub tid: u32,
-    pub comm: String,
+    /// Shared, not copied: one allocation per distinct name (see [`comm`]).
+    pub comm: Arc<str>,
 }
 
 /// One socket's life: its kernel address plus the time the owner map first saw it, so a
@@ -282,10 +285,30 @@ fn unspecified() -> SocketAddr {
     SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0)
 }
 
-/// A NUL-padded comm; lossy because comm is whatever bytes the process set.
-fn comm(bytes: &[u8; TASK_COMM_LEN]) -> String {
-    let len = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
-    String::from_utf8_lossy(&bytes[..len]).into_owned()
+/// Distinct names kept by [`comm`] before it starts afresh: a node runs a few hundred.
+const INTERNED_COMMS: usize = 4096;
+
+thread_local! {
+    static COMMS: RefCell<crate::FastMap<[u8; TASK_COMM_LEN], Arc<str>>> =
+        RefCell::new(crate::FastMap::default());
+}
+
+/// A NUL-padded comm, interned: every event names one or two tasks, and a node has few
+/// distinct names, so decoding shares them instead of allocating one per event. Lossy
+/// because comm is whatever bytes the process set.
+fn comm(bytes: &[u8; TASK_COMM_LEN]) -> Arc<str> {
+    COMMS.with_borrow_mut(|interned| {
+        if let Some(name) = interned.get(bytes) {
+            return name.clone();
+        }
+        if interned.len() >= INTERNED_COMMS {
+            interned.clear();
+        }
+        let len = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+        let name: Arc<str> = String::from_utf8_lossy(&bytes[..len]).into();
+        interned.insert(*bytes, name.clone());
+        name
+    })
 }
 
 #[cfg(test)]
@@ -337,11 +360,8 @@ pub(crate) mod tests {
         assert_eq!(event.remote.to_string(), "127.0.0.1:5432");
         assert_eq!(event.idle_ms(), Some(2000));
         let owner = event.owner.unwrap();
-        assert_eq!(
-            (owner.pid, owner.tid, owner.comm.as_str()),
-            (42, 43, "psql")
-        );
-        assert_eq!(event.current.comm, "server");
+        assert_eq!((owner.pid, owner.tid, &*owner.comm), (42, 43, "psql"));
+        assert_eq!(&*event.current.comm, "server");
         assert_eq!(event.old_state.name(), "ESTABLISHED");
     }
 
@@ -463,7 +483,22 @@ pub(crate) mod tests {
     fn comm_stops_at_nul_and_survives_bad_utf8() {
         let mut bytes = [0u8; 16];
         bytes[..3].copy_from_slice(&[b'a', 0xff, b'b']);
-        assert_eq!(comm(&bytes), "a\u{fffd}b");
-        assert_eq!(comm(&[b'x'; 16]), "x".repeat(16));
+        assert_eq!(&*comm(&bytes), "a\u{fffd}b");
+        assert_eq!(*comm(&[b'x'; 16]), *"x".repeat(16));
+    }
+
+    #[test]
+    fn comms_are_shared_and_the_interner_is_bounded() {
+        let name = |n: usize| {
+            let mut bytes = [0u8; 16];
+            bytes[..8].copy_from_slice(format!("{n:08x}").as_bytes());
+            bytes
+        };
+        assert!(Arc::ptr_eq(&comm(&name(1)), &comm(&name(1))));
+        for n in 0..3 * INTERNED_COMMS {
+            comm(&name(n));
+        }
+        let kept = COMMS.with_borrow(|interned| interned.len());
+        assert!(kept > 0 && kept <= INTERNED_COMMS, "{kept} names kept");
     }
 }

@@ -202,7 +202,7 @@ fn snapshot_event(socket: &DiagSocket, owner: Option<Task>, mono_now_ns: u64) ->
         current: owner.clone().unwrap_or(Task {
             pid: 0,
             tid: 0,
-            comm: String::new(),
+            comm: "".into(),
         }),
         owner,
         since_send_ms: socket.activity.map(|a| a.last_data_sent_ms),

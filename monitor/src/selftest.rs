@@ -55,7 +55,7 @@ impl Consumer for Expect {
             .as_ref()
             .map(|o| (o.pid, o.comm.clone()))
             .unwrap_or_default();
-        let right_process = who.0 == self.pid && who.1 == CLIENT_THREAD;
+        let right_process = who.0 == self.pid && &*who.1 == CLIENT_THREAD;
         let line = format!(
             "{} attributed to pid {} ({})",
             finding.kind.as_str(),

@@ -30,35 +30,39 @@ tracepoint:tcp:tcp_send_reset { printf("rst-out %d\n", pid); }"#;
 /// Why targets are missed, from the profiles and the runs' spread (see BENCHMARKS.md).
 const ANALYSIS: &str = "### Notes on the targets
 
-- **Churn >= 99%: missed where the generator is fast.** With a generator at 8.7k
-  connections/s (AMD EPYC) it was met within noise; at 14k/s (Intel Xeon) the daemon costs
-  about 10%. The in-kernel table shows why: about 630 ns per state change, 10 per connection,
-  plus the accept and destroy hooks, paid by the generator's threads. Every state change
-  still crosses the ring buffer; filtering in the kernel (only what userspace acts on, the
-  rest as per-CPU counters) and `tp_btf` are the next steps (#14).
-- **Request/response >= 99.5%: missed, and not by noise.** The daemon's rate stays below the
-  unmonitored range in every run (85-91%). Two causes, told apart by the `--no-write-after`
-  row: every send and recv on the host hits the `sock:sock_send_length` /
-  `sock:sock_recv_length` tracepoints that detect `write_after_*` (at about 80k round trips/s,
-  some 320k hits/s, each a tracepoint dispatch plus one to three `bpf_probe_read` calls before
-  the early exit): leaving them out recovers about half the gap. The rest is the daemon's
-  own background work (the 5 ms drain, the socket-list refresh every 5 s) competing for the
-  two cores this load keeps saturated; the bpftrace script is idle when no state changes.
-  Next steps: `tp_btf` versions of the two hooks (typed arguments, no probe reads) and a
-  drain interval that backs off when the ring is quiet. Nodes that cannot afford the hooks
-  run with `--no-write-after` (everything but `write_after_*`).
-- **CPU per event 5x below bpftrace.** The kernel wakes the reader only for a backlog of 1/16
-  of the ring buffer and userspace drains every 5 ms; before that batching, a wakeup per
-  event made the daemon's cost per event about bpftrace's. 8.9x (churn) and 5.2x (reset
-  storm) on AMD EPYC, 4.5x and 2.5x on Intel Xeon, where bpftrace's own cost per event is
-  half as much. What is left (profile above): std SipHash in the
-  per-socket tables (`hash_one`, `sip::Hasher`), decoding (`from_raw`, comm strings, `malloc`).
-  A faster hasher and fixed-size comms are the next steps.
+- **Generators.** Each side runs blocking sockets in tight loops, two client and two server
+  threads (no polling accept): 38-48k connections/s and 180-270k round trips/s unmonitored
+  on this 2-core VM, whose run-to-run spread is itself 10-30% (the runs are listed).
+- **Per-hit cost.** The send/recv hooks attach as `tp_btf` (typed raw tracepoints: the
+  arguments come from the context, no record copy) and cost 40-80 ns per hit, within the
+  100 ns budget. `inet_sock_set_state` counts every change in a per-CPU map but streams only
+  the 6 of a connection's 10 changes that userspace acts on, which halved its average
+  (about 630 ns before, 340-490 ns now, run-to-run). What remains is the streamed events
+  themselves: a ring-buffer reservation, the owner map lookup, the comm helper and the reads
+  of the socket's idle stamps, about 550-750 ns each, plus the LRU insert of a birth
+  (SYN_SENT, SYN_RECV) and the LRU delete at `tcp_destroy_sock`. A skipped change costs
+  about 60-80 ns (the record copy and the counter).
+- **Churn >= 99%: missed, and not reachable with one event per connection step.** At 40k
+  connections/s on 2 saturated cores a connection costs about 50 us of CPU in all, so 1% is
+  0.5 us, while the monitored connection pays about 6 us in the kernel (14 hook hits, 6
+  streamed events, one LRU insert and delete) and 2.5 us in the daemon. Closing the gap
+  needs the connection lifecycle aggregated in the kernel: connects and closes counted per
+  (process, endpoint) in a kernel map, the socket table fed from the socket list instead
+  of per-connection events, and events only for sockets the peer ended, reset, or left in
+  CLOSE_WAIT. That is the next design step (#14).
+- **Request/response >= 99.5%: met within noise.** The typed send/recv hooks made the
+  per-call cost small against the runs' spread (the monitored runs overlap the unmonitored
+  ones).
+- **CPU per event 5x below bpftrace.** Met under churn. In the reset storm every connection
+  also yields findings (resets by cause and process, labelled metric families), which cost
+  the daemon more per event than bpftrace's `printf`; per connection the daemon still uses
+  less CPU than bpftrace (the CPU/op column). Process names are interned and the per-event
+  tables use foldhash; the profile above shows what is left: moving events and table
+  entries (`memmove`), the socket table itself.
 - **Reset to flag latency.** Bounded by the 5 ms drain when the ring is not backlogged.
 - **RSS with 100,000 sockets (64 MiB): missed.** Per socket the daemon holds a table entry
-  (address, 4-tuple, owner with its name as a heap string) and an inode-to-process entry (in
-  two indexes: the refresher's and the event path's), and each refresh holds the whole
-  snapshot while it is folded in. Interning process names, sharing one /proc index and
+  and an inode-to-process entry (in two indexes: the refresher's and the event path's), and
+  each refresh holds the whole snapshot while it is folded in. Sharing one /proc index and
   streaming the snapshot would bring it under the target. An idle daemon is about 45 MiB,
   most of it aya's parsed kernel BTF and the runtime.";
 
@@ -92,6 +96,8 @@ enum Monitor {
 #[derive(Debug, Default, Clone)]
 struct Measure {
     ops_per_sec: f64,
+    /// Each run's rate, for the spread.
+    runs: Vec<f64>,
     events: u64,
     cpu_seconds: f64,
     lost: u64,
@@ -105,6 +111,7 @@ impl Measure {
     /// Sums counters over repeated runs; rates and memory are averaged / maxed by the caller.
     fn add(&mut self, other: &Measure) {
         self.ops_per_sec += other.ops_per_sec;
+        self.runs.push(other.ops_per_sec);
         self.events += other.events;
         self.cpu_seconds += other.cpu_seconds;
         self.lost += other.lost;
@@ -718,11 +725,11 @@ pub fn run(root: &Path, connwatch: PathBuf) -> Result<()> {
     )?;
     writeln!(
         report,
-        "| workload | condition | rate (ops/s) | vs unmonitored | monitor events | CPU s / 1M events | peak RSS | events lost |"
+        "| workload | condition | rate (ops/s) | vs unmonitored | monitor events | CPU s / 1M events | CPU µs / op | peak RSS | events lost |"
     )?;
     writeln!(
         report,
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     )?;
     let stats = BpfStats::enable()?;
     let mut costs = String::new();
@@ -751,7 +758,7 @@ pub fn run(root: &Path, connwatch: PathBuf) -> Result<()> {
         let runs: Vec<String> = unmonitored.iter().map(|r| format!("{r:.0}")).collect();
         writeln!(
             report,
-            "| {} | unmonitored | {:.0} (runs: {}) | 100% | - | - | - | - |",
+            "| {} | unmonitored | {:.0} (runs: {}) | 100% | - | - | - | - | - |",
             workload.name(),
             base,
             runs.join(", ")
@@ -763,11 +770,17 @@ pub fn run(root: &Path, connwatch: PathBuf) -> Result<()> {
         ] {
             writeln!(
                 report,
-                "| | {name} | {:.0} | {} | {} | {} | {} MiB peak, {} MiB now | {} |",
+                "| | {name} | {:.0} (runs: {}) | {} | {} | {} | {:.2} | {} MiB peak, {} MiB now | {} |",
                 m.ops_per_sec,
+                m.runs
+                    .iter()
+                    .map(|r| format!("{r:.0}"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
                 pct(m.ops_per_sec, base),
                 m.events,
                 per_million(m.cpu_seconds, m.events),
+                m.cpu_seconds * 1e6 / (m.ops_per_sec * RUN.as_secs_f64() * REPEATS as f64).max(1.0),
                 m.peak_rss_kib / 1024,
                 m.rss_kib / 1024,
                 if name == "bpftrace" {

@@ -3,10 +3,11 @@
 //! `peer_close_idle`: a proxy or server closed a connection the pool had left idle; the
 //! next query will read EOF. `close_wait_lingering`: the application never closed its end
 //! after the peer's FIN, the leak that piles up CLOSE_WAIT behind proxies.
-use std::{collections::HashMap, time::Duration};
+use std::time::Duration;
 
 use super::{Finding, Kind};
 use crate::{
+    FastMap,
     events::{Event, Hook, Task, TcpState},
     sockets::make_room,
 };
@@ -24,7 +25,7 @@ pub struct CloseDetector {
     idle_threshold_ms: u64,
     close_wait_threshold_ns: u64,
     /// Sockets now in CLOSE_WAIT, by kernel address.
-    waiting: HashMap<u64, Waiting>,
+    waiting: FastMap<u64, Waiting>,
     max: usize,
     /// CLOSE_WAIT sockets forgotten to stay within `max` (reported ones first).
     pub evictions: u64,
@@ -39,7 +40,7 @@ impl CloseDetector {
         CloseDetector {
             idle_threshold_ms: idle_threshold.as_millis() as u64,
             close_wait_threshold_ns: close_wait_threshold.as_nanos() as u64,
-            waiting: HashMap::new(),
+            waiting: FastMap::default(),
             max,
             evictions: 0,
         }

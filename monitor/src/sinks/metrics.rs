@@ -498,7 +498,7 @@ impl Metrics {
             comm: finding
                 .owner
                 .as_ref()
-                .map_or_else(|| "unknown".into(), |owner| owner.comm.clone()),
+                .map_or_else(|| "unknown".into(), |owner| owner.comm.to_string()),
             namespace: finding.workload.namespace.clone().unwrap_or_default(),
             pod: finding.workload.pod.clone().unwrap_or_default(),
             container: finding

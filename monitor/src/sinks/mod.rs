@@ -117,7 +117,7 @@ impl Report {
             kind: finding.kind.as_str(),
             pid: owner.map(|o| o.pid),
             tid: owner.map(|o| o.tid),
-            comm: owner.map(|o| o.comm.clone()),
+            comm: owner.map(|o| o.comm.to_string()),
             local: event.local.to_string(),
             remote: event.remote.to_string(),
             family: if event.is_ipv6() { "ipv6" } else { "ipv4" },

@@ -6,7 +6,10 @@ pub mod workload;
 
 use std::{collections::HashMap, net::SocketAddr, path::PathBuf};
 
-use crate::events::{Event, Hook, SocketId, Task, TcpState};
+use crate::{
+    FastMap,
+    events::{Event, Hook, SocketId, Task, TcpState},
+};
 
 /// How long a closed socket stays in the table: resets and late events (on loopback the
 /// local `tcp_send_reset` arrives after the peer's receive) still find their owner.
@@ -50,7 +53,7 @@ impl Throttle {
 /// `expendable` says can go, then, if still full, an arbitrary sixteenth of the table, so the
 /// full pass is paid once per `max / 16` inserts. Returns how many were evicted.
 pub fn make_room<K, V>(
-    table: &mut HashMap<K, V>,
+    table: &mut FastMap<K, V>,
     max: usize,
     expendable: impl Fn(&V) -> bool,
 ) -> u64 {
@@ -72,7 +75,7 @@ pub fn make_room<K, V>(
 
 pub struct SocketTable {
     /// Keyed by kernel address; the entry's `id.born_ns` tells reuse apart.
-    sockets: HashMap<u64, SocketEntry>,
+    sockets: FastMap<u64, SocketEntry>,
     processes: process::ProcIndex,
     max: usize,
     /// Entries dropped to stay within `max` (closed ones first).
@@ -82,7 +85,7 @@ pub struct SocketTable {
 impl SocketTable {
     pub fn new(proc_root: PathBuf, max: usize) -> SocketTable {
         SocketTable {
-            sockets: HashMap::new(),
+            sockets: FastMap::default(),
             processes: process::ProcIndex::new(proc_root),
             max,
             evictions: 0,
@@ -187,12 +190,12 @@ mod tests {
 
     #[test]
     fn bounded_with_closed_sockets_evicted_first() {
-        let mut map: HashMap<u32, bool> = (0..32).map(|i| (i, i % 2 == 0)).collect();
+        let mut map: FastMap<u32, bool> = (0..32).map(|i| (i, i % 2 == 0)).collect();
         // Full: the 16 "closed" (true) entries go, nothing else.
         assert_eq!(make_room(&mut map, 32, |closed| *closed), 16);
         assert!(map.values().all(|closed| !closed));
         // Full of open entries: a sixteenth of the bound goes.
-        let mut open: HashMap<u32, bool> = (0..64).map(|i| (i, false)).collect();
+        let mut open: FastMap<u32, bool> = (0..64).map(|i| (i, false)).collect();
         assert_eq!(make_room(&mut open, 64, |closed| *closed), 4);
         assert_eq!(open.len(), 60);
         // Not full: nothing goes.

@@ -12,7 +12,10 @@ use std::{
 use serde::Serialize;
 
 use super::diag::DiagSocket;
-use crate::events::{Event, Hook, Task, TcpState};
+use crate::{
+    FastMap,
+    events::{Event, Hook, Task, TcpState},
+};
 
 const MINUTE_NS: u64 = 60_000_000_000;
 
@@ -100,7 +103,7 @@ type RateKey = (u32, Direction, SocketAddr);
 #[derive(Default)]
 pub struct PoolTracker {
     listeners: Listeners,
-    recent: HashMap<RateKey, VecDeque<(u64, Happened)>>,
+    recent: FastMap<RateKey, VecDeque<(u64, Happened)>>,
     pools: Vec<Pool>,
 }
 
@@ -170,7 +173,7 @@ impl PoolTracker {
                 .entry((owner.pid, direction, endpoint))
                 .or_insert_with(|| Pool {
                     pid: owner.pid,
-                    comm: owner.comm.clone(),
+                    comm: owner.comm.to_string(),
                     direction,
                     endpoint,
                     total: 0,
@@ -250,7 +253,7 @@ mod tests {
         Some(Task {
             pid,
             tid: pid,
-            comm: format!("app{pid}"),
+            comm: format!("app{pid}").into(),
         })
     }
 

@@ -3,14 +3,14 @@
 use std::{collections::HashMap, fs, path::PathBuf, time::Duration};
 
 use super::Throttle;
-use crate::events::Task;
+use crate::{FastMap, events::Task};
 
 /// A whole-/proc scan costs one readlink per open fd on the host, so rescan at most this often.
 const RESCAN_INTERVAL: Duration = Duration::from_secs(1);
 
 pub struct ProcIndex {
     proc_root: PathBuf,
-    by_inode: HashMap<u64, Task>,
+    by_inode: FastMap<u64, Task>,
     rescans: Throttle,
 }
 
@@ -18,7 +18,7 @@ impl ProcIndex {
     pub fn new(proc_root: PathBuf) -> ProcIndex {
         ProcIndex {
             proc_root,
-            by_inode: HashMap::new(),
+            by_inode: FastMap::default(),
             rescans: Throttle::new(RESCAN_INTERVAL),
         }
     }
@@ -73,7 +73,7 @@ impl ProcIndex {
                 self.by_inode.entry(inode).or_insert_with(|| Task {
                     pid,
                     tid: pid,
-                    comm: comm.clone(),
+                    comm: comm.as_str().into(),
                 });
             }
         }
@@ -122,7 +122,7 @@ mod tests {
         fs::write(root.join("uptime"), "1 1").unwrap();
         let mut index = ProcIndex::new(root.clone());
         let owner = index.owner_of(4242).unwrap();
-        assert_eq!((owner.pid, owner.comm.as_str()), (100, "postgres"));
+        assert_eq!((owner.pid, &*owner.comm), (100, "postgres"));
         assert_eq!(index.owner_of(77).map(|t| t.pid), Some(300));
         assert_eq!(index.owner_of(12345), None);
         fs::remove_dir_all(&root).unwrap();
