@@ -81,6 +81,9 @@ pub fn errno_name(errno: i32) -> &'static str {
 pub struct TcpState(pub u8);
 
 impl TcpState {
+    pub const ESTABLISHED: TcpState = TcpState(monitor_common::tcp_state::ESTABLISHED);
+    pub const SYN_SENT: TcpState = TcpState(monitor_common::tcp_state::SYN_SENT);
+    pub const SYN_RECV: TcpState = TcpState(monitor_common::tcp_state::SYN_RECV);
     pub const CLOSE: TcpState = TcpState(monitor_common::tcp_state::CLOSE);
     pub const TIME_WAIT: TcpState = TcpState(monitor_common::tcp_state::TIME_WAIT);
 

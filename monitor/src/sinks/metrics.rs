@@ -5,7 +5,6 @@
 //! `--max-series` label sets; later ones fold into `comm="other"` and are counted in
 //! `connwatch_label_overflow_total`.
 use std::{
-    collections::HashSet,
     hash::Hash,
     ops::RangeInclusive,
     sync::{Arc, OnceLock},
@@ -26,6 +25,7 @@ use prometheus_client::{
 };
 
 use crate::{
+    FastMap,
     detect::{Finding, Kind},
     events::{Event, TcpState},
     pipeline::Pipeline,
@@ -150,37 +150,47 @@ impl Fold for ErrorWho {
     }
 }
 
-/// A family with a hard cap on distinct label sets.
+/// A family with a hard cap on distinct label sets, and the handle of each admitted one:
+/// a finding then costs one lookup in a fast map, not a label-set hash (SipHash over every
+/// label string) in the cap's set and again in the family's own map.
 struct Capped<L, M> {
     name: &'static str,
     family: Family<L, M>,
-    seen: HashSet<L>,
+    admitted: FastMap<L, M>,
 }
 
-impl<L: Clone + Hash + Eq + Fold, M> Capped<L, M> {
+impl<L: Clone + Hash + Eq + Fold, M: Clone> Capped<L, M> {
     fn new(name: &'static str, family: Family<L, M>) -> Self {
         Capped {
             name,
             family,
-            seen: HashSet::new(),
+            admitted: FastMap::default(),
         }
     }
 
-    /// The label set to use: `labels`, or its folded form once the family is full.
-    fn admit(&mut self, labels: L, max: usize, overflow: &Family<MetricLabel, Counter>) -> L {
-        if self.seen.contains(&labels) {
-            return labels;
+    /// The series for `labels`, or for their folded form once the family is full (counted
+    /// in `overflow`).
+    fn series(&mut self, labels: L, max: usize, overflow: &Family<MetricLabel, Counter>) -> M {
+        if let Some(metric) = self.admitted.get(&labels) {
+            return metric.clone();
         }
-        if self.seen.len() < max {
-            self.seen.insert(labels.clone());
-            return labels;
+        if self.admitted.len() < max {
+            let metric = self.family.get_or_create(&labels).clone();
+            self.admitted.insert(labels, metric.clone());
+            return metric;
         }
         overflow
             .get_or_create(&MetricLabel {
                 metric: self.name.into(),
             })
             .inc();
-        labels.folded()
+        self.family.get_or_create(&labels.folded()).clone()
+    }
+
+    /// Forgets every series (gauges rebuilt from scratch).
+    fn clear(&mut self) {
+        self.family.clear();
+        self.admitted.clear();
     }
 }
 
@@ -384,22 +394,17 @@ impl Metrics {
                     cause: finding.cause.clone().unwrap_or_default(),
                     who: who.clone(),
                 };
-                let labels = self.resets.admit(labels, max, &self.overflow);
-                self.resets.family.get_or_create(&labels).inc();
+                self.resets.series(labels, max, &self.overflow).inc();
                 if let (Kind::PeerResetIdle, Some(idle)) = (finding.kind, idle_s) {
-                    let labels = self.peer_reset_idle.admit(who, max, &self.overflow);
                     self.peer_reset_idle
-                        .family
-                        .get_or_create(&labels)
+                        .series(who, max, &self.overflow)
                         .observe(idle);
                 }
             }
             Kind::PeerCloseIdle => {
                 if let Some(idle) = idle_s {
-                    let labels = self.peer_close_idle.admit(who, max, &self.overflow);
                     self.peer_close_idle
-                        .family
-                        .get_or_create(&labels)
+                        .series(who, max, &self.overflow)
                         .observe(idle);
                 }
             }
@@ -410,19 +415,15 @@ impl Metrics {
                     error: error.into(),
                     who,
                 };
-                let labels = self.write_after.admit(labels, max, &self.overflow);
-                self.write_after.family.get_or_create(&labels).inc();
+                self.write_after.series(labels, max, &self.overflow).inc();
             }
             Kind::CloseWaitLingering => {
-                let labels = self.close_wait_lingering.admit(who, max, &self.overflow);
                 self.close_wait_lingering
-                    .family
-                    .get_or_create(&labels)
+                    .series(who, max, &self.overflow)
                     .inc();
             }
             Kind::RequestStalled => {
-                let labels = self.request_stalled.admit(who, max, &self.overflow);
-                self.request_stalled.family.get_or_create(&labels).inc();
+                self.request_stalled.series(who, max, &self.overflow).inc();
             }
             Kind::IdleTimeoutDeath => {
                 let labels = ErrorWho {
@@ -430,8 +431,7 @@ impl Metrics {
                     error: crate::events::errno_name(finding.event.sk_err).into(),
                     who,
                 };
-                let labels = self.deaths.admit(labels, max, &self.overflow);
-                self.deaths.family.get_or_create(&labels).inc();
+                self.deaths.series(labels, max, &self.overflow).inc();
             }
             Kind::StateChange => {}
         }
@@ -439,8 +439,7 @@ impl Metrics {
 
     /// Pool gauges, rebuilt from each refresh (pools come and go).
     pub fn pools(&mut self, pools: &[Pool]) {
-        self.pool_sockets.family.clear();
-        self.pool_sockets.seen.clear();
+        self.pool_sockets.clear();
         for pool in pools {
             let who = Who {
                 comm: pool.comm.clone(),
@@ -461,12 +460,8 @@ impl Metrics {
                     state: state.into(),
                     who: who.clone(),
                 };
-                let labels = self
-                    .pool_sockets
-                    .admit(labels, self.max_series, &self.overflow);
                 self.pool_sockets
-                    .family
-                    .get_or_create(&labels)
+                    .series(labels, self.max_series, &self.overflow)
                     .inc_by(count as i64);
             }
         }

@@ -118,16 +118,15 @@ impl PoolTracker {
 
     /// Counts connects and resets for the per-minute rates.
     pub fn event(&mut self, event: &Event, owner: Option<&Task>) {
-        let happened = match (event.hook, event.new_state.name()) {
-            (Hook::StateChange, "SYN_SENT") => Happened::Connect,
-            (Hook::StateChange, "ESTABLISHED") if event.old_state.name() == "SYN_RECV" => {
-                Happened::Connect
-            }
+        let passive = event.old_state == TcpState::SYN_RECV;
+        let happened = match (event.hook, event.new_state) {
+            (Hook::StateChange, TcpState::SYN_SENT) => Happened::Connect,
+            (Hook::StateChange, TcpState::ESTABLISHED) if passive => Happened::Connect,
             (Hook::ReceiveReset | Hook::SendReset, _) => Happened::Reset,
             _ if crate::detect::death::classify(event).is_some() => Happened::Death,
             _ => return,
         };
-        let (direction, endpoint) = if event.old_state.name() == "SYN_RECV" {
+        let (direction, endpoint) = if passive {
             (Direction::Inbound, event.local)
         } else {
             self.listeners.classify(event.local, event.remote)

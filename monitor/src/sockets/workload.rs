@@ -6,7 +6,7 @@ use std::{
     fs,
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use serde::Serialize;
@@ -15,6 +15,9 @@ use super::Throttle;
 
 /// Rescans of cgroupfs and the pod log directory are rate-limited to this.
 const RESCAN_INTERVAL: Duration = Duration::from_secs(1);
+/// How long a complete answer of [`WorkloadResolver::resolve`] is reused: a pid keeps its
+/// cgroup and pod, but pids are reused, so not forever.
+const RESOLVED_TTL: Duration = Duration::from_secs(10);
 /// The kubelet is asked at most this often, with this timeout: it is a fallback.
 const KUBELET_INTERVAL: Duration = Duration::from_secs(5);
 const KUBELET_TIMEOUT: Duration = Duration::from_secs(2);
@@ -106,6 +109,9 @@ pub struct WorkloadResolver {
     kubelet_url: Option<String>,
     kubelet_requests: Throttle,
     warned_kubelet: bool,
+    /// Complete answers by (cgroup id, pid), for [`RESOLVED_TTL`]: findings come in bursts
+    /// from the same processes, and each answer costs file reads and path parsing.
+    resolved: crate::FastMap<(u64, u32), (Instant, Workload)>,
 }
 
 impl WorkloadResolver {
@@ -126,6 +132,7 @@ impl WorkloadResolver {
             kubelet_url: None,
             kubelet_requests: Throttle::new(KUBELET_INTERVAL),
             warned_kubelet: false,
+            resolved: crate::FastMap::default(),
         }
     }
 
@@ -137,6 +144,26 @@ impl WorkloadResolver {
 
     /// The workload of a socket owned by `pid`, whose owner ran in cgroup `cgroup_id`.
     pub fn resolve(&mut self, cgroup_id: u64, pid: u32) -> Workload {
+        if let Some((at, workload)) = self.resolved.get(&(cgroup_id, pid))
+            && at.elapsed() < RESOLVED_TTL
+        {
+            return workload.clone();
+        }
+        let workload = self.resolve_now(cgroup_id, pid);
+        // Incomplete answers (no cgroup, or a pod not yet named) are asked again next time.
+        let complete =
+            workload.cgroup.is_some() && (workload.pod_uid.is_none() || workload.pod.is_some());
+        if complete {
+            if self.resolved.len() >= CACHE_LIMIT {
+                self.resolved.clear();
+            }
+            self.resolved
+                .insert((cgroup_id, pid), (Instant::now(), workload.clone()));
+        }
+        workload
+    }
+
+    fn resolve_now(&mut self, cgroup_id: u64, pid: u32) -> Workload {
         let cgroup = self
             .cgroup_path(cgroup_id)
             .or_else(|| self.proc_cgroup(pid));
