@@ -159,7 +159,6 @@ pub fn describe(capabilities: &[Capability]) -> String {
         .join("; ")
 }
 
-/// Attached programs and the loss counter. Dropping it detaches everything.
 /// Counters the kernel programs keep in per-CPU maps, read when asked (at scrape time),
 /// so that counting costs no event and no userspace work per occurrence.
 pub struct KernelCounters {
@@ -193,6 +192,7 @@ impl KernelCounters {
     }
 }
 
+/// Attached programs and the loss counter. Dropping it detaches everything.
 pub struct Probes {
     /// The programs stay attached while it lives.
     ebpf: Ebpf,
