@@ -76,6 +76,58 @@ fn top_once_shows_a_pool_opened_before_start() {
     client.wait().unwrap();
 }
 
+/// Connect rates come from the kernel's per-endpoint counters, not from an event per
+/// connection: each side of 30 connects is charged to its pool.
+#[test]
+fn top_counts_each_pools_connects_in_the_kernel() {
+    const CONNECTIONS: usize = 30;
+    let (listener, server_port) = listen("127.0.0.1:0");
+    let top = Watch::spawn(&["top", "--json", "--refresh", "1s"]);
+    let mut client = Command::new("python3")
+        .args([
+            "-c",
+            "import socket, sys\n\
+             port, n = int(sys.argv[1]), int(sys.argv[2])\n\
+             pool = [socket.create_connection(('127.0.0.1', port)) for _ in range(n)]\n\
+             print('ready', flush=True)\n\
+             sys.stdin.read()\n",
+            &server_port.to_string(),
+            &CONNECTIONS.to_string(),
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let _accepted: Vec<_> = (0..CONNECTIONS)
+        .map(|_| listener.accept().unwrap().0)
+        .collect();
+    let mut ready = String::new();
+    BufReader::new(client.stdout.take().unwrap())
+        .read_line(&mut ready)
+        .unwrap();
+    assert_eq!(ready.trim(), "ready");
+    let endpoint = format!("127.0.0.1:{server_port}");
+    let pool = |refreshes: &[Value], direction: &str| -> Option<Value> {
+        let pools = refreshes.last()?["pools"].as_array()?.clone();
+        pools
+            .into_iter()
+            .find(|p| p["endpoint"] == endpoint.as_str() && p["direction"] == direction)
+    };
+    let counted = |refreshes: &[Value]| {
+        [("outbound", client.id()), ("inbound", std::process::id())]
+            .iter()
+            .all(|&(direction, pid)| {
+                pool(refreshes, direction)
+                    .is_some_and(|p| p["pid"] == pid && p["connects_per_min"] == CONNECTIONS)
+            })
+    };
+    top.wait_for("both pools with their 30 connects", counted);
+    drop(client.stdin.take());
+    client.wait().unwrap();
+    let stopped = top.stop();
+    assert!(stopped.status.success(), "{}", stopped.stderr);
+}
+
 #[test]
 fn queries_stuck_on_postgres_are_stalled_and_idle_ones_are_not() {
     const STUCK: usize = 3;

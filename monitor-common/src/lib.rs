@@ -67,15 +67,22 @@ pub mod tcp_state {
     }
 
     /// The state changes userspace acts on, so the only ones that cross the ring buffer
-    /// unless every change is asked for: a connect (SYN_SENT, and a passive child's
-    /// SYN_RECV → ESTABLISHED), the peer's FIN (→ CLOSE_WAIT), the application closing
-    /// after it (CLOSE_WAIT →), and the end of a socket (→ CLOSE, with its error). The rest
-    /// of a healthy connection's life (FIN_WAIT*, TIME_WAIT, LAST_ACK after an active
-    /// close…) is only counted, in the kernel.
+    /// unless every change is asked for: the peer's FIN (→ CLOSE_WAIT), the application
+    /// closing after it (CLOSE_WAIT →), and an end that is not an orderly close (→ CLOSE
+    /// from any state but LAST_ACK, FIN_WAIT2 or CLOSING: a reset, a timeout, an abort, a
+    /// refused connect), with its error. A healthy connection's other changes (connect and
+    /// accept, counted per endpoint in `ConnectKey`'s map; FIN_WAIT*, TIME_WAIT, an orderly
+    /// end) are only counted, in the kernel.
     pub const fn streamed(old: u8, new: u8) -> bool {
-        matches!(new, SYN_SENT | CLOSE_WAIT | CLOSE)
+        new == CLOSE_WAIT
             || old == CLOSE_WAIT
-            || (old == SYN_RECV && new == ESTABLISHED)
+            || (new == CLOSE && !matches!(old, LAST_ACK | FIN_WAIT2 | CLOSING))
+    }
+
+    /// A connect the kernel counts per endpoint: an active open (→ SYN_SENT, in the
+    /// connecting process's context) or a passive child becoming ESTABLISHED.
+    pub const fn is_connect(old: u8, new: u8) -> bool {
+        new == SYN_SENT || (old == SYN_RECV && new == ESTABLISHED)
     }
 
     /// States in which `tcp_sock` send/receive timestamps mean "last data exchanged".
@@ -239,6 +246,25 @@ pub struct SockOwner {
     pub comm: [u8; TASK_COMM_LEN],
 }
 
+/// Key of the kernel's connect counters: connects per process and endpoint, so that a
+/// pool's connect rate needs no event per connection.
+///
+/// Outbound: the connecting process and the remote endpoint. Inbound: tgid 0 (the child is
+/// born in softirq, before accept() names its owner) and the local endpoint.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConnectKey {
+    /// IPv6 form; IPv4 as `::ffff:a.b.c.d`, as in [`Tuple`].
+    pub addr: [u8; 16],
+    pub tgid: u32,
+    /// Host order.
+    pub port: u16,
+    /// 1 for a passive (accepted) connection.
+    pub inbound: u8,
+    /// 1 for an `AF_INET6` socket (whose peer may still be IPv4-mapped).
+    pub ipv6: u8,
+}
+
 /// Field offsets of one classic tracepoint's record, read from tracefs `format` at load time.
 ///
 /// Offsets change between kernels (`tcp_send_reset` switched to sockaddr fields in 6.10;
@@ -396,6 +422,11 @@ const _: () = {
     assert!(offset_of!(PeerEnd, tuple) == 16);
     assert!(size_of::<SockOwner>() == 40);
     assert!(offset_of!(SockOwner, comm) == 24);
+    assert!(size_of::<ConnectKey>() == 24);
+    assert!(offset_of!(ConnectKey, tgid) == 16);
+    assert!(offset_of!(ConnectKey, port) == 20);
+    assert!(offset_of!(ConnectKey, inbound) == 22);
+    assert!(offset_of!(ConnectKey, ipv6) == 23);
 };
 
 #[cfg(feature = "user")]
@@ -405,6 +436,7 @@ mod pod {
     unsafe impl aya::Pod for super::ConnEvent {}
     unsafe impl aya::Pod for super::SockOwner {}
     unsafe impl aya::Pod for super::PeerEnd {}
+    unsafe impl aya::Pod for super::ConnectKey {}
     unsafe impl aya::Pod for super::Settings {}
     unsafe impl aya::Pod for super::TpLayout {}
     unsafe impl aya::Pod for super::KernelLayout {}
@@ -441,9 +473,9 @@ mod tests {
     }
 
     #[test]
-    fn a_healthy_connection_streams_its_connect_and_its_end_only() {
+    fn a_healthy_connection_streams_the_peers_fin_and_the_close_after_it_only() {
         use tcp_state::*;
-        // Client side of a connection the client closes first.
+        // Client side of a connection the client closes first: nothing crosses.
         let active = [
             (CLOSE, SYN_SENT),
             (SYN_SENT, ESTABLISHED),
@@ -451,11 +483,12 @@ mod tests {
             (FIN_WAIT1, FIN_WAIT2),
             (FIN_WAIT2, CLOSE),
         ];
-        let crossing: Vec<_> = active.iter().filter(|(o, n)| streamed(*o, *n)).collect();
-        assert_eq!(crossing, [&(CLOSE, SYN_SENT), &(FIN_WAIT2, CLOSE)]);
+        assert!(!active.iter().any(|(o, n)| streamed(*o, *n)));
+        let connects: Vec<_> = active.iter().filter(|(o, n)| is_connect(*o, *n)).collect();
+        assert_eq!(connects, [&(CLOSE, SYN_SENT)]);
         // Server side: the passive child, then the peer's FIN and the application's close.
         let passive = [
-            (CLOSE, SYN_RECV),
+            (LISTEN, SYN_RECV),
             (SYN_RECV, ESTABLISHED),
             (ESTABLISHED, CLOSE_WAIT),
             (CLOSE_WAIT, LAST_ACK),
@@ -464,13 +497,22 @@ mod tests {
         let crossing: Vec<_> = passive.iter().filter(|(o, n)| streamed(*o, *n)).collect();
         assert_eq!(
             crossing,
-            [
-                &(SYN_RECV, ESTABLISHED),
-                &(ESTABLISHED, CLOSE_WAIT),
-                &(CLOSE_WAIT, LAST_ACK),
-                &(LAST_ACK, CLOSE)
-            ]
+            [&(ESTABLISHED, CLOSE_WAIT), &(CLOSE_WAIT, LAST_ACK)]
         );
+        let connects: Vec<_> = passive.iter().filter(|(o, n)| is_connect(*o, *n)).collect();
+        assert_eq!(connects, [&(SYN_RECV, ESTABLISHED)]);
+    }
+
+    #[test]
+    fn troubled_ends_stream() {
+        use tcp_state::*;
+        // A reset or a timeout in ESTABLISHED, a refused connect, an abort mid-close.
+        for old in [ESTABLISHED, SYN_SENT, SYN_RECV, FIN_WAIT1, CLOSE_WAIT] {
+            assert!(streamed(old, CLOSE), "{old} → CLOSE");
+        }
+        for old in [LAST_ACK, FIN_WAIT2, CLOSING] {
+            assert!(!streamed(old, CLOSE), "orderly {old} → CLOSE");
+        }
     }
 
     #[test]

@@ -4,6 +4,9 @@
 //! (`reset.rs` ↔ `monitor/src/detect/reset.rs`).
 #![no_std]
 #![no_main]
+// BPF inline assembly (the connect counter's atomic add) is unstable; the eBPF build is on
+// nightly anyway (`-Z build-std`).
+#![feature(asm_experimental_arch)]
 
 mod doctor;
 mod event;

@@ -3,7 +3,7 @@ use aya_ebpf::{
     macros::map,
     maps::{LruHashMap, PerCpuArray, RingBuf},
 };
-use monitor_common::{PeerEnd, SockOwner};
+use monitor_common::{ConnectKey, PeerEnd, SockOwner};
 
 /// Every observation, in order per CPU.
 #[map]
@@ -26,3 +26,8 @@ pub static OWNERS: LruHashMap<u64, SockOwner> = LruHashMap::with_max_entries(655
 /// Sockets the peer reset or closed (FIN): the only sockets the send/recv hooks look at.
 #[map]
 pub static PEER_ENDED: LruHashMap<u64, PeerEnd> = LruHashMap::with_max_entries(65536, 0);
+
+/// Connects per process and endpoint (`ConnectKey`), read at each refresh: pools' connect
+/// rates. LRU, so endpoints no longer used make room for new ones.
+#[map]
+pub static CONNECTS: LruHashMap<ConnectKey, u64> = LruHashMap::with_max_entries(16384, 0);

@@ -2,13 +2,13 @@
 use core::mem::MaybeUninit;
 
 use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
-use monitor_common::{IPPROTO_TCP, SockOwner, hook, peer_end, tcp_state};
+use monitor_common::{ConnectKey, IPPROTO_TCP, SockOwner, Tuple, hook, peer_end, tcp_state};
 
 use crate::{
     event::{Slot, set},
     impact::mark_peer_end,
     kernel::{Record, Tp, layout, new_owner, read_full_socket, settings, sk_err},
-    maps::{OWNERS, TRANSITIONS},
+    maps::{CONNECTS, OWNERS, TRANSITIONS},
 };
 
 #[tracepoint(category = "sock", name = "inet_sock_set_state")]
@@ -30,6 +30,9 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
         unsafe { *count += 1 };
     }
     record_birth(sk, new_state);
+    if tcp_state::is_connect(old_state, new_state) {
+        count_connect(&record, &tp, sk, new_state == tcp_state::ESTABLISHED);
+    }
     if new_state == tcp_state::CLOSE_WAIT {
         // The peer sent FIN: the application's next write or EOF read is worth reporting.
         mark_peer_end(peer_end::FIN, &record, &tp, sk);
@@ -71,4 +74,52 @@ fn record_birth(sk: u64, new_state: u8) {
     new_owner(owner.as_mut_ptr(), with_task);
     // SAFETY: new_owner wrote every field.
     let _ = OWNERS.insert(sk, unsafe { owner.assume_init_ref() }, 0);
+}
+
+/// Counts a connect against its process and endpoint (see `ConnectKey`): a pool's connect
+/// rate without an event per connection.
+#[inline(always)]
+fn count_connect(record: &Record, tp: &monitor_common::TpLayout, sk: u64, inbound: bool) {
+    let mut tuple = MaybeUninit::<Tuple>::uninit();
+    let mut key = MaybeUninit::<ConnectKey>::uninit();
+    let (t, k) = (tuple.as_mut_ptr(), key.as_mut_ptr());
+    // SAFETY: `tuple` writes every field of the stack tuple; every field of the stack key is
+    // written below, the address as two 8-byte words of the 8-aligned tuple's.
+    unsafe {
+        record.tuple(tp, sk, t);
+        let (addr, port, tgid) = if inbound {
+            (&raw const (*t).saddr, (*t).sport, 0)
+        } else {
+            let tgid = (aya_ebpf::helpers::bpf_get_current_pid_tgid() >> 32) as u32;
+            (&raw const (*t).daddr, (*t).dport, tgid)
+        };
+        let from = addr.cast::<u64>();
+        let to = (&raw mut (*k).addr).cast::<u64>();
+        core::ptr::write_volatile(to, core::ptr::read_volatile(from));
+        core::ptr::write_volatile(to.add(1), core::ptr::read_volatile(from.add(1)));
+        core::ptr::write_volatile(&raw mut (*k).tgid, tgid);
+        core::ptr::write_volatile(&raw mut (*k).port, port);
+        core::ptr::write_volatile(&raw mut (*k).inbound, inbound as u8);
+        let ipv6 = core::ptr::read_volatile(&raw const (*t).family) == monitor_common::AF_INET6;
+        core::ptr::write_volatile(&raw mut (*k).ipv6, ipv6 as u8);
+    }
+    // SAFETY: every field was written above.
+    let key = unsafe { key.assume_init_ref() };
+    if let Some(count) = CONNECTS.get_ptr_mut(key) {
+        // SAFETY: a value of a preallocated map, 8-aligned and valid for 8 bytes; other
+        // CPUs add to it too, hence the atomic add (BPF_XADD: the BPF target has no atomic
+        // read-modify-write in `core`). It writes only that word.
+        unsafe {
+            core::arch::asm!(
+                "lock *(u64 *)({count} + 0) += {one}",
+                count = in(reg) count,
+                one = in(reg) 1u64,
+                options(nostack),
+            );
+        }
+    } else {
+        // BPF_NOEXIST: when another CPU created the entry meanwhile, this connect is not
+        // counted (rare: only the first connects of an endpoint race).
+        let _ = CONNECTS.insert(key, 1, 1);
+    }
 }

@@ -74,8 +74,9 @@ impl Engine {
             wakeup_bytes: u64::from(probe_options.ring_buffer_size / 16),
             all_state_changes: u64::from(state_changes),
         };
-        let (probes, events) =
+        let (mut probes, events) =
             Probes::attach(probe_options, &settings, pipeline.max_tracked_sockets)?;
+        let connects = probes.take_connects();
         eprintln!(
             "connwatch: on {}: {}",
             crate::probes::kernel_release(),
@@ -98,7 +99,7 @@ impl Engine {
             clock: WallClock::now(),
             lost_total: 0,
             warned_undecodable: false,
-            snapshots: spawn_refresher(pipeline.refresh, pipeline.host_proc.clone())?,
+            snapshots: spawn_refresher(pipeline.refresh, pipeline.host_proc.clone(), connects)?,
             warned_refresh: false,
         })
     }
@@ -202,6 +203,7 @@ impl Engine {
 fn spawn_refresher(
     every: Duration,
     host_proc: std::path::PathBuf,
+    connects: Option<crate::probes::ConnectCounts>,
 ) -> Result<mpsc::Receiver<Result<Snapshot, String>>> {
     let (sender, receiver) = mpsc::channel(1);
     std::thread::Builder::new()
@@ -209,8 +211,13 @@ fn spawn_refresher(
         .spawn(move || {
             let mut processes = ProcIndex::new(host_proc);
             loop {
-                let snapshot =
-                    diag::take_snapshot(&mut processes).map_err(|err| format!("{err:#}"));
+                let snapshot = diag::take_snapshot(&mut processes)
+                    .map(|mut snapshot| {
+                        snapshot.connects =
+                            connects.as_ref().map(|c| c.totals()).unwrap_or_default();
+                        snapshot
+                    })
+                    .map_err(|err| format!("{err:#}"));
                 if sender.blocking_send(snapshot).is_err() {
                     return;
                 }

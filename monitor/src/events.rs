@@ -85,6 +85,7 @@ impl TcpState {
     pub const SYN_SENT: TcpState = TcpState(monitor_common::tcp_state::SYN_SENT);
     pub const SYN_RECV: TcpState = TcpState(monitor_common::tcp_state::SYN_RECV);
     pub const CLOSE: TcpState = TcpState(monitor_common::tcp_state::CLOSE);
+    pub const CLOSE_WAIT: TcpState = TcpState(monitor_common::tcp_state::CLOSE_WAIT);
     pub const TIME_WAIT: TcpState = TcpState(monitor_common::tcp_state::TIME_WAIT);
 
     pub fn name(self) -> &'static str {

@@ -135,6 +135,7 @@ impl Pipeline {
             self.findings.push(finding);
         }
         self.attribute();
+        self.pools.connects(&snapshot.connects, mono_now_ns);
         self.pools.refresh(
             &snapshot.sockets,
             owner_of,

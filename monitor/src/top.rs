@@ -178,6 +178,8 @@ impl Consumer for Screen {
 pub async fn run(args: TopArgs) -> Result<()> {
     let mut engine = Engine::start(&args.probes, &args.pipeline, false)?;
     let shutdown = Shutdown::install()?;
+    // As `watch` says it: from here, connects are counted.
+    eprintln!("connwatch: watching");
     let mut screen = Screen {
         sort: args.sort,
         once: args.once,

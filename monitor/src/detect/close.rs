@@ -12,9 +12,6 @@ use crate::{
     sockets::make_room,
 };
 
-const CLOSE_WAIT: TcpState = TcpState(monitor_common::tcp_state::CLOSE_WAIT);
-const ESTABLISHED: TcpState = TcpState(monitor_common::tcp_state::ESTABLISHED);
-
 struct Waiting {
     entered: Event,
     owner: Option<Task>,
@@ -51,7 +48,7 @@ impl CloseDetector {
         if event.hook != Hook::StateChange {
             return None;
         }
-        if event.new_state != CLOSE_WAIT {
+        if event.new_state != TcpState::CLOSE_WAIT {
             self.waiting.remove(&event.socket.skaddr);
             return None;
         }
@@ -67,7 +64,7 @@ impl CloseDetector {
             },
         );
         let idle = event.idle_ms()?;
-        (event.old_state == ESTABLISHED && idle >= self.idle_threshold_ms)
+        (event.old_state == TcpState::ESTABLISHED && idle >= self.idle_threshold_ms)
             .then_some(Kind::PeerCloseIdle)
     }
 

@@ -5,12 +5,9 @@
 use super::Kind;
 use crate::events::{Event, Hook, TcpState};
 
-const ESTABLISHED: TcpState = TcpState(monitor_common::tcp_state::ESTABLISHED);
-const CLOSE_WAIT: TcpState = TcpState(monitor_common::tcp_state::CLOSE_WAIT);
-
 pub fn classify(event: &Event) -> Option<Kind> {
     let died = event.hook == Hook::StateChange
-        && (event.old_state == ESTABLISHED || event.old_state == CLOSE_WAIT)
+        && (event.old_state == TcpState::ESTABLISHED || event.old_state == TcpState::CLOSE_WAIT)
         && event.new_state == TcpState::CLOSE;
     // 0: a normal close; ECONNRESET/EPIPE: an RST (reported as a reset); ECONNABORTED:
     // destroyed on purpose (`ss -K`), reported as a local reset.

@@ -8,10 +8,10 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{MapData, PerCpuArray, RingBuf},
+    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
     programs::{BtfTracePoint, FEntry, FExit, KProbe, TracePoint},
 };
-use monitor_common::{KernelLayout, Settings, TpLayout, tcp_state};
+use monitor_common::{ConnectKey, KernelLayout, Settings, TpLayout, tcp_state};
 
 /// The object built from `monitor-ebpf` by build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/monitor"));
@@ -192,12 +192,33 @@ impl KernelCounters {
     }
 }
 
+/// The kernel's connect counters (`CONNECTS`): connects per process and endpoint since
+/// each entry was made, read at each refresh for the pools' connect rates.
+pub struct ConnectCounts {
+    map: BpfHashMap<MapData, ConnectKey, u64>,
+}
+
+impl std::fmt::Debug for ConnectCounts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectCounts").finish_non_exhaustive()
+    }
+}
+
+impl ConnectCounts {
+    /// Every entry and its count. Bounded by the map's size; an entry the kernel evicts
+    /// while this walks is skipped.
+    pub fn totals(&self) -> Vec<(ConnectKey, u64)> {
+        self.map.iter().filter_map(Result::ok).collect()
+    }
+}
+
 /// Attached programs and the loss counter. Dropping it detaches everything.
 pub struct Probes {
     /// The programs stay attached while it lives.
     ebpf: Ebpf,
     lost: PerCpuArray<MapData, u64>,
     counters: Option<KernelCounters>,
+    connects: Option<ConnectCounts>,
     pub layout: KernelLayout,
     pub warnings: Vec<String>,
     /// `enum sk_rst_reason` of this kernel: value → name (empty before Linux 6.10).
@@ -380,10 +401,15 @@ impl Probes {
             ebpf.take_map("TRANSITIONS")
                 .context("eBPF object has no TRANSITIONS map")?,
         )?;
+        let connects = BpfHashMap::try_from(
+            ebpf.take_map("CONNECTS")
+                .context("eBPF object has no CONNECTS map")?,
+        )?;
         let probes = Probes {
             ebpf,
             lost,
             counters: Some(KernelCounters { transitions }),
+            connects: Some(ConnectCounts { map: connects }),
             layout,
             warnings,
             rst_reasons,
@@ -438,6 +464,11 @@ impl Probes {
     /// The kernel-side counters, handed once to whoever serves them (the metrics).
     pub fn take_counters(&mut self) -> Option<KernelCounters> {
         self.counters.take()
+    }
+
+    /// The connect counters, handed once to whoever reads them (the refresher).
+    pub fn take_connects(&mut self) -> Option<ConnectCounts> {
+        self.connects.take()
     }
 
     /// Events the kernel could not put in the ring buffer since load (all CPUs).

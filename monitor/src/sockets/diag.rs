@@ -53,6 +53,8 @@ pub struct Snapshot {
     pub sockets: Vec<DiagSocket>,
     /// Socket inode → the process holding it, from one /proc scan.
     pub owners: HashMap<u64, Task>,
+    /// The kernel's connect counters at the time of the snapshot (all namespaces).
+    pub connects: Vec<(monitor_common::ConnectKey, u64)>,
 }
 
 /// Lists the sockets and resolves their owners: the slow part of a refresh (a netlink dump
@@ -64,7 +66,11 @@ pub fn take_snapshot(processes: &mut ProcIndex) -> Result<Snapshot> {
         .filter(|s| s.inode != 0)
         .filter_map(|s| Some((s.inode, processes.owner_of(s.inode)?)))
         .collect();
-    Ok(Snapshot { sockets, owners })
+    Ok(Snapshot {
+        sockets,
+        owners,
+        connects: Vec::new(),
+    })
 }
 
 /// Every TCP socket in this network namespace, IPv4 and IPv6.

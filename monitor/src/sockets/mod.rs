@@ -22,7 +22,8 @@ pub struct SocketEntry {
     pub remote: SocketAddr,
     pub state: TcpState,
     pub owner: Option<Task>,
-    /// Monotonic time the socket reached CLOSE, if it has.
+    /// Monotonic time the socket's end was seen: CLOSE, or the application's close after
+    /// the peer's FIN (its orderly end, LAST_ACK → CLOSE, is not streamed).
     pub closed_ns: Option<u64>,
 }
 
@@ -132,7 +133,9 @@ impl SocketTable {
             entry.local = event.local;
             entry.remote = event.remote;
         }
-        if event.new_state == TcpState::CLOSE && entry.closed_ns.is_none() {
+        let ended = event.new_state == TcpState::CLOSE
+            || (event.hook == Hook::StateChange && event.old_state == TcpState::CLOSE_WAIT);
+        if ended && entry.closed_ns.is_none() {
             entry.closed_ns = Some(event.mono_ns);
         }
         if let Some(owner) = &event.owner {
@@ -251,6 +254,23 @@ mod tests {
         table.observe(&event);
         table.expire(event.mono_ns + CLOSED_RETENTION_NS - 1);
         assert_eq!(table.len(), 1);
+        table.expire(event.mono_ns + CLOSED_RETENTION_NS);
+        assert!(table.is_empty());
+    }
+
+    #[test]
+    fn closing_after_the_peers_fin_ends_the_socket() {
+        // The orderly LAST_ACK → CLOSE that follows is not streamed.
+        let mut table = table();
+        let mut raw = raw_reset(1);
+        raw.hook = monitor_common::hook::STATE_CHANGE;
+        raw.old_state = monitor_common::tcp_state::CLOSE_WAIT;
+        raw.new_state = monitor_common::tcp_state::LAST_ACK;
+        let event = from_raw(&raw).unwrap();
+        assert_eq!(
+            table.observe(&event).unwrap().closed_ns,
+            Some(event.mono_ns)
+        );
         table.expire(event.mono_ns + CLOSED_RETENTION_NS);
         assert!(table.is_empty());
     }

@@ -11,6 +11,8 @@ use std::{
 
 use serde::Serialize;
 
+use monitor_common::ConnectKey;
+
 use super::diag::DiagSocket;
 use crate::{
     FastMap,
@@ -103,7 +105,10 @@ type RateKey = (u32, Direction, SocketAddr);
 #[derive(Default)]
 pub struct PoolTracker {
     listeners: Listeners,
-    recent: FastMap<RateKey, VecDeque<(u64, Happened)>>,
+    /// What happened per key over the last minute: (when, what, how many times).
+    recent: FastMap<RateKey, VecDeque<(u64, Happened, u32)>>,
+    /// The kernel's connect counters as last read, to take the difference.
+    connect_totals: FastMap<ConnectKey, u64>,
     pools: Vec<Pool>,
 }
 
@@ -116,26 +121,44 @@ impl PoolTracker {
         &self.pools
     }
 
-    /// Counts connects and resets for the per-minute rates.
+    /// Counts resets and deaths for the per-minute rates. Connects are counted in the
+    /// kernel instead ([`connects`](PoolTracker::connects)): a healthy connection sends no
+    /// event.
     pub fn event(&mut self, event: &Event, owner: Option<&Task>) {
-        let passive = event.old_state == TcpState::SYN_RECV;
-        let happened = match (event.hook, event.new_state) {
-            (Hook::StateChange, TcpState::SYN_SENT) => Happened::Connect,
-            (Hook::StateChange, TcpState::ESTABLISHED) if passive => Happened::Connect,
-            (Hook::ReceiveReset | Hook::SendReset, _) => Happened::Reset,
+        let happened = match event.hook {
+            Hook::ReceiveReset | Hook::SendReset => Happened::Reset,
             _ if crate::detect::death::classify(event).is_some() => Happened::Death,
             _ => return,
         };
-        let (direction, endpoint) = if passive {
-            (Direction::Inbound, event.local)
-        } else {
-            self.listeners.classify(event.local, event.remote)
-        };
+        let (direction, endpoint) = self.listeners.classify(event.local, event.remote);
         let pid = owner.map_or(0, |o| o.pid);
         self.recent
             .entry((pid, direction, endpoint))
             .or_default()
-            .push_back((event.mono_ns, happened));
+            .push_back((event.mono_ns, happened, 1));
+    }
+
+    /// Folds in the kernel's connect counters: the connects since the last reading. An
+    /// entry that is new, or that the kernel evicted and made again, counts from zero.
+    pub fn connects(&mut self, totals: &[(ConnectKey, u64)], now_ns: u64) {
+        let mut seen = FastMap::default();
+        for &(key, total) in totals {
+            let before = self.connect_totals.get(&key).copied().unwrap_or(0);
+            let new = if total >= before {
+                total - before
+            } else {
+                total
+            };
+            if new > 0 {
+                self.recent.entry(rate_key(&key)).or_default().push_back((
+                    now_ns,
+                    Happened::Connect,
+                    new.min(u32::MAX as u64) as u32,
+                ));
+            }
+            seen.insert(key, total);
+        }
+        self.connect_totals = seen;
     }
 
     /// Rebuilds the pools from a fresh snapshot.
@@ -151,7 +174,7 @@ impl PoolTracker {
         self.recent.retain(|_, times| {
             while times
                 .front()
-                .is_some_and(|&(at, _)| now_ns.saturating_sub(at) > MINUTE_NS)
+                .is_some_and(|&(at, _, _)| now_ns.saturating_sub(at) > MINUTE_NS)
             {
                 times.pop_front();
             }
@@ -209,7 +232,11 @@ impl PoolTracker {
                 self.recent
                     .get(&(rate_pid, direction, endpoint))
                     .map_or(0, |times| {
-                        times.iter().filter(|(_, h)| *h == what).count() as u32
+                        times
+                            .iter()
+                            .filter(|(_, h, _)| *h == what)
+                            .map(|&(_, _, n)| n)
+                            .sum()
                     })
             };
             pool.connects_per_min = count(pid, Happened::Connect);
@@ -223,6 +250,23 @@ impl PoolTracker {
         }
         self.pools = pools.into_values().collect();
     }
+}
+
+/// Who a kernel connect counter charges: the connecting process and the remote endpoint,
+/// or (accepted, owner not yet known) pid 0 and the local endpoint.
+fn rate_key(key: &ConnectKey) -> RateKey {
+    let v6 = Ipv6Addr::from(key.addr);
+    let ip = match v6.to_ipv4_mapped() {
+        // An AF_INET socket: sock_diag lists it as IPv4, and so do pools.
+        Some(v4) if key.ipv6 == 0 => IpAddr::V4(v4),
+        _ => IpAddr::V6(v6),
+    };
+    let direction = if key.inbound != 0 {
+        Direction::Inbound
+    } else {
+        Direction::Outbound
+    };
+    (key.tgid, direction, SocketAddr::new(ip, key.port))
 }
 
 #[cfg(test)]
@@ -290,5 +334,54 @@ mod tests {
             (Direction::Inbound, "10.0.0.1:5432")
         );
         assert_eq!(inbound.total, 2);
+    }
+
+    #[test]
+    fn connect_rates_are_the_kernel_counters_differences_over_a_minute() {
+        use monitor_common::tcp_state::*;
+        let snapshot = vec![
+            socket("0.0.0.0:5432", "0.0.0.0:0", LISTEN, 200, 0),
+            socket("10.0.0.1:40001", "10.0.0.9:5432", ESTABLISHED, 1, 0),
+            socket("10.0.0.1:5432", "10.0.0.7:50001", ESTABLISHED, 201, 0),
+        ];
+        let mapped = |ip: [u8; 4]| {
+            let mut addr = [0u8; 16];
+            addr[10..12].copy_from_slice(&[0xff, 0xff]);
+            addr[12..].copy_from_slice(&ip);
+            addr
+        };
+        // App 10 connects out to 10.0.0.9:5432; 10.0.0.1:5432 accepts (owner not known yet).
+        let out = ConnectKey {
+            addr: mapped([10, 0, 0, 9]),
+            tgid: 10,
+            port: 5432,
+            inbound: 0,
+            ipv6: 0,
+        };
+        let inbound = ConnectKey {
+            addr: mapped([10, 0, 0, 1]),
+            tgid: 0,
+            inbound: 1,
+            ..out
+        };
+        let s = 1_000_000_000u64;
+        let mut tracker = PoolTracker::default();
+        let rates = |tracker: &mut PoolTracker, at: u64| {
+            tracker.refresh(&snapshot, owner, &HashSet::new(), 1000, at);
+            let mut pools = tracker.pools().to_vec();
+            pools.sort_by_key(|p| p.pid);
+            pools.iter().map(|p| p.connects_per_min).collect::<Vec<_>>()
+        };
+        tracker.connects(&[(out, 5), (inbound, 3)], 0);
+        assert_eq!(rates(&mut tracker, 0), [5, 3]);
+        tracker.connects(&[(out, 7), (inbound, 3)], 10 * s);
+        assert_eq!(rates(&mut tracker, 10 * s), [7, 3]);
+        // The outbound entry was evicted and made again; the inbound one is gone.
+        tracker.connects(&[(out, 1)], 70 * s);
+        assert_eq!(
+            rates(&mut tracker, 70 * s),
+            [3, 0],
+            "the first minute's 5 and 3 expired"
+        );
     }
 }
