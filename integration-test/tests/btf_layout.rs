@@ -132,6 +132,22 @@ fn offsets_match_bpftool_for_this_kernel() {
         layout.sk_lingertime,
         dump.offset("sock", &["sk_lingertime"])
     );
+    // The 4-tuple the typed inet_sock_set_state reads, inside anonymous unions.
+    for (offset, member) in [
+        (layout.sk_daddr, "skc_daddr"),
+        (layout.sk_dport, "skc_dport"),
+        (layout.sk_v6_daddr, "skc_v6_daddr"),
+        (layout.sk_v6_rcv_saddr, "skc_v6_rcv_saddr"),
+    ] {
+        assert_eq!(
+            offset,
+            dump.offset("sock", &["__sk_common", member]),
+            "{member}"
+        );
+    }
+    // The local end, where the tracepoint's record takes it from.
+    assert_eq!(layout.inet_saddr, dump.offset("inet_sock", &["inet_saddr"]));
+    assert_eq!(layout.inet_sport, dump.offset("inet_sock", &["inet_sport"]));
     // In sock_common since Linux 6.x; in sock itself on 5.10.
     let in_common = dump
         .find(dump.by_name["sock_common"], "skc_flags")

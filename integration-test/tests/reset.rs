@@ -71,11 +71,15 @@ fn reset_right_after_a_write_is_not_idle() {
     assert_eq!(count(&events, "peer_reset_idle", client_port), 0);
 }
 
-#[test]
-fn graceful_close_is_no_reset() {
-    let (listener, server_port, watch) = watched_listener("127.0.0.1:0", &["--all"]);
+/// An orderly close, watched with `--all`: no reset of any kind, and the half-close as it
+/// happened, with the right 4-tuple from either kind of state-change tracepoint.
+fn graceful_close(bind: &str, family: &str, served_by: &str, extra: &[&str]) {
+    let mut args = vec!["--all"];
+    args.extend_from_slice(extra);
+    let (listener, server_port, watch) = watched_listener(bind, &args);
     let mut pair = Pair::connect(&listener, "cw-fin-client");
     let client_port = pair.client_port();
+    let client_addr = pair.client.local_addr().unwrap().to_string();
     drop(pair.server);
     let mut rest = Vec::new();
     std::io::Read::read_to_end(&mut pair.client, &mut rest).unwrap();
@@ -86,7 +90,15 @@ fn graceful_close_is_no_reset() {
             .any(|e| e["old_state"] == "LAST_ACK" && e["new_state"] == "CLOSE")
     };
     watch.wait_for("the client's LAST_ACK → CLOSE", closed);
-    let events = watch.stop().events;
+    let stopped = watch.stop();
+    assert!(
+        stopped
+            .stderr
+            .contains(&format!("state changes ← {served_by}")),
+        "{}",
+        stopped.stderr
+    );
+    let events = stopped.events;
     for kind_name in RESET_KINDS {
         for port in [client_port, server_port] {
             assert_eq!(
@@ -104,6 +116,44 @@ fn graceful_close_is_no_reset() {
     assert_eq!(close_wait["old_state"], "ESTABLISHED");
     assert_eq!(close_wait["state"], "CLOSE_WAIT");
     assert_eq!(close_wait["comm"], "cw-fin-client");
+    assert_eq!(close_wait["family"], family);
+    // Addresses too: both read from the socket itself by the typed tracepoint.
+    let server_addr = listener.local_addr().unwrap().to_string();
+    assert_eq!(close_wait["remote"], server_addr.as_str());
+    assert_eq!(close_wait["local"], client_addr.as_str());
+    // The server's side ends too (its local port is the listener's, to the last change).
+    assert!(
+        of_kind(&events, "state_change", server_port)
+            .iter()
+            .any(|e| e["new_state"] == "CLOSE" && port(&e["remote"]) == client_port),
+        "{events:#?}"
+    );
+}
+
+#[test]
+fn graceful_close_is_no_reset() {
+    graceful_close(
+        "127.0.0.1:0",
+        "ipv4",
+        "tp_btf sock:inet_sock_set_state",
+        &[],
+    );
+}
+
+#[test]
+fn graceful_close_is_no_reset_ipv6() {
+    graceful_close("[::1]:0", "ipv6", "tp_btf sock:inet_sock_set_state", &[]);
+}
+
+/// The classic tracepoint, the fallback where tp_btf is refused, reads the same.
+#[test]
+fn graceful_close_with_classic_tracepoints() {
+    graceful_close(
+        "127.0.0.1:0",
+        "ipv4",
+        "tracepoint sock:inet_sock_set_state (tp_btf not used: --classic-tracepoints)",
+        &["--classic-tracepoints"],
+    );
 }
 
 #[test]

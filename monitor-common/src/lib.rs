@@ -366,6 +366,18 @@ pub struct KernelLayout {
     pub sk_flags: u32,
     /// `sock.sk_lingertime` (unsigned long).
     pub sk_lingertime: u32,
+    /// The 4-tuple, for the typed `inet_sock_set_state` (whose record the kernel does not
+    /// build), from where that record takes it: `skc_daddr`, `inet_sock.inet_saddr`
+    /// (be32)...
+    pub sk_daddr: u32,
+    pub inet_saddr: u32,
+    /// ...`skc_dport`, `inet_sock.inet_sport` (be16; `skc_num` is already 0 when a
+    /// socket's port is released on the way to CLOSE)...
+    pub sk_dport: u32,
+    pub inet_sport: u32,
+    /// ...and `skc_v6_daddr`, `skc_v6_rcv_saddr` (16 bytes each).
+    pub sk_v6_daddr: u32,
+    pub sk_v6_rcv_saddr: u32,
 }
 
 impl KernelLayout {
@@ -388,6 +400,12 @@ impl KernelLayout {
             sk_err: 0,
             sk_flags: 0,
             sk_lingertime: 0,
+            sk_daddr: 0,
+            inet_saddr: 0,
+            sk_dport: 0,
+            inet_sport: 0,
+            sk_v6_daddr: 0,
+            sk_v6_rcv_saddr: 0,
         }
     }
 }

@@ -15,7 +15,7 @@ use monitor_common::{IPPROTO_TCP, PeerEnd, hook, io, peer_end, tcp_state};
 
 use crate::{
     event::{Slot, set},
-    kernel::{Record, Tp, is_tcp, layout, settings, sk_state},
+    kernel::{Record, Tp, TupleSource, is_tcp, layout, settings, sk_state},
     maps::PEER_ENDED,
 };
 
@@ -171,7 +171,7 @@ fn after_peer_end(sk: u64, ret: i32, op: u8, protocol: Protocol) -> u32 {
 
 /// Remembers that the peer ended `sk` (`how`: [`peer_end`]), with its tuple as it is now.
 #[inline(always)]
-pub fn mark_peer_end(how: u8, record: &Record, tp: &monitor_common::TpLayout, sk: u64) {
+pub fn mark_peer_end(how: u8, source: &impl TupleSource, sk: u64) {
     if how == peer_end::RESET
         && let Some(mark) = PEER_ENDED.get_ptr(sk)
         // SAFETY: pointer from a lookup of a preallocated (LRU) map, read once.
@@ -191,7 +191,7 @@ pub fn mark_peer_end(how: u8, record: &Record, tp: &monitor_common::TpLayout, sk
         core::ptr::write_volatile(&raw mut (*ptr).reported, 0);
         core::ptr::write_volatile(&raw mut (*ptr)._pad, 0);
         core::ptr::write_volatile(&raw mut (*ptr)._pad2, 0);
-        record.tuple(tp, sk, &raw mut (*ptr).tuple);
+        source.tuple(sk, &raw mut (*ptr).tuple);
         let _ = PEER_ENDED.insert(sk, mark.assume_init_ref(), 0);
     }
 }

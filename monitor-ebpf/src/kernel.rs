@@ -189,6 +189,61 @@ impl Record {
     }
 }
 
+/// Where a hook finds a socket's 4-tuple: its tracepoint record, or the socket itself.
+pub trait TupleSource {
+    /// Fills `tuple` (all 40 bytes) for `sk`.
+    fn tuple(&self, sk: u64, tuple: *mut Tuple);
+}
+
+/// A classic tracepoint's record, which the kernel filled from the socket.
+pub struct FromRecord<'a>(pub &'a Record, pub &'a TpLayout);
+
+impl TupleSource for FromRecord<'_> {
+    #[inline(always)]
+    fn tuple(&self, sk: u64, tuple: *mut Tuple) {
+        self.0.tuple(self.1, sk, tuple)
+    }
+}
+
+/// `sock_common` read directly, as typed raw tracepoints must (the kernel builds no
+/// record for them); the same values the `inet_sock_set_state` record holds.
+pub struct FromSock;
+
+impl TupleSource for FromSock {
+    #[inline(always)]
+    fn tuple(&self, sk: u64, tuple: *mut Tuple) {
+        let k = kernel();
+        let family = read::<u16>(sk, k.sk_family as i64).unwrap_or(0);
+        // SAFETY: `tuple` points at a whole, 8-aligned `Tuple`; each field is written
+        // through its own place, the addresses by the helper (16 bytes each, zeroed by it
+        // on failure).
+        unsafe {
+            if family == AF_INET6 {
+                for (dst, offset) in [
+                    (&raw mut (*tuple).saddr, k.sk_v6_rcv_saddr),
+                    (&raw mut (*tuple).daddr, k.sk_v6_daddr),
+                ] {
+                    let _ = generated::bpf_probe_read_kernel(
+                        dst.cast(),
+                        16,
+                        (sk + offset as u64) as *const core::ffi::c_void,
+                    );
+                }
+            } else {
+                let v4 = |offset: u32| read::<[u16; 2]>(sk, offset as i64).unwrap_or([0; 2]);
+                v4_mapped(v4(k.inet_saddr), &raw mut (*tuple).saddr);
+                v4_mapped(v4(k.sk_daddr), &raw mut (*tuple).daddr);
+            }
+            let sport = u16::from_be(read::<u16>(sk, k.inet_sport as i64).unwrap_or(0));
+            let dport = u16::from_be(read::<u16>(sk, k.sk_dport as i64).unwrap_or(0));
+            core::ptr::write_volatile(&raw mut (*tuple).family, family);
+            core::ptr::write_volatile(&raw mut (*tuple).sport, sport);
+            core::ptr::write_volatile(&raw mut (*tuple).dport, dport);
+            core::ptr::write_volatile(&raw mut (*tuple)._pad, 0);
+        }
+    }
+}
+
 /// `::ffff:a.b.c.d` from an IPv4 address (network order), as the tracepoints store them.
 #[inline(always)]
 fn v4_mapped(addr: [u16; 2], dst: *mut [u8; 16]) {

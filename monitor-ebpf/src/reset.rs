@@ -6,7 +6,7 @@ use monitor_common::{hook, peer_end, tcp_state};
 use crate::{
     event::{Slot, set},
     impact::mark_peer_end,
-    kernel::{Record, Tp, layout, linger_zero, read_full_socket, sk_err, sk_state},
+    kernel::{FromRecord, Record, Tp, layout, linger_zero, read_full_socket, sk_err, sk_state},
 };
 
 /// Fires in softirq: the current task is not the owner (on loopback it is the RST sender).
@@ -20,7 +20,7 @@ pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
     let Some(sk) = record.get::<u64>(tp.skaddr) else {
         return 0;
     };
-    mark_peer_end(peer_end::RESET, &record, &tp, sk);
+    mark_peer_end(peer_end::RESET, &FromRecord(&record, &tp), sk);
     let Some(slot) = Slot::begin(hook::RECEIVE_RESET, sk) else {
         return 0;
     };

@@ -1,13 +1,20 @@
 //! `sock:inet_sock_set_state`: every TCP state change, and the moments a socket is born.
+//! A typed raw tracepoint where the kernel allows it, else the classic one.
 use core::mem::MaybeUninit;
 
-use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
+use aya_ebpf::{
+    macros::{btf_tracepoint, tracepoint},
+    programs::{BtfTracePointContext, TracePointContext},
+};
 use monitor_common::{ConnectKey, IPPROTO_TCP, SockOwner, Tuple, hook, peer_end, tcp_state};
 
 use crate::{
     event::{Slot, set},
     impact::mark_peer_end,
-    kernel::{Record, Tp, layout, new_owner, read_full_socket, settings, sk_err},
+    kernel::{
+        FromRecord, FromSock, Record, Tp, TupleSource, is_tcp, layout, new_owner, read_full_socket,
+        settings, sk_err,
+    },
     maps::{CONNECTS, OWNERS, TRANSITIONS},
 };
 
@@ -23,6 +30,28 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
     };
     let old_state = record.get::<i32>(tp.old_state).unwrap_or(0) as u8;
     let new_state = record.get::<i32>(tp.new_state).unwrap_or(0) as u8;
+    state_changed(sk, old_state, new_state, &FromRecord(&record, &tp))
+}
+
+/// `inet_sock_set_state(const struct sock *sk, int oldstate, int newstate)` as a typed raw
+/// tracepoint: the kernel builds no record (which costs on every state change of every
+/// socket, TCP or not), and the 4-tuple is read from the socket only for the few changes
+/// that need it. Preferred where the kernel allows it; the classic tracepoint is the
+/// fallback.
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn inet_sock_set_state_btf(ctx: BtfTracePointContext) -> i32 {
+    let sk = ctx.arg::<u64>(0);
+    if !is_tcp(sk) {
+        return 0;
+    }
+    let (old_state, new_state) = (ctx.arg::<i32>(1) as u8, ctx.arg::<i32>(2) as u8);
+    state_changed(sk, old_state, new_state, &FromSock) as i32
+}
+
+/// What every TCP state change does: count it, note births and connects, mark the peer's
+/// FIN, and stream the few changes userspace acts on.
+#[inline(always)]
+fn state_changed(sk: u64, old_state: u8, new_state: u8, source: &impl TupleSource) -> u32 {
     if let Some(count) = TRANSITIONS.get_ptr_mut(tcp_state::index(old_state, new_state)) {
         // SAFETY: a valid slot of a per-CPU array: this CPU's copy. Only programs on this
         // CPU write it, and trace_call_bpf's per-CPU guard keeps them from nesting; were
@@ -31,11 +60,11 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
     }
     record_birth(sk, new_state);
     if tcp_state::is_connect(old_state, new_state) {
-        count_connect(&record, &tp, sk, new_state == tcp_state::ESTABLISHED);
+        count_connect(source, sk, new_state == tcp_state::ESTABLISHED);
     }
     if new_state == tcp_state::CLOSE_WAIT {
         // The peer sent FIN: the application's next write or EOF read is worth reporting.
-        mark_peer_end(peer_end::FIN, &record, &tp, sk);
+        mark_peer_end(peer_end::FIN, source, sk);
     }
     if settings().all_state_changes == 0 && !tcp_state::streamed(old_state, new_state) {
         return 0;
@@ -47,7 +76,7 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
     set!(slot, old_state, old_state);
     set!(slot, new_state, new_state);
     // SAFETY: the slot's event is a whole, reserved ConnEvent.
-    record.tuple(&tp, sk, unsafe { &raw mut (*slot.as_ptr()).tuple });
+    source.tuple(sk, unsafe { &raw mut (*slot.as_ptr()).tuple });
     // Idle as of the old state: ESTABLISHED → CLOSE_WAIT measures how long the peer's FIN
     // found the connection unused.
     read_full_socket(sk, tcp_state::is_synchronized(old_state), slot.as_ptr());
@@ -79,14 +108,14 @@ fn record_birth(sk: u64, new_state: u8) {
 /// Counts a connect against its process and endpoint (see `ConnectKey`): a pool's connect
 /// rate without an event per connection.
 #[inline(always)]
-fn count_connect(record: &Record, tp: &monitor_common::TpLayout, sk: u64, inbound: bool) {
+fn count_connect(source: &impl TupleSource, sk: u64, inbound: bool) {
     let mut tuple = MaybeUninit::<Tuple>::uninit();
     let mut key = MaybeUninit::<ConnectKey>::uninit();
     let (t, k) = (tuple.as_mut_ptr(), key.as_mut_ptr());
     // SAFETY: `tuple` writes every field of the stack tuple; every field of the stack key is
     // written below, the address as two 8-byte words of the 8-aligned tuple's.
     unsafe {
-        record.tuple(tp, sk, t);
+        source.tuple(sk, t);
         let (addr, port, tgid) = if inbound {
             (&raw const (*t).saddr, (*t).sport, 0)
         } else {

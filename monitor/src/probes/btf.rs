@@ -171,6 +171,15 @@ impl KernelBtf {
                 .scalar("sock", &["__sk_common", "skc_flags"], 8)
                 .or_else(|_| self.scalar("sock", &["sk_flags"], 8))?,
             sk_lingertime: self.scalar("sock", &["sk_lingertime"], 8)?,
+            sk_daddr: self.scalar("sock", &["__sk_common", "skc_daddr"], 4)?,
+            inet_saddr: self.scalar("inet_sock", &["inet_saddr"], 4)?,
+            sk_dport: self.scalar("sock", &["__sk_common", "skc_dport"], 2)?,
+            inet_sport: self.scalar("inet_sock", &["inet_sport"], 2)?,
+            // `struct in6_addr`: not a scalar, read as 16 bytes.
+            sk_v6_daddr: self.field("sock", &["__sk_common", "skc_v6_daddr"])?.offset,
+            sk_v6_rcv_saddr: self
+                .field("sock", &["__sk_common", "skc_v6_rcv_saddr"])?
+                .offset,
         })
     }
 }

@@ -29,6 +29,10 @@ pub struct ProbeOptions {
     /// where that per-call cost matters more (see BENCHMARKS.md).
     #[arg(long, env = "CONNWATCH_NO_WRITE_AFTER")]
     pub no_write_after: bool,
+    /// Use classic tracepoints even where the kernel takes typed raw tracepoints (tp_btf),
+    /// which cost less per hit: for a kernel whose tp_btf misbehaves, or to compare.
+    #[arg(long, env = "CONNWATCH_CLASSIC_TRACEPOINTS")]
+    pub classic_tracepoints: bool,
     /// Ring buffer size in bytes: a power of two, at least one page.
     #[arg(long, value_name = "BYTES", default_value_t = 4 << 20, value_parser = parse_ring_size)]
     pub ring_buffer_size: u32,
@@ -54,6 +58,8 @@ pub struct Hook {
     pub name: &'static str,
     /// `None`: required. `Some(loss)`: optional; `loss` says what goes missing without it.
     pub optional: Option<&'static str>,
+    /// It also has a typed raw tracepoint program, `<program>_btf`, tried first.
+    pub typed: bool,
 }
 
 const ACCEPT_LOSS: &str = "kernel without CONFIG_FTRACE_SYSCALLS?): accepted sockets are \
@@ -67,48 +73,56 @@ pub const HOOKS: &[Hook] = &[
         category: "sock",
         name: "inet_sock_set_state",
         optional: None,
+        typed: true,
     },
     Hook {
         program: "tcp_receive_reset",
         category: "tcp",
         name: "tcp_receive_reset",
         optional: None,
+        typed: false,
     },
     Hook {
         program: "tcp_send_reset",
         category: "tcp",
         name: "tcp_send_reset",
         optional: None,
+        typed: false,
     },
     Hook {
         program: "tcp_destroy_sock",
         category: "tcp",
         name: "tcp_destroy_sock",
         optional: None,
+        typed: false,
     },
     Hook {
         program: "sys_exit_accept4",
         category: "syscalls",
         name: "sys_exit_accept4",
         optional: Some(ACCEPT_LOSS),
+        typed: false,
     },
     Hook {
         program: "sys_exit_accept",
         category: "syscalls",
         name: "sys_exit_accept",
         optional: Some(ACCEPT_LOSS),
+        typed: false,
     },
     Hook {
         program: "sock_send_length",
         category: "sock",
         name: "sock_send_length",
         optional: Some(IO_LOSS),
+        typed: true,
     },
     Hook {
         program: "sock_recv_length",
         category: "sock",
         name: "sock_recv_length",
         optional: Some(IO_LOSS),
+        typed: true,
     },
 ];
 
@@ -290,6 +304,7 @@ impl Probes {
         // Typed raw tracepoints for the per-send/recv hooks, where the kernel takes them:
         // their arguments come from the context, with no record to copy.
         let mut io_typed: Result<(), String> = Ok(());
+        let mut state_typed: Result<(), String> = Ok(());
         for hook in HOOKS {
             if options.no_write_after && hook.is_io() {
                 // Opted out: these fire on every send/recv on the host.
@@ -311,14 +326,28 @@ impl Probes {
                 }
                 continue;
             }
-            if hook.is_io() && io_typed.is_ok() {
+            // One refusal of the send/recv pair serves both with classic tracepoints.
+            let typed = if hook.is_io() {
+                &mut io_typed
+            } else {
+                &mut state_typed
+            };
+            if options.classic_tracepoints {
+                *typed = Err("--classic-tracepoints".into());
+            }
+            if hook.typed && typed.is_ok() {
                 match attach_btf_tracepoint(&mut ebpf, hook, &mut typed_btf) {
                     Ok(()) => continue,
-                    Err(err) => io_typed = Err(format!("{err:#}")),
+                    Err(err) => *typed = Err(format!("refused: {err:#}")),
                 }
             }
             attach_tracepoint(&mut ebpf, hook)?;
         }
+        let state_changes = match state_typed {
+            Ok(()) => "tp_btf sock:inet_sock_set_state".to_string(),
+            // Served all the same, with the record the kernel builds for every change.
+            Err(why) => format!("tracepoint sock:inet_sock_set_state (tp_btf not used: {why})"),
+        };
         let io = if options.no_write_after {
             Capability {
                 name: "write_after_*",
@@ -332,7 +361,7 @@ impl Probes {
                 // Served all the same, at the classic tracepoints' cost per call.
                 Err(why) => Capability::full(
                     "write_after_*",
-                    format!("tracepoints {hooks} (tp_btf refused: {why})"),
+                    format!("tracepoints {hooks} (tp_btf not used: {why})"),
                 ),
             }
         } else {
@@ -383,7 +412,7 @@ impl Probes {
             Capability::full("resets", resets)
         };
         let capabilities = vec![
-            Capability::full("state changes", "tracepoint sock:inet_sock_set_state"),
+            Capability::full("state changes", state_changes),
             resets,
             causes,
             io,
