@@ -19,6 +19,7 @@ use crate::{
     events::Event,
     pipeline::Pipeline,
     probes::{ProbeOptions, Probes},
+    resolver::{Resolver, SharedProcIndex},
     sinks::WallClock,
     sockets::{
         diag::{self, Snapshot},
@@ -26,6 +27,9 @@ use crate::{
         process::ProcIndex,
     },
 };
+
+/// How long a stopping command waits for findings still being attributed.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How often the ring buffer is drained without a wakeup from the kernel.
 const POLL_INTERVAL: Duration = Duration::from_millis(5);
@@ -54,6 +58,8 @@ pub struct Engine {
     probes: Probes,
     ring: AsyncFd<RingBuf<MapData>>,
     pub pipeline: Pipeline,
+    /// Findings go through it on their way to the consumer.
+    resolver: Resolver,
     pub clock: WallClock,
     lost_total: u64,
     warned_undecodable: bool,
@@ -92,14 +98,18 @@ impl Engine {
             .context("registering the ring buffer with the event loop")?;
         let mut detect = pipeline.detect_config(state_changes);
         detect.rst_reasons = probes.rst_reasons.clone();
+        let processes: SharedProcIndex = std::sync::Arc::new(std::sync::Mutex::new(
+            ProcIndex::new(pipeline.host_proc.clone()),
+        ));
         Ok(Engine {
             probes,
             ring,
-            pipeline: Pipeline::new(&detect, &pipeline.host_paths()),
+            pipeline: Pipeline::new(&detect, processes.clone()),
+            resolver: Resolver::spawn(&pipeline.host_paths(), processes.clone())?,
             clock: WallClock::now(),
             lost_total: 0,
             warned_undecodable: false,
-            snapshots: spawn_refresher(pipeline.refresh, pipeline.host_proc.clone(), connects)?,
+            snapshots: spawn_refresher(pipeline.refresh, processes, connects)?,
             warned_refresh: false,
         })
     }
@@ -126,14 +136,15 @@ impl Engine {
             let flow = tokio::select! {
                 guard = self.ring.readable_mut() => {
                     let mut guard = guard.context("waiting on the ring buffer")?;
-                    let flow = drain(guard.get_inner_mut(), &mut self.pipeline, consumer, &mut self.warned_undecodable)?;
+                    let flow = drain(guard.get_inner_mut(), &mut self.pipeline, &mut self.resolver, consumer, &mut self.warned_undecodable)?;
                     guard.clear_ready();
                     flow
                 }
-                _ = poll.tick() => drain(self.ring.get_mut(), &mut self.pipeline, consumer, &mut self.warned_undecodable)?,
+                _ = poll.tick() => drain(self.ring.get_mut(), &mut self.pipeline, &mut self.resolver, consumer, &mut self.warned_undecodable)?,
+                Some(finding) = self.resolver.next() => consumer.finding(&finding)?,
                 _ = upkeep.tick() => self.upkeep(consumer)?,
                 Some(snapshot) = self.snapshots.recv() => self.apply(snapshot, consumer)?,
-                () = &mut stop => Flow::Stop,
+                () = &mut stop => return self.flush(consumer).await,
             };
             if let Flow::Stop = flow {
                 return Ok(());
@@ -141,9 +152,26 @@ impl Engine {
         }
     }
 
+    /// Delivers the findings still being attributed, waiting at most [`FLUSH_TIMEOUT`]:
+    /// what was found before a stop is still reported.
+    async fn flush(&mut self, consumer: &mut impl Consumer) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + FLUSH_TIMEOUT;
+        while self.resolver.in_flight() > 0 {
+            match tokio::time::timeout_at(deadline, self.resolver.next()).await {
+                Ok(Some(finding)) => {
+                    if let Flow::Stop = consumer.finding(&finding)? {
+                        break;
+                    }
+                }
+                Ok(None) | Err(_) => break,
+            }
+        }
+        Ok(())
+    }
+
     fn upkeep(&mut self, consumer: &mut impl Consumer) -> Result<Flow> {
         let now = self.clock.mono_now_ns();
-        if let Flow::Stop = deliver(self.pipeline.tick(now), consumer)? {
+        if let Flow::Stop = deliver(self.pipeline.tick(now), &mut self.resolver, consumer)? {
             return Ok(Flow::Stop);
         }
         consumer.tick(&self.pipeline);
@@ -168,7 +196,8 @@ impl Engine {
         match snapshot {
             Ok(snapshot) => {
                 let now = self.clock.mono_now_ns();
-                if let Flow::Stop = deliver(self.pipeline.refresh(&snapshot, now), consumer)? {
+                let findings = self.pipeline.refresh(&snapshot, now);
+                if let Flow::Stop = deliver(findings, &mut self.resolver, consumer)? {
                     return Ok(Flow::Stop);
                 }
                 consumer.pools(self.pipeline.pools())
@@ -190,10 +219,11 @@ impl Engine {
         let lost = self.probes.lost_events().unwrap_or(self.lost_total);
         format!(
             "connwatch: stopped: {} events read, {reported} reported, {lost} lost, {} undecodable, \
-             {} evicted from full tables",
+             {} evicted from full tables, {} reported unattributed (resolver behind)",
             self.pipeline.events,
             self.pipeline.undecodable,
-            self.pipeline.evictions()
+            self.pipeline.evictions(),
+            self.resolver.unattributed
         )
     }
 }
@@ -202,16 +232,15 @@ impl Engine {
 /// and /proc never delays events. It ends when the engine drops the receiver.
 fn spawn_refresher(
     every: Duration,
-    host_proc: std::path::PathBuf,
+    processes: SharedProcIndex,
     connects: Option<crate::probes::ConnectCounts>,
 ) -> Result<mpsc::Receiver<Result<Snapshot, String>>> {
     let (sender, receiver) = mpsc::channel(1);
     std::thread::Builder::new()
         .name("cw-refresh".into())
         .spawn(move || {
-            let mut processes = ProcIndex::new(host_proc);
             loop {
-                let snapshot = diag::take_snapshot(&mut processes)
+                let snapshot = diag::take_snapshot(&processes)
                     .map(|mut snapshot| {
                         snapshot.connects =
                             connects.as_ref().map(|c| c.totals()).unwrap_or_default();
@@ -228,9 +257,17 @@ fn spawn_refresher(
     Ok(receiver)
 }
 
-fn deliver(findings: &[Finding], consumer: &mut impl Consumer) -> Result<Flow> {
+/// Sends findings to be attributed; the resolver's answers reach the consumer from the
+/// event loop. Only findings the resolver has no room for are delivered here, as they are.
+fn deliver(
+    findings: &[Finding],
+    resolver: &mut Resolver,
+    consumer: &mut impl Consumer,
+) -> Result<Flow> {
     for finding in findings {
-        if let Flow::Stop = consumer.finding(finding)? {
+        if let Some(unattributed) = resolver.submit(finding.clone())
+            && let Flow::Stop = consumer.finding(&unattributed)?
+        {
             return Ok(Flow::Stop);
         }
     }
@@ -240,6 +277,7 @@ fn deliver(findings: &[Finding], consumer: &mut impl Consumer) -> Result<Flow> {
 fn drain(
     ring: &mut RingBuf<MapData>,
     pipeline: &mut Pipeline,
+    resolver: &mut Resolver,
     consumer: &mut impl Consumer,
     warned_undecodable: &mut bool,
 ) -> Result<Flow> {
@@ -255,7 +293,7 @@ fn drain(
             }
         };
         consumer.event(&processed.event);
-        if let Flow::Stop = deliver(processed.findings, consumer)? {
+        if let Flow::Stop = deliver(processed.findings, resolver, consumer)? {
             return Ok(Flow::Stop);
         }
     }

@@ -19,6 +19,7 @@ pub mod events;
 pub mod pipeline;
 pub mod probes;
 pub mod proxy;
+pub mod resolver;
 pub mod selftest;
 pub mod sinks;
 pub mod sockets;

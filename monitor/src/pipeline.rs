@@ -1,15 +1,16 @@
 //! The path every event takes: decode → socket table (owner) → detectors; and, at each
-//! refresh, the kernel's socket list → pools and stalls.
+//! refresh, the kernel's socket list → pools and stalls. Findings leave unattributed: the
+//! resolver thread (`resolver.rs`) names their container and pod.
 use std::{collections::HashMap, path::PathBuf};
 
 use crate::{
     detect::{DetectConfig, Detectors, Finding, Kind, stall::StallDetector},
     events::{self, DecodeError, Event, Hook, SocketId, Task, TcpState},
+    resolver::SharedProcIndex,
     sockets::{
         SocketTable,
         diag::{DiagSocket, Snapshot},
         pools::{Pool, PoolTracker},
-        workload::WorkloadResolver,
     },
 };
 
@@ -30,7 +31,6 @@ pub struct HostPaths {
 
 pub struct Pipeline {
     table: SocketTable,
-    workloads: WorkloadResolver,
     detectors: Detectors,
     pools: PoolTracker,
     stalls: StallDetector,
@@ -43,15 +43,9 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
-    pub fn new(config: &DetectConfig, hosts: &HostPaths) -> Pipeline {
+    pub fn new(config: &DetectConfig, processes: SharedProcIndex) -> Pipeline {
         Pipeline {
-            table: SocketTable::new(hosts.proc.clone(), config.max_sockets),
-            workloads: WorkloadResolver::new(
-                &hosts.root,
-                hosts.proc.clone(),
-                hosts.pod_logs.clone(),
-            )
-            .with_kubelet(hosts.kubelet_url.clone()),
+            table: SocketTable::new(processes, config.max_sockets),
             detectors: Detectors::new(config),
             pools: PoolTracker::default(),
             stalls: StallDetector::new(config.stall_threshold.as_millis() as u64),
@@ -91,21 +85,7 @@ impl Pipeline {
             .or(event.owner.as_ref());
         self.pools.event(event, owner);
         self.detectors.inspect(event, owner, &mut self.findings);
-        self.attribute();
         &self.findings
-    }
-
-    /// Fills in each finding's container and pod.
-    fn attribute(&mut self) {
-        for finding in &mut self.findings {
-            let event = &finding.event;
-            // In softirq the kernel's cgroup id is the interrupted task's; trust it only when
-            // it came from the owner map or a call in the owner's own context.
-            let trusted = event.owner.is_some() || event.hook == Hook::IoAfterPeerEnd;
-            let cgroup_id = if trusted { event.cgroup_id } else { 0 };
-            let pid = finding.owner.as_ref().map_or(0, |o| o.pid);
-            finding.workload = self.workloads.resolve(cgroup_id, pid);
-        }
     }
 
     /// Periodic upkeep: findings that come from time passing; forget old closed sockets.
@@ -113,7 +93,6 @@ impl Pipeline {
         self.table.expire(mono_now_ns);
         self.findings.clear();
         self.detectors.tick(mono_now_ns, &mut self.findings);
-        self.attribute();
         &self.findings
     }
 
@@ -124,7 +103,6 @@ impl Pipeline {
         for socket in &snapshot.sockets {
             *self.snapshot_states.entry(socket.state).or_insert(0) += 1;
         }
-        self.table.learn_owners(&snapshot.owners);
         let owner_of = |inode: u64| snapshot.owners.get(&inode).cloned();
         let listeners = crate::sockets::pools::Listeners::from_snapshot(&snapshot.sockets);
         for (socket, stalled_ms) in self.stalls.refresh(&snapshot.sockets, &listeners) {
@@ -134,7 +112,6 @@ impl Pipeline {
             finding.stalled_ms = Some(stalled_ms);
             self.findings.push(finding);
         }
-        self.attribute();
         self.pools.connects(&snapshot.connects, mono_now_ns);
         self.pools.refresh(
             &snapshot.sockets,
@@ -164,7 +141,7 @@ impl Pipeline {
 
 #[cfg(test)]
 impl Pipeline {
-    /// Default thresholds, small tables, and host paths that find nothing.
+    /// Default thresholds, small tables, and a /proc that finds nothing.
     pub fn for_tests() -> Pipeline {
         let config = DetectConfig {
             idle_threshold: std::time::Duration::from_secs(1),
@@ -174,13 +151,11 @@ impl Pipeline {
             rst_reasons: Default::default(),
             state_changes: false,
         };
-        let hosts = HostPaths {
-            proc: "/nonexistent".into(),
-            root: "/nonexistent".into(),
-            pod_logs: None,
-            kubelet_url: None,
-        };
-        Pipeline::new(&config, &hosts)
+        let processes = crate::sockets::process::ProcIndex::new("/nonexistent".into());
+        Pipeline::new(
+            &config,
+            std::sync::Arc::new(std::sync::Mutex::new(processes)),
+        )
     }
 }
 

@@ -59,8 +59,12 @@ pub struct Snapshot {
 
 /// Lists the sockets and resolves their owners: the slow part of a refresh (a netlink dump
 /// and a walk of every process's fds), done on a thread of its own.
-pub fn take_snapshot(processes: &mut ProcIndex) -> Result<Snapshot> {
+pub fn take_snapshot(processes: &std::sync::Mutex<ProcIndex>) -> Result<Snapshot> {
     let sockets = dump_tcp()?;
+    // A poisoned lock only means another thread panicked mid-scan: the index is a cache.
+    let mut processes = processes
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     let owners = sockets
         .iter()
         .filter(|s| s.inode != 0)

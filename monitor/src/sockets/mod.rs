@@ -4,7 +4,10 @@ pub mod pools;
 pub mod process;
 pub mod workload;
 
-use std::{collections::HashMap, net::SocketAddr, path::PathBuf};
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+};
 
 use crate::{
     FastMap,
@@ -77,17 +80,18 @@ pub fn make_room<K, V>(
 pub struct SocketTable {
     /// Keyed by kernel address; the entry's `id.born_ns` tells reuse apart.
     sockets: FastMap<u64, SocketEntry>,
-    processes: process::ProcIndex,
+    /// Shared with the threads that scan /proc; only peeked at here, never waited for.
+    processes: Arc<Mutex<process::ProcIndex>>,
     max: usize,
     /// Entries dropped to stay within `max` (closed ones first).
     pub evictions: u64,
 }
 
 impl SocketTable {
-    pub fn new(proc_root: PathBuf, max: usize) -> SocketTable {
+    pub fn new(processes: Arc<Mutex<process::ProcIndex>>, max: usize) -> SocketTable {
         SocketTable {
             sockets: FastMap::default(),
-            processes: process::ProcIndex::new(proc_root),
+            processes,
             max,
             evictions: 0,
         }
@@ -140,15 +144,16 @@ impl SocketTable {
         }
         if let Some(owner) = &event.owner {
             entry.owner = Some(owner.clone());
-        } else if entry.owner.is_none() {
-            entry.owner = self.processes.owner_of(event.inode);
+        } else if entry.owner.is_none() && event.inode != 0 {
+            // The last scan's answer if the index is free now; a finding without an owner
+            // gets one from the resolver thread, which may wait for a scan.
+            entry.owner = self
+                .processes
+                .try_lock()
+                .ok()
+                .and_then(|index| index.cached(event.inode));
         }
         Some(entry)
-    }
-
-    /// Owners a snapshot resolved, so events on those sockets need no /proc scan.
-    pub fn learn_owners(&mut self, owners: &HashMap<u64, Task>) {
-        self.processes.learn(owners);
     }
 
     /// Drops sockets closed longer than the retention period before `now_ns`.
@@ -177,9 +182,14 @@ mod tests {
     use super::*;
     use crate::events::{from_raw, tests::raw_reset};
 
+    /// A /proc with no processes: attribution must come from the events.
+    fn no_processes() -> Arc<Mutex<process::ProcIndex>> {
+        let root = std::env::temp_dir().join("connwatch-no-such-proc");
+        Arc::new(Mutex::new(process::ProcIndex::new(root)))
+    }
+
     fn table() -> SocketTable {
-        // A /proc with no processes: attribution must come from the events.
-        SocketTable::new(std::env::temp_dir().join("connwatch-no-such-proc"), 1000)
+        SocketTable::new(no_processes(), 1000)
     }
 
     #[test]
@@ -207,7 +217,7 @@ mod tests {
 
     #[test]
     fn table_stays_within_its_bound() {
-        let mut table = SocketTable::new(std::env::temp_dir().join("connwatch-no-such-proc"), 64);
+        let mut table = SocketTable::new(no_processes(), 64);
         for i in 0..1000u64 {
             let mut raw = raw_reset(1);
             raw.hook = monitor_common::hook::STATE_CHANGE;

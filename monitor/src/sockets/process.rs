@@ -1,6 +1,6 @@
 //! Socket inode → process, through /proc: the fallback for sockets whose owner the kernel
 //! programs never saw (opened before connwatch started, or accepted without accept()).
-use std::{collections::HashMap, fs, path::PathBuf, time::Duration};
+use std::{fs, path::PathBuf, time::Duration};
 
 use super::Throttle;
 use crate::{FastMap, events::Task};
@@ -37,11 +37,10 @@ impl ProcIndex {
         self.by_inode.get(&inode).cloned()
     }
 
-    /// Adds owners found elsewhere (a snapshot's own scan) to the cache.
-    pub fn learn(&mut self, owners: &HashMap<u64, Task>) {
-        for (inode, task) in owners {
-            self.by_inode.insert(*inode, task.clone());
-        }
+    /// The process holding socket `inode` as of the last scan: no /proc access, for the
+    /// event loop.
+    pub fn cached(&self, inode: u64) -> Option<Task> {
+        self.by_inode.get(&inode).cloned()
     }
 
     fn rescan(&mut self) {
@@ -125,6 +124,11 @@ mod tests {
         assert_eq!((owner.pid, &*owner.comm), (100, "postgres"));
         assert_eq!(index.owner_of(77).map(|t| t.pid), Some(300));
         assert_eq!(index.owner_of(12345), None);
+        assert_eq!(
+            index.cached(4242).map(|t| t.pid),
+            Some(100),
+            "kept from the scan"
+        );
         fs::remove_dir_all(&root).unwrap();
     }
 
