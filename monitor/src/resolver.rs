@@ -3,9 +3,11 @@
 //! the kubelet) are resolved on a thread of its own: a slow /proc walk or a hanging kubelet
 //! delays attribution, never events, signals or metrics.
 //!
-//! Findings come back in the order they went in. When the thread is [`QUEUE`] findings
-//! behind, the event loop delivers new ones as they are (owner from the kernel, no
-//! workload) and counts them in [`Resolver::unattributed`].
+//! Findings come back in the order they went in. A finding whose answer the thread already
+//! found (the same process, within seconds) is attributed on the spot when nothing is in
+//! flight, with no round trip. When the thread is [`QUEUE`] findings behind, the event loop
+//! delivers new ones as they are (owner from the kernel, no workload) and counts them in
+//! [`Resolver::unattributed`].
 use std::sync::{Arc, Mutex, mpsc as std_mpsc};
 
 use anyhow::{Context as _, Result};
@@ -15,7 +17,10 @@ use crate::{
     detect::Finding,
     events::Hook,
     pipeline::HostPaths,
-    sockets::{process::ProcIndex, workload::WorkloadResolver},
+    sockets::{
+        process::ProcIndex,
+        workload::{Remembered, WorkloadResolver},
+    },
 };
 
 /// Findings waiting for, or back from, the resolver thread, at most.
@@ -28,6 +33,8 @@ pub type SharedProcIndex = Arc<Mutex<ProcIndex>>;
 pub struct Resolver {
     requests: std_mpsc::SyncSender<Finding>,
     answers: mpsc::Receiver<Finding>,
+    /// The thread's complete answers, read without waiting for it.
+    remembered: Remembered,
     in_flight: usize,
     /// Findings delivered without attribution: the resolver was [`QUEUE`] behind.
     pub unattributed: u64,
@@ -40,6 +47,7 @@ impl Resolver {
         let mut workloads =
             WorkloadResolver::new(&hosts.root, hosts.proc.clone(), hosts.pod_logs.clone())
                 .with_kubelet(hosts.kubelet_url.clone());
+        let remembered = workloads.remembered();
         std::thread::Builder::new()
             .name("cw-resolve".into())
             .spawn(move || {
@@ -55,13 +63,22 @@ impl Resolver {
         Ok(Resolver {
             requests,
             answers,
+            remembered,
             in_flight: 0,
             unattributed: 0,
         })
     }
 
-    /// Hands `finding` to the thread; gives it back, counted, when the thread is behind.
-    pub fn submit(&mut self, finding: Finding) -> Option<Finding> {
+    /// Hands `finding` to the thread (`None`), or gives it back to be delivered now:
+    /// attributed from a remembered answer, or as it is, counted, when the thread is behind.
+    pub fn submit(&mut self, mut finding: Finding) -> Option<Finding> {
+        if self.in_flight == 0 && finding.owner.is_some() {
+            let (cgroup_id, pid) = workload_key(&finding);
+            if let Some(workload) = self.remembered.try_get(cgroup_id, pid) {
+                finding.workload = workload;
+                return Some(finding);
+            }
+        }
         // Bounded twice: what waits to be resolved, and what waits to be delivered.
         if self.in_flight >= QUEUE {
             self.unattributed += 1;
@@ -108,12 +125,18 @@ fn attribute(finding: &mut Finding, processes: &SharedProcIndex, workloads: &mut
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         finding.owner = index.owner_of(event.inode);
     }
+    let (cgroup_id, pid) = workload_key(finding);
+    finding.workload = workloads.resolve(cgroup_id, pid);
+}
+
+/// What a finding's workload is looked up by: (cgroup id, pid).
+fn workload_key(finding: &Finding) -> (u64, u32) {
+    let event = &finding.event;
     // In softirq the kernel's cgroup id is the interrupted task's; trust it only when it
     // came from the owner map or a call in the owner's own context.
     let trusted = event.owner.is_some() || event.hook == Hook::IoAfterPeerEnd;
     let cgroup_id = if trusted { event.cgroup_id } else { 0 };
-    let pid = finding.owner.as_ref().map_or(0, |o| o.pid);
-    finding.workload = workloads.resolve(cgroup_id, pid);
+    (cgroup_id, finding.owner.as_ref().map_or(0, |o| o.pid))
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@ use std::{
     fs,
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -109,9 +110,47 @@ pub struct WorkloadResolver {
     kubelet_url: Option<String>,
     kubelet_requests: Throttle,
     warned_kubelet: bool,
-    /// Complete answers by (cgroup id, pid), for [`RESOLVED_TTL`]: findings come in bursts
-    /// from the same processes, and each answer costs file reads and path parsing.
-    resolved: crate::FastMap<(u64, u32), (Instant, Workload)>,
+    /// Complete answers, for [`RESOLVED_TTL`]: findings come in bursts from the same
+    /// processes, and each answer costs file reads and path parsing.
+    resolved: Remembered,
+}
+
+/// Complete answers by (cgroup id, pid), each kept [`RESOLVED_TTL`]. Shared, so that the
+/// event loop can use an answer without a round trip to the thread that finds them.
+#[derive(Clone, Default)]
+pub struct Remembered(Arc<Mutex<Answers>>);
+
+/// (cgroup id, pid) → (when found, what).
+type Answers = crate::FastMap<(u64, u32), (Instant, Workload)>;
+
+impl Remembered {
+    /// The answer for (cgroup id, pid) if one is fresh; `None` also when another thread
+    /// holds the table right now (never waits).
+    pub fn try_get(&self, cgroup_id: u64, pid: u32) -> Option<Workload> {
+        let table = self.0.try_lock().ok()?;
+        let (at, workload) = table.get(&(cgroup_id, pid))?;
+        (at.elapsed() < RESOLVED_TTL).then(|| workload.clone())
+    }
+
+    fn get(&self, cgroup_id: u64, pid: u32) -> Option<Workload> {
+        let table = self
+            .0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let (at, workload) = table.get(&(cgroup_id, pid))?;
+        (at.elapsed() < RESOLVED_TTL).then(|| workload.clone())
+    }
+
+    fn put(&self, cgroup_id: u64, pid: u32, workload: Workload) {
+        let mut table = self
+            .0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if table.len() >= CACHE_LIMIT {
+            table.clear();
+        }
+        table.insert((cgroup_id, pid), (Instant::now(), workload));
+    }
 }
 
 impl WorkloadResolver {
@@ -132,7 +171,7 @@ impl WorkloadResolver {
             kubelet_url: None,
             kubelet_requests: Throttle::new(KUBELET_INTERVAL),
             warned_kubelet: false,
-            resolved: crate::FastMap::default(),
+            resolved: Remembered::default(),
         }
     }
 
@@ -144,23 +183,22 @@ impl WorkloadResolver {
 
     /// The workload of a socket owned by `pid`, whose owner ran in cgroup `cgroup_id`.
     pub fn resolve(&mut self, cgroup_id: u64, pid: u32) -> Workload {
-        if let Some((at, workload)) = self.resolved.get(&(cgroup_id, pid))
-            && at.elapsed() < RESOLVED_TTL
-        {
-            return workload.clone();
+        if let Some(workload) = self.resolved.get(cgroup_id, pid) {
+            return workload;
         }
         let workload = self.resolve_now(cgroup_id, pid);
         // Incomplete answers (no cgroup, or a pod not yet named) are asked again next time.
         let complete =
             workload.cgroup.is_some() && (workload.pod_uid.is_none() || workload.pod.is_some());
         if complete {
-            if self.resolved.len() >= CACHE_LIMIT {
-                self.resolved.clear();
-            }
-            self.resolved
-                .insert((cgroup_id, pid), (Instant::now(), workload.clone()));
+            self.resolved.put(cgroup_id, pid, workload.clone());
         }
         workload
+    }
+
+    /// Its complete answers, to read from another thread.
+    pub fn remembered(&self) -> Remembered {
+        self.resolved.clone()
     }
 
     fn resolve_now(&mut self, cgroup_id: u64, pid: u32) -> Workload {
