@@ -12,27 +12,28 @@ use std::{
 use serde_json::Value;
 use support::{postgres::Postgres, *};
 
-#[test]
-fn top_once_shows_a_pool_opened_before_start() {
-    const CONNECTIONS: usize = 20;
-    let (listener, server_port) = listen("127.0.0.1:0");
-    // Another process holds the pool, opened before connwatch exists.
+/// A pool of `connections` held by another process (python3) until its stdin closes, and
+/// the server ends of them.
+fn python_pool(
+    listener: &std::net::TcpListener,
+    connections: usize,
+) -> (std::process::Child, Vec<std::net::TcpStream>) {
     let mut client = Command::new("python3")
         .args([
             "-c",
-            "import socket, sys, time\n\
+            "import socket, sys\n\
              port, n = int(sys.argv[1]), int(sys.argv[2])\n\
              pool = [socket.create_connection(('127.0.0.1', port)) for _ in range(n)]\n\
              print('ready', flush=True)\n\
              sys.stdin.read()\n",
-            &server_port.to_string(),
-            &CONNECTIONS.to_string(),
+            &listener.local_addr().unwrap().port().to_string(),
+            &connections.to_string(),
         ])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
         .expect("python3");
-    let _accepted: Vec<_> = (0..CONNECTIONS)
+    let accepted = (0..connections)
         .map(|_| listener.accept().unwrap().0)
         .collect();
     let mut ready = String::new();
@@ -40,6 +41,15 @@ fn top_once_shows_a_pool_opened_before_start() {
         .read_line(&mut ready)
         .unwrap();
     assert_eq!(ready.trim(), "ready");
+    (client, accepted)
+}
+
+#[test]
+fn top_once_shows_a_pool_opened_before_start() {
+    const CONNECTIONS: usize = 20;
+    let (listener, server_port) = listen("127.0.0.1:0");
+    // Another process holds the pool, opened before connwatch exists.
+    let (mut client, _accepted) = python_pool(&listener, CONNECTIONS);
 
     let output = Command::new(&*CONNWATCH)
         .args(["top", "--once", "--json"])
@@ -83,29 +93,7 @@ fn top_counts_each_pools_connects_in_the_kernel() {
     const CONNECTIONS: usize = 30;
     let (listener, server_port) = listen("127.0.0.1:0");
     let top = Watch::spawn(&["top", "--json", "--refresh", "1s"]);
-    let mut client = Command::new("python3")
-        .args([
-            "-c",
-            "import socket, sys\n\
-             port, n = int(sys.argv[1]), int(sys.argv[2])\n\
-             pool = [socket.create_connection(('127.0.0.1', port)) for _ in range(n)]\n\
-             print('ready', flush=True)\n\
-             sys.stdin.read()\n",
-            &server_port.to_string(),
-            &CONNECTIONS.to_string(),
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("python3");
-    let _accepted: Vec<_> = (0..CONNECTIONS)
-        .map(|_| listener.accept().unwrap().0)
-        .collect();
-    let mut ready = String::new();
-    BufReader::new(client.stdout.take().unwrap())
-        .read_line(&mut ready)
-        .unwrap();
-    assert_eq!(ready.trim(), "ready");
+    let (mut client, _accepted) = python_pool(&listener, CONNECTIONS);
     let endpoint = format!("127.0.0.1:{server_port}");
     let pool = |refreshes: &[Value], direction: &str| -> Option<Value> {
         let pools = refreshes.last()?["pools"].as_array()?.clone();

@@ -213,7 +213,11 @@ impl TupleSource for FromSock {
     #[inline(always)]
     fn tuple(&self, sk: u64, tuple: *mut Tuple) {
         let k = kernel();
-        let family = read::<u16>(sk, k.sk_family as i64).unwrap_or(0);
+        // Two reads for an IPv4 socket's tuple instead of five: `sock_common`'s head
+        // (family, daddr, dport) and `inet_sock`'s saddr and sport lie close together.
+        let common = Block::read(sk, k.sk_daddr.min(k.sk_dport).min(k.sk_family));
+        let inet = Block::read(sk, k.inet_saddr.min(k.inet_sport));
+        let family = common.get::<u16>(k.sk_family).unwrap_or(0);
         // SAFETY: `tuple` points at a whole, 8-aligned `Tuple`; each field is written
         // through its own place, the addresses by the helper (16 bytes each, zeroed by it
         // on failure).
@@ -230,17 +234,69 @@ impl TupleSource for FromSock {
                     );
                 }
             } else {
-                let v4 = |offset: u32| read::<[u16; 2]>(sk, offset as i64).unwrap_or([0; 2]);
-                v4_mapped(v4(k.inet_saddr), &raw mut (*tuple).saddr);
-                v4_mapped(v4(k.sk_daddr), &raw mut (*tuple).daddr);
+                let saddr = inet.get::<[u16; 2]>(k.inet_saddr).unwrap_or([0; 2]);
+                let daddr = common.get::<[u16; 2]>(k.sk_daddr).unwrap_or([0; 2]);
+                v4_mapped(saddr, &raw mut (*tuple).saddr);
+                v4_mapped(daddr, &raw mut (*tuple).daddr);
             }
-            let sport = u16::from_be(read::<u16>(sk, k.inet_sport as i64).unwrap_or(0));
-            let dport = u16::from_be(read::<u16>(sk, k.sk_dport as i64).unwrap_or(0));
+            let sport = u16::from_be(inet.get::<u16>(k.inet_sport).unwrap_or(0));
+            let dport = u16::from_be(common.get::<u16>(k.sk_dport).unwrap_or(0));
             core::ptr::write_volatile(&raw mut (*tuple).family, family);
             core::ptr::write_volatile(&raw mut (*tuple).sport, sport);
             core::ptr::write_volatile(&raw mut (*tuple).dport, dport);
             core::ptr::write_volatile(&raw mut (*tuple)._pad, 0);
         }
+    }
+}
+
+/// Bytes of kernel memory a [`Block`] holds.
+const BLOCK_BYTES: usize = 32;
+
+/// Kernel memory from `start` read with one helper call, so that fields close together
+/// cost one read instead of one each. A field the block does not hold (this kernel's
+/// layout spreads them further) is read on its own: the answer is the same either way.
+struct Block {
+    base: u64,
+    start: u32,
+    bytes: MaybeUninit<[u64; BLOCK_BYTES / 8]>,
+    ok: bool,
+}
+
+impl Block {
+    #[inline(always)]
+    fn read(base: u64, start: u32) -> Block {
+        let mut bytes = MaybeUninit::<[u64; BLOCK_BYTES / 8]>::uninit();
+        // SAFETY: writes BLOCK_BYTES bytes into our buffer; bpf_probe_read_kernel checks
+        // the source and fails instead of faulting.
+        let ret = unsafe {
+            generated::bpf_probe_read_kernel(
+                bytes.as_mut_ptr().cast(),
+                BLOCK_BYTES as u32,
+                (base + start as u64) as *const core::ffi::c_void,
+            )
+        };
+        Block {
+            base,
+            start,
+            bytes,
+            ok: base != 0 && ret == 0,
+        }
+    }
+
+    /// The `T` at `offset` from the base.
+    #[inline(always)]
+    fn get<T: Copy>(&self, offset: u32) -> Option<T> {
+        let at = offset.wrapping_sub(self.start) as usize;
+        if self.ok
+            && offset >= self.start
+            && at.is_multiple_of(align_of::<T>())
+            && at + size_of::<T>() <= BLOCK_BYTES
+        {
+            // SAFETY: in bounds and aligned (checked; the buffer is 8-aligned), and written
+            // by the successful read.
+            return Some(unsafe { *self.bytes.as_ptr().cast::<u8>().add(at).cast::<T>() });
+        }
+        read::<T>(self.base, offset as i64)
     }
 }
 
