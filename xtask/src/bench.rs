@@ -31,48 +31,57 @@ tracepoint:tcp:tcp_send_reset { printf("rst-out %d\n", pid); }"#;
 const ANALYSIS: &str = "### Notes on the targets
 
 - **Generators.** Each side runs blocking sockets in tight loops, two client and two server
-  threads (no polling accept): 38-50k connections/s and 180-270k round trips/s unmonitored
-  on this 2-core VM, whose run-to-run spread is itself 10-30% (the runs are listed).
+  threads (no polling accept): 37-50k connections/s and 230-280k round trips/s unmonitored
+  on this 2-core VM, whose run-to-run spread is itself 10-30% (the runs are listed). The
+  rates are measured with `kernel.bpf_stats_enabled` off: the kernel's timing of each
+  program run reads a paravirtual clock twice on a VM, which had cost the monitored runs
+  several percent that a node without bpf_stats does not pay.
 - **Per-hit cost.** The send/recv hooks are typed raw tracepoints (`tp_btf`: arguments from
-  the context, no record) at 40-70 ns per hit. `inet_sock_set_state` is typed too; it counts
-  every change in a per-CPU map, counts connects per (process, endpoint) in a kernel map,
-  and streams 2 of a healthy connection's 10 changes (the peer's FIN and the close after
-  it): about 280 ns per hit on average, from 630 ns at first and 400 ns with the classic
-  tracepoint and 6 streamed changes. **Missed (100 ns), and why:** per connection the
-  programs still make 6 LRU-hash operations keyed by socket address (the owner entry
-  inserted at SYN_SENT and SYN_RECV, deleted at each `tcp_destroy_sock`; the FIN mark
-  inserted at CLOSE_WAIT and deleted), at 250-300 ns each on this VM (`tcp_destroy_sock`,
-  a delete and a lookup, costs about 300 ns by itself), and the 2 streamed events cost
-  about 600 ns each (reservation, owner lookup, comm, socket reads). `sys_exit_accept4`
-  (about 390 ns) walks the fd table in 7 dependent reads to find the socket. What would
-  close it: socket-local storage (`BPF_MAP_TYPE_SK_STORAGE`, Linux 5.11+ from typed
-  programs) for the owner and the FIN mark, which needs no hash, no LRU lock and no delete
-  (the kernel frees it with the socket, so `tcp_destroy_sock` goes), and the accepted
-  socket taken from `inet_csk_accept`'s return value (fexit) where the kernel allows it.
+  the context, no record) at 40-70 ns per hit: met. `inet_sock_set_state` is typed too; it
+  counts every change in a per-CPU map, counts connects per (process, endpoint) in a
+  kernel map, and streams 2 of a healthy connection's 10 changes (the peer's FIN and the
+  close after it): 250-280 ns per hit on average, from 630 ns at first and about 400 ns
+  with the classic tracepoint and 6 streamed changes. **Missed (100 ns); the system
+  profile above says why.** About half of the programs' time is hash-map work keyed by
+  socket address (`lookup_nulls_elem_raw`, `htab_lru_map_delete_elem`/`update_elem`,
+  `bpf_lru_pop_free`/`push_free`, `htab_map_hash`): per connection the owner entry is
+  inserted at SYN_SENT and SYN_RECV and deleted at each `tcp_destroy_sock`, the FIN mark
+  inserted at CLOSE_WAIT and deleted, the connect counter looked up twice. Next come the
+  ring-buffer reservations of the 2 streamed events (`__bpf_ringbuf_reserve`, a lock both
+  CPUs contend for) and the socket reads (`copy_from_kernel_nofault`). `sys_exit_accept4`
+  (about 350 ns) walks the fd table in 7 dependent reads to find the socket, and
+  `tcp_destroy_sock` is still a classic tracepoint (`perf_trace_tcp_event_sk` builds its
+  record). What would close it: socket-local storage (`BPF_MAP_TYPE_SK_STORAGE`, Linux
+  5.11+ from typed programs) for the owner and the FIN mark, which needs no hash, no LRU
+  and no delete (the kernel frees it with the socket, so `tcp_destroy_sock` goes too), and
+  the accepted socket taken from `inet_csk_accept`'s return value where fexit is allowed.
 - **Churn >= 99%: missed, and not reachable with hooks on a connection's every step.** At
-  45k connections/s on 2 saturated cores a connection costs about 45 us of CPU, so 1% is
-  0.45 us for its 17 hook hits (10 state changes, 2 destroys, an accept, 4 sends/recvs):
-  26 ns per hit, below the 35 ns ebpf_exporter measures for a tracepoint that only updates
-  a map. The monitored connection pays about 4 us in the kernel and 0.8 us in the daemon
-  (from 6 us and 2.2 us before the kernel-side filter): 10-11%, inside this machine's
-  run-to-run spread of the unmonitored runs.
+  40-45k connections/s on 2 saturated cores a connection costs about 45 us of CPU, so 1%
+  is 0.45 us for its 17 hook hits (10 state changes, 2 destroys, an accept, 4
+  sends/recvs): 26 ns per hit, below the 35 ns ebpf_exporter measures for a tracepoint that
+  only updates a map. The profile puts all BPF entry points together at about 8% of the
+  machine's CPU under churn (about 4 us per connection) and the daemon at 0.9-1.2 us per
+  connection (from 6 us and 2.2 us before the kernel-side filter); the measured rate, 92%
+  here and 77-90% in the runs of the same day, moves with the machine's spread.
 - **Request/response >= 99.5%: within this machine's noise.** The typed send/recv hooks cost
-  40-70 ns per call (two per round trip, against about 9 us of CPU per round trip). The
-  monitored runs fall inside the range of the unmonitored ones, which differ from each
-  other by 10-25%; a run may land either side of the target.
-- **CPU per event 5x below bpftrace.** The kernel now streams 1.8 events per churned
+  40-70 ns per call (two per round trip, against about 8 us of CPU per round trip: under
+  1.5%). The monitored runs fall inside the range of the unmonitored ones, which differ from
+  each other by 10-20%; a run lands either side of the target (104-109% in earlier runs
+  of the same code, 94-96% in others, bpftrace likewise).
+- **CPU per event 5x below bpftrace.** The kernel now streams under 2 events per churned
   connection where bpftrace prints 10, so the daemon's fixed costs per drain are spread over
-  fewer events: per event it lands near 5x below bpftrace, per connection about 25x below
+  fewer events: per event it lands at 4-5x below bpftrace, per connection about 20x below
   (the per-op figure in the table). In the reset storm every event yields findings (resets
-  by cause and process, labelled metric families), which cost the daemon more per event
-  than bpftrace's `printf`; per connection it still uses about 3x less CPU.
+  by cause and process, labelled metric families) that also take a hop through the
+  resolver thread unless their workload is already known: about 2x below bpftrace per
+  event and per connection.
 - **Reset to flag latency.** Bounded by the 5 ms drain when the ring is not backlogged;
-  findings then take one hop through the resolver thread (attribution off the event loop).
+  findings then take one hop through the resolver thread at most.
 - **RSS with 100,000 sockets (64 MiB): met.** The daemon keeps one /proc index (shared by
   the refresher, the resolver and the socket table), the healthy connections' connects no
   longer fill the socket table, and the kernel BTF parses of start-up (tens of MiB of small
   allocations) are handed back to the system after loading (`malloc_trim`; musl's
-  allocator returns them by itself). The peak is now start-up's, about 45 MiB.";
+  allocator returns them by itself). The peak is now start-up's, about 44 MiB.";
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Workload {
