@@ -31,7 +31,7 @@ tracepoint:tcp:tcp_send_reset { printf("rst-out %d\n", pid); }"#;
 const ANALYSIS: &str = "### Notes on the targets
 
 - **Generators.** Each side runs blocking sockets in tight loops, two client and two server
-  threads (no polling accept): 37-50k connections/s and 230-280k round trips/s unmonitored
+  threads (no polling accept): 37-50k connections/s and 230-295k round trips/s unmonitored
   on this 2-core VM, whose run-to-run spread is itself 10-30% (the runs are listed). The
   rates are measured with `kernel.bpf_stats_enabled` off: the kernel's timing of each
   program run reads a paravirtual clock twice on a VM, which had cost the monitored runs
@@ -60,21 +60,26 @@ const ANALYSIS: &str = "### Notes on the targets
   is 0.45 us for its 17 hook hits (10 state changes, 2 destroys, an accept, 4
   sends/recvs): 26 ns per hit, below the 35 ns ebpf_exporter measures for a tracepoint that
   only updates a map. The profile puts all BPF entry points together at about 8% of the
-  machine's CPU under churn (about 4 us per connection) and the daemon at 0.9-1.2 us per
-  connection (from 6 us and 2.2 us before the kernel-side filter); the measured rate, 92%
-  here and 77-90% in the runs of the same day, moves with the machine's spread.
+  machine's CPU under churn (about 4 us per connection) and the daemon at 0.8-1.2 us per
+  connection (from 6 us and 2.2 us before the kernel-side filter); the measured rate,
+  77-92% across the runs of the same day, moves with the machine's spread.
 - **Request/response >= 99.5%: within this machine's noise.** The typed send/recv hooks cost
   40-70 ns per call (two per round trip, against about 8 us of CPU per round trip: under
-  1.5%). The monitored runs fall inside the range of the unmonitored ones, which differ from
-  each other by 10-20%; a run lands either side of the target (104-109% in earlier runs
-  of the same code, 94-96% in others, bpftrace likewise).
+  1.5%), so about 98.5% is what this machine's round trip allows: 99.5% would need under
+  20 ns per call, about what the tracepoint dispatch alone costs. The measured runs scatter
+  far wider than that (one monitored run at 187k and the other at 280k round trips/s in
+  the same run; 81-109% across the day's runs, bpftrace likewise); `--no-write-after`
+  removes the per-call hooks for nodes where the last percent matters.
 - **CPU per event 5x below bpftrace.** The kernel now streams under 2 events per churned
   connection where bpftrace prints 10, so the daemon's fixed costs per drain are spread over
   fewer events: per event it lands at 4-5x below bpftrace, per connection about 20x below
-  (the per-op figure in the table). In the reset storm every event yields findings (resets
-  by cause and process, labelled metric families) that also take a hop through the
-  resolver thread unless their workload is already known: about 2x below bpftrace per
-  event and per connection.
+  (the per-op figure in the table). In the reset storm every event yields findings, and
+  the reset-storm profile above shows what they cost: a quarter of the daemon's time in
+  `memcmp` and a tenth in `malloc`/`free`, building each finding's label strings (kind,
+  cause, process, pod) and comparing them in the capped metric families' lookups, then
+  cloning the finding for the resolver thread: about 1.5-2x below bpftrace per event, 2.5x
+  per connection. Interning the label values (as process names are) and keying the series
+  by small ids would close most of it.
 - **Reset to flag latency.** Bounded by the 5 ms drain when the ring is not backlogged;
   findings then take one hop through the resolver thread at most.
 - **RSS with 100,000 sockets (64 MiB): met.** The daemon keeps one /proc index (shared by
@@ -646,20 +651,20 @@ fn rss_with_sockets(connwatch: &Path, connections: usize) -> Result<(u64, usize)
     Ok((rss, established))
 }
 
-/// Where the daemon's CPU goes under connection churn: `perf record` on the daemon during a
-/// churn run, the top of `perf report`. Returns the report, or why there is none.
-/// What `perf` records during churn under the daemon: its own process, or the whole system
-/// (where the programs and their helpers run, in the load generator's threads).
+/// What `perf` records under load with the daemon running: the daemon's own process, or
+/// the whole system (where the programs and their helpers run, in the load generator's
+/// threads).
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Scope {
     Daemon,
     System,
 }
 
-/// The top of `perf report` for 3 s of churn with the daemon running. For the system: the
+/// The top of `perf report` for 3 s of `workload` with the daemon running. For the system: the
 /// share of all CPU under the BPF entry points (inclusive), then what that time is spent
-/// on (samples whose call chain passes through a BPF program's entry).
-fn profile(root: &Path, connwatch: &Path, scope: Scope) -> Result<String> {
+/// on (samples whose call chain passes through a BPF program's entry). Returns the report,
+/// or why there is none.
+fn profile(root: &Path, connwatch: &Path, scope: Scope, workload: Workload) -> Result<String> {
     if Command::new("perf").arg("--version").output().is_err() {
         return Ok("perf is not installed (Debian: linux-perf); no profile.".into());
     }
@@ -677,7 +682,7 @@ fn profile(root: &Path, connwatch: &Path, scope: Scope) -> Result<String> {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()?;
-    drive(Workload::Churn)?;
+    drive(workload)?;
     perf.wait()?;
     running.stop();
     let report = |args: &[&str]| -> Result<Vec<String>> {
@@ -994,19 +999,25 @@ pub fn run(root: &Path, connwatch: PathBuf) -> Result<()> {
         rss / 1024,
         yes(rss < 64 * 1024)
     )?;
-    eprintln!("xtask bench: profile of the daemon under churn");
-    let daemon_profile = profile(root, &connwatch, Scope::Daemon)?;
+    for workload in [Workload::Churn, Workload::ResetStorm] {
+        eprintln!(
+            "xtask bench: profile of the daemon under {}",
+            workload.name()
+        );
+        let daemon_profile = profile(root, &connwatch, Scope::Daemon, workload)?;
+        writeln!(
+            report,
+            "\n## Where the daemon's time goes ({})\n\n`perf record -F 999 -g -p <daemon>` \
+             for 3 s of it, `perf report --no-children --sort dso,symbol`, entries above \
+             1.5%:\n\n```\n{daemon_profile}\n```",
+            workload.name()
+        )?;
+    }
     eprintln!("xtask bench: profile of the kernel programs under churn");
-    let kernel_profile = profile(root, &connwatch, Scope::System)?;
+    let kernel_profile = profile(root, &connwatch, Scope::System, Workload::Churn)?;
     writeln!(
         report,
-        "\n## Where the daemon's time goes (connection churn)\n\n`perf record -F 999 -g -p \
-         <daemon>` for 3 s of churn, `perf report --no-children --sort dso,symbol`, entries \
-         above 1.5%:\n\n```\n{daemon_profile}\n```\n"
-    )?;
-    writeln!(
-        report,
-        "## Where the programs' time goes (connection churn)\n\n`perf record -F 999 -g -a` for \
+        "\n## Where the programs' time goes (connection churn)\n\n`perf record -F 999 -g -a` for \
          3 s of churn with the daemon running (no bpf_stats), `perf report --children` for \
          the BPF entry points (`bpf_trace_run*`: typed raw tracepoints; `trace_call_bpf` and \
          `perf_trace_*`: classic ones, whose record the kernel builds first), then `perf \
