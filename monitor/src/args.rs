@@ -32,9 +32,10 @@ pub struct PipelineArgs {
     #[arg(long, value_name = "PATH", env = "CONNWATCH_POD_LOGS")]
     pub pod_logs: Option<PathBuf>,
     /// Sockets tracked at once, in the kernel's maps (LRU) and in connwatch's tables (oldest
-    /// closed ones evicted first, counted). Each costs about 100 bytes in the kernel.
+    /// closed ones evicted first, counted). Each costs about 240 bytes of kernel memory,
+    /// preallocated at start.
     #[arg(long, value_name = "N", default_value_t = 65536, env = "CONNWATCH_MAX_TRACKED_SOCKETS",
-          value_parser = clap::value_parser!(u32).range(64..=16_777_216))]
+          value_parser = parse_max_tracked_sockets)]
     pub max_tracked_sockets: u32,
     /// Ask the kubelet for pod names when /var/log/pods does not tell (plain HTTP, e.g. the
     /// read-only port: http://127.0.0.1:10255).
@@ -71,6 +72,34 @@ impl PipelineArgs {
             state_changes,
         }
     }
+}
+
+/// Bounds of `--max-tracked-sockets`, and the kernel memory each tracked socket costs (the
+/// owner and peer-end maps' entries, measured with `bpftool map show`).
+const TRACKED_SOCKETS: std::ops::RangeInclusive<u32> = 64..=1 << 20;
+const KERNEL_BYTES_PER_TRACKED_SOCKET: u64 = 240;
+
+fn parse_max_tracked_sockets(text: &str) -> Result<u32, String> {
+    let n: u32 = text
+        .parse()
+        .map_err(|_| format!("`{text}` is not a number of sockets (e.g. 65536)"))?;
+    if n < *TRACKED_SOCKETS.start() {
+        return Err(format!(
+            "{n} is below the minimum of {}",
+            TRACKED_SOCKETS.start()
+        ));
+    }
+    if n > *TRACKED_SOCKETS.end() {
+        let mib = (u64::from(n) * KERNEL_BYTES_PER_TRACKED_SOCKET) >> 20;
+        return Err(format!(
+            "{n} is above the limit of {}: the kernel preallocates about \
+             {KERNEL_BYTES_PER_TRACKED_SOCKET} bytes per tracked socket, so this would pin \
+             {mib} MiB; with more live sockets than the limit, the oldest entries are evicted \
+             and counted, and the rest keeps working",
+            TRACKED_SOCKETS.end()
+        ));
+    }
+    Ok(n)
 }
 
 pub fn parse_duration(text: &str) -> Result<Duration, String> {

@@ -33,6 +33,19 @@ fn bad_flag_values_are_named() {
             &["watch", "--ring-buffer-size", "5000"],
             "5000 is not a power of two of at least 4096",
         ),
+        (
+            &["watch", "--ring-buffer-size", "2147483648"],
+            "2147483648 is above the limit of 268435456 (256 MiB)",
+        ),
+        (
+            &["daemon", "--max-tracked-sockets", "16777216"],
+            "16777216 is above the limit of 1048576: the kernel preallocates about 240 bytes \
+             per tracked socket, so this would pin 3840 MiB",
+        ),
+        (
+            &["daemon", "--max-tracked-sockets", "8"],
+            "8 is below the minimum of 64",
+        ),
         (&["watch", "--bogus"], "unexpected argument '--bogus'"),
     ] {
         let outcome = connwatch(args);

@@ -38,6 +38,10 @@ pub struct ProbeOptions {
     pub ring_buffer_size: u32,
 }
 
+/// The largest ring buffer accepted: it is kernel memory pinned for connwatch's life and
+/// mapped into it, and 4 MiB already holds about 20,000 events per 5 ms drain.
+pub const MAX_RING_BUFFER_BYTES: u32 = 256 << 20;
+
 fn parse_ring_size(text: &str) -> Result<u32, String> {
     let bytes: u32 = text
         .parse()
@@ -46,6 +50,13 @@ fn parse_ring_size(text: &str) -> Result<u32, String> {
         return Err(format!(
             "{bytes} is not a power of two of at least 4096 (the kernel requires it); try {}",
             bytes.max(4096).next_power_of_two()
+        ));
+    }
+    if bytes > MAX_RING_BUFFER_BYTES {
+        return Err(format!(
+            "{bytes} is above the limit of {MAX_RING_BUFFER_BYTES} (256 MiB): the ring is \
+             kernel memory pinned for connwatch's life; raise it in steps from the default \
+             4 MiB while `events_lost` rises"
         ));
     }
     Ok(bytes)
