@@ -258,7 +258,8 @@ fn spawn_refresher(
 }
 
 /// Sends findings to be attributed; the resolver's answers reach the consumer from the
-/// event loop. Only findings the resolver has no room for are delivered here, as they are.
+/// event loop. Delivered here at once: findings attributed from a remembered answer, and
+/// those the resolver has no room for, as they are.
 fn deliver(
     findings: &[Finding],
     resolver: &mut Resolver,

@@ -123,13 +123,17 @@ pub struct Remembered(Arc<Mutex<Answers>>);
 /// (cgroup id, pid) → (when found, what).
 type Answers = crate::FastMap<(u64, u32), (Instant, Workload)>;
 
+/// The answer for (cgroup id, pid), unless it is older than [`RESOLVED_TTL`].
+fn fresh(answers: &Answers, cgroup_id: u64, pid: u32) -> Option<Workload> {
+    let (at, workload) = answers.get(&(cgroup_id, pid))?;
+    (at.elapsed() < RESOLVED_TTL).then(|| workload.clone())
+}
+
 impl Remembered {
     /// The answer for (cgroup id, pid) if one is fresh; `None` also when another thread
     /// holds the table right now (never waits).
     pub fn try_get(&self, cgroup_id: u64, pid: u32) -> Option<Workload> {
-        let table = self.0.try_lock().ok()?;
-        let (at, workload) = table.get(&(cgroup_id, pid))?;
-        (at.elapsed() < RESOLVED_TTL).then(|| workload.clone())
+        fresh(&*self.0.try_lock().ok()?, cgroup_id, pid)
     }
 
     fn get(&self, cgroup_id: u64, pid: u32) -> Option<Workload> {
@@ -137,8 +141,7 @@ impl Remembered {
             .0
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let (at, workload) = table.get(&(cgroup_id, pid))?;
-        (at.elapsed() < RESOLVED_TTL).then(|| workload.clone())
+        fresh(&table, cgroup_id, pid)
     }
 
     fn put(&self, cgroup_id: u64, pid: u32, workload: Workload) {
