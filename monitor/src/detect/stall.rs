@@ -80,12 +80,15 @@ mod tests {
             state: TcpState(monitor_common::tcp_state::ESTABLISHED),
             inode: cookie,
             cookie,
+            recv_queue: 0,
             activity: Some(TcpActivity {
                 last_data_sent_ms: sent,
                 last_data_recv_ms: recv,
                 last_ack_recv_ms: sent,
                 unacked,
                 retransmits: 0,
+                bytes_received: 0,
+                bytes_acked: 0,
             }),
         }
     }

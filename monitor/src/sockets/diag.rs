@@ -28,6 +28,10 @@ pub struct TcpActivity {
     pub unacked: u32,
     /// Retransmissions of the current unacknowledged segment.
     pub retransmits: u8,
+    /// Payload bytes received, and sent bytes the peer acknowledged, over the connection's
+    /// life: whether it ever carried data each way.
+    pub bytes_received: u64,
+    pub bytes_acked: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,6 +41,8 @@ pub struct DiagSocket {
     pub state: TcpState,
     pub inode: u64,
     pub cookie: u64,
+    /// Bytes received and not yet read by the application.
+    pub recv_queue: u32,
     pub activity: Option<TcpActivity>,
 }
 
@@ -138,6 +144,8 @@ fn dump_family(socket: &mut Socket, family: u8, sockets: &mut Vec<DiagSocket>) -
                             last_ack_recv_ms: info.last_ack_recv,
                             unacked: info.unacked,
                             retransmits: info.retransmits,
+                            bytes_received: info.bytes_received,
+                            bytes_acked: info.bytes_acked,
                         }),
                         _ => None,
                     });
@@ -150,6 +158,7 @@ fn dump_family(socket: &mut Socket, family: u8, sockets: &mut Vec<DiagSocket>) -
                         state: TcpState(h.state),
                         inode: h.inode as u64,
                         cookie: u64::from_ne_bytes(h.socket_id.cookie),
+                        recv_queue: h.recv_queue,
                         activity,
                     });
                 }

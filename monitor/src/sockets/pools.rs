@@ -281,12 +281,15 @@ mod tests {
             state: TcpState(state),
             inode,
             cookie: inode,
+            recv_queue: 0,
             activity: Some(TcpActivity {
                 last_data_sent_ms: idle_ms,
                 last_data_recv_ms: idle_ms,
                 last_ack_recv_ms: idle_ms,
                 unacked: 0,
                 retransmits: 0,
+                bytes_received: 0,
+                bytes_acked: 0,
             }),
         }
     }
