@@ -163,53 +163,187 @@ fn proxy_closes_idle_connections() {
     proxy_ends_idle_connections("--fin-idle-after", "peer_close_idle", "write_after_close");
 }
 
-/// (c) Every pooled connection is stuck behind a lock.
-#[test]
-fn pool_blocked_on_a_lock() {
-    const POOL: usize = 3;
-    let pg = Postgres::start();
-    let mut admin = pg.connect().unwrap();
-    admin
-        .batch_execute("CREATE TABLE accounts (id int)")
+/// `watch` and `top` for a stalled pool: stalls, exhaustion and recovery, at a 2 s threshold.
+const POOL_WATCH: [&str; 6] = [
+    "--kind",
+    "request_stalled,pool_exhausted,pool_recovered",
+    "--stall-threshold",
+    "2s",
+    "--refresh",
+    "1s",
+];
+
+/// A table with the one row every pooled query updates, and a session holding its lock.
+fn locked_row(pg: &Postgres) -> Psql {
+    pg.connect()
+        .unwrap()
+        .batch_execute(
+            "CREATE TABLE accounts (id int PRIMARY KEY, n int); INSERT INTO accounts VALUES (1, 0)",
+        )
         .unwrap();
-    let pg_port = pg.port.to_string();
-    let watch = Watch::start(&[&["--port", &pg_port][..], &STALL_WATCH].concat());
-    let mut locker = pg.connect().unwrap();
-    let mut lock = locker.transaction().unwrap();
-    lock.batch_execute("LOCK TABLE accounts IN ACCESS EXCLUSIVE MODE")
-        .unwrap();
-    let mut pool: Vec<::postgres::Client> = (0..POOL).map(|_| pg.connect().unwrap()).collect();
-    for client in &mut pool {
-        client.simple_query("SELECT 1").unwrap();
-    }
-    thread::sleep(Duration::from_millis(100));
-    for mut client in pool {
-        thread::spawn(move || {
-            let _ = client.simple_query("SELECT count(*) FROM accounts");
-        });
-    }
-    watch.wait_for("request_stalled for the whole pool", |events| {
+    let mut locker = Psql::connect(pg.port);
+    locker.send("BEGIN;");
+    assert_eq!(
+        locker.query("SELECT n FROM accounts WHERE id = 1 FOR UPDATE;"),
+        "0"
+    );
+    locker
+}
+
+/// Waits until `pid`'s pool towards `pg_port` is reported exhausted with all `size`
+/// connections stalled, by `watch` and by a `top` started before the stall; then the lock
+/// is released (`unlock`) and the pool must be reported recovered.
+fn assert_exhausted_then_recovered(
+    watch: Watch,
+    top: Watch,
+    pid: u32,
+    size: usize,
+    pg_port: u16,
+    unlock: impl FnOnce(),
+) {
+    let mine = |e: &&Value| e["pid"] == pid && port(&e["remote"]) == pg_port;
+    watch.wait_for("pool_exhausted", |events| {
         events
             .iter()
-            .filter(|e| kind(e) == "request_stalled")
-            .count()
-            >= POOL
+            .filter(mine)
+            .any(|e| kind(e) == "pool_exhausted")
+    });
+    let endpoint = format!("127.0.0.1:{pg_port}");
+    let exhausted_pool = |snapshot: &Value| -> Option<Value> {
+        snapshot["pools"]
+            .as_array()?
+            .iter()
+            .find(|p| {
+                p["pid"] == pid && p["endpoint"] == endpoint.as_str() && p["exhausted"] == true
+            })
+            .cloned()
+    };
+    top.wait_for("top marks the pool exhausted", |snapshots| {
+        snapshots.iter().any(|s| exhausted_pool(s).is_some())
+    });
+    let pool = top.stop().events.iter().find_map(exhausted_pool).unwrap();
+    assert_eq!(
+        (&pool["stalled"], &pool["idle"], &pool["established"]),
+        (&Value::from(size), &Value::from(0), &Value::from(size)),
+        "a stuck query is never idle: {pool:#?}"
+    );
+    unlock();
+    watch.wait_for("pool_recovered", |events| {
+        events
+            .iter()
+            .filter(mine)
+            .any(|e| kind(e) == "pool_recovered")
     });
     let events = watch.stop().events;
     let stalled: Vec<&Value> = events
         .iter()
+        .filter(mine)
         .filter(|e| kind(e) == "request_stalled")
         .collect();
-    assert_eq!(
-        stalled.len(),
-        POOL,
-        "the locker and the admin are idle, not stalled: {events:#?}"
-    );
-    for event in stalled {
-        assert_eq!(event["pid"], std::process::id());
-        assert_eq!(port(&event["remote"]), pg.port);
+    assert_eq!(stalled.len(), size, "one per stuck query: {events:#?}");
+    for event in &stalled {
+        assert!(ms(event, "stalled_ms") >= 2000, "{event:?}");
     }
-    lock.rollback().unwrap();
+    let exhausted: Vec<&Value> = events
+        .iter()
+        .filter(|e| kind(e) == "pool_exhausted")
+        .collect();
+    assert_eq!(
+        exhausted.len(),
+        1,
+        "one per episode, only this pool: {events:#?}"
+    );
+    assert_eq!(exhausted[0]["connections"], size);
+    assert!(ms(exhausted[0], "stalled_ms") >= 2000);
+    let recovered: Vec<&Value> = events
+        .iter()
+        .filter(|e| kind(e) == "pool_recovered")
+        .collect();
+    assert_eq!(recovered.len(), 1, "{events:#?}");
+    assert!(ms(recovered[0], "age_ms") >= 1000, "{:?}", recovered[0]);
+}
+
+/// `connwatch top --json`, refreshing every second, started before the stall.
+fn top_json() -> Watch {
+    Watch::spawn(&["top", "--json", "--refresh", "1s"])
+}
+
+/// (c) A SQLAlchemy QueuePool (psycopg2) whose every connection blocks on a row lock: the
+/// application gets "QueuePool limit ... reached". psycopg2 sends each UPDATE right after
+/// reading BEGIN's answer, often in the same kernel tick.
+#[test]
+fn sqlalchemy_pool_blocked_on_a_row_lock() {
+    const SIZE: usize = 4;
+    let pg = Postgres::start();
+    let locker = locked_row(&pg);
+    let pg_port = pg.port.to_string();
+    let watch = Watch::start(&[&["--port", &pg_port][..], &POOL_WATCH].concat());
+    let top = top_json();
+    let python =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/clients/venv/bin/python");
+    assert!(
+        python.exists(),
+        "SQLAlchemy missing: run `cargo xtask setup` (or `cargo xtask test`)"
+    );
+    let mut app = Command::new(python)
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/support/queuepool.py"
+        ))
+        .args([&pg_port, &SIZE.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(app.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "ready");
+    line.clear();
+    stdout.read_line(&mut line).unwrap();
+    assert!(
+        line.contains("QueuePool limit of size 4 overflow 0 reached"),
+        "the application's view of the incident: {line}"
+    );
+    let mut locker = Some(locker);
+    assert_exhausted_then_recovered(watch, top, app.id(), SIZE, pg.port, || {
+        locker.take().unwrap().send("ROLLBACK;")
+    });
+    drop(app.stdin.take());
+    let _ = app.kill();
+    let _ = app.wait();
+}
+
+/// (c') The Rust `postgres` crate sends BEGIN and the UPDATE back to back, in one write: no
+/// answer comes between them at all.
+#[test]
+fn rust_pool_sends_begin_and_update_back_to_back() {
+    const SIZE: usize = 3;
+    let pg = Postgres::start();
+    let mut locker = Some(locked_row(&pg));
+    let pg_port = pg.port.to_string();
+    let watch = Watch::start(&[&["--port", &pg_port][..], &POOL_WATCH].concat());
+    let top = top_json();
+    let mut pool: Vec<::postgres::Client> = (0..SIZE).map(|_| pg.connect().unwrap()).collect();
+    for client in &mut pool {
+        client.simple_query("SELECT 1").unwrap();
+    }
+    let queries: Vec<_> = pool
+        .into_iter()
+        .map(|mut client| {
+            thread::spawn(move || {
+                client
+                    .batch_execute("BEGIN; UPDATE accounts SET n = n + 1 WHERE id = 1; COMMIT")
+                    .unwrap();
+            })
+        })
+        .collect();
+    assert_exhausted_then_recovered(watch, top, std::process::id(), SIZE, pg.port, || {
+        locker.take().unwrap().send("ROLLBACK;")
+    });
+    for query in queries {
+        query.join().unwrap();
+    }
 }
 
 /// (d) The server ends sessions (a DBA, idle_session_timeout); clients never close theirs.

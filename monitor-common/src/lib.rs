@@ -422,6 +422,26 @@ pub struct Settings {
     pub wakeup_bytes: u64,
     /// Nonzero: stream every state change (`watch --all`), not only the `streamed` ones.
     pub all_state_changes: u64,
+    /// Nonzero: the kernel lets tracing programs use socket storage (Linux 5.11+), so the
+    /// send/recv hooks keep an [`IoMark`] per socket.
+    pub io_marks: u64,
+}
+
+/// The application's last data call on a TCP socket, kept in the socket's own storage
+/// (`BPF_MAP_TYPE_SK_STORAGE`, read back through sock_diag). It orders a request against
+/// its answer to the nanosecond, where `tcp_info`'s jiffy stamps tie within a tick.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IoMark {
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) of the call.
+    pub at_ns: u64,
+    /// [`io::SEND`] or [`io::RECV`]: data moved that way.
+    pub io: u8,
+    pub _pad: [u8; 7],
+}
+
+impl IoMark {
+    pub const SIZE: usize = 16;
 }
 
 // The kernel side relies on these: whole 8-byte words, and 8-aligned arrays it copies as
@@ -435,7 +455,10 @@ const _: () = {
     assert!(offset_of!(ConnEvent, ctx_comm) == 152);
     assert!(offset_of!(ConnEvent, sk_err) == 88);
     assert!(size_of::<PeerEnd>() == 56);
-    assert!(size_of::<Settings>() == 24);
+    assert!(size_of::<Settings>() == 32);
+    assert!(offset_of!(Settings, io_marks) == 24);
+    assert!(size_of::<IoMark>() == IoMark::SIZE);
+    assert!(offset_of!(IoMark, io) == 8);
     assert!(offset_of!(Settings, all_state_changes) == 16);
     assert!(offset_of!(PeerEnd, tuple) == 16);
     assert!(size_of::<SockOwner>() == 40);
@@ -456,6 +479,7 @@ mod pod {
     unsafe impl aya::Pod for super::PeerEnd {}
     unsafe impl aya::Pod for super::ConnectKey {}
     unsafe impl aya::Pod for super::Settings {}
+    unsafe impl aya::Pod for super::IoMark {}
     unsafe impl aya::Pod for super::TpLayout {}
     unsafe impl aya::Pod for super::KernelLayout {}
 }

@@ -7,16 +7,18 @@
 use core::mem::MaybeUninit;
 
 use aya_ebpf::{
-    helpers::bpf_ktime_get_ns,
+    bindings::BPF_SK_STORAGE_GET_F_CREATE,
+    cty::c_void,
+    helpers::{bpf_ktime_get_ns, generated::bpf_sk_storage_get},
     macros::{btf_tracepoint, fexit, tracepoint},
     programs::{BtfTracePointContext, FExitContext, TracePointContext},
 };
-use monitor_common::{IPPROTO_TCP, PeerEnd, hook, io, peer_end, tcp_state};
+use monitor_common::{IPPROTO_TCP, IoMark, PeerEnd, hook, io, peer_end, tcp_state};
 
 use crate::{
     event::{Slot, set},
     kernel::{Record, Tp, TupleSource, is_tcp, layout, settings, sk_state},
-    maps::PEER_ENDED,
+    maps::{IO_MARKS, PEER_ENDED},
 };
 
 const EAGAIN: i32 = 11;
@@ -42,6 +44,7 @@ pub fn sock_send_length_btf(ctx: BtfTracePointContext) -> i32 {
         ctx.arg::<i32>(1),
         io::SEND,
         Protocol::Unchecked,
+        Sk::Typed,
     ) as i32
 }
 
@@ -53,6 +56,7 @@ pub fn sock_recv_length_btf(ctx: BtfTracePointContext) -> i32 {
         ctx.arg::<i32>(1),
         io::RECV,
         Protocol::Unchecked,
+        Sk::Typed,
     ) as i32
 }
 
@@ -64,6 +68,7 @@ pub fn tcp_sendmsg_exit(ctx: FExitContext) -> u32 {
         ctx.arg::<i32>(3),
         io::SEND,
         Protocol::Tcp,
+        Sk::Typed,
     )
 }
 
@@ -75,6 +80,7 @@ pub fn tcp_recvmsg_exit5(ctx: FExitContext) -> u32 {
         ctx.arg::<i32>(5),
         io::RECV,
         Protocol::Tcp,
+        Sk::Typed,
     )
 }
 
@@ -86,6 +92,7 @@ pub fn tcp_recvmsg_exit6(ctx: FExitContext) -> u32 {
         ctx.arg::<i32>(6),
         io::RECV,
         Protocol::Tcp,
+        Sk::Typed,
     )
 }
 
@@ -97,7 +104,7 @@ fn from_tracepoint(ctx: &TracePointContext, op: u8) -> u32 {
         return 0;
     }
     match (record.get::<u64>(tp.skaddr), record.get::<i32>(tp.ret)) {
-        (Some(sk), Some(ret)) => after_peer_end(sk, ret, op, Protocol::Tcp),
+        (Some(sk), Some(ret)) => after_peer_end(sk, ret, op, Protocol::Tcp, Sk::Read),
         _ => 0,
     }
 }
@@ -110,8 +117,25 @@ enum Protocol {
     Unchecked,
 }
 
+/// Where the hook's `sk` came from: socket storage takes only the kernel's typed pointer
+/// (the verifier checks its type), not an address read out of a tracepoint record.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Sk {
+    Typed,
+    Read,
+}
+
 #[inline(always)]
-fn after_peer_end(sk: u64, ret: i32, op: u8, protocol: Protocol) -> u32 {
+fn after_peer_end(sk: u64, ret: i32, op: u8, protocol: Protocol, origin: Sk) -> u32 {
+    // `io_marks` is a load-time constant: on kernels without socket storage for tracing
+    // programs the verifier never walks this branch, so the helper call is not refused.
+    if ret > 0
+        && origin == Sk::Typed
+        && settings().io_marks != 0
+        && (protocol == Protocol::Tcp || is_tcp(sk))
+    {
+        mark_io(sk, op);
+    }
     // Data moved, or a non-blocking socket had none: the common case, done.
     if (ret > 0 && op == io::RECV) || ret == -EAGAIN || ret == -EINTR {
         return 0;
@@ -167,6 +191,31 @@ fn after_peer_end(sk: u64, ret: i32, op: u8, protocol: Protocol) -> u32 {
     }
     slot.submit();
     0
+}
+
+/// Records the application's data call on `sk` in the socket's storage, created on first use.
+#[inline(always)]
+fn mark_io(sk: u64, op: u8) {
+    // SAFETY: `sk` is the hook's typed `struct sock *` argument, the type the helper takes
+    // (the verifier checks it); the map pointer is the BTF map definition the loader
+    // relocates to the map; no initial value is passed.
+    let mark = unsafe {
+        bpf_sk_storage_get(
+            core::ptr::from_ref(&IO_MARKS).cast_mut().cast(),
+            sk as *mut c_void,
+            core::ptr::null_mut(),
+            u64::from(BPF_SK_STORAGE_GET_F_CREATE),
+        )
+    }
+    .cast::<IoMark>();
+    if mark.is_null() {
+        return;
+    }
+    // SAFETY: non-null from the helper: this socket's storage, valid for the program's run.
+    unsafe {
+        (*mark).at_ns = bpf_ktime_get_ns();
+        (*mark).io = op;
+    }
 }
 
 /// Remembers that the peer ended `sk` (`how`: [`peer_end`]), with its tuple as it is now.

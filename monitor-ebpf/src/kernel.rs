@@ -29,6 +29,7 @@ static SETTINGS: Settings = Settings {
     eof_grace_ns: 0,
     wakeup_bytes: 0,
     all_state_changes: 0,
+    io_marks: 0,
 };
 #[unsafe(no_mangle)]
 static TP_SET_STATE: TpLayout = TpLayout::absent();

@@ -1,9 +1,10 @@
 //! Maps shared by all programs. Userspace resizes them at load time (`set_max_entries`).
 use aya_ebpf::{
-    macros::map,
+    btf_maps::SkStorage,
+    macros::{btf_map, map},
     maps::{LruHashMap, PerCpuArray, RingBuf},
 };
-use monitor_common::{ConnectKey, PeerEnd, SockOwner};
+use monitor_common::{ConnectKey, IoMark, PeerEnd, SockOwner};
 
 /// Every observation, in order per CPU.
 #[map]
@@ -31,3 +32,8 @@ pub static PEER_ENDED: LruHashMap<u64, PeerEnd> = LruHashMap::with_max_entries(6
 /// rates. LRU, so endpoints no longer used make room for new ones.
 #[map]
 pub static CONNECTS: LruHashMap<ConnectKey, u64> = LruHashMap::with_max_entries(16384, 0);
+
+/// Each TCP socket's last data call (`IoMark`), in the socket itself: freed with it, never
+/// full, and read back per socket through sock_diag. A BTF map: socket storage requires it.
+#[btf_map]
+pub static IO_MARKS: SkStorage<IoMark> = SkStorage::new();

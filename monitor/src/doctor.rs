@@ -137,6 +137,7 @@ fn run_checks(options: &ProbeOptions) -> Vec<Check> {
         eof_grace_ns: 0,
         wakeup_bytes: 0,
         all_state_changes: 0,
+        io_marks: 0,
     };
     match Probes::attach(options, &settings, 1024) {
         Ok((mut probes, _events)) => {

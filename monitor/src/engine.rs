@@ -1,7 +1,7 @@
 //! The event loop `watch` and `daemon` share: ring buffer → [`Pipeline`] → a [`Consumer`],
 //! with the kernel's loss counter checked every second. Only what happens to findings
 //! differs between the commands.
-use std::{future::Future, time::Duration};
+use std::{future::Future, os::fd::AsFd as _, time::Duration};
 
 use anyhow::{Context as _, Result};
 use aya::maps::{MapData, RingBuf};
@@ -79,10 +79,13 @@ impl Engine {
             eof_grace_ns: pipeline.idle_threshold.as_nanos() as u64,
             wakeup_bytes: u64::from(probe_options.ring_buffer_size / 16),
             all_state_changes: u64::from(state_changes),
+            // Probes::attach decides, from what the kernel allows.
+            io_marks: 0,
         };
         let (mut probes, events) =
             Probes::attach(probe_options, &settings, pipeline.max_tracked_sockets)?;
         let connects = probes.take_connects();
+        let io_marks = probes.take_io_marks();
         eprintln!(
             "connwatch: on {}: {}",
             crate::probes::kernel_release(),
@@ -109,7 +112,7 @@ impl Engine {
             clock: WallClock::now(),
             lost_total: 0,
             warned_undecodable: false,
-            snapshots: spawn_refresher(pipeline.refresh, processes, connects)?,
+            snapshots: spawn_refresher(pipeline.refresh, processes, connects, io_marks)?,
             warned_refresh: false,
         })
     }
@@ -234,13 +237,25 @@ fn spawn_refresher(
     every: Duration,
     processes: SharedProcIndex,
     connects: Option<crate::probes::ConnectCounts>,
+    mut io_marks: Option<std::os::fd::OwnedFd>,
 ) -> Result<mpsc::Receiver<Result<Snapshot, String>>> {
     let (sender, receiver) = mpsc::channel(1);
     std::thread::Builder::new()
         .name("cw-refresh".into())
         .spawn(move || {
             loop {
-                let snapshot = diag::take_snapshot(&processes)
+                let mut snapshot =
+                    diag::take_snapshot(&processes, io_marks.as_ref().map(|fd| fd.as_fd()));
+                if let (Err(err), Some(_)) = (&snapshot, &io_marks) {
+                    // Said once; stalls are still found, at tcp_info's resolution.
+                    eprintln!(
+                        "connwatch: warning: sock_diag refused to dump the send/recv socket \
+                         storage ({err:#}); request_stalled falls back to tcp_info's stamps"
+                    );
+                    io_marks = None;
+                    snapshot = diag::take_snapshot(&processes, None);
+                }
+                let snapshot = snapshot
                     .map(|mut snapshot| {
                         snapshot.connects =
                             connects.as_ref().map(|c| c.totals()).unwrap_or_default();

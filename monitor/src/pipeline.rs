@@ -4,7 +4,9 @@
 use std::{collections::HashMap, path::PathBuf};
 
 use crate::{
-    detect::{DetectConfig, Detectors, Finding, Kind, stall::StallDetector},
+    detect::{
+        DetectConfig, Detectors, Finding, Kind, exhausted::ExhaustionDetector, stall::StallDetector,
+    },
     events::{self, DecodeError, Event, Hook, SocketId, Task, TcpState},
     resolver::SharedProcIndex,
     sockets::{
@@ -34,6 +36,7 @@ pub struct Pipeline {
     detectors: Detectors,
     pools: PoolTracker,
     stalls: StallDetector,
+    exhaustion: ExhaustionDetector,
     idle_threshold_ms: u64,
     /// Sockets by state in the last snapshot.
     snapshot_states: HashMap<TcpState, usize>,
@@ -49,6 +52,7 @@ impl Pipeline {
             detectors: Detectors::new(config),
             pools: PoolTracker::default(),
             stalls: StallDetector::new(config.stall_threshold.as_millis() as u64),
+            exhaustion: ExhaustionDetector::default(),
             idle_threshold_ms: config.idle_threshold.as_millis() as u64,
             snapshot_states: HashMap::new(),
             findings: Vec::new(),
@@ -96,7 +100,8 @@ impl Pipeline {
         &self.findings
     }
 
-    /// Folds in a fresh sock_diag snapshot: pools, and requests that started stalling.
+    /// Folds in a fresh sock_diag snapshot: pools, requests that started stalling, and pools
+    /// they exhausted.
     pub fn refresh(&mut self, snapshot: &Snapshot, mono_now_ns: u64) -> &[Finding] {
         self.findings.clear();
         self.snapshot_states.clear();
@@ -105,7 +110,10 @@ impl Pipeline {
         }
         let owner_of = |inode: u64| snapshot.owners.get(&inode).cloned();
         let listeners = crate::sockets::pools::Listeners::from_snapshot(&snapshot.sockets);
-        for (socket, stalled_ms) in self.stalls.refresh(&snapshot.sockets, &listeners) {
+        for (socket, stalled_ms) in self
+            .stalls
+            .refresh(&snapshot.sockets, &listeners, mono_now_ns)
+        {
             let owner = owner_of(socket.inode);
             let event = snapshot_event(socket, owner.clone(), mono_now_ns);
             let mut finding = Finding::new(Kind::RequestStalled, &event, owner.as_ref());
@@ -116,9 +124,24 @@ impl Pipeline {
         self.pools.refresh(
             &snapshot.sockets,
             owner_of,
-            self.stalls.stalled(),
+            self.stalls.requests(),
             self.idle_threshold_ms,
             mono_now_ns,
+        );
+        self.exhaustion.refresh(
+            self.pools.pools(),
+            mono_now_ns,
+            |pool| {
+                // Named by its oldest stalled connection.
+                let socket = snapshot
+                    .sockets
+                    .iter()
+                    .find(|s| Some(s.cookie) == pool.oldest_stall)?;
+                let owner = owner_of(socket.inode);
+                let event = snapshot_event(socket, owner.clone(), mono_now_ns);
+                Some(Finding::new(Kind::PoolExhausted, &event, owner.as_ref()))
+            },
+            &mut self.findings,
         );
         &self.findings
     }

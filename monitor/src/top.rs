@@ -110,7 +110,7 @@ impl Screen {
         )?;
         writeln!(
             out,
-            "{:>8} {:<16} {:<4} {:<28} {:>5} {:>5} {:>5} {:>6} {:>7} {:>7} {:>8} {:>8} {:>7} {:>8}",
+            "{:>8} {:<16} {:<4} {:<28} {:>5} {:>5} {:>5} {:>6} {:>7} {:>7} {:>9} {:>8} {:>8} {:>7} {:>8}",
             "PID",
             "COMM",
             "DIR",
@@ -121,6 +121,7 @@ impl Screen {
             "ACTIVE",
             "CL_WAIT",
             "STALLED",
+            "EXHAUSTED",
             "MAX_IDLE",
             "CONN/MIN",
             "RST/MIN",
@@ -129,7 +130,7 @@ impl Screen {
         for p in &sorted {
             writeln!(
                 out,
-                "{:>8} {:<16} {:<4} {:<28} {:>5} {:>5} {:>5} {:>6} {:>7} {:>7} {:>8} {:>8} {:>7} {:>8}",
+                "{:>8} {:<16} {:<4} {:<28} {:>5} {:>5} {:>5} {:>6} {:>7} {:>7} {:>9} {:>8} {:>8} {:>7} {:>8}",
                 p.pid,
                 p.comm,
                 if p.direction.as_str() == "inbound" {
@@ -144,6 +145,12 @@ impl Screen {
                 p.active,
                 p.close_wait,
                 p.stalled,
+                // How long the oldest stalled request has waited: the episode's age at least.
+                if p.exhausted {
+                    format_ms(p.oldest_stall_ms)
+                } else {
+                    "-".into()
+                },
                 format_ms(p.max_idle_ms),
                 p.connects_per_min,
                 p.resets_per_min,

@@ -135,6 +135,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             setup_build()?;
             setup_test_tools()?;
             setup_validators(&root)?;
+            setup_python_clients(&root)?;
             setup_static_target()?;
             vm::Vm::new(&root).setup()?;
             Ok(ExitCode::SUCCESS)
@@ -242,6 +243,7 @@ fn test(
     setup_build()?;
     setup_test_tools()?;
     setup_validators(root)?;
+    setup_python_clients(root)?;
     setup_static_target()?;
     let vm = vm::Vm::new(root);
     if !host_only {
@@ -528,6 +530,28 @@ fn setup_validators(root: &Path) -> Result<()> {
                 .current_dir(&node),
         )?;
     }
+    Ok(())
+}
+
+/// The Python client stack the stall tests drive against PostgreSQL (SQLAlchemy's
+/// QueuePool over psycopg2, as the incident was reported), from PyPI under target/clients.
+const PYTHON_CLIENTS: &[&str] = &["SQLAlchemy==2.0.58", "psycopg2-binary==2.9.13"];
+
+fn setup_python_clients(root: &Path) -> Result<()> {
+    let venv = root.join("target/clients/venv");
+    let stamp = venv.join("connwatch-requirements");
+    let wanted = PYTHON_CLIENTS.join("\n");
+    if std::fs::read_to_string(&stamp).is_ok_and(|installed| installed == wanted) {
+        return Ok(());
+    }
+    step("installing SQLAlchemy and psycopg2 (PyPI) for the stall tests");
+    check(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+    check(
+        Command::new(venv.join("bin/pip"))
+            .args(["install", "--quiet"])
+            .args(PYTHON_CLIENTS),
+    )?;
+    std::fs::write(&stamp, wanted)?;
     Ok(())
 }
 

@@ -2,6 +2,7 @@
 //! One module per detector; each sees every event with the socket's resolved owner.
 pub mod close;
 pub mod death;
+pub mod exhausted;
 pub mod impact;
 pub mod reset;
 pub mod stall;
@@ -32,6 +33,10 @@ pub enum Kind {
     CloseWaitLingering,
     /// A request was sent and acknowledged, and no answer came for the stall threshold.
     RequestStalled,
+    /// Every established connection of a pool has a stalled request.
+    PoolExhausted,
+    /// An exhausted pool has a connection free again (or is gone).
+    PoolRecovered,
     /// The kernel killed a connection with no RST or FIN (retransmission, keepalive or user
     /// timeout; unreachable): the network dropped it silently.
     IdleTimeoutDeath,
@@ -50,6 +55,8 @@ impl Kind {
             Kind::WriteAfterClose => "write_after_close",
             Kind::CloseWaitLingering => "close_wait_lingering",
             Kind::RequestStalled => "request_stalled",
+            Kind::PoolExhausted => "pool_exhausted",
+            Kind::PoolRecovered => "pool_recovered",
             Kind::IdleTimeoutDeath => "idle_timeout_death",
             Kind::StateChange => "state_change",
         }
@@ -65,10 +72,14 @@ pub struct Finding {
     pub owner: Option<Task>,
     /// When it was found (CLOCK_MONOTONIC ns): the event's time, or the tick's.
     pub mono_ns: u64,
-    /// For `close_wait_lingering`: how long the socket has been in CLOSE_WAIT.
+    /// For `close_wait_lingering`: how long the socket has been in CLOSE_WAIT; for
+    /// `pool_recovered`: how long the pool was exhausted.
     pub age_ms: Option<u64>,
-    /// For `request_stalled`: how long the request has waited for an answer.
+    /// For `request_stalled`: how long the request has waited for an answer; for
+    /// `pool_exhausted`: the oldest stalled request's wait.
     pub stalled_ms: Option<u64>,
+    /// For `pool_exhausted`: the pool's established connections, all stalled.
+    pub connections: Option<u32>,
     /// Container and pod of the process, filled in by the pipeline.
     pub workload: Workload,
     /// For resets: why the RST was sent or received.
@@ -84,6 +95,7 @@ impl Finding {
             mono_ns: event.mono_ns,
             age_ms: None,
             stalled_ms: None,
+            connections: None,
             workload: Workload::default(),
             cause: None,
         }

@@ -3,7 +3,10 @@
 pub mod btf;
 pub mod tracefs;
 
-use std::path::{Path, PathBuf};
+use std::{
+    os::fd::AsFd as _,
+    path::{Path, PathBuf},
+};
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
@@ -244,6 +247,9 @@ pub struct Probes {
     lost: PerCpuArray<MapData, u64>,
     counters: Option<KernelCounters>,
     connects: Option<ConnectCounts>,
+    /// The socket-storage map of each socket's last send/recv (`IoMark`), where the hooks
+    /// keep it; sock_diag dumps read it.
+    io_marks: Option<std::os::fd::OwnedFd>,
     pub layout: KernelLayout,
     pub warnings: Vec<String>,
     /// `enum sk_rst_reason` of this kernel: value → name (empty before Linux 6.10).
@@ -266,14 +272,23 @@ impl Probes {
         let tracefs = tracefs::locate(options.tracefs.as_deref())?;
         // Parsed vmlinux BTF is tens of MiB; drop it before aya parses its own copy, so the
         // two never add up in the daemon's peak memory.
-        let (layout, rst_reasons, recvmsg_args) = {
+        let hz = btf::kernel_hz()?;
+        let (layout, rst_reasons, recvmsg_args, storage_for_tracing) = {
             let kernel_btf = btf::KernelBtf::open(&options.btf)?;
-            let layout = kernel_btf.kernel_layout(btf::kernel_hz()?)?;
+            let layout = kernel_btf.kernel_layout(hz)?;
             (
                 layout,
                 kernel_btf.enum_names("sk_rst_reason"),
                 kernel_btf.function_arity("tcp_recvmsg"),
+                // Linux 5.11 added it with socket storage for tracing programs.
+                kernel_btf
+                    .function_arity("bpf_sk_storage_get_tracing")
+                    .is_some(),
             )
+        };
+        let settings = &Settings {
+            io_marks: u64::from(storage_for_tracing),
+            ..*settings
         };
         let layouts = TracepointLayouts::read(&tracefs)?;
 
@@ -359,6 +374,23 @@ impl Probes {
             // Served all the same, with the record the kernel builds for every change.
             Err(why) => format!("tracepoint sock:inet_sock_set_state (tp_btf not used: {why})"),
         };
+        // What orders a request against its answer: the send/recv hooks' socket storage,
+        // where they run typed and the kernel allows it; else tcp_info's jiffy stamps.
+        let mut io_marking: Result<&str, String> = if !storage_for_tracing {
+            Err("socket storage for tracing programs needs Linux 5.11".into())
+        } else if options.no_write_after {
+            Err("--no-write-after turned the send/recv hooks off".into())
+        } else if !io_tracepoints {
+            Ok("fexit tcp_sendmsg, tcp_recvmsg")
+        } else {
+            match &io_typed {
+                Ok(()) => Ok("tp_btf sock:sock_send_length, sock:sock_recv_length"),
+                Err(why) => Err(format!(
+                    "the send/recv hooks are classic tracepoints ({why}), which cannot \
+                     reach socket storage"
+                )),
+            }
+        };
         let io = if options.no_write_after {
             Capability {
                 name: "write_after_*",
@@ -384,6 +416,7 @@ impl Probes {
                          failed: {err:#}"
                     );
                     warnings.push(format!("write_after_reset/close are not reported: {why}"));
+                    io_marking = Err(why.clone());
                     Capability {
                         name: "write_after_*",
                         served_by: "nothing".into(),
@@ -422,11 +455,29 @@ impl Probes {
         } else {
             Capability::full("resets", resets)
         };
+        let stalls = match io_marking {
+            Ok(hooks) => Capability::full(
+                "request_stalled",
+                format!("each socket's last send/recv, in socket storage ({hooks})"),
+            ),
+            Err(why) => Capability {
+                name: "request_stalled",
+                served_by: "tcp_info's last send/receive stamps".into(),
+                degraded: Some(format!(
+                    "{why}; tcp_info's stamps tick every {} ms, so a request sent in the \
+                     same tick as the previous answer (a BEGIN's answer, then the \
+                     statement) is not seen as outstanding",
+                    1000 / hz.max(1)
+                )),
+            },
+        };
+        let stalls_served = stalls.degraded.is_none();
         let capabilities = vec![
             Capability::full("state changes", state_changes),
             resets,
             causes,
             io,
+            stalls,
         ];
 
         let events = RingBuf::try_from(
@@ -445,7 +496,20 @@ impl Probes {
             ebpf.take_map("CONNECTS")
                 .context("eBPF object has no CONNECTS map")?,
         )?;
+        // A duplicate of the map's descriptor, for the sock_diag thread; only worth keeping
+        // where the hooks write it.
+        let io_marks = match (stalls_served, ebpf.take_map("IO_MARKS")) {
+            (true, Some(aya::maps::Map::SkStorage(map))) => Some(
+                map.fd()
+                    .as_fd()
+                    .try_clone_to_owned()
+                    .context("duplicating the IO_MARKS map descriptor")?,
+            ),
+            (true, _) => bail!("eBPF object has no IO_MARKS socket-storage map"),
+            _ => None,
+        };
         let probes = Probes {
+            io_marks,
             ebpf,
             lost,
             counters: Some(KernelCounters { transitions }),
@@ -506,6 +570,12 @@ impl Probes {
     /// The kernel-side counters, handed once to whoever serves them (the metrics).
     pub fn take_counters(&mut self) -> Option<KernelCounters> {
         self.counters.take()
+    }
+
+    /// The descriptor of the socket-storage map of each socket's last send/recv, handed
+    /// once to the sock_diag reader; `None` where the hooks do not keep it.
+    pub fn take_io_marks(&mut self) -> Option<std::os::fd::OwnedFd> {
+        self.io_marks.take()
     }
 
     /// The connect counters, handed once to whoever reads them (the refresher).

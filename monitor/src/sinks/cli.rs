@@ -2,6 +2,7 @@
 use std::{io::Write, time::SystemTime};
 
 use super::{Report, Sink};
+use crate::detect::Kind;
 
 pub struct CliSink<W: Write> {
     out: W,
@@ -59,6 +60,20 @@ fn detail(report: &Report) -> String {
         return format!(
             "{op} → {error}, {} after the peer's {end}",
             format_ms(since as u64)
+        );
+    }
+    if report.kind == Kind::PoolExhausted.as_str() {
+        return format!(
+            "all {} connections of the pool wait on stalled requests, the oldest for {}: \
+             the next request waits for a connection",
+            report.connections.unwrap_or(0),
+            format_ms(report.stalled_ms.unwrap_or(0))
+        );
+    }
+    if report.kind == Kind::PoolRecovered.as_str() {
+        return format!(
+            "a connection is free again, after {} exhausted",
+            format_ms(report.age_ms.unwrap_or(0))
         );
     }
     match (report.age_ms, report.stalled_ms) {
@@ -128,11 +143,11 @@ mod tests {
         assert_eq!(format_ms(192_000), "3m12s");
     }
 
-    fn report(kind: crate::detect::Kind, edit: impl FnOnce(&mut crate::detect::Finding)) -> Report {
+    fn report(kind: Kind, edit: impl FnOnce(&mut crate::detect::Finding)) -> Report {
         use crate::events::{from_raw, tests::raw_send_after_reset};
         let event = from_raw(&raw_send_after_reset()).unwrap();
         let mut finding = crate::detect::Finding::new(kind, &event, None);
-        if kind != crate::detect::Kind::WriteAfterReset {
+        if kind != Kind::WriteAfterReset {
             finding.event.io = None;
         }
         edit(&mut finding);
@@ -141,7 +156,6 @@ mod tests {
 
     #[test]
     fn details_say_what_happened() {
-        use crate::detect::Kind;
         assert_eq!(
             detail(&report(Kind::WriteAfterReset, |_| {})),
             "send → ECONNRESET, 1.5s after the peer's reset"
@@ -153,6 +167,18 @@ mod tests {
         assert_eq!(
             detail(&report(Kind::RequestStalled, |f| f.stalled_ms = Some(12_000))),
             "request sent and acknowledged 12.0s ago, no answer yet"
+        );
+        assert_eq!(
+            detail(&report(Kind::PoolExhausted, |f| {
+                f.connections = Some(4);
+                f.stalled_ms = Some(31_000);
+            })),
+            "all 4 connections of the pool wait on stalled requests, the oldest for 31.0s: \
+             the next request waits for a connection"
+        );
+        assert_eq!(
+            detail(&report(Kind::PoolRecovered, |f| f.age_ms = Some(45_000))),
+            "a connection is free again, after 45.0s exhausted"
         );
         assert_eq!(detail(&report(Kind::PeerResetIdle, |_| {})), "");
     }

@@ -82,6 +82,13 @@ pub struct PoolLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolWho {
+    pub direction: String,
+    #[prometheus(flatten)]
+    pub who: Who,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Transition {
     from: String,
     to: String,
@@ -135,6 +142,15 @@ impl Fold for PoolLabels {
         PoolLabels {
             direction: self.direction.clone(),
             state: self.state.clone(),
+            who: self.who.folded(),
+        }
+    }
+}
+
+impl Fold for PoolWho {
+    fn folded(&self) -> Self {
+        PoolWho {
+            direction: self.direction.clone(),
             who: self.who.folded(),
         }
     }
@@ -244,6 +260,8 @@ pub struct Metrics {
     write_after: Capped<ErrorWho, Counter>,
     close_wait_lingering: Capped<Who, Counter>,
     request_stalled: Capped<Who, Counter>,
+    pool_exhaustions: Capped<Who, Counter>,
+    pool_exhausted: Capped<PoolWho, Gauge>,
     deaths: Capped<ErrorWho, Counter>,
     pool_sockets: Capped<PoolLabels, Gauge>,
     kernel: Arc<KernelCollector>,
@@ -277,6 +295,8 @@ impl Metrics {
             write_after: Capped::new("connwatch_write_after_peer_end", Family::default()),
             close_wait_lingering: Capped::new("connwatch_close_wait_lingering", Family::default()),
             request_stalled: Capped::new("connwatch_request_stalled", Family::default()),
+            pool_exhaustions: Capped::new("connwatch_pool_exhaustions", Family::default()),
+            pool_exhausted: Capped::new("connwatch_pool_exhausted", Family::default()),
             deaths: Capped::new("connwatch_idle_timeout_deaths", Family::default()),
             pool_sockets: Capped::new("connwatch_pool_sockets", Family::default()),
             kernel: Arc::new(KernelCollector::default()),
@@ -325,6 +345,16 @@ impl Metrics {
                 &metrics.request_stalled.family,
                 "connwatch_request_stalled",
                 "Requests sent and acknowledged that got no answer within the stall threshold",
+            ),
+            (
+                &metrics.pool_exhaustions.family,
+                "connwatch_pool_exhaustions",
+                "Episodes of pool_exhausted: every established connection of a pool had a stalled request",
+            ),
+            (
+                &metrics.pool_exhausted.family,
+                "connwatch_pool_exhausted",
+                "Pools exhausted now (every established connection stalled): 1 per pool, absent when none",
             ),
             (
                 &metrics.deaths.family,
@@ -425,6 +455,11 @@ impl Metrics {
             Kind::RequestStalled => {
                 self.request_stalled.series(who, max, &self.overflow).inc();
             }
+            Kind::PoolExhausted => {
+                self.pool_exhaustions.series(who, max, &self.overflow).inc();
+            }
+            // The gauge says it ended.
+            Kind::PoolRecovered => {}
             Kind::IdleTimeoutDeath => {
                 let labels = ErrorWho {
                     kind: finding.kind.as_str().into(),
@@ -440,6 +475,7 @@ impl Metrics {
     /// Pool gauges, rebuilt from each refresh (pools come and go).
     pub fn pools(&mut self, pools: &[Pool]) {
         self.pool_sockets.clear();
+        self.pool_exhausted.clear();
         for pool in pools {
             let who = Who {
                 comm: pool.comm.clone(),
@@ -463,6 +499,16 @@ impl Metrics {
                 self.pool_sockets
                     .series(labels, self.max_series, &self.overflow)
                     .inc_by(count as i64);
+            }
+            if pool.exhausted {
+                let labels = PoolWho {
+                    direction: pool.direction.as_str().into(),
+                    who: who.clone(),
+                };
+                // inc, not set: a folded `other` series counts its pools.
+                self.pool_exhausted
+                    .series(labels, self.max_series, &self.overflow)
+                    .inc();
             }
         }
     }
@@ -592,6 +638,7 @@ mod tests {
             Kind::PeerCloseIdle,
             Kind::CloseWaitLingering,
             Kind::RequestStalled,
+            Kind::PoolExhausted,
         ] {
             let mut finding = idle_reset("app", 5000);
             finding.kind = kind;
@@ -609,10 +656,13 @@ mod tests {
             endpoint: "10.0.0.9:5432".parse().unwrap(),
             total: 1,
             established: 1,
-            idle: 1,
+            idle: 0,
             active: 0,
             close_wait: 0,
-            stalled: 0,
+            stalled: 1,
+            exhausted: true,
+            oldest_stall_ms: 12_000,
+            oldest_stall: Some(1),
             max_idle_ms: 5000,
             connects_per_min: 0,
             resets_per_min: 0,
@@ -630,6 +680,8 @@ mod tests {
             "# TYPE connwatch_close_wait_lingering counter",
             "# TYPE connwatch_request_stalled counter",
             "# TYPE connwatch_pool_sockets gauge",
+            "# TYPE connwatch_pool_exhaustions counter",
+            "connwatch_pool_exhausted{direction=\"outbound\",comm=\"app\"",
             "# TYPE connwatch_tcp_state_transitions counter",
             "# TYPE connwatch_sockets gauge",
             "# TYPE connwatch_events counter",

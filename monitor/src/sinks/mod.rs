@@ -88,12 +88,17 @@ pub struct Report {
     pub since_reset_ms: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub since_close_ms: Option<u32>,
-    /// close_wait_lingering: time in CLOSE_WAIT so far.
+    /// close_wait_lingering: time in CLOSE_WAIT so far; pool_recovered: how long the pool
+    /// was exhausted.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub age_ms: Option<u64>,
-    /// request_stalled: time since the request was sent with no answer.
+    /// request_stalled: time since the request was sent with no answer; pool_exhausted: the
+    /// oldest stalled request's.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stalled_ms: Option<u64>,
+    /// pool_exhausted: the pool's established connections, every one stalled.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connections: Option<u32>,
     /// Resets: why the RST was sent or received (see README, "Reset causes").
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cause: Option<String>,
@@ -148,6 +153,7 @@ impl Report {
             since_close_ms: since(PeerEnd::Fin),
             age_ms: finding.age_ms,
             stalled_ms: finding.stalled_ms,
+            connections: finding.connections,
             cause: finding.cause.clone(),
             workload: finding.workload.clone(),
         }
@@ -198,6 +204,7 @@ mod tests {
             mono_ns: 1_000,
             age_ms: None,
             stalled_ms: None,
+            connections: None,
             workload: Workload::default(),
             cause: None,
         };

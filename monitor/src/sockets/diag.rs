@@ -1,10 +1,14 @@
 //! The kernel's own list of TCP sockets (netlink sock_diag / inet_diag, as `ss` uses), with
 //! `tcp_info`: sockets opened before connwatch started, and what events alone miss.
-use std::net::SocketAddr;
+use std::{
+    net::SocketAddr,
+    os::fd::{AsRawFd as _, BorrowedFd},
+};
 
 use anyhow::{Context as _, Result, bail};
 use netlink_packet_core::{
-    NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
+    DefaultNla, Emitable as _, NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage,
+    NetlinkPayload, Nla as _, NlasIterator,
 };
 use netlink_packet_sock_diag::{
     SockDiagMessage,
@@ -16,7 +20,55 @@ use netlink_sys::{Socket, SocketAddr as NetlinkAddr, protocols::NETLINK_SOCK_DIA
 use std::collections::HashMap;
 
 use super::process::ProcIndex;
-use crate::events::{Task, TcpState};
+use crate::events::{IoOp, Task, TcpState};
+
+/// `INET_DIAG_REQ_SK_BPF_STORAGES` (linux/inet_diag.h): the request attribute naming
+/// socket-storage maps to dump with each socket.
+const INET_DIAG_REQ_SK_BPF_STORAGES: u16 = 2;
+/// `SK_DIAG_BPF_STORAGE_REQ_MAP_FD` (linux/sock_diag.h): one map, by descriptor.
+const SK_DIAG_BPF_STORAGE_REQ_MAP_FD: u16 = 1;
+/// `INET_DIAG_SK_BPF_STORAGES`: the reply's attribute holding them.
+const INET_DIAG_SK_BPF_STORAGES: u16 = 20;
+/// `SK_DIAG_BPF_STORAGE` (one map's entry) and, inside it, `SK_DIAG_BPF_STORAGE_MAP_VALUE`.
+const SK_DIAG_BPF_STORAGE: u16 = 1;
+const SK_DIAG_BPF_STORAGE_MAP_VALUE: u16 = 3;
+const NLA_F_NESTED: u16 = 1 << 15;
+
+/// The application's last data call on a socket, as the kernel hooks recorded it in the
+/// socket's storage: ordered to the nanosecond, unlike `tcp_info`'s jiffy stamps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LastIo {
+    pub op: IoOp,
+    /// CLOCK_MONOTONIC ns.
+    pub at_ns: u64,
+}
+
+impl LastIo {
+    /// Decodes a `monitor_common::IoMark`; `None` for anything else.
+    fn decode(value: &[u8]) -> Option<LastIo> {
+        if value.len() != monitor_common::IoMark::SIZE {
+            return None;
+        }
+        let at_ns = u64::from_ne_bytes(value[..8].try_into().ok()?);
+        let op = match value[8] {
+            monitor_common::io::SEND => IoOp::Send,
+            monitor_common::io::RECV => IoOp::Recv,
+            _ => return None,
+        };
+        Some(LastIo { op, at_ns })
+    }
+
+    /// From a reply's `INET_DIAG_SK_BPF_STORAGES` payload: the one map it was asked for.
+    fn from_storages(payload: &[u8]) -> Option<LastIo> {
+        let storage = NlasIterator::new(payload)
+            .flatten()
+            .find(|nla| nla.kind() == SK_DIAG_BPF_STORAGE)?;
+        let value = NlasIterator::new(storage.value())
+            .flatten()
+            .find(|nla| nla.kind() == SK_DIAG_BPF_STORAGE_MAP_VALUE)?;
+        LastIo::decode(value.value())
+    }
+}
 
 /// What `tcp_info` says about recent traffic, in milliseconds ago.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,6 +96,8 @@ pub struct DiagSocket {
     /// Bytes received and not yet read by the application.
     pub recv_queue: u32,
     pub activity: Option<TcpActivity>,
+    /// The application's last send/recv, where the kernel hooks keep it.
+    pub last_io: Option<LastIo>,
 }
 
 impl DiagSocket {
@@ -65,8 +119,11 @@ pub struct Snapshot {
 
 /// Lists the sockets and resolves their owners: the slow part of a refresh (a netlink dump
 /// and a walk of every process's fds), done on a thread of its own.
-pub fn take_snapshot(processes: &std::sync::Mutex<ProcIndex>) -> Result<Snapshot> {
-    let sockets = dump_tcp()?;
+pub fn take_snapshot(
+    processes: &std::sync::Mutex<ProcIndex>,
+    io_marks: Option<BorrowedFd>,
+) -> Result<Snapshot> {
+    let sockets = dump_tcp(io_marks)?;
     // A poisoned lock only means another thread panicked mid-scan: the index is a cache.
     let mut processes = processes
         .lock()
@@ -83,8 +140,9 @@ pub fn take_snapshot(processes: &std::sync::Mutex<ProcIndex>) -> Result<Snapshot
     })
 }
 
-/// Every TCP socket in this network namespace, IPv4 and IPv6.
-pub fn dump_tcp() -> Result<Vec<DiagSocket>> {
+/// Every TCP socket in this network namespace, IPv4 and IPv6; with `io_marks` (the hooks'
+/// socket-storage map), each socket's last send/recv too.
+pub fn dump_tcp(io_marks: Option<BorrowedFd>) -> Result<Vec<DiagSocket>> {
     let mut socket =
         Socket::new(NETLINK_SOCK_DIAG).context("opening a sock_diag netlink socket")?;
     socket.bind_auto().context("binding the sock_diag socket")?;
@@ -93,13 +151,18 @@ pub fn dump_tcp() -> Result<Vec<DiagSocket>> {
         .context("connecting the sock_diag socket")?;
     let mut sockets = Vec::new();
     for family in [AF_INET, AF_INET6] {
-        dump_family(&mut socket, family, &mut sockets)
+        dump_family(&mut socket, family, io_marks, &mut sockets)
             .with_context(|| format!("sock_diag dump of family {family}"))?;
     }
     Ok(sockets)
 }
 
-fn dump_family(socket: &mut Socket, family: u8, sockets: &mut Vec<DiagSocket>) -> Result<()> {
+fn dump_family(
+    socket: &mut Socket,
+    family: u8,
+    io_marks: Option<BorrowedFd>,
+    sockets: &mut Vec<DiagSocket>,
+) -> Result<()> {
     let mut header = NetlinkHeader::default();
     header.flags = NLM_F_REQUEST | NLM_F_DUMP;
     let mut request = NetlinkMessage::new(
@@ -120,6 +183,9 @@ fn dump_family(socket: &mut Socket, family: u8, sockets: &mut Vec<DiagSocket>) -
     request.finalize();
     let mut buf = vec![0; request.buffer_len()];
     request.serialize(&mut buf);
+    if let Some(map) = io_marks {
+        append_storage_request(&mut buf, map);
+    }
     socket.send(&buf, 0).context("sending the dump request")?;
 
     let mut receive = vec![0u8; 1 << 16];
@@ -137,6 +203,15 @@ fn dump_family(socket: &mut Socket, family: u8, sockets: &mut Vec<DiagSocket>) -
                 NetlinkPayload::Error(err) => bail!("the kernel refused the dump: {err:?}"),
                 NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(response)) => {
                     let h = &response.header;
+                    let last_io = response.nlas.iter().find_map(|nla| match nla {
+                        // The kernel nests it: the flag is part of the crate's kind.
+                        Nla::Other(other)
+                            if other.kind() & !NLA_F_NESTED == INET_DIAG_SK_BPF_STORAGES =>
+                        {
+                            LastIo::from_storages(&nla_value(other))
+                        }
+                        _ => None,
+                    });
                     let activity = response.nlas.iter().find_map(|nla| match nla {
                         Nla::TcpInfo(info) => Some(TcpActivity {
                             last_data_sent_ms: info.last_data_sent,
@@ -160,6 +235,7 @@ fn dump_family(socket: &mut Socket, family: u8, sockets: &mut Vec<DiagSocket>) -
                         cookie: u64::from_ne_bytes(h.socket_id.cookie),
                         recv_queue: h.recv_queue,
                         activity,
+                        last_io,
                     });
                 }
                 _ => {}
@@ -172,16 +248,94 @@ fn dump_family(socket: &mut Socket, family: u8, sockets: &mut Vec<DiagSocket>) -
     }
 }
 
+/// Appends `INET_DIAG_REQ_SK_BPF_STORAGES { SK_DIAG_BPF_STORAGE_REQ_MAP_FD: map }` to a
+/// serialized dump request and fixes its length (the crate's request has no field for it).
+fn append_storage_request(message: &mut Vec<u8>, map: BorrowedFd) {
+    let fd = DefaultNla::new(
+        SK_DIAG_BPF_STORAGE_REQ_MAP_FD,
+        map.as_raw_fd().to_ne_bytes().to_vec(),
+    );
+    let mut inner = vec![0; fd.buffer_len()];
+    fd.emit(&mut inner);
+    let outer = DefaultNla::new(INET_DIAG_REQ_SK_BPF_STORAGES | NLA_F_NESTED, inner);
+    let start = message.len();
+    message.resize(start + outer.buffer_len(), 0);
+    outer.emit(&mut message[start..]);
+    let length = message.len() as u32;
+    message[..4].copy_from_slice(&length.to_ne_bytes());
+}
+
+/// An attribute's payload (the crate keeps unknown attributes' bytes private).
+fn nla_value(nla: &DefaultNla) -> Vec<u8> {
+    let mut value = vec![0; nla.value_len()];
+    nla.emit_value(&mut value);
+    value
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One attribute, header and payload, padded to 4 bytes.
+    fn nla(kind: u16, value: &[u8]) -> Vec<u8> {
+        let nla = DefaultNla::new(kind, value.to_vec());
+        let mut bytes = vec![0; nla.buffer_len()];
+        nla.emit(&mut bytes);
+        bytes
+    }
+
+    #[test]
+    fn last_io_from_a_storage_reply() {
+        let mut mark = 123_456_789u64.to_ne_bytes().to_vec();
+        mark.extend([monitor_common::io::SEND, 0, 0, 0, 0, 0, 0, 0]);
+        // The kernel's layout: map id, 64-bit alignment padding, then the value.
+        let entry = [
+            nla(2, &7u32.to_ne_bytes()),
+            nla(1, &[]),
+            nla(SK_DIAG_BPF_STORAGE_MAP_VALUE, &mark),
+        ]
+        .concat();
+        let payload = nla(SK_DIAG_BPF_STORAGE | NLA_F_NESTED, &entry);
+        assert_eq!(
+            LastIo::from_storages(&payload),
+            Some(LastIo {
+                op: IoOp::Send,
+                at_ns: 123_456_789
+            })
+        );
+        // A value of another size or direction, a truncated reply: nothing, no panic.
+        assert_eq!(LastIo::decode(&mark[..12]), None);
+        let mut unknown = mark.clone();
+        unknown[8] = 9;
+        assert_eq!(LastIo::decode(&unknown), None);
+        for cut in 0..payload.len() {
+            let _ = LastIo::from_storages(&payload[..cut]);
+        }
+    }
+
+    #[test]
+    fn storage_request_is_one_nested_attribute() {
+        let mut message = vec![0u8; 16];
+        let file = std::fs::File::open("/dev/null").unwrap();
+        append_storage_request(&mut message, std::os::fd::AsFd::as_fd(&file));
+        assert_eq!(message.len(), 16 + 12);
+        assert_eq!(u32::from_ne_bytes(message[..4].try_into().unwrap()), 28);
+        let outer = NlasIterator::new(&message[16..]).next().unwrap().unwrap();
+        assert_eq!(outer.kind(), INET_DIAG_REQ_SK_BPF_STORAGES);
+        let inner = NlasIterator::new(outer.value()).next().unwrap().unwrap();
+        assert_eq!(inner.kind(), SK_DIAG_BPF_STORAGE_REQ_MAP_FD);
+        assert_eq!(
+            inner.value(),
+            std::os::fd::AsRawFd::as_raw_fd(&file).to_ne_bytes()
+        );
+    }
 
     #[test]
     fn sees_own_connection_with_tcp_info() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let _server = listener.accept().unwrap();
-        let sockets = dump_tcp().unwrap();
+        let sockets = dump_tcp(None).unwrap();
         // The full 4-tuple: an older connection from the same port may linger in TIME_WAIT.
         let own = sockets
             .iter()

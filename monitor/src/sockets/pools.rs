@@ -79,16 +79,36 @@ pub struct Pool {
     pub endpoint: SocketAddr,
     pub total: u32,
     pub established: u32,
-    /// ESTABLISHED with no data either way for at least the idle threshold.
+    /// ESTABLISHED with no data either way for at least the idle threshold, and no request
+    /// outstanding.
     pub idle: u32,
+    /// ESTABLISHED and not idle: recent data, or a request outstanding (below the stall
+    /// threshold).
     pub active: u32,
     pub close_wait: u32,
+    /// ESTABLISHED with a request unanswered for at least the stall threshold.
     pub stalled: u32,
+    /// Every established connection is stalled: the next request waits for a connection
+    /// ("QueuePool limit reached"), or opens one more.
+    pub exhausted: bool,
+    /// How long the oldest stalled request has waited.
+    pub oldest_stall_ms: u64,
+    /// The socket of the oldest stalled request (its cookie), to name in findings.
+    #[serde(skip)]
+    pub oldest_stall: Option<u64>,
     pub max_idle_ms: u64,
     pub connects_per_min: u32,
     pub resets_per_min: u32,
     /// idle_timeout_death over the last minute.
     pub deaths_per_min: u32,
+}
+
+/// The requests waiting for an answer at this refresh (from the stall detector).
+#[derive(Debug, Clone, Copy)]
+pub struct Requests<'a> {
+    /// Socket cookie → how long its request has waited (ms).
+    pub outstanding: &'a HashMap<u64, u64>,
+    pub stall_threshold_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -166,7 +186,7 @@ impl PoolTracker {
         &mut self,
         snapshot: &[DiagSocket],
         mut owner_of: impl FnMut(u64) -> Option<Task>,
-        stalled: &HashSet<u64>,
+        requests: Requests,
         idle_threshold_ms: u64,
         now_ns: u64,
     ) {
@@ -204,6 +224,9 @@ impl PoolTracker {
                     active: 0,
                     close_wait: 0,
                     stalled: 0,
+                    exhausted: false,
+                    oldest_stall_ms: 0,
+                    oldest_stall: None,
                     max_idle_ms: 0,
                     connects_per_min: 0,
                     resets_per_min: 0,
@@ -212,22 +235,33 @@ impl PoolTracker {
             pool.total += 1;
             if socket.state == TcpState(monitor_common::tcp_state::ESTABLISHED) {
                 pool.established += 1;
-                let idle = socket.idle_ms().unwrap_or(0);
-                pool.max_idle_ms = pool.max_idle_ms.max(idle);
-                if idle >= idle_threshold_ms {
-                    pool.idle += 1;
-                } else {
-                    pool.active += 1;
+                match requests.outstanding.get(&socket.cookie) {
+                    Some(&waited) if waited >= requests.stall_threshold_ms => {
+                        pool.stalled += 1;
+                        if waited >= pool.oldest_stall_ms {
+                            pool.oldest_stall_ms = waited;
+                            pool.oldest_stall = Some(socket.cookie);
+                        }
+                    }
+                    // Waiting for its answer: busy, however quiet the line.
+                    Some(_) => pool.active += 1,
+                    None => {
+                        let idle = socket.idle_ms().unwrap_or(0);
+                        pool.max_idle_ms = pool.max_idle_ms.max(idle);
+                        if idle >= idle_threshold_ms {
+                            pool.idle += 1;
+                        } else {
+                            pool.active += 1;
+                        }
+                    }
                 }
             } else if state == "CLOSE_WAIT" {
                 pool.close_wait += 1;
             }
-            if stalled.contains(&socket.cookie) {
-                pool.stalled += 1;
-            }
         }
         for (key, pool) in pools.iter_mut() {
             let (pid, direction, endpoint) = *key;
+            pool.exhausted = pool.established > 0 && pool.stalled == pool.established;
             let count = |rate_pid, what| {
                 self.recent
                     .get(&(rate_pid, direction, endpoint))
@@ -282,6 +316,7 @@ mod tests {
             inode,
             cookie: inode,
             recv_queue: 0,
+            last_io: None,
             activity: Some(TcpActivity {
                 last_data_sent_ms: idle_ms,
                 last_data_recv_ms: idle_ms,
@@ -304,6 +339,39 @@ mod tests {
     }
 
     #[test]
+    fn a_pool_whose_every_connection_is_stalled_is_exhausted() {
+        use monitor_common::tcp_state::*;
+        // Quiet lines, all three: a stuck query looks idle to tcp_info.
+        let snapshot = vec![
+            socket("10.0.0.1:40001", "10.0.0.9:5432", ESTABLISHED, 1, 60_000),
+            socket("10.0.0.1:40002", "10.0.0.9:5432", ESTABLISHED, 2, 60_000),
+            socket("10.0.0.1:40003", "10.0.0.9:5432", ESTABLISHED, 3, 60_000),
+            socket("10.0.0.1:40004", "10.0.0.9:5432", CLOSE_WAIT, 4, 0),
+        ];
+        let mut outstanding = HashMap::from([(1, 12_000), (2, 31_000), (3, 2_000)]);
+        fn requests(outstanding: &HashMap<u64, u64>) -> Requests<'_> {
+            Requests {
+                outstanding,
+                stall_threshold_ms: 10_000,
+            }
+        }
+        let mut tracker = PoolTracker::default();
+        tracker.refresh(&snapshot, owner, requests(&outstanding), 1000, 0);
+        let pool = &tracker.pools()[0];
+        assert_eq!((pool.idle, pool.active, pool.stalled), (0, 1, 2));
+        assert_eq!(pool.max_idle_ms, 0, "a waiting request is not idleness");
+        assert!(
+            !pool.exhausted,
+            "one connection is still below the threshold"
+        );
+        outstanding.insert(3, 10_000);
+        tracker.refresh(&snapshot, owner, requests(&outstanding), 1000, 0);
+        let pool = &tracker.pools()[0];
+        assert!(pool.exhausted, "{pool:?}");
+        assert_eq!((pool.oldest_stall_ms, pool.oldest_stall), (31_000, Some(2)));
+    }
+
+    #[test]
     fn groups_outbound_by_remote_and_inbound_by_listener() {
         use monitor_common::tcp_state::*;
         let snapshot = vec![
@@ -316,8 +384,11 @@ mod tests {
             socket("10.0.0.1:40004", "10.0.0.9:6379", TIME_WAIT, 0, 0),
         ];
         let mut tracker = PoolTracker::default();
-        let stalled = HashSet::from([2]);
-        tracker.refresh(&snapshot, owner, &stalled, 1000, 0);
+        let requests = Requests {
+            outstanding: &[(2, 30_000)].into(),
+            stall_threshold_ms: 10_000,
+        };
+        tracker.refresh(&snapshot, owner, requests, 1000, 0);
         let mut pools = tracker.pools().to_vec();
         pools.sort_by_key(|p| p.pid);
         assert_eq!(pools.len(), 2, "{pools:#?}");
@@ -327,10 +398,20 @@ mod tests {
             (Direction::Outbound, "10.0.0.9:5432")
         );
         assert_eq!(
-            (out.total, out.established, out.idle, out.active),
-            (3, 2, 1, 1)
+            (
+                out.total,
+                out.established,
+                out.idle,
+                out.active,
+                out.stalled
+            ),
+            (3, 2, 1, 0, 1)
         );
-        assert_eq!((out.close_wait, out.stalled, out.max_idle_ms), (1, 1, 5000));
+        assert_eq!(
+            (out.close_wait, out.oldest_stall_ms, out.max_idle_ms),
+            (1, 30_000, 5000)
+        );
+        assert!(!out.exhausted, "one of two connections is idle");
         let inbound = &pools[1];
         assert_eq!(
             (inbound.direction, inbound.endpoint.to_string().as_str()),
@@ -370,7 +451,16 @@ mod tests {
         let s = 1_000_000_000u64;
         let mut tracker = PoolTracker::default();
         let rates = |tracker: &mut PoolTracker, at: u64| {
-            tracker.refresh(&snapshot, owner, &HashSet::new(), 1000, at);
+            tracker.refresh(
+                &snapshot,
+                owner,
+                Requests {
+                    outstanding: &HashMap::new(),
+                    stall_threshold_ms: 10_000,
+                },
+                1000,
+                at,
+            );
             let mut pools = tracker.pools().to_vec();
             pools.sort_by_key(|p| p.pid);
             pools.iter().map(|p| p.connects_per_min).collect::<Vec<_>>()
