@@ -4,7 +4,9 @@
 use std::{collections::HashMap, path::PathBuf};
 
 use crate::{
-    detect::{DetectConfig, Detectors, Finding, Kind, stall::StallDetector},
+    detect::{
+        DetectConfig, Detectors, Finding, Kind, stall::StallDetector, zombie::ZombieDetector,
+    },
     events::{self, DecodeError, Event, Hook, SocketId, Task, TcpState},
     resolver::SharedProcIndex,
     sockets::{
@@ -34,6 +36,7 @@ pub struct Pipeline {
     detectors: Detectors,
     pools: PoolTracker,
     stalls: StallDetector,
+    zombies: ZombieDetector,
     idle_threshold_ms: u64,
     /// Sockets by state in the last snapshot.
     snapshot_states: HashMap<TcpState, usize>,
@@ -49,6 +52,10 @@ impl Pipeline {
             detectors: Detectors::new(config),
             pools: PoolTracker::default(),
             stalls: StallDetector::new(config.stall_threshold.as_millis() as u64),
+            zombies: ZombieDetector::new(
+                config.zombie_threshold.as_millis() as u64,
+                config.max_sockets,
+            ),
             idle_threshold_ms: config.idle_threshold.as_millis() as u64,
             snapshot_states: HashMap::new(),
             findings: Vec::new(),
@@ -96,7 +103,8 @@ impl Pipeline {
         &self.findings
     }
 
-    /// Folds in a fresh sock_diag snapshot: pools, and requests that started stalling.
+    /// Folds in a fresh sock_diag snapshot: pools, and requests that started stalling and
+    /// connections that became zombies.
     pub fn refresh(&mut self, snapshot: &Snapshot, mono_now_ns: u64) -> &[Finding] {
         self.findings.clear();
         self.snapshot_states.clear();
@@ -112,6 +120,17 @@ impl Pipeline {
             finding.stalled_ms = Some(stalled_ms);
             self.findings.push(finding);
         }
+        for zombie in self
+            .zombies
+            .refresh(&snapshot.sockets, &listeners, mono_now_ns)
+        {
+            let owner = owner_of(zombie.socket.inode);
+            let event = snapshot_event(zombie.socket, owner.clone(), mono_now_ns);
+            let mut finding = Finding::new(Kind::ZombieConnection, &event, owner.as_ref());
+            finding.siblings = Some(zombie.siblings);
+            finding.age_ms = Some(zombie.age_ms);
+            self.findings.push(finding);
+        }
         self.pools.connects(&snapshot.connects, mono_now_ns);
         self.pools.refresh(
             &snapshot.sockets,
@@ -123,9 +142,9 @@ impl Pipeline {
         &self.findings
     }
 
-    /// Entries dropped from full tables (socket table, CLOSE_WAIT tracking).
+    /// Entries dropped from full tables (socket table, CLOSE_WAIT and zombie tracking).
     pub fn evictions(&self) -> u64 {
-        self.table.evictions + self.detectors.evictions()
+        self.table.evictions + self.detectors.evictions() + self.zombies.evictions
     }
 
     pub fn pools(&self) -> &[Pool] {
@@ -147,6 +166,7 @@ impl Pipeline {
             idle_threshold: std::time::Duration::from_secs(1),
             close_wait_threshold: std::time::Duration::from_secs(30),
             stall_threshold: std::time::Duration::from_secs(10),
+            zombie_threshold: std::time::Duration::from_secs(30),
             max_sockets: 64,
             rst_reasons: Default::default(),
             state_changes: false,

@@ -125,6 +125,7 @@ pub async fn run(args: SelftestArgs) -> Result<()> {
         idle_threshold: RESET_AFTER / 2,
         close_wait_threshold: Duration::from_secs(30),
         stall_threshold: Duration::from_secs(10),
+        zombie_threshold: Duration::from_secs(30),
         refresh: Duration::from_secs(60),
         host_proc: PathBuf::from("/proc"),
         host_root: PathBuf::from("/"),

@@ -5,6 +5,7 @@ pub mod death;
 pub mod impact;
 pub mod reset;
 pub mod stall;
+pub mod zombie;
 
 use std::{collections::HashMap, time::Duration};
 
@@ -32,6 +33,10 @@ pub enum Kind {
     CloseWaitLingering,
     /// A request was sent and acknowledged, and no answer came for the stall threshold.
     RequestStalled,
+    /// An accepted connection written to and acknowledged, silent inbound past the zombie
+    /// threshold, while a newer one from the same peer is active: the client reconnected
+    /// and a proxy keeps the old one open.
+    ZombieConnection,
     /// The kernel killed a connection with no RST or FIN (retransmission, keepalive or user
     /// timeout; unreachable): the network dropped it silently.
     IdleTimeoutDeath,
@@ -50,6 +55,7 @@ impl Kind {
             Kind::WriteAfterClose => "write_after_close",
             Kind::CloseWaitLingering => "close_wait_lingering",
             Kind::RequestStalled => "request_stalled",
+            Kind::ZombieConnection => "zombie_connection",
             Kind::IdleTimeoutDeath => "idle_timeout_death",
             Kind::StateChange => "state_change",
         }
@@ -69,6 +75,8 @@ pub struct Finding {
     pub age_ms: Option<u64>,
     /// For `request_stalled`: how long the request has waited for an answer.
     pub stalled_ms: Option<u64>,
+    /// For `zombie_connection`: newer connections from the same peer, active both ways.
+    pub siblings: Option<u32>,
     /// Container and pod of the process, filled in by the pipeline.
     pub workload: Workload,
     /// For resets: why the RST was sent or received.
@@ -84,6 +92,7 @@ impl Finding {
             mono_ns: event.mono_ns,
             age_ms: None,
             stalled_ms: None,
+            siblings: None,
             workload: Workload::default(),
             cause: None,
         }
@@ -95,6 +104,7 @@ pub struct DetectConfig {
     pub idle_threshold: Duration,
     pub close_wait_threshold: Duration,
     pub stall_threshold: Duration,
+    pub zombie_threshold: Duration,
     /// Bound on every per-socket table.
     pub max_sockets: usize,
     /// This kernel's `enum sk_rst_reason`, value → name.

@@ -244,6 +244,7 @@ pub struct Metrics {
     write_after: Capped<ErrorWho, Counter>,
     close_wait_lingering: Capped<Who, Counter>,
     request_stalled: Capped<Who, Counter>,
+    zombie_connections: Capped<Who, Counter>,
     deaths: Capped<ErrorWho, Counter>,
     pool_sockets: Capped<PoolLabels, Gauge>,
     kernel: Arc<KernelCollector>,
@@ -277,6 +278,7 @@ impl Metrics {
             write_after: Capped::new("connwatch_write_after_peer_end", Family::default()),
             close_wait_lingering: Capped::new("connwatch_close_wait_lingering", Family::default()),
             request_stalled: Capped::new("connwatch_request_stalled", Family::default()),
+            zombie_connections: Capped::new("connwatch_zombie_connections", Family::default()),
             deaths: Capped::new("connwatch_idle_timeout_deaths", Family::default()),
             pool_sockets: Capped::new("connwatch_pool_sockets", Family::default()),
             kernel: Arc::new(KernelCollector::default()),
@@ -325,6 +327,11 @@ impl Metrics {
                 &metrics.request_stalled.family,
                 "connwatch_request_stalled",
                 "Requests sent and acknowledged that got no answer within the stall threshold",
+            ),
+            (
+                &metrics.zombie_connections.family,
+                "connwatch_zombie_connections",
+                "Accepted connections written to and acknowledged, silent inbound past the zombie threshold, while a newer one from the same peer is active",
             ),
             (
                 &metrics.deaths.family,
@@ -424,6 +431,11 @@ impl Metrics {
             }
             Kind::RequestStalled => {
                 self.request_stalled.series(who, max, &self.overflow).inc();
+            }
+            Kind::ZombieConnection => {
+                self.zombie_connections
+                    .series(who, max, &self.overflow)
+                    .inc();
             }
             Kind::IdleTimeoutDeath => {
                 let labels = ErrorWho {
@@ -592,6 +604,7 @@ mod tests {
             Kind::PeerCloseIdle,
             Kind::CloseWaitLingering,
             Kind::RequestStalled,
+            Kind::ZombieConnection,
         ] {
             let mut finding = idle_reset("app", 5000);
             finding.kind = kind;
@@ -629,6 +642,7 @@ mod tests {
             "# TYPE connwatch_write_after_peer_end counter",
             "# TYPE connwatch_close_wait_lingering counter",
             "# TYPE connwatch_request_stalled counter",
+            "# TYPE connwatch_zombie_connections counter",
             "# TYPE connwatch_pool_sockets gauge",
             "# TYPE connwatch_tcp_state_transitions counter",
             "# TYPE connwatch_sockets gauge",
