@@ -136,6 +136,7 @@ impl Pipeline {
             &snapshot.sockets,
             owner_of,
             self.stalls.stalled(),
+            self.zombies.zombies(),
             self.idle_threshold_ms,
             mono_now_ns,
         );

@@ -75,7 +75,7 @@ pub struct ErrorWho {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PoolLabels {
     pub direction: String,
-    /// `established`, `idle`, `active`, `close_wait` or `stalled`.
+    /// `established`, `idle`, `active`, `close_wait`, `stalled` or `zombie`.
     pub state: String,
     #[prometheus(flatten)]
     pub who: Who,
@@ -466,6 +466,7 @@ impl Metrics {
                 ("active", pool.active),
                 ("close_wait", pool.close_wait),
                 ("stalled", pool.stalled),
+                ("zombie", pool.zombie),
             ] {
                 let labels = PoolLabels {
                     direction: pool.direction.as_str().into(),
@@ -626,6 +627,7 @@ mod tests {
             active: 0,
             close_wait: 0,
             stalled: 0,
+            zombie: 0,
             max_idle_ms: 5000,
             connects_per_min: 0,
             resets_per_min: 0,

@@ -84,6 +84,8 @@ pub struct Pool {
     pub active: u32,
     pub close_wait: u32,
     pub stalled: u32,
+    /// `zombie_connection` now.
+    pub zombie: u32,
     pub max_idle_ms: u64,
     pub connects_per_min: u32,
     pub resets_per_min: u32,
@@ -167,6 +169,7 @@ impl PoolTracker {
         snapshot: &[DiagSocket],
         mut owner_of: impl FnMut(u64) -> Option<Task>,
         stalled: &HashSet<u64>,
+        zombie: &HashSet<u64>,
         idle_threshold_ms: u64,
         now_ns: u64,
     ) {
@@ -204,6 +207,7 @@ impl PoolTracker {
                     active: 0,
                     close_wait: 0,
                     stalled: 0,
+                    zombie: 0,
                     max_idle_ms: 0,
                     connects_per_min: 0,
                     resets_per_min: 0,
@@ -224,6 +228,9 @@ impl PoolTracker {
             }
             if stalled.contains(&socket.cookie) {
                 pool.stalled += 1;
+            }
+            if zombie.contains(&socket.cookie) {
+                pool.zombie += 1;
             }
         }
         for (key, pool) in pools.iter_mut() {
@@ -317,7 +324,8 @@ mod tests {
         ];
         let mut tracker = PoolTracker::default();
         let stalled = HashSet::from([2]);
-        tracker.refresh(&snapshot, owner, &stalled, 1000, 0);
+        let zombie = HashSet::from([202]);
+        tracker.refresh(&snapshot, owner, &stalled, &zombie, 1000, 0);
         let mut pools = tracker.pools().to_vec();
         pools.sort_by_key(|p| p.pid);
         assert_eq!(pools.len(), 2, "{pools:#?}");
@@ -336,7 +344,7 @@ mod tests {
             (inbound.direction, inbound.endpoint.to_string().as_str()),
             (Direction::Inbound, "10.0.0.1:5432")
         );
-        assert_eq!(inbound.total, 2);
+        assert_eq!((inbound.total, inbound.zombie), (2, 1));
     }
 
     #[test]
@@ -370,7 +378,7 @@ mod tests {
         let s = 1_000_000_000u64;
         let mut tracker = PoolTracker::default();
         let rates = |tracker: &mut PoolTracker, at: u64| {
-            tracker.refresh(&snapshot, owner, &HashSet::new(), 1000, at);
+            tracker.refresh(&snapshot, owner, &HashSet::new(), &HashSet::new(), 1000, at);
             let mut pools = tracker.pools().to_vec();
             pools.sort_by_key(|p| p.pid);
             pools.iter().map(|p| p.connects_per_min).collect::<Vec<_>>()
