@@ -6,7 +6,9 @@
 //! Addresses alone do not name a client (behind a multiplexer or NAT many share one), so
 //! only the whole conjunction counts, on an accepted socket:
 //! - it carried data both ways, and nothing has come in for the threshold;
-//! - the application still writes to it (data sent within the threshold) and the peer's
+//! - the application still writes to it, and wrote into the silence: data sent within the
+//!   threshold and at least the threshold after the last data received (a server that
+//!   answered a slow request a moment ago has not written into a silence), and the peer's
 //!   TCP acknowledges it all (`unacked == 0`);
 //! - a newer connection to the same local endpoint from the same remote IP carried data
 //!   both ways within the threshold: the client is there, on another connection.
@@ -107,7 +109,7 @@ impl ZombieDetector {
                 zombies.insert(socket.cookie);
                 continue;
             }
-            if !self.written_and_acknowledged(&activity) {
+            if !self.written_into_silence(&activity) {
                 continue;
             }
             let newer = active.get(&key(socket)).map_or(0, |times| {
@@ -155,11 +157,19 @@ impl ZombieDetector {
             && u64::from(a.last_data_sent_ms) < self.threshold_ms
     }
 
-    /// Was a conversation (data both ways), and the application still writes to it with the
-    /// peer's TCP taking everything: not an idle pool member (nothing written), not a dead
-    /// peer (unacknowledged, retransmitting).
-    fn written_and_acknowledged(&self, a: &TcpActivity) -> bool {
-        carried_both_ways(a) && u64::from(a.last_data_sent_ms) < self.threshold_ms && a.unacked == 0
+    /// Was a conversation (data both ways), and the application still writes to it, a
+    /// threshold or more into the peer's silence, with the peer's TCP taking everything:
+    /// not an idle pool member (nothing written), not a late answer, not a dead peer
+    /// (unacknowledged, retransmitting).
+    fn written_into_silence(&self, a: &TcpActivity) -> bool {
+        let (sent, received) = (
+            u64::from(a.last_data_sent_ms),
+            u64::from(a.last_data_recv_ms),
+        );
+        carried_both_ways(a)
+            && sent < self.threshold_ms
+            && sent + self.threshold_ms <= received
+            && a.unacked == 0
     }
 }
 
@@ -297,6 +307,23 @@ mod tests {
     fn idle_pool_members_are_not_zombies() {
         // Nothing written to it either.
         assert!(found_after(|_, old| old.last_data_sent_ms = 40_000).is_empty());
+    }
+
+    #[test]
+    fn writes_that_stopped_are_not_a_zombie() {
+        // Written into the silence once, a minute ago, not since.
+        let stopped = found_after(|_, old| {
+            old.last_data_recv_ms = 100_000;
+            old.last_data_sent_ms = 60_000;
+        });
+        assert!(stopped.is_empty());
+    }
+
+    #[test]
+    fn a_slow_request_answered_lately_is_not_a_zombie() {
+        // Received 40 s ago, answered 25 s later: the write followed the request, it was
+        // not written into a silence.
+        assert!(found_after(|_, old| old.last_data_sent_ms = 15_000).is_empty());
     }
 
     #[test]
