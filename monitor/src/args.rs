@@ -14,6 +14,11 @@ pub struct PipelineArgs {
     /// A request acknowledged by the peer and unanswered this long is `request_stalled`.
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_positive_duration)]
     pub stall_threshold: Duration,
+    /// An accepted connection written to and acknowledged, with nothing received this
+    /// long while a newer one from the same peer is active, is `zombie_connection`.
+    #[arg(long, value_name = "DURATION", default_value = "30s", env = "CONNWATCH_ZOMBIE_THRESHOLD",
+          value_parser = parse_zombie_threshold)]
+    pub zombie_threshold: Duration,
     /// How often to re-read the kernel's socket list (sock_diag): pools, stalls, and what
     /// events alone miss.
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_positive_duration)]
@@ -67,6 +72,7 @@ impl PipelineArgs {
             idle_threshold: self.idle_threshold,
             close_wait_threshold: self.close_wait_threshold,
             stall_threshold: self.stall_threshold,
+            zombie_threshold: self.zombie_threshold,
             max_sockets: self.max_tracked_sockets as usize,
             rst_reasons: Default::default(),
             state_changes,
@@ -111,5 +117,37 @@ pub fn parse_positive_duration(text: &str) -> Result<Duration, String> {
     match parse_duration(text)? {
         Duration::ZERO => Err("must be greater than zero".to_string()),
         duration => Ok(duration),
+    }
+}
+
+/// A client silent for longer than a day is not told apart from one that left: the window
+/// would also hold every deliberate long pause.
+const MAX_ZOMBIE_THRESHOLD: Duration = Duration::from_secs(24 * 60 * 60);
+
+fn parse_zombie_threshold(text: &str) -> Result<Duration, String> {
+    match parse_duration(text)? {
+        Duration::ZERO => Err("must be greater than zero, e.g. 30s".to_string()),
+        threshold if threshold > MAX_ZOMBIE_THRESHOLD => Err(format!(
+            "{text} is above the limit of 1 day: a connection silent that long is not told \
+             apart from a client that left; use the time after which your clients have surely \
+             moved off an old connection, e.g. 30s or 5m"
+        )),
+        threshold => Ok(threshold),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zombie_threshold_bounds() {
+        assert_eq!(parse_zombie_threshold("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_zombie_threshold("1day"), Ok(MAX_ZOMBIE_THRESHOLD));
+        let zero = parse_zombie_threshold("0s").unwrap_err();
+        assert!(zero.contains("must be greater than zero"), "{zero}");
+        let long = parse_zombie_threshold("2days").unwrap_err();
+        assert!(long.contains("above the limit of 1 day"), "{long}");
+        assert!(parse_zombie_threshold("soon").is_err());
     }
 }

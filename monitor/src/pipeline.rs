@@ -5,7 +5,8 @@ use std::{collections::HashMap, path::PathBuf};
 
 use crate::{
     detect::{
-        DetectConfig, Detectors, Finding, Kind, exhausted::ExhaustionDetector, stall::StallDetector,
+        DetectConfig, Detectors, Finding, Kind, exhausted::ExhaustionDetector,
+        stall::StallDetector, zombie::ZombieDetector,
     },
     events::{self, DecodeError, Event, Hook, SocketId, Task, TcpState},
     resolver::SharedProcIndex,
@@ -37,6 +38,7 @@ pub struct Pipeline {
     pools: PoolTracker,
     stalls: StallDetector,
     exhaustion: ExhaustionDetector,
+    zombies: ZombieDetector,
     idle_threshold_ms: u64,
     /// Sockets by state in the last snapshot.
     snapshot_states: HashMap<TcpState, usize>,
@@ -53,6 +55,10 @@ impl Pipeline {
             pools: PoolTracker::default(),
             stalls: StallDetector::new(config.stall_threshold.as_millis() as u64),
             exhaustion: ExhaustionDetector::default(),
+            zombies: ZombieDetector::new(
+                config.zombie_threshold.as_millis() as u64,
+                config.max_sockets,
+            ),
             idle_threshold_ms: config.idle_threshold.as_millis() as u64,
             snapshot_states: HashMap::new(),
             findings: Vec::new(),
@@ -100,8 +106,8 @@ impl Pipeline {
         &self.findings
     }
 
-    /// Folds in a fresh sock_diag snapshot: pools, requests that started stalling, and pools
-    /// they exhausted.
+    /// Folds in a fresh sock_diag snapshot: pools, requests that started stalling and pools
+    /// they exhausted, and connections that became zombies.
     pub fn refresh(&mut self, snapshot: &Snapshot, mono_now_ns: u64) -> &[Finding] {
         self.findings.clear();
         self.snapshot_states.clear();
@@ -120,11 +126,23 @@ impl Pipeline {
             finding.stalled_ms = Some(stalled_ms);
             self.findings.push(finding);
         }
+        for zombie in self
+            .zombies
+            .refresh(&snapshot.sockets, &listeners, mono_now_ns)
+        {
+            let owner = owner_of(zombie.socket.inode);
+            let event = snapshot_event(zombie.socket, owner.clone(), mono_now_ns);
+            let mut finding = Finding::new(Kind::ZombieConnection, &event, owner.as_ref());
+            finding.siblings = Some(zombie.siblings);
+            finding.age_ms = Some(zombie.age_ms);
+            self.findings.push(finding);
+        }
         self.pools.connects(&snapshot.connects, mono_now_ns);
         self.pools.refresh(
             &snapshot.sockets,
             owner_of,
             self.stalls.requests(),
+            self.zombies.zombies(),
             self.idle_threshold_ms,
             mono_now_ns,
         );
@@ -146,9 +164,9 @@ impl Pipeline {
         &self.findings
     }
 
-    /// Entries dropped from full tables (socket table, CLOSE_WAIT tracking).
+    /// Entries dropped from full tables (socket table, CLOSE_WAIT and zombie tracking).
     pub fn evictions(&self) -> u64 {
-        self.table.evictions + self.detectors.evictions()
+        self.table.evictions + self.detectors.evictions() + self.zombies.evictions
     }
 
     pub fn pools(&self) -> &[Pool] {
@@ -170,6 +188,7 @@ impl Pipeline {
             idle_threshold: std::time::Duration::from_secs(1),
             close_wait_threshold: std::time::Duration::from_secs(30),
             stall_threshold: std::time::Duration::from_secs(10),
+            zombie_threshold: std::time::Duration::from_secs(30),
             max_sockets: 64,
             rst_reasons: Default::default(),
             state_changes: false,

@@ -27,6 +27,7 @@ pub enum Column {
     Active,
     CloseWait,
     Stalled,
+    Zombie,
     MaxIdle,
     Connects,
     Resets,
@@ -42,6 +43,7 @@ impl Column {
             Column::Active => pool.active as u64,
             Column::CloseWait => pool.close_wait as u64,
             Column::Stalled => pool.stalled as u64,
+            Column::Zombie => pool.zombie as u64,
             Column::MaxIdle => pool.max_idle_ms,
             Column::Connects => pool.connects_per_min as u64,
             Column::Resets => pool.resets_per_min as u64,
@@ -110,7 +112,7 @@ impl Screen {
         )?;
         writeln!(
             out,
-            "{:>8} {:<16} {:<4} {:<28} {:>5} {:>5} {:>5} {:>6} {:>7} {:>7} {:>9} {:>8} {:>8} {:>7} {:>8}",
+            "{:>8} {:<16} {:<4} {:<28} {:>5} {:>5} {:>5} {:>6} {:>7} {:>7} {:>9} {:>6} {:>8} {:>8} {:>7} {:>8}",
             "PID",
             "COMM",
             "DIR",
@@ -122,6 +124,7 @@ impl Screen {
             "CL_WAIT",
             "STALLED",
             "EXHAUSTED",
+            "ZOMBIE",
             "MAX_IDLE",
             "CONN/MIN",
             "RST/MIN",
@@ -130,7 +133,7 @@ impl Screen {
         for p in &sorted {
             writeln!(
                 out,
-                "{:>8} {:<16} {:<4} {:<28} {:>5} {:>5} {:>5} {:>6} {:>7} {:>7} {:>9} {:>8} {:>8} {:>7} {:>8}",
+                "{:>8} {:<16} {:<4} {:<28} {:>5} {:>5} {:>5} {:>6} {:>7} {:>7} {:>9} {:>6} {:>8} {:>8} {:>7} {:>8}",
                 p.pid,
                 p.comm,
                 if p.direction.as_str() == "inbound" {
@@ -151,6 +154,7 @@ impl Screen {
                 } else {
                     "-".into()
                 },
+                p.zombie,
                 format_ms(p.max_idle_ms),
                 p.connects_per_min,
                 p.resets_per_min,

@@ -46,6 +46,14 @@ fn bad_flag_values_are_named() {
             &["daemon", "--max-tracked-sockets", "8"],
             "8 is below the minimum of 64",
         ),
+        (
+            &["watch", "--zombie-threshold", "0s"],
+            "invalid value '0s' for '--zombie-threshold <DURATION>': must be greater than zero",
+        ),
+        (
+            &["daemon", "--zombie-threshold", "2days"],
+            "2days is above the limit of 1 day",
+        ),
         (&["watch", "--bogus"], "unexpected argument '--bogus'"),
     ] {
         let outcome = connwatch(args);

@@ -102,6 +102,8 @@ pub const GUEST_TESTS: &[(&str, &[&str])] = &[
     ("daemon", &[]),
     // Real PostgreSQL incidents, end to end.
     ("incidents", &[]),
+    // Zombie connections behind a multiplexer: tcp_info's bytes each way (sock_diag).
+    ("zombie", &[]),
 ];
 /// Test threads in a guest: one per vCPU (both vCPUs share one host thread, see `run`).
 const GUEST_TEST_THREADS: &str = "2";

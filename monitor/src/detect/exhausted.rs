@@ -75,6 +75,7 @@ mod tests {
             exhausted: stalled == established,
             oldest_stall_ms: 12_000,
             oldest_stall: Some(1),
+            zombie: 0,
             max_idle_ms: 0,
             connects_per_min: 0,
             resets_per_min: 0,

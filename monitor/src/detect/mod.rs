@@ -6,6 +6,7 @@ pub mod exhausted;
 pub mod impact;
 pub mod reset;
 pub mod stall;
+pub mod zombie;
 
 use std::{collections::HashMap, time::Duration};
 
@@ -37,6 +38,10 @@ pub enum Kind {
     PoolExhausted,
     /// An exhausted pool has a connection free again (or is gone).
     PoolRecovered,
+    /// An accepted connection written to and acknowledged, silent inbound past the zombie
+    /// threshold, while a newer one from the same peer is active: the client reconnected
+    /// and a proxy keeps the old one open.
+    ZombieConnection,
     /// The kernel killed a connection with no RST or FIN (retransmission, keepalive or user
     /// timeout; unreachable): the network dropped it silently.
     IdleTimeoutDeath,
@@ -57,6 +62,7 @@ impl Kind {
             Kind::RequestStalled => "request_stalled",
             Kind::PoolExhausted => "pool_exhausted",
             Kind::PoolRecovered => "pool_recovered",
+            Kind::ZombieConnection => "zombie_connection",
             Kind::IdleTimeoutDeath => "idle_timeout_death",
             Kind::StateChange => "state_change",
         }
@@ -80,6 +86,8 @@ pub struct Finding {
     pub stalled_ms: Option<u64>,
     /// For `pool_exhausted`: the pool's established connections, all stalled.
     pub connections: Option<u32>,
+    /// For `zombie_connection`: newer connections from the same peer, active both ways.
+    pub siblings: Option<u32>,
     /// Container and pod of the process, filled in by the pipeline.
     pub workload: Workload,
     /// For resets: why the RST was sent or received.
@@ -96,6 +104,7 @@ impl Finding {
             age_ms: None,
             stalled_ms: None,
             connections: None,
+            siblings: None,
             workload: Workload::default(),
             cause: None,
         }
@@ -107,6 +116,7 @@ pub struct DetectConfig {
     pub idle_threshold: Duration,
     pub close_wait_threshold: Duration,
     pub stall_threshold: Duration,
+    pub zombie_threshold: Duration,
     /// Bound on every per-socket table.
     pub max_sockets: usize,
     /// This kernel's `enum sk_rst_reason`, value → name.

@@ -76,6 +76,20 @@ fn detail(report: &Report) -> String {
             format_ms(report.age_ms.unwrap_or(0))
         );
     }
+    if let Some(siblings) = report.siblings {
+        let silent = report
+            .since_recv_ms
+            .map_or_else(String::new, |ms| format_ms(ms as u64));
+        let connections = if siblings == 1 {
+            "connection"
+        } else {
+            "connections"
+        };
+        return format!(
+            "written to and acknowledged, nothing received for {silent}; \
+             {siblings} newer {connections} from this peer active: the client moved"
+        );
+    }
     match (report.age_ms, report.stalled_ms) {
         (Some(age), _) => format!(
             "in CLOSE_WAIT for {}: the application never closed it",
@@ -179,6 +193,16 @@ mod tests {
         assert_eq!(
             detail(&report(Kind::PoolRecovered, |f| f.age_ms = Some(45_000))),
             "a connection is free again, after 45.0s exhausted"
+        );
+        let zombie = report(Kind::ZombieConnection, |f| {
+            f.siblings = Some(2);
+            f.age_ms = Some(60_000);
+            f.event.since_recv_ms = Some(31_000);
+        });
+        assert_eq!(
+            detail(&zombie),
+            "written to and acknowledged, nothing received for 31.0s; \
+             2 newer connections from this peer active: the client moved"
         );
         assert_eq!(detail(&report(Kind::PeerResetIdle, |_| {})), "");
     }

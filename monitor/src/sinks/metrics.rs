@@ -75,7 +75,7 @@ pub struct ErrorWho {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PoolLabels {
     pub direction: String,
-    /// `established`, `idle`, `active`, `close_wait` or `stalled`.
+    /// `established`, `idle`, `active`, `close_wait`, `stalled` or `zombie`.
     pub state: String,
     #[prometheus(flatten)]
     pub who: Who,
@@ -262,6 +262,7 @@ pub struct Metrics {
     request_stalled: Capped<Who, Counter>,
     pool_exhaustions: Capped<Who, Counter>,
     pool_exhausted: Capped<PoolWho, Gauge>,
+    zombie_connections: Capped<Who, Counter>,
     deaths: Capped<ErrorWho, Counter>,
     pool_sockets: Capped<PoolLabels, Gauge>,
     kernel: Arc<KernelCollector>,
@@ -297,6 +298,7 @@ impl Metrics {
             request_stalled: Capped::new("connwatch_request_stalled", Family::default()),
             pool_exhaustions: Capped::new("connwatch_pool_exhaustions", Family::default()),
             pool_exhausted: Capped::new("connwatch_pool_exhausted", Family::default()),
+            zombie_connections: Capped::new("connwatch_zombie_connections", Family::default()),
             deaths: Capped::new("connwatch_idle_timeout_deaths", Family::default()),
             pool_sockets: Capped::new("connwatch_pool_sockets", Family::default()),
             kernel: Arc::new(KernelCollector::default()),
@@ -355,6 +357,11 @@ impl Metrics {
                 &metrics.pool_exhausted.family,
                 "connwatch_pool_exhausted",
                 "Pools exhausted now (every established connection stalled): 1 per pool, absent when none",
+            ),
+            (
+                &metrics.zombie_connections.family,
+                "connwatch_zombie_connections",
+                "Accepted connections written to and acknowledged, silent inbound past the zombie threshold, while a newer one from the same peer is active",
             ),
             (
                 &metrics.deaths.family,
@@ -460,6 +467,11 @@ impl Metrics {
             }
             // The gauge says it ended.
             Kind::PoolRecovered => {}
+            Kind::ZombieConnection => {
+                self.zombie_connections
+                    .series(who, max, &self.overflow)
+                    .inc();
+            }
             Kind::IdleTimeoutDeath => {
                 let labels = ErrorWho {
                     kind: finding.kind.as_str().into(),
@@ -490,6 +502,7 @@ impl Metrics {
                 ("active", pool.active),
                 ("close_wait", pool.close_wait),
                 ("stalled", pool.stalled),
+                ("zombie", pool.zombie),
             ] {
                 let labels = PoolLabels {
                     direction: pool.direction.as_str().into(),
@@ -639,6 +652,7 @@ mod tests {
             Kind::CloseWaitLingering,
             Kind::RequestStalled,
             Kind::PoolExhausted,
+            Kind::ZombieConnection,
         ] {
             let mut finding = idle_reset("app", 5000);
             finding.kind = kind;
@@ -663,6 +677,7 @@ mod tests {
             exhausted: true,
             oldest_stall_ms: 12_000,
             oldest_stall: Some(1),
+            zombie: 0,
             max_idle_ms: 5000,
             connects_per_min: 0,
             resets_per_min: 0,
@@ -679,6 +694,7 @@ mod tests {
             "# TYPE connwatch_write_after_peer_end counter",
             "# TYPE connwatch_close_wait_lingering counter",
             "# TYPE connwatch_request_stalled counter",
+            "# TYPE connwatch_zombie_connections counter",
             "# TYPE connwatch_pool_sockets gauge",
             "# TYPE connwatch_pool_exhaustions counter",
             "connwatch_pool_exhausted{direction=\"outbound\",comm=\"app\"",

@@ -89,7 +89,8 @@ pub struct Report {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub since_close_ms: Option<u32>,
     /// close_wait_lingering: time in CLOSE_WAIT so far; pool_recovered: how long the pool
-    /// was exhausted.
+    /// was exhausted; zombie_connection: time since connwatch first listed the connection
+    /// (its age, at least).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub age_ms: Option<u64>,
     /// request_stalled: time since the request was sent with no answer; pool_exhausted: the
@@ -99,6 +100,10 @@ pub struct Report {
     /// pool_exhausted: the pool's established connections, every one stalled.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub connections: Option<u32>,
+    /// zombie_connection: newer connections from the same peer IP to the same endpoint,
+    /// active both ways (with `since_recv_ms`, and `age_ms` since connwatch first saw it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub siblings: Option<u32>,
     /// Resets: why the RST was sent or received (see README, "Reset causes").
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cause: Option<String>,
@@ -154,6 +159,7 @@ impl Report {
             age_ms: finding.age_ms,
             stalled_ms: finding.stalled_ms,
             connections: finding.connections,
+            siblings: finding.siblings,
             cause: finding.cause.clone(),
             workload: finding.workload.clone(),
         }
@@ -205,6 +211,7 @@ mod tests {
             age_ms: None,
             stalled_ms: None,
             connections: None,
+            siblings: None,
             workload: Workload::default(),
             cause: None,
         };
@@ -247,6 +254,25 @@ mod tests {
             (report.since_reset_ms, report.since_close_ms),
             (Some(1500), None)
         );
+    }
+
+    #[test]
+    fn zombie_fields() {
+        let mut event = from_raw(&raw_reset(0)).unwrap();
+        event.since_recv_ms = Some(31_000);
+        let mut finding = Finding::new(Kind::ZombieConnection, &event, event.owner.as_ref());
+        finding.siblings = Some(1);
+        finding.age_ms = Some(45_000);
+        let json = serde_json::to_value(Report::new(&finding, &WallClock::now())).unwrap();
+        assert_eq!(json["kind"], "zombie_connection");
+        assert_eq!(
+            (&json["siblings"], &json["since_recv_ms"], &json["age_ms"]),
+            (&1.into(), &31_000.into(), &45_000.into())
+        );
+        finding.kind = Kind::PeerResetIdle;
+        finding.siblings = None;
+        let json = serde_json::to_value(Report::new(&finding, &WallClock::now())).unwrap();
+        assert!(json.get("siblings").is_none(), "absent, not null: {json}");
     }
 
     #[test]

@@ -96,6 +96,8 @@ pub struct Pool {
     /// The socket of the oldest stalled request (its cookie), to name in findings.
     #[serde(skip)]
     pub oldest_stall: Option<u64>,
+    /// `zombie_connection` now.
+    pub zombie: u32,
     pub max_idle_ms: u64,
     pub connects_per_min: u32,
     pub resets_per_min: u32,
@@ -187,6 +189,7 @@ impl PoolTracker {
         snapshot: &[DiagSocket],
         mut owner_of: impl FnMut(u64) -> Option<Task>,
         requests: Requests,
+        zombie: &HashSet<u64>,
         idle_threshold_ms: u64,
         now_ns: u64,
     ) {
@@ -227,6 +230,7 @@ impl PoolTracker {
                     exhausted: false,
                     oldest_stall_ms: 0,
                     oldest_stall: None,
+                    zombie: 0,
                     max_idle_ms: 0,
                     connects_per_min: 0,
                     resets_per_min: 0,
@@ -257,6 +261,9 @@ impl PoolTracker {
                 }
             } else if state == "CLOSE_WAIT" {
                 pool.close_wait += 1;
+            }
+            if zombie.contains(&socket.cookie) {
+                pool.zombie += 1;
             }
         }
         for (key, pool) in pools.iter_mut() {
@@ -356,7 +363,14 @@ mod tests {
             }
         }
         let mut tracker = PoolTracker::default();
-        tracker.refresh(&snapshot, owner, requests(&outstanding), 1000, 0);
+        tracker.refresh(
+            &snapshot,
+            owner,
+            requests(&outstanding),
+            &HashSet::new(),
+            1000,
+            0,
+        );
         let pool = &tracker.pools()[0];
         assert_eq!((pool.idle, pool.active, pool.stalled), (0, 1, 2));
         assert_eq!(pool.max_idle_ms, 0, "a waiting request is not idleness");
@@ -365,7 +379,14 @@ mod tests {
             "one connection is still below the threshold"
         );
         outstanding.insert(3, 10_000);
-        tracker.refresh(&snapshot, owner, requests(&outstanding), 1000, 0);
+        tracker.refresh(
+            &snapshot,
+            owner,
+            requests(&outstanding),
+            &HashSet::new(),
+            1000,
+            0,
+        );
         let pool = &tracker.pools()[0];
         assert!(pool.exhausted, "{pool:?}");
         assert_eq!((pool.oldest_stall_ms, pool.oldest_stall), (31_000, Some(2)));
@@ -388,7 +409,8 @@ mod tests {
             outstanding: &[(2, 30_000)].into(),
             stall_threshold_ms: 10_000,
         };
-        tracker.refresh(&snapshot, owner, requests, 1000, 0);
+        let zombie = HashSet::from([202]);
+        tracker.refresh(&snapshot, owner, requests, &zombie, 1000, 0);
         let mut pools = tracker.pools().to_vec();
         pools.sort_by_key(|p| p.pid);
         assert_eq!(pools.len(), 2, "{pools:#?}");
@@ -417,7 +439,7 @@ mod tests {
             (inbound.direction, inbound.endpoint.to_string().as_str()),
             (Direction::Inbound, "10.0.0.1:5432")
         );
-        assert_eq!(inbound.total, 2);
+        assert_eq!((inbound.total, inbound.zombie), (2, 1));
     }
 
     #[test]
@@ -458,6 +480,7 @@ mod tests {
                     outstanding: &HashMap::new(),
                     stall_threshold_ms: 10_000,
                 },
+                &HashSet::new(),
                 1000,
                 at,
             );
