@@ -50,6 +50,44 @@ fn idle_reset_ipv6() {
     idle_reset("[::1]:0", "ipv6");
 }
 
+/// The server reads a request, sits on it 2 s, then aborts (a proxy killing a stuck
+/// query's connection). The client's socket had a request waiting: not idle, whatever its
+/// timestamps say, and the reset names how long the request had waited.
+#[test]
+fn reset_of_a_waiting_request_is_not_idle() {
+    let (listener, _server_port, watch) = watched_listener("127.0.0.1:0", &[]);
+    let mut pair = Pair::connect(&listener, "cw-waiting-client");
+    let client_port = pair.client_port();
+    pair.client.write_all(b"SELECT").unwrap();
+    let mut buf = [0u8; 6];
+    std::io::Read::read_exact(&mut pair.server, &mut buf).unwrap();
+    thread::sleep(Duration::from_secs(2));
+    let _client = pair.reset_from_server();
+    watch.wait_for("the reset", |events| {
+        count(events, "peer_reset", client_port) + count(events, "peer_reset_idle", client_port)
+            >= 1
+    });
+    let events = watch.stop().events;
+    if !kernel_at_least(5, 11) {
+        // No socket storage for tracing programs: tcp_info's stamps only, it looks idle.
+        assert_eq!(
+            count(&events, "peer_reset_idle", client_port),
+            1,
+            "{events:#?}"
+        );
+        return;
+    }
+    let reset = of_kind(&events, "peer_reset", client_port);
+    assert_eq!(
+        reset.len(),
+        1,
+        "a waiting request, not an idle socket: {events:#?}"
+    );
+    assert!(reset[0]["idle_ms"].is_null(), "{:?}", reset[0]);
+    let waited = ms(reset[0], "stalled_ms");
+    assert!((1900..10_000).contains(&waited), "stalled_ms={waited}");
+}
+
 #[test]
 fn reset_right_after_a_write_is_not_idle() {
     let (listener, server_port, watch) = watched_listener("127.0.0.1:0", &[]);
@@ -67,7 +105,13 @@ fn reset_right_after_a_write_is_not_idle() {
     let reset = of_kind(&events, "peer_reset", client_port);
     assert_eq!(reset.len(), 1, "{events:#?}");
     assert_eq!(reset[0]["comm"], "cw-busy-client");
-    assert!(ms(reset[0], "idle_ms") < 1000, "{:?}", reset[0]);
+    // The write was a request still waiting (socket storage, 5.11+), else it was recent.
+    let field = if kernel_at_least(5, 11) {
+        "stalled_ms"
+    } else {
+        "idle_ms"
+    };
+    assert!(ms(reset[0], field) < 1000, "{:?}", reset[0]);
     assert_eq!(count(&events, "peer_reset_idle", client_port), 0);
 }
 

@@ -41,6 +41,10 @@ pub mod flags {
     /// closed it to abort. Tells that abort from a close with unread data on kernels whose
     /// `tcp_send_reset` gives no reason (before 6.10).
     pub const LINGER_ZERO: u8 = 1 << 3;
+    /// The application's last data call on the socket (its [`IoMark`](crate::IoMark)) was
+    /// a send: a request waited for its answer, for `waited_ms`. Such a socket is not idle,
+    /// whatever its timestamps say.
+    pub const AWAITING_ANSWER: u8 = 1 << 4;
 }
 
 /// TCP states as the kernel numbers them (`include/net/tcp_states.h`).
@@ -168,7 +172,8 @@ pub struct ConnEvent {
     pub since_peer_end_ms: u32,
     /// `sk->sk_err` when a socket dies (state change to CLOSE) or sends an RST, else 0.
     pub sk_err: i32,
-    pub _pad: u32,
+    /// With [`flags::AWAITING_ANSWER`]: milliseconds since the request was sent.
+    pub waited_ms: u32,
     pub tuple: Tuple,
     pub owner_comm: [u8; TASK_COMM_LEN],
     pub ctx_comm: [u8; TASK_COMM_LEN],
@@ -202,7 +207,7 @@ impl ConnEvent {
             ret: 0,
             since_peer_end_ms: 0,
             sk_err: 0,
-            _pad: 0,
+            waited_ms: 0,
             tuple: Tuple {
                 saddr: [0; 16],
                 daddr: [0; 16],

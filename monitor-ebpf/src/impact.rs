@@ -13,7 +13,7 @@ use aya_ebpf::{
     macros::{btf_tracepoint, fexit, tracepoint},
     programs::{BtfTracePointContext, FExitContext, TracePointContext},
 };
-use monitor_common::{IPPROTO_TCP, IoMark, PeerEnd, hook, io, peer_end, tcp_state};
+use monitor_common::{ConnEvent, IPPROTO_TCP, IoMark, PeerEnd, hook, io, peer_end, tcp_state};
 
 use crate::{
     event::{Slot, set},
@@ -215,6 +215,45 @@ fn mark_io(sk: u64, op: u8) {
     unsafe {
         (*mark).at_ns = bpf_ktime_get_ns();
         (*mark).io = op;
+    }
+}
+
+/// Flags `event` when a request was waiting for its answer on `sk` (the application's last
+/// data call was a send), with how long. `sk` must be the hook's typed pointer.
+#[inline(always)]
+pub fn note_waiting_request(sk: u64, event: *mut ConnEvent) {
+    if settings().io_marks == 0 {
+        return;
+    }
+    // SAFETY: as in `mark_io`; flags 0: look up only, never create.
+    let mark = unsafe {
+        bpf_sk_storage_get(
+            core::ptr::from_ref(&IO_MARKS).cast_mut().cast(),
+            sk as *mut c_void,
+            core::ptr::null_mut(),
+            0,
+        )
+    }
+    .cast::<IoMark>();
+    if mark.is_null() {
+        return;
+    }
+    // SAFETY: non-null from the helper: this socket's storage; `event` is a whole, reserved
+    // ConnEvent (the caller's slot).
+    unsafe {
+        if (*mark).io != io::SEND {
+            return;
+        }
+        let waited_ns = bpf_ktime_get_ns().saturating_sub((*mark).at_ns);
+        let flags = core::ptr::read_volatile(&raw const (*event).flags);
+        core::ptr::write_volatile(
+            &raw mut (*event).flags,
+            flags | monitor_common::flags::AWAITING_ANSWER,
+        );
+        core::ptr::write_volatile(
+            &raw mut (*event).waited_ms,
+            (waited_ns / 1_000_000).min(u64::from(u32::MAX)) as u32,
+        );
     }
 }
 

@@ -192,6 +192,9 @@ impl Record {
 
 /// Where a hook finds a socket's 4-tuple: its tracepoint record, or the socket itself.
 pub trait TupleSource {
+    /// `sk` is the hook's typed `struct sock *` argument (a typed raw tracepoint), which
+    /// helpers taking a socket (socket storage) accept; not an address read from a record.
+    const TYPED_SK: bool;
     /// Fills `tuple` (all 40 bytes) for `sk`.
     fn tuple(&self, sk: u64, tuple: *mut Tuple);
 }
@@ -200,6 +203,8 @@ pub trait TupleSource {
 pub struct FromRecord<'a>(pub &'a Record, pub &'a TpLayout);
 
 impl TupleSource for FromRecord<'_> {
+    const TYPED_SK: bool = false;
+
     #[inline(always)]
     fn tuple(&self, sk: u64, tuple: *mut Tuple) {
         self.0.tuple(self.1, sk, tuple)
@@ -211,6 +216,8 @@ impl TupleSource for FromRecord<'_> {
 pub struct FromSock;
 
 impl TupleSource for FromSock {
+    const TYPED_SK: bool = true;
+
     #[inline(always)]
     fn tuple(&self, sk: u64, tuple: *mut Tuple) {
         let k = kernel();

@@ -1,12 +1,18 @@
 //! `tcp:tcp_receive_reset` and `tcp:tcp_send_reset`: RSTs in and out, with how long the
 //! socket had been idle, read from its own timestamps (no per-packet hook).
-use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
+use aya_ebpf::{
+    macros::{btf_tracepoint, tracepoint},
+    programs::{BtfTracePointContext, TracePointContext},
+};
 use monitor_common::{hook, peer_end, tcp_state};
 
 use crate::{
     event::{Slot, set},
-    impact::mark_peer_end,
-    kernel::{FromRecord, Record, Tp, layout, linger_zero, read_full_socket, sk_err, sk_state},
+    impact::{mark_peer_end, note_waiting_request},
+    kernel::{
+        FromRecord, FromSock, Record, Tp, TupleSource, layout, linger_zero, read_full_socket,
+        sk_err, sk_state,
+    },
 };
 
 /// Fires in softirq: the current task is not the owner (on loopback it is the RST sender).
@@ -20,17 +26,37 @@ pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
     let Some(sk) = record.get::<u64>(tp.skaddr) else {
         return 0;
     };
-    mark_peer_end(peer_end::RESET, &FromRecord(&record, &tp), sk);
+    received_reset(
+        sk,
+        record.get(tp.cookie).unwrap_or(0),
+        &FromRecord(&record, &tp),
+    )
+}
+
+/// `tcp_receive_reset(struct sock *sk)` as a typed raw tracepoint: no record, and the
+/// socket's storage is reachable, which tells a request waiting for its answer (not idle).
+/// The tracepoint's cookie is computed into its record only, so it is 0 here.
+#[btf_tracepoint(function = "tcp_receive_reset")]
+pub fn tcp_receive_reset_btf(ctx: BtfTracePointContext) -> i32 {
+    received_reset(ctx.arg::<u64>(0), 0, &FromSock) as i32
+}
+
+#[inline(always)]
+fn received_reset<S: TupleSource>(sk: u64, cookie: u64, source: &S) -> u32 {
+    mark_peer_end(peer_end::RESET, source, sk);
     let Some(slot) = Slot::begin(hook::RECEIVE_RESET, sk) else {
         return 0;
     };
     let state = sk_state(sk);
     set!(slot, old_state, state);
     set!(slot, new_state, tcp_state::CLOSE);
-    set!(slot, cookie, record.get(tp.cookie).unwrap_or(0));
+    set!(slot, cookie, cookie);
     // SAFETY: the slot's event is a whole, reserved ConnEvent.
-    record.tuple(&tp, sk, unsafe { &raw mut (*slot.as_ptr()).tuple });
+    source.tuple(sk, unsafe { &raw mut (*slot.as_ptr()).tuple });
     read_full_socket(sk, tcp_state::is_synchronized(state), slot.as_ptr());
+    if S::TYPED_SK && state == tcp_state::ESTABLISHED {
+        note_waiting_request(sk, slot.as_ptr());
+    }
     slot.submit();
     0
 }

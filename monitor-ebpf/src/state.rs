@@ -10,7 +10,7 @@ use monitor_common::{ConnectKey, IPPROTO_TCP, SockOwner, Tuple, hook, peer_end, 
 
 use crate::{
     event::{Slot, set},
-    impact::mark_peer_end,
+    impact::{mark_peer_end, note_waiting_request},
     kernel::{
         FromRecord, FromSock, Record, Tp, TupleSource, is_tcp, layout, new_owner, read_full_socket,
         settings, sk_err,
@@ -51,7 +51,7 @@ pub fn inet_sock_set_state_btf(ctx: BtfTracePointContext) -> i32 {
 /// What every TCP state change does: count it, note births and connects, mark the peer's
 /// FIN, and stream the few changes userspace acts on.
 #[inline(always)]
-fn state_changed(sk: u64, old_state: u8, new_state: u8, source: &impl TupleSource) -> u32 {
+fn state_changed<S: TupleSource>(sk: u64, old_state: u8, new_state: u8, source: &S) -> u32 {
     if let Some(count) = TRANSITIONS.get_ptr_mut(tcp_state::index(old_state, new_state)) {
         // SAFETY: a valid slot of a per-CPU array: this CPU's copy. Only programs on this
         // CPU write it, and trace_call_bpf's per-CPU guard keeps them from nesting; were
@@ -80,6 +80,9 @@ fn state_changed(sk: u64, old_state: u8, new_state: u8, source: &impl TupleSourc
     // Idle as of the old state: ESTABLISHED → CLOSE_WAIT measures how long the peer's FIN
     // found the connection unused.
     read_full_socket(sk, tcp_state::is_synchronized(old_state), slot.as_ptr());
+    if S::TYPED_SK && old_state == tcp_state::ESTABLISHED {
+        note_waiting_request(sk, slot.as_ptr());
+    }
     if new_state == tcp_state::CLOSE {
         // Why it died: ETIMEDOUT from retransmission/keepalive/user timeouts, ECONNRESET
         // after an RST, ECONNABORTED from sock_destroy, 0 after a normal close.

@@ -159,11 +159,18 @@ pub struct Event {
     pub io: Option<IoAfterPeerEnd>,
     /// `sk->sk_err` on a death (change to CLOSE) or a sent RST; 0 otherwise.
     pub sk_err: i32,
+    /// A request was waiting for its answer (the application's last data call was a send,
+    /// as the socket's storage tells it), for this long.
+    pub waiting_ms: Option<u32>,
 }
 
 impl Event {
-    /// Time since data last moved either way, as the kernel's socket timestamps tell it.
+    /// Time since data last moved either way, as the kernel's socket timestamps tell it;
+    /// `None` when a request was waiting for its answer: busy, not idle.
     pub fn idle_ms(&self) -> Option<u64> {
+        if self.waiting_ms.is_some() {
+            return None;
+        }
         Some(self.since_send_ms?.min(self.since_recv_ms?) as u64)
     }
 
@@ -257,6 +264,7 @@ pub fn from_raw(raw: &ConnEvent) -> Result<Event, DecodeError> {
         linger_zero: raw.flags & flags::LINGER_ZERO != 0,
         io,
         sk_err: raw.sk_err,
+        waiting_ms: (raw.flags & flags::AWAITING_ANSWER != 0).then_some(raw.waited_ms),
     })
 }
 
@@ -367,6 +375,20 @@ pub(crate) mod tests {
         assert_eq!((owner.pid, owner.tid, &*owner.comm), (42, 43, "psql"));
         assert_eq!(&*event.current.comm, "server");
         assert_eq!(event.old_state.name(), "ESTABLISHED");
+    }
+
+    #[test]
+    fn a_waiting_request_is_not_idleness() {
+        // The stamps tie (a query sent in the tick its BEGIN was answered); the socket's
+        // storage says the request was still waiting.
+        let mut raw = raw_reset(95_000);
+        raw.flags |= flags::AWAITING_ANSWER;
+        raw.waited_ms = 95_000;
+        let event = decode(&bytes(&raw)).unwrap();
+        assert_eq!(event.waiting_ms, Some(95_000));
+        assert_eq!(event.idle_ms(), None);
+        raw.flags &= !flags::AWAITING_ANSWER;
+        assert_eq!(decode(&bytes(&raw)).unwrap().waiting_ms, None);
     }
 
     #[test]

@@ -121,7 +121,7 @@ impl Pipeline {
             .refresh(&snapshot.sockets, &listeners, mono_now_ns)
         {
             let owner = owner_of(socket.inode);
-            let event = snapshot_event(socket, owner.clone(), mono_now_ns);
+            let event = snapshot_event(socket, owner.clone(), mono_now_ns, Some(stalled_ms));
             let mut finding = Finding::new(Kind::RequestStalled, &event, owner.as_ref());
             finding.stalled_ms = Some(stalled_ms);
             self.findings.push(finding);
@@ -131,7 +131,7 @@ impl Pipeline {
             .refresh(&snapshot.sockets, &listeners, mono_now_ns)
         {
             let owner = owner_of(zombie.socket.inode);
-            let event = snapshot_event(zombie.socket, owner.clone(), mono_now_ns);
+            let event = snapshot_event(zombie.socket, owner.clone(), mono_now_ns, None);
             let mut finding = Finding::new(Kind::ZombieConnection, &event, owner.as_ref());
             finding.siblings = Some(zombie.siblings);
             finding.age_ms = Some(zombie.age_ms);
@@ -156,7 +156,12 @@ impl Pipeline {
                     .iter()
                     .find(|s| Some(s.cookie) == pool.oldest_stall)?;
                 let owner = owner_of(socket.inode);
-                let event = snapshot_event(socket, owner.clone(), mono_now_ns);
+                let event = snapshot_event(
+                    socket,
+                    owner.clone(),
+                    mono_now_ns,
+                    Some(pool.oldest_stall_ms),
+                );
                 Some(Finding::new(Kind::PoolExhausted, &event, owner.as_ref()))
             },
             &mut self.findings,
@@ -202,7 +207,13 @@ impl Pipeline {
 }
 
 /// A snapshot's socket as an [`Event`], so findings from snapshots report like any other.
-fn snapshot_event(socket: &DiagSocket, owner: Option<Task>, mono_now_ns: u64) -> Event {
+/// `waiting_ms`: how long its request has waited for an answer, if one is outstanding.
+fn snapshot_event(
+    socket: &DiagSocket,
+    owner: Option<Task>,
+    mono_now_ns: u64,
+    waiting_ms: Option<u64>,
+) -> Event {
     Event {
         hook: Hook::Snapshot,
         mono_ns: mono_now_ns,
@@ -230,5 +241,6 @@ fn snapshot_event(socket: &DiagSocket, owner: Option<Task>, mono_now_ns: u64) ->
         linger_zero: false,
         io: None,
         sk_err: 0,
+        waiting_ms: waiting_ms.map(|ms| ms.min(u64::from(u32::MAX)) as u32),
     }
 }

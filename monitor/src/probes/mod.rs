@@ -94,7 +94,7 @@ pub const HOOKS: &[Hook] = &[
         category: "tcp",
         name: "tcp_receive_reset",
         optional: None,
-        typed: false,
+        typed: true,
     },
     Hook {
         program: "tcp_send_reset",
@@ -331,6 +331,7 @@ impl Probes {
         // their arguments come from the context, with no record to copy.
         let mut io_typed: Result<(), String> = Ok(());
         let mut state_typed: Result<(), String> = Ok(());
+        let mut reset_typed: Result<(), String> = Ok(());
         for hook in HOOKS {
             if options.no_write_after && hook.is_io() {
                 // Opted out: these fire on every send/recv on the host.
@@ -355,6 +356,8 @@ impl Probes {
             // One refusal of the send/recv pair serves both with classic tracepoints.
             let typed = if hook.is_io() {
                 &mut io_typed
+            } else if hook.name == "tcp_receive_reset" {
+                &mut reset_typed
             } else {
                 &mut state_typed
             };
@@ -439,7 +442,12 @@ impl Probes {
         } else {
             Capability::full("reset causes", "the kernel's sk_rst_reason")
         };
-        let resets = "tracepoints tcp:tcp_receive_reset, tcp:tcp_send_reset";
+        let resets = match reset_typed {
+            Ok(()) => "tp_btf tcp:tcp_receive_reset, tracepoint tcp:tcp_send_reset".to_string(),
+            Err(why) => format!(
+                "tracepoints tcp:tcp_receive_reset (tp_btf not used: {why}), tcp:tcp_send_reset"
+            ),
+        };
         let resets = if layouts.send_reset.saddr_sockaddr == monitor_common::ABSENT {
             // Linux 6.10 made tcp_send_reset fire without a full socket, reading the
             // addresses from the segment (hence its sockaddr fields).

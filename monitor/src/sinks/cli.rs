@@ -95,10 +95,12 @@ fn detail(report: &Report) -> String {
             "in CLOSE_WAIT for {}: the application never closed it",
             format_ms(age)
         ),
-        (_, Some(stalled)) => format!(
+        (_, Some(stalled)) if report.kind == Kind::RequestStalled.as_str() => format!(
             "request sent and acknowledged {} ago, no answer yet",
             format_ms(stalled)
         ),
+        // A reset or FIN ended a connection whose request was waiting: not an idle one.
+        (_, Some(waited)) => format!("a request had waited {} for its answer", format_ms(waited)),
         _ => String::new(),
     }
 }
@@ -203,6 +205,10 @@ mod tests {
             detail(&zombie),
             "written to and acknowledged, nothing received for 31.0s; \
              2 newer connections from this peer active: the client moved"
+        );
+        assert_eq!(
+            detail(&report(Kind::PeerReset, |f| f.event.waiting_ms = Some(95_000))),
+            "a request had waited 1m35s for its answer"
         );
         assert_eq!(detail(&report(Kind::PeerResetIdle, |_| {})), "");
     }

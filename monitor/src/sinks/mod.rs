@@ -94,7 +94,7 @@ pub struct Report {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub age_ms: Option<u64>,
     /// request_stalled: time since the request was sent with no answer; pool_exhausted: the
-    /// oldest stalled request's.
+    /// oldest stalled request's; a reset or FIN: the request it cut short, if one waited.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stalled_ms: Option<u64>,
     /// pool_exhausted: the pool's established connections, every one stalled.
@@ -157,7 +157,8 @@ impl Report {
             since_reset_ms: since(PeerEnd::Reset),
             since_close_ms: since(PeerEnd::Fin),
             age_ms: finding.age_ms,
-            stalled_ms: finding.stalled_ms,
+            // A reset or FIN that ended a waiting request carries the wait too.
+            stalled_ms: finding.stalled_ms.or(event.waiting_ms.map(u64::from)),
             connections: finding.connections,
             siblings: finding.siblings,
             cause: finding.cause.clone(),
