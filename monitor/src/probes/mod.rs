@@ -453,7 +453,7 @@ impl Probes {
             // addresses from the segment (hence its sockaddr fields).
             Capability {
                 name: "resets",
-                served_by: resets.into(),
+                served_by: resets,
                 degraded: Some(
                     "before Linux 6.10 tcp_send_reset does not fire for RSTs sent with no \
                      socket (a closed port, a stray segment) or from TIME_WAIT"
