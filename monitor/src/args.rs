@@ -12,7 +12,7 @@ pub struct PipelineArgs {
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_positive_duration)]
     pub close_wait_threshold: Duration,
     /// A request acknowledged by the peer and unanswered this long is `request_stalled`.
-    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_positive_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_stall_threshold)]
     pub stall_threshold: Duration,
     /// An accepted connection written to and acknowledged, with nothing received this
     /// long while a newer one from the same peer is active, is `zombie_connection`.
@@ -120,20 +120,34 @@ pub fn parse_positive_duration(text: &str) -> Result<Duration, String> {
     }
 }
 
-/// A client silent for longer than a day is not told apart from one that left: the window
-/// would also hold every deliberate long pause.
-const MAX_ZOMBIE_THRESHOLD: Duration = Duration::from_secs(24 * 60 * 60);
+/// The longest threshold of the detectors that wait: past a day, a wait is not told apart
+/// from a deliberate long pause (a batch job's query, a client that left).
+const MAX_THRESHOLD: Duration = Duration::from_secs(24 * 60 * 60);
 
-fn parse_zombie_threshold(text: &str) -> Result<Duration, String> {
+/// A threshold between zero and a day; `advice` says what to set instead.
+fn parse_threshold(text: &str, advice: &str) -> Result<Duration, String> {
     match parse_duration(text)? {
-        Duration::ZERO => Err("must be greater than zero, e.g. 30s".to_string()),
-        threshold if threshold > MAX_ZOMBIE_THRESHOLD => Err(format!(
-            "{text} is above the limit of 1 day: a connection silent that long is not told \
-             apart from a client that left; use the time after which your clients have surely \
-             moved off an old connection, e.g. 30s or 5m"
-        )),
+        Duration::ZERO => Err(format!("must be greater than zero: {advice}")),
+        threshold if threshold > MAX_THRESHOLD => {
+            Err(format!("{text} is above the limit of 1 day: {advice}"))
+        }
         threshold => Ok(threshold),
     }
+}
+
+fn parse_zombie_threshold(text: &str) -> Result<Duration, String> {
+    parse_threshold(
+        text,
+        "use the time after which your clients have surely moved off an old connection, \
+         e.g. 30s or 5m",
+    )
+}
+
+fn parse_stall_threshold(text: &str) -> Result<Duration, String> {
+    parse_threshold(
+        text,
+        "use a little more than your slowest legitimate query takes, e.g. 10s or 2m",
+    )
 }
 
 #[cfg(test)]
@@ -143,7 +157,7 @@ mod tests {
     #[test]
     fn zombie_threshold_bounds() {
         assert_eq!(parse_zombie_threshold("2s"), Ok(Duration::from_secs(2)));
-        assert_eq!(parse_zombie_threshold("1day"), Ok(MAX_ZOMBIE_THRESHOLD));
+        assert_eq!(parse_zombie_threshold("1day"), Ok(MAX_THRESHOLD));
         let zero = parse_zombie_threshold("0s").unwrap_err();
         assert!(zero.contains("must be greater than zero"), "{zero}");
         let long = parse_zombie_threshold("2days").unwrap_err();

@@ -54,6 +54,15 @@ fn bad_flag_values_are_named() {
             &["daemon", "--zombie-threshold", "2days"],
             "2days is above the limit of 1 day",
         ),
+        (
+            &["top", "--stall-threshold", "0s"],
+            "invalid value '0s' for '--stall-threshold <DURATION>': must be greater than zero: \
+             use a little more than your slowest legitimate query takes",
+        ),
+        (
+            &["daemon", "--stall-threshold", "3days"],
+            "3days is above the limit of 1 day: use a little more than your slowest",
+        ),
         (&["watch", "--bogus"], "unexpected argument '--bogus'"),
     ] {
         let outcome = connwatch(args);

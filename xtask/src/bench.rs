@@ -37,7 +37,13 @@ const ANALYSIS: &str = "### Notes on the targets
   program run reads a paravirtual clock twice on a VM, which had cost the monitored runs
   several percent that a node without bpf_stats does not pay.
 - **Per-hit cost.** The send/recv hooks are typed raw tracepoints (`tp_btf`: arguments from
-  the context, no record) at 40-70 ns per hit: met. `inet_sock_set_state` is typed too; it
+  the context, no record) at 80-90 ns per hit on persistent connections: met. About 40 ns
+  of it is the write of each call's direction and time into the socket's storage
+  (`bpf_sk_storage_get_tracing`, a per-socket cache hit), which orders a request against
+  its answer for `request_stalled`. A connection's first send/recv creates that storage (an
+  allocation, `bpf_sk_storage_charge`, `___slab_alloc` in the system profile), which is
+  why the send/recv hooks average 360-400 ns per hit under churn, where every connection
+  is new. `inet_sock_set_state` is typed too; it
   counts every change in a per-CPU map, counts connects per (process, endpoint) in a
   kernel map, and streams 2 of a healthy connection's 10 changes (the peer's FIN and the
   close after it): 250-280 ns per hit on average, from 630 ns at first and about 400 ns
@@ -64,8 +70,8 @@ const ANALYSIS: &str = "### Notes on the targets
   connection (from 6 us and 2.2 us before the kernel-side filter); the measured rate,
   77-92% across the runs of the same day, moves with the machine's spread.
 - **Request/response >= 99.5%: within this machine's noise.** The typed send/recv hooks cost
-  40-70 ns per call (two per round trip, against about 8 us of CPU per round trip: under
-  1.5%), so about 98.5% is what this machine's round trip allows: 99.5% would need under
+  80-90 ns per call (two per round trip, against about 8 us of CPU per round trip: about
+  2%), so about 98% is what this machine's round trip allows: 99.5% would need under
   20 ns per call, about what the tracepoint dispatch alone costs. The measured runs scatter
   far wider than that (one monitored run at 187k and the other at 280k round trips/s in
   the same run; 81-109% across the day's runs, bpftrace likewise); `--no-write-after`
@@ -86,7 +92,9 @@ const ANALYSIS: &str = "### Notes on the targets
   the refresher, the resolver and the socket table), the healthy connections' connects no
   longer fill the socket table, and the kernel BTF parses of start-up (tens of MiB of small
   allocations) are handed back to the system after loading (`malloc_trim`; musl's
-  allocator returns them by itself). The peak is now start-up's, about 44 MiB.";
+  allocator returns them by itself). Start-up peaks at about 44 MiB; 100,000 sockets take
+  it to 50-55 MiB (each refresh's socket list with `tcp_info`, and the zombie detector's
+  first-listing time per accepted connection).";
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Workload {
