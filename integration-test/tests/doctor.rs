@@ -57,6 +57,20 @@ fn this_machine_can_run_connwatch() {
         let line = row(&table, check);
         assert!(line.contains(expected), "{line}");
     }
+    // Socket storage from tracing programs (5.11) orders requests against answers; before,
+    // tcp_info's ticks do, and doctor says what that misses.
+    let stalls = row(&table, "capability request_stalled");
+    if kernel_at_least(5, 11) {
+        assert!(
+            stalls.contains(" ok ") && stalls.contains("socket storage"),
+            "{stalls}"
+        );
+    } else {
+        assert!(
+            stalls.contains(" degraded ") && stalls.contains("needs Linux 5.11"),
+            "{stalls}"
+        );
+    }
     // Informational rows are present whatever their status.
     row(&table, "kprobes");
     row(&table, "BPF trampolines (fentry)");

@@ -22,9 +22,12 @@ fn ss_kill_across_veth_is_an_idle_reset() {
         TcpStream::connect((SERVER_ADDR, server_port)).unwrap()
     });
     let (mut server, _) = listener.accept().unwrap();
+    // One request and its answer: then the pooled connection idles.
     client.write_all(b"ping").unwrap();
     let mut buf = [0u8; 4];
     server.read_exact(&mut buf).unwrap();
+    server.write_all(b"pong").unwrap();
+    client.read_exact(&mut buf).unwrap();
     let client_port = client.local_addr().unwrap().port();
     thread::sleep(Duration::from_secs(2));
 
