@@ -15,7 +15,10 @@ pub struct Hosts {
 
 impl Hosts {
     pub fn create() -> Hosts {
-        let id = std::process::id();
+        // Unique per test, not only per process: a file's tests run in parallel threads.
+        static CREATED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = CREATED.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let id = format!("{}x{n}", std::process::id());
         let hosts = Hosts {
             client: format!("cw-cli-{id}"),
             server: format!("cw-srv-{id}"),
