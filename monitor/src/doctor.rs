@@ -91,6 +91,7 @@ fn run_checks(options: &ProbeOptions) -> Vec<Check> {
         "",
     ));
     checks.push(attribution_capabilities());
+    checks.push(namespace_capabilities());
     checks.push(check(
         "kernel BTF",
         btf::KernelBtf::open(&options.btf)
@@ -219,6 +220,26 @@ fn attribution_capabilities() -> Check {
              saw them connect or accept → grant the capabilities",
             missing.join(" and ")
         ),
+    }
+}
+
+/// Other network namespaces (pods) are read in full only from inside them.
+fn namespace_capabilities() -> Check {
+    let name = "network namespaces".to_string();
+    if crate::probes::can_enter_namespaces() {
+        return Check {
+            name,
+            status: Status::Ok,
+            detail: "every namespace's sockets with tcp_info (setns: CAP_SYS_ADMIN)".into(),
+        };
+    }
+    Check {
+        name,
+        status: Status::Degraded,
+        detail: "without CAP_SYS_ADMIN connwatch cannot enter other network namespaces: pods' \
+                 sockets come from /proc/<pid>/net/tcp, so their pools are listed but have no \
+                 idle, stall or zombie detection → grant CAP_SYS_ADMIN for those"
+            .into(),
     }
 }
 

@@ -243,6 +243,7 @@ fn spawn_refresher(
     std::thread::Builder::new()
         .name("cw-refresh".into())
         .spawn(move || {
+            let mut warned_namespaces = false;
             loop {
                 let mut snapshot =
                     diag::take_snapshot(&processes, io_marks.as_ref().map(|fd| fd.as_fd()));
@@ -257,6 +258,13 @@ fn spawn_refresher(
                 }
                 let snapshot = snapshot
                     .map(|mut snapshot| {
+                        if let Some(why) = snapshot.namespaces_degraded.take()
+                            && !warned_namespaces
+                        {
+                            // Said once: the next refreshes read them the same way.
+                            eprintln!("connwatch: warning: {why}");
+                            warned_namespaces = true;
+                        }
                         snapshot.connects =
                             connects.as_ref().map(|c| c.totals()).unwrap_or_default();
                         snapshot

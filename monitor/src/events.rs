@@ -162,6 +162,8 @@ pub struct Event {
     /// A request was waiting for its answer (the application's last data call was a send,
     /// as the socket's storage tells it), for this long.
     pub waiting_ms: Option<u32>,
+    /// The socket's network namespace (inode), where known: from the socket list.
+    pub netns: Option<u64>,
 }
 
 impl Event {
@@ -265,6 +267,7 @@ pub fn from_raw(raw: &ConnEvent) -> Result<Event, DecodeError> {
         io,
         sk_err: raw.sk_err,
         waiting_ms: (raw.flags & flags::AWAITING_ANSWER != 0).then_some(raw.waited_ms),
+        netns: None,
     })
 }
 

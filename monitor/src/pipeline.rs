@@ -17,6 +17,13 @@ use crate::{
     },
 };
 
+/// What the last refresh cost: its time, and the network namespaces it read.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RefreshStats {
+    pub took: std::time::Duration,
+    pub namespaces: usize,
+}
+
 /// One record's decoded event and what the detectors made of it.
 pub struct Processed<'a> {
     pub event: Event,
@@ -42,6 +49,7 @@ pub struct Pipeline {
     idle_threshold_ms: u64,
     /// Sockets by state in the last snapshot.
     snapshot_states: HashMap<TcpState, usize>,
+    last_refresh: RefreshStats,
     findings: Vec<Finding>,
     pub events: u64,
     pub undecodable: u64,
@@ -61,6 +69,7 @@ impl Pipeline {
             ),
             idle_threshold_ms: config.idle_threshold.as_millis() as u64,
             snapshot_states: HashMap::new(),
+            last_refresh: RefreshStats::default(),
             findings: Vec::new(),
             events: 0,
             undecodable: 0,
@@ -111,6 +120,10 @@ impl Pipeline {
     pub fn refresh(&mut self, snapshot: &Snapshot, mono_now_ns: u64) -> &[Finding] {
         self.findings.clear();
         self.snapshot_states.clear();
+        self.last_refresh = RefreshStats {
+            took: snapshot.took,
+            namespaces: snapshot.namespaces,
+        };
         for socket in &snapshot.sockets {
             *self.snapshot_states.entry(socket.state).or_insert(0) += 1;
         }
@@ -179,6 +192,10 @@ impl Pipeline {
     }
 
     /// Sockets by state, from the last snapshot (every socket in this network namespace).
+    pub fn last_refresh(&self) -> RefreshStats {
+        self.last_refresh
+    }
+
     /// Events cannot tell: only the state changes connwatch acts on cross the ring buffer.
     pub fn sockets_by_state(&self) -> &HashMap<TcpState, usize> {
         &self.snapshot_states
@@ -242,5 +259,6 @@ fn snapshot_event(
         io: None,
         sk_err: 0,
         waiting_ms: waiting_ms.map(|ms| ms.min(u64::from(u32::MAX)) as u32),
+        netns: Some(socket.netns),
     }
 }

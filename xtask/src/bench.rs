@@ -659,6 +659,94 @@ fn rss_with_sockets(connwatch: &Path, connections: usize) -> Result<(u64, usize)
     Ok((rss, established))
 }
 
+/// A refresh across many pods' network namespaces, as the daemon measures it.
+struct NamespaceRefresh {
+    namespaces: u64,
+    seconds: f64,
+    established: u64,
+    rss_kib: u64,
+}
+
+/// `namespaces` network namespaces, each with a process holding `connections` loopback
+/// connections inside it (`ip netns exec … xtask hold-sockets`), all opened before the
+/// daemon starts; then the daemon's own figures after a few refreshes.
+fn namespace_refresh(
+    connwatch: &Path,
+    namespaces: usize,
+    connections: usize,
+) -> Result<NamespaceRefresh> {
+    let xtask = std::env::current_exe()?;
+    let names: Vec<String> = (0..namespaces)
+        .map(|i| format!("cw-bench-{}-{i}", std::process::id()))
+        .collect();
+    let mut holders = Vec::new();
+    let outcome = (|| -> Result<NamespaceRefresh> {
+        for name in &names {
+            let ip = |args: &[&str]| -> Result<()> {
+                let status = Command::new("ip").args(args).status()?;
+                if !status.success() {
+                    bail!("ip {} failed", args.join(" "));
+                }
+                Ok(())
+            };
+            ip(&["netns", "add", name])?;
+            ip(&["-n", name, "link", "set", "lo", "up"])?;
+            let mut holder = Command::new("ip")
+                .args(["netns", "exec", name])
+                .arg(&xtask)
+                .args(["hold-sockets", &connections.to_string()])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()?;
+            let mut ready = String::new();
+            BufReader::new(holder.stdout.take().context("holder stdout")?).read_line(&mut ready)?;
+            holders.push(holder);
+            if ready.trim() != "ready" {
+                bail!("a socket holder in {name} failed");
+            }
+        }
+        let addr = format!("127.0.0.1:{}", free_port()?);
+        let mut daemon = Command::new(connwatch)
+            .args(["daemon", "--listen", &addr, "--log-events", "false"])
+            .args(["--refresh", "1s"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while http_get(&format!("http://{addr}/readyz")).is_err() {
+            if Instant::now() > deadline {
+                let _ = daemon.kill();
+                bail!("daemon not ready");
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+        thread::sleep(Duration::from_secs(5));
+        let body = http_get(&format!("http://{addr}/metrics"))?;
+        let seconds = body
+            .lines()
+            .find_map(|l| l.strip_prefix("connwatch_refresh_duration_seconds "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(f64::NAN);
+        let measured = NamespaceRefresh {
+            namespaces: metric(&body, "connwatch_network_namespaces"),
+            seconds,
+            established: metric(&body, "connwatch_sockets{state=\"ESTABLISHED\"}"),
+            rss_kib: peak_rss_kib(daemon.id()),
+        };
+        nix_kill(daemon.id())?;
+        let _ = daemon.wait();
+        Ok(measured)
+    })();
+    for mut holder in holders {
+        drop(holder.stdin.take());
+        let _ = holder.wait();
+    }
+    for name in &names {
+        let _ = Command::new("ip").args(["netns", "delete", name]).status();
+    }
+    outcome
+}
+
 /// What `perf` records under load with the daemon running: the daemon's own process, or
 /// the whole system (where the programs and their helpers run, in the load generator's
 /// threads).
@@ -915,6 +1003,8 @@ pub fn run(root: &Path, connwatch: PathBuf) -> Result<()> {
     let (p50, p99, samples) = (latency.p50, latency.p99, latency.samples);
     eprintln!("xtask bench: RSS with 100,000 sockets");
     let (rss, established) = rss_with_sockets(&connwatch, 50_000)?;
+    eprintln!("xtask bench: a refresh across 200 network namespaces");
+    let pods = namespace_refresh(&connwatch, 200, 25)?;
     writeln!(report, "\n## Reset → flag latency\n")?;
     writeln!(
         report,
@@ -930,6 +1020,18 @@ pub fn run(root: &Path, connwatch: PathBuf) -> Result<()> {
          `--max-tracked-sockets 262144`, two refreshes of the full socket list: peak RSS \
          {} MiB; the daemon counted {established} ESTABLISHED sockets.\n",
         rss / 1024
+    )?;
+    writeln!(report, "## A refresh across 200 network namespaces\n")?;
+    writeln!(
+        report,
+        "200 network namespaces (pods), each with a process holding 25 loopback connections \
+         (50 sockets) opened before the daemon starts, refreshed every second: the daemon \
+         listed {} namespaces and {} ESTABLISHED sockets; the last refresh (setns and a \
+         sock_diag dump in each, then their processes) took {:.0} ms; peak RSS {} MiB.\n",
+        pods.namespaces,
+        pods.established,
+        pods.seconds * 1000.0,
+        pods.rss_kib / 1024
     )?;
     writeln!(report, "## Targets\n")?;
     writeln!(report, "| target | result | met |")?;
@@ -1006,6 +1108,15 @@ pub fn run(root: &Path, connwatch: PathBuf) -> Result<()> {
         "| RSS < 64 MiB with 100k tracked sockets | {} MiB | {} |",
         rss / 1024,
         yes(rss < 64 * 1024)
+    )?;
+    writeln!(
+        report,
+        "| refresh across 200 namespaces × 50 sockets < 1 s, RSS < 64 MiB | {:.0} ms, {} MiB \
+         ({} namespaces) | {} |",
+        pods.seconds * 1000.0,
+        pods.rss_kib / 1024,
+        pods.namespaces,
+        yes(pods.seconds < 1.0 && pods.rss_kib < 64 * 1024 && pods.namespaces > 200)
     )?;
     for workload in [Workload::Churn, Workload::ResetStorm] {
         eprintln!(

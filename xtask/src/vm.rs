@@ -104,6 +104,8 @@ pub const GUEST_TESTS: &[(&str, &[&str])] = &[
     ("incidents", &[]),
     // Zombie connections behind a multiplexer: tcp_info's bytes each way (sock_diag).
     ("zombie", &[]),
+    // Pods' network namespaces: setns and sock_diag in each, /proc/<pid>/net without.
+    ("namespaces", &[]),
 ];
 /// Test threads in a guest: one per vCPU (both vCPUs share one host thread, see `run`).
 const GUEST_TEST_THREADS: &str = "2";

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use super::{Finding, Kind};
 use crate::sockets::pools::{Direction, Pool};
 
-type PoolKey = (u32, Direction, std::net::SocketAddr);
+type PoolKey = (u32, u64, Direction, std::net::SocketAddr);
 
 #[derive(Default)]
 pub struct ExhaustionDetector {
@@ -28,7 +28,7 @@ impl ExhaustionDetector {
     ) {
         let mut now = HashMap::new();
         for pool in pools.iter().filter(|pool| pool.exhausted) {
-            let key = (pool.pid, pool.direction, pool.endpoint);
+            let key = (pool.pid, pool.netns, pool.direction, pool.endpoint);
             let opened = match self.episodes.remove(&key) {
                 Some(opened) => opened,
                 None => {
@@ -64,6 +64,7 @@ mod tests {
         Pool {
             pid: 7,
             comm: "app".into(),
+            netns: 1,
             direction: Direction::Outbound,
             endpoint: "10.0.0.9:5432".parse().unwrap(),
             total: established,

@@ -52,7 +52,7 @@ impl StallDetector {
         let mut started = Vec::new();
         for socket in snapshot {
             // A server waiting on its client is not a stuck request.
-            if listeners.is_inbound(socket.local) {
+            if listeners.is_inbound(Some(socket.netns), socket.local) {
                 continue;
             }
             let Some(waited_ms) = outstanding_for(socket, mono_now_ns) else {
@@ -110,6 +110,7 @@ mod tests {
             state: TcpState(monitor_common::tcp_state::ESTABLISHED),
             inode: cookie,
             cookie,
+            netns: 0,
             recv_queue: 0,
             last_io: None,
             activity: Some(TcpActivity {

@@ -77,14 +77,14 @@ impl ZombieDetector {
         let accepted: Vec<(&DiagSocket, TcpActivity)> = snapshot
             .iter()
             .filter(|s| s.state == TcpState(monitor_common::tcp_state::ESTABLISHED))
-            .filter(|s| listeners.is_inbound(s.local))
+            .filter(|s| listeners.is_inbound(Some(s.netns), s.local))
             .filter_map(|s| Some((s, s.activity?)))
             .collect();
         self.remember(accepted.iter().map(|(s, _)| s.cookie), now_ns);
 
         // Per (endpoint, peer IP): when each connection active both ways was first listed,
         // sorted, so counting the newer ones is a binary search.
-        let mut active: FastMap<(SocketAddr, IpAddr), Vec<u64>> = FastMap::default();
+        let mut active: FastMap<(u64, SocketAddr, IpAddr), Vec<u64>> = FastMap::default();
         for (socket, activity) in &accepted {
             if let Some(&seen) = self.first_seen.get(&socket.cookie)
                 && self.recently_both_ways(activity)
@@ -180,8 +180,9 @@ fn carried_both_ways(a: &TcpActivity) -> bool {
 }
 
 /// The service endpoint and the peer's address, without its port.
-fn key(socket: &DiagSocket) -> (SocketAddr, IpAddr) {
-    (socket.local, socket.remote.ip())
+/// Siblings share the network namespace, the local endpoint and the peer's address.
+fn key(socket: &DiagSocket) -> (u64, SocketAddr, IpAddr) {
+    (socket.netns, socket.local, socket.remote.ip())
 }
 
 #[cfg(test)]
@@ -201,6 +202,7 @@ mod tests {
             state: TcpState(ESTABLISHED),
             inode: cookie,
             cookie,
+            netns: 0,
             recv_queue: 0,
             activity: Some(TcpActivity {
                 last_data_sent_ms: sent,
@@ -222,6 +224,7 @@ mod tests {
             state: TcpState(LISTEN),
             inode: 1000,
             cookie: 1000,
+            netns: 0,
             recv_queue: 0,
             activity: None,
             last_io: None,

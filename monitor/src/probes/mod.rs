@@ -788,6 +788,12 @@ pub fn read_effective_caps() -> Result<u64> {
 const CAP_DAC_READ_SEARCH: u32 = 2;
 const CAP_SYS_PTRACE: u32 = 19;
 
+/// Whether connwatch may enter other network namespaces (setns takes CAP_SYS_ADMIN), to
+/// read pods' sockets with `tcp_info` and socket storage.
+pub fn can_enter_namespaces() -> bool {
+    read_effective_caps().unwrap_or(0) & (1 << CAP_SYS_ADMIN) != 0
+}
+
 /// Capabilities missing for attributing other users' sockets through /proc/<pid>/fd.
 pub fn missing_attribution_caps() -> Vec<&'static str> {
     let effective = read_effective_caps().unwrap_or(0);

@@ -267,6 +267,8 @@ pub struct Metrics {
     pool_sockets: Capped<PoolLabels, Gauge>,
     kernel: Arc<KernelCollector>,
     sockets: Family<StateLabel, Gauge>,
+    namespaces: Gauge,
+    refresh_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
     events: Counter,
     undecodable: Counter,
     lost: Counter,
@@ -303,6 +305,8 @@ impl Metrics {
             pool_sockets: Capped::new("connwatch_pool_sockets", Family::default()),
             kernel: Arc::new(KernelCollector::default()),
             sockets: Family::default(),
+            namespaces: Gauge::default(),
+            refresh_seconds: Gauge::default(),
             events: Counter::default(),
             undecodable: Counter::default(),
             lost: Counter::default(),
@@ -377,6 +381,16 @@ impl Metrics {
                 &metrics.sockets,
                 "connwatch_sockets",
                 "Open TCP sockets connwatch knows, by state",
+            ),
+            (
+                &metrics.namespaces,
+                "connwatch_network_namespaces",
+                "Network namespaces whose sockets the last refresh listed",
+            ),
+            (
+                &metrics.refresh_seconds,
+                "connwatch_refresh_duration_seconds",
+                "How long the last refresh took to list every namespace's sockets and their processes",
             ),
             (
                 &metrics.events,
@@ -541,6 +555,9 @@ impl Metrics {
                 })
                 .set(count);
         }
+        let refresh = pipeline.last_refresh();
+        self.namespaces.set(refresh.namespaces as i64);
+        self.refresh_seconds.set(refresh.took.as_secs_f64());
         let undecodable = pipeline.undecodable.saturating_sub(self.undecodable.get());
         self.undecodable.inc_by(undecodable);
         let evictions = pipeline.evictions().saturating_sub(self.evictions.get());
@@ -666,6 +683,7 @@ mod tests {
         metrics.pools(&[Pool {
             pid: 1,
             comm: "app".into(),
+            netns: 1,
             direction: Direction::Outbound,
             endpoint: "10.0.0.9:5432".parse().unwrap(),
             total: 1,
@@ -700,6 +718,8 @@ mod tests {
             "connwatch_pool_exhausted{direction=\"outbound\",comm=\"app\"",
             "# TYPE connwatch_tcp_state_transitions counter",
             "# TYPE connwatch_sockets gauge",
+            "# TYPE connwatch_network_namespaces gauge",
+            "# TYPE connwatch_refresh_duration_seconds gauge",
             "# TYPE connwatch_events counter",
             "# TYPE connwatch_undecodable_events counter",
             "# TYPE connwatch_ring_buffer_lost_events counter",

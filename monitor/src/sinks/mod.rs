@@ -100,6 +100,10 @@ pub struct Report {
     /// pool_exhausted: the pool's established connections, every one stalled.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub connections: Option<u32>,
+    /// The socket's network namespace (inode), for findings from the socket list: two pods'
+    /// sockets can have the same addresses.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub netns: Option<u64>,
     /// zombie_connection: newer connections from the same peer IP to the same endpoint,
     /// active both ways (with `since_recv_ms`, and `age_ms` since connwatch first saw it).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -160,6 +164,7 @@ impl Report {
             // A reset or FIN that ended a waiting request carries the wait too.
             stalled_ms: finding.stalled_ms.or(event.waiting_ms.map(u64::from)),
             connections: finding.connections,
+            netns: event.netns,
             siblings: finding.siblings,
             cause: finding.cause.clone(),
             workload: finding.workload.clone(),

@@ -93,6 +93,8 @@ pub struct DiagSocket {
     pub state: TcpState,
     pub inode: u64,
     pub cookie: u64,
+    /// The network namespace the socket lives in (its inode).
+    pub netns: u64,
     /// Bytes received and not yet read by the application.
     pub recv_queue: u32,
     pub activity: Option<TcpActivity>,
@@ -115,6 +117,22 @@ pub struct Snapshot {
     pub owners: HashMap<u64, Task>,
     /// The kernel's connect counters at the time of the snapshot (all namespaces).
     pub connects: Vec<(monitor_common::ConnectKey, u64)>,
+    /// Network namespaces listed, this process's included.
+    pub namespaces: usize,
+    /// How long listing the sockets and their processes took.
+    pub took: std::time::Duration,
+    /// Why other namespaces' sockets came without `tcp_info`, if they did.
+    pub namespaces_degraded: Option<String>,
+}
+
+/// How another network namespace's sockets were read.
+enum Reach {
+    /// setns into it, then sock_diag as here: everything.
+    Setns,
+    /// setns refused (it takes CAP_SYS_ADMIN): `/proc/<pid>/net/tcp{,6}`, which any
+    /// process that may read the pid's /proc has: addresses, state, queues, inode; no
+    /// `tcp_info`, no socket storage.
+    ProcNet(String),
 }
 
 /// Lists the sockets and resolves their owners: the slow part of a refresh (a netlink dump
@@ -123,11 +141,39 @@ pub fn take_snapshot(
     processes: &std::sync::Mutex<ProcIndex>,
     io_marks: Option<BorrowedFd>,
 ) -> Result<Snapshot> {
-    let sockets = dump_tcp(io_marks)?;
+    let start = std::time::Instant::now();
     // A poisoned lock only means another thread panicked mid-scan: the index is a cache.
-    let mut processes = processes
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let lock = || {
+        processes
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    };
+    let (namespaces, proc_root) = {
+        let mut processes = lock();
+        (
+            processes.network_namespaces(),
+            processes.proc_root().to_path_buf(),
+        )
+    };
+    let own = own_namespace()?;
+    let mut sockets = dump_tcp(io_marks)?;
+    sockets.iter_mut().for_each(|s| s.netns = own);
+    let others: Vec<(u64, u32)> = namespaces
+        .into_iter()
+        .filter(|&(netns, _)| netns != own)
+        .collect();
+    // On a thread of its own: setns moves the calling thread, which then just ends.
+    let reach = std::thread::scope(|scope| {
+        std::thread::Builder::new()
+            .name("cw-netns".into())
+            .spawn_scoped(scope, || {
+                dump_namespaces(&proc_root, &others, io_marks, &mut sockets)
+            })
+            .map(|thread| thread.join())
+    })
+    .context("starting the namespace reader")?
+    .map_err(|_| anyhow::anyhow!("the namespace reader panicked"))?;
+    let mut processes = lock();
     let owners = sockets
         .iter()
         .filter(|s| s.inode != 0)
@@ -137,7 +183,114 @@ pub fn take_snapshot(
         sockets,
         owners,
         connects: Vec::new(),
+        namespaces: others.len() + 1,
+        took: start.elapsed(),
+        namespaces_degraded: match reach {
+            Reach::Setns => None,
+            Reach::ProcNet(why) => Some(why),
+        },
     })
+}
+
+/// This process's network namespace.
+fn own_namespace() -> Result<u64> {
+    let link = std::fs::read_link("/proc/thread-self/ns/net")
+        .context("reading /proc/thread-self/ns/net")?;
+    link.to_str()
+        .and_then(super::process::namespace_inode)
+        .with_context(|| format!("unexpected namespace link {}", link.display()))
+}
+
+/// Appends the sockets of each namespace in `others` (inode, a process in it), entering
+/// each with setns, or from `/proc/<pid>/net` once setns is refused. A namespace whose
+/// process is gone is skipped: the next refresh lists what exists then.
+fn dump_namespaces(
+    proc_root: &std::path::Path,
+    others: &[(u64, u32)],
+    io_marks: Option<BorrowedFd>,
+    sockets: &mut Vec<DiagSocket>,
+) -> Reach {
+    let mut reach = Reach::Setns;
+    for &(netns, pid) in others {
+        let start = sockets.len();
+        if let Reach::Setns = reach {
+            let entered = std::fs::File::open(proc_root.join(format!("{pid}/ns/net")))
+                .map_err(|err| nix::Error::from_raw(err.raw_os_error().unwrap_or(0)))
+                .and_then(|file| nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET));
+            match entered {
+                Ok(()) => {
+                    if let Ok(list) = dump_tcp(io_marks) {
+                        sockets.extend(list);
+                    }
+                }
+                Err(nix::Error::EPERM) => {
+                    reach = Reach::ProcNet(
+                        "entering another network namespace (setns) takes CAP_SYS_ADMIN; \
+                         their sockets come from /proc/<pid>/net/tcp, without tcp_info: no \
+                         stalls, zombies or idle times there"
+                            .into(),
+                    )
+                }
+                Err(_) => continue,
+            }
+        }
+        if let Reach::ProcNet(_) = reach {
+            for file in ["tcp", "tcp6"] {
+                if let Ok(text) =
+                    std::fs::read_to_string(proc_root.join(format!("{pid}/net/{file}")))
+                {
+                    sockets.extend(text.lines().skip(1).filter_map(parse_proc_net_line));
+                }
+            }
+        }
+        sockets[start..].iter_mut().for_each(|s| s.netns = netns);
+    }
+    reach
+}
+
+/// One line of `/proc/net/tcp` or `tcp6`: `sl local rem st tx:rx tr:when retr uid timeout
+/// inode …`, addresses as the kernel's words in hex.
+fn parse_proc_net_line(line: &str) -> Option<DiagSocket> {
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    let (local, remote) = (
+        proc_net_addr(fields.get(1)?)?,
+        proc_net_addr(fields.get(2)?)?,
+    );
+    let state = u8::from_str_radix(fields.get(3)?, 16).ok()?;
+    let (_, rx) = fields.get(4)?.split_once(':')?;
+    Some(DiagSocket {
+        local,
+        remote,
+        state: TcpState(state),
+        inode: fields.get(9)?.parse().ok()?,
+        cookie: 0,
+        netns: 0,
+        recv_queue: u32::from_str_radix(rx, 16).ok()?,
+        activity: None,
+        last_io: None,
+    })
+}
+
+/// `0100007F:1E61` (IPv4) or 32 hex digits `:port` (IPv6): each 32-bit word as the kernel
+/// holds it (network order bytes read as a host-order integer), the port as a number.
+fn proc_net_addr(text: &str) -> Option<SocketAddr> {
+    let (addr, port) = text.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let mut bytes = Vec::with_capacity(16);
+    for word in 0..addr.len() / 8 {
+        let value = u32::from_str_radix(addr.get(word * 8..word * 8 + 8)?, 16).ok()?;
+        bytes.extend(value.to_ne_bytes());
+    }
+    let ip = match bytes.len() {
+        4 => std::net::IpAddr::from(<[u8; 4]>::try_from(bytes).ok()?),
+        16 => {
+            let v6 = std::net::Ipv6Addr::from(<[u8; 16]>::try_from(bytes).ok()?);
+            // As sock_diag lists them: an IPv4-mapped address is IPv4.
+            v6.to_ipv4_mapped().map_or(v6.into(), Into::into)
+        }
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, port))
 }
 
 /// Every TCP socket in this network namespace, IPv4 and IPv6; with `io_marks` (the hooks'
@@ -233,6 +386,8 @@ fn dump_family(
                         state: TcpState(h.state),
                         inode: h.inode as u64,
                         cookie: u64::from_ne_bytes(h.socket_id.cookie),
+                        // Filled in by the caller, which knows where it dumped.
+                        netns: 0,
                         recv_queue: h.recv_queue,
                         activity,
                         last_io,
@@ -328,6 +483,30 @@ mod tests {
             inner.value(),
             std::os::fd::AsRawFd::as_raw_fd(&file).to_ne_bytes()
         );
+    }
+
+    #[test]
+    fn reads_proc_net_lines() {
+        let v4 = parse_proc_net_line(
+            "   1: 0100007F:1E61 0100007F:8064 01 00000000:0000002A 00:00000000 00000000     0        0 91978295 1 00000000edc2b245 20 0 0 10 -1",
+        )
+        .unwrap();
+        assert_eq!(
+            (v4.local.to_string(), v4.remote.to_string()),
+            ("127.0.0.1:7777".into(), "127.0.0.1:32868".into())
+        );
+        assert_eq!(
+            (v4.state.name(), v4.inode, v4.recv_queue),
+            ("ESTABLISHED", 91978295, 42)
+        );
+        let v6 = parse_proc_net_line(
+            "   0: 00000000000000000000000001000000:1F90 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 4242 1 0000000000000000 100 0 0 10 0",
+        )
+        .unwrap();
+        assert_eq!(v6.local.to_string(), "[::1]:8080");
+        assert_eq!(v6.state.name(), "LISTEN");
+        assert!(parse_proc_net_line("  sl  local_address rem_address   st").is_none());
+        assert!(parse_proc_net_line("").is_none());
     }
 
     #[test]

@@ -37,32 +37,47 @@ impl Direction {
     }
 }
 
-/// Local endpoints with a listening socket: a socket on one of them was accepted.
+/// Local endpoints with a listening socket, per network namespace: a socket on one of them
+/// was accepted. Every pod has its own 127.0.0.1 and its own ports.
 #[derive(Debug, Default, Clone)]
-pub struct Listeners(HashSet<SocketAddr>);
+pub struct Listeners {
+    by_netns: HashSet<(u64, SocketAddr)>,
+    /// The same endpoints in any namespace, for events (which carry no namespace).
+    anywhere: HashSet<SocketAddr>,
+}
 
 impl Listeners {
     pub fn from_snapshot(snapshot: &[DiagSocket]) -> Listeners {
-        Listeners(
-            snapshot
-                .iter()
-                .filter(|s| s.state.name() == "LISTEN")
-                .map(|s| s.local)
-                .collect(),
-        )
+        let listening: Vec<&DiagSocket> = snapshot
+            .iter()
+            .filter(|s| s.state.name() == "LISTEN")
+            .collect();
+        Listeners {
+            by_netns: listening.iter().map(|s| (s.netns, s.local)).collect(),
+            anywhere: listening.iter().map(|s| s.local).collect(),
+        }
     }
 
-    pub fn is_inbound(&self, local: SocketAddr) -> bool {
+    /// Whether `local` in network namespace `netns` (`None`: any) is a listening endpoint.
+    pub fn is_inbound(&self, netns: Option<u64>, local: SocketAddr) -> bool {
+        let listens = |addr: SocketAddr| match netns {
+            Some(netns) => self.by_netns.contains(&(netns, addr)),
+            None => self.anywhere.contains(&addr),
+        };
         let port = local.port();
-        let wildcard = |ip: IpAddr| self.0.contains(&SocketAddr::new(ip, port));
-        self.0.contains(&local)
-            || wildcard(IpAddr::V4(Ipv4Addr::UNSPECIFIED))
-            || wildcard(IpAddr::V6(Ipv6Addr::UNSPECIFIED))
+        listens(local)
+            || listens(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port))
+            || listens(SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port))
     }
 
     /// Which side a socket is on, and the endpoint its pool is named by.
-    pub fn classify(&self, local: SocketAddr, remote: SocketAddr) -> (Direction, SocketAddr) {
-        if self.is_inbound(local) {
+    pub fn classify(
+        &self,
+        netns: Option<u64>,
+        local: SocketAddr,
+        remote: SocketAddr,
+    ) -> (Direction, SocketAddr) {
+        if self.is_inbound(netns, local) {
             (Direction::Inbound, local)
         } else {
             (Direction::Outbound, remote)
@@ -74,6 +89,8 @@ impl Listeners {
 pub struct Pool {
     pub pid: u32,
     pub comm: String,
+    /// The network namespace (its inode, as `ls -iL /proc/<pid>/ns/net` shows it).
+    pub netns: u64,
     pub direction: Direction,
     /// Serialized as "ip:port" (IPv6 "[ip]:port").
     pub endpoint: SocketAddr,
@@ -152,7 +169,7 @@ impl PoolTracker {
             _ if crate::detect::death::classify(event).is_some() => Happened::Death,
             _ => return,
         };
-        let (direction, endpoint) = self.listeners.classify(event.local, event.remote);
+        let (direction, endpoint) = self.listeners.classify(None, event.local, event.remote);
         let pid = owner.map_or(0, |o| o.pid);
         self.recent
             .entry((pid, direction, endpoint))
@@ -203,7 +220,8 @@ impl PoolTracker {
             }
             !times.is_empty()
         });
-        let mut pools: HashMap<(u32, Direction, SocketAddr), Pool> = HashMap::new();
+        // The namespace too: a process's pools in two pods' namespaces are two pools.
+        let mut pools: HashMap<(u32, u64, Direction, SocketAddr), Pool> = HashMap::new();
         for socket in snapshot {
             let state = socket.state.name();
             // Listeners are not connections; TIME_WAIT and orphans belong to no process.
@@ -213,12 +231,15 @@ impl PoolTracker {
             let Some(owner) = owner_of(socket.inode) else {
                 continue;
             };
-            let (direction, endpoint) = self.listeners.classify(socket.local, socket.remote);
+            let (direction, endpoint) =
+                self.listeners
+                    .classify(Some(socket.netns), socket.local, socket.remote);
             let pool = pools
-                .entry((owner.pid, direction, endpoint))
+                .entry((owner.pid, socket.netns, direction, endpoint))
                 .or_insert_with(|| Pool {
                     pid: owner.pid,
                     comm: owner.comm.to_string(),
+                    netns: socket.netns,
                     direction,
                     endpoint,
                     total: 0,
@@ -267,7 +288,7 @@ impl PoolTracker {
             }
         }
         for (key, pool) in pools.iter_mut() {
-            let (pid, direction, endpoint) = *key;
+            let (pid, _, direction, endpoint) = *key;
             pool.exhausted = pool.established > 0 && pool.stalled == pool.established;
             let count = |rate_pid, what| {
                 self.recent
@@ -322,6 +343,7 @@ mod tests {
             state: TcpState(state),
             inode,
             cookie: inode,
+            netns: 0,
             recv_queue: 0,
             last_io: None,
             activity: Some(TcpActivity {

@@ -1,6 +1,6 @@
 //! Socket inode → process, through /proc: the fallback for sockets whose owner the kernel
 //! programs never saw (opened before connwatch started, or accepted without accept()).
-use std::{fs, path::PathBuf, time::Duration};
+use std::{collections::BTreeMap, fs, path::PathBuf, time::Duration};
 
 use super::Throttle;
 use crate::{FastMap, events::Task};
@@ -8,9 +8,14 @@ use crate::{FastMap, events::Task};
 /// A whole-/proc scan costs one readlink per open fd on the host, so rescan at most this often.
 const RESCAN_INTERVAL: Duration = Duration::from_secs(1);
 
+/// At most this many network namespaces are listed (a node runs a few hundred pods).
+pub const MAX_NAMESPACES: usize = 4096;
+
 pub struct ProcIndex {
     proc_root: PathBuf,
     by_inode: FastMap<u64, Task>,
+    /// Network namespace inode → a process in it (the lowest pid), from the last scan.
+    namespaces: BTreeMap<u64, u32>,
     rescans: Throttle,
 }
 
@@ -19,8 +24,22 @@ impl ProcIndex {
         ProcIndex {
             proc_root,
             by_inode: FastMap::default(),
+            namespaces: BTreeMap::new(),
             rescans: Throttle::new(RESCAN_INTERVAL),
         }
+    }
+
+    pub fn proc_root(&self) -> &std::path::Path {
+        &self.proc_root
+    }
+
+    /// Every network namespace a process is in, with one such process: rescans /proc when
+    /// the last scan is old enough (rate-limited).
+    pub fn network_namespaces(&mut self) -> BTreeMap<u64, u32> {
+        if self.rescans.ready() {
+            self.rescan();
+        }
+        self.namespaces.clone()
     }
 
     /// The process holding socket `inode`, rescanning /proc on a miss (rate-limited).
@@ -45,6 +64,7 @@ impl ProcIndex {
 
     fn rescan(&mut self) {
         self.by_inode.clear();
+        self.namespaces.clear();
         let Ok(entries) = fs::read_dir(&self.proc_root) else {
             return;
         };
@@ -57,6 +77,14 @@ impl ProcIndex {
                 continue;
             };
             // Processes exit while we read: every failure below just skips that process.
+            if let Some(netns) = fs::read_link(entry.path().join("ns/net"))
+                .ok()
+                .and_then(|target| namespace_inode(target.to_str()?))
+                && (self.namespaces.len() < MAX_NAMESPACES || self.namespaces.contains_key(&netns))
+            {
+                let first = self.namespaces.entry(netns).or_insert(pid);
+                *first = (*first).min(pid);
+            }
             let Ok(fds) = fs::read_dir(entry.path().join("fd")) else {
                 continue;
             };
@@ -85,6 +113,11 @@ fn read_comm(process_dir: &std::path::Path) -> String {
         .unwrap_or_default()
 }
 
+/// `net:[4026531840]` → 4026531840.
+pub fn namespace_inode(link: &str) -> Option<u64> {
+    link.strip_prefix("net:[")?.strip_suffix(']')?.parse().ok()
+}
+
 /// `socket:[12345]` → 12345.
 fn socket_inode(link: &str) -> Option<u64> {
     link.strip_prefix("socket:[")?
@@ -102,6 +135,8 @@ mod tests {
         assert_eq!(socket_inode("socket:[12345]"), Some(12345));
         assert_eq!(socket_inode("pipe:[12345]"), None);
         assert_eq!(socket_inode("/dev/null"), None);
+        assert_eq!(namespace_inode("net:[4026531840]"), Some(4026531840));
+        assert_eq!(namespace_inode("socket:[1]"), None);
     }
 
     /// Processes exit while /proc is read: missing fd dirs, dangling links, odd entries.
