@@ -9,6 +9,8 @@ struct Dump {
     /// type id → member name → (byte offset, member type id)
     by_id: HashMap<u32, HashMap<String, (u32, u32)>>,
     by_name: HashMap<String, u32>,
+    /// typedef id → the type it names (`possible_net_t` → its struct).
+    typedefs: HashMap<u32, u32>,
 }
 
 impl Dump {
@@ -23,6 +25,7 @@ impl Dump {
         let mut dump = Dump {
             by_id: HashMap::new(),
             by_name: HashMap::new(),
+            typedefs: HashMap::new(),
         };
         let mut current = None;
         for line in text.lines() {
@@ -33,6 +36,14 @@ impl Dump {
                 else {
                     continue;
                 };
+                // [3137] TYPEDEF 'possible_net_t' type_id=3136
+                if rest.starts_with("TYPEDEF '")
+                    && let Some(target) = rest.split_once("type_id=")
+                {
+                    dump.typedefs
+                        .insert(id.parse().unwrap(), target.1.trim().parse().unwrap());
+                    continue;
+                }
                 let Some(rest) = rest
                     .strip_prefix("STRUCT '")
                     .or_else(|| rest.strip_prefix("UNION '"))
@@ -86,6 +97,9 @@ impl Dump {
                 .unwrap_or_else(|| panic!("bpftool shows no {outer}.{}", path.join(".")));
             offset += at;
             id = type_id;
+            while let Some(&named) = self.typedefs.get(&id) {
+                id = named;
+            }
         }
         offset
     }
@@ -158,6 +172,12 @@ fn offsets_match_bpftool_for_this_kernel() {
         dump.offset("sock", &["sk_flags"])
     };
     assert_eq!(layout.sk_flags, sk_flags);
+    // The namespace every event carries.
+    assert_eq!(
+        layout.sk_net,
+        dump.offset("sock", &["__sk_common", "skc_net", "net"])
+    );
+    assert_eq!(layout.net_inum, dump.offset("net", &["ns", "inum"]));
 }
 
 #[test]

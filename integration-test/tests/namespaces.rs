@@ -61,9 +61,7 @@ impl PodPool {
 
     /// The namespace's inode, as connwatch reports it.
     fn inode(&self) -> u64 {
-        let link = std::fs::read_link(format!("/proc/{}/ns/net", self.pid())).unwrap();
-        let link = link.to_str().unwrap();
-        link["net:[".len()..link.len() - 1].parse().unwrap()
+        netns_inode(self.pid())
     }
 }
 

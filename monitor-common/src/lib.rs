@@ -177,11 +177,15 @@ pub struct ConnEvent {
     pub tuple: Tuple,
     pub owner_comm: [u8; TASK_COMM_LEN],
     pub ctx_comm: [u8; TASK_COMM_LEN],
+    /// The socket's network namespace (`net->ns.inum`, the inode `/proc/<pid>/ns/net`
+    /// shows), 0 when unknown: pods reuse addresses, so the tuple alone names no socket.
+    pub netns: u32,
+    pub _pad: u32,
 }
 
 impl ConnEvent {
     /// Size in bytes; the kernel side zeroes and copies it in 8-byte words.
-    pub const SIZE: usize = 168;
+    pub const SIZE: usize = 176;
 
     pub const fn zeroed() -> Self {
         ConnEvent {
@@ -218,6 +222,8 @@ impl ConnEvent {
             },
             owner_comm: [0; TASK_COMM_LEN],
             ctx_comm: [0; TASK_COMM_LEN],
+            netns: 0,
+            _pad: 0,
         }
     }
 }
@@ -383,6 +389,9 @@ pub struct KernelLayout {
     /// ...and `skc_v6_daddr`, `skc_v6_rcv_saddr` (16 bytes each).
     pub sk_v6_daddr: u32,
     pub sk_v6_rcv_saddr: u32,
+    /// `sock_common.skc_net.net` (the `struct net *`), and `net.ns.inum` in it.
+    pub sk_net: u32,
+    pub net_inum: u32,
 }
 
 impl KernelLayout {
@@ -411,6 +420,8 @@ impl KernelLayout {
             inet_sport: 0,
             sk_v6_daddr: 0,
             sk_v6_rcv_saddr: 0,
+            sk_net: 0,
+            net_inum: 0,
         }
     }
 }
@@ -458,6 +469,7 @@ const _: () = {
     assert!(offset_of!(ConnEvent, tuple) == 96);
     assert!(offset_of!(ConnEvent, owner_comm) == 136);
     assert!(offset_of!(ConnEvent, ctx_comm) == 152);
+    assert!(offset_of!(ConnEvent, netns) == 168);
     assert!(offset_of!(ConnEvent, sk_err) == 88);
     assert!(size_of::<PeerEnd>() == 56);
     assert!(size_of::<Settings>() == 32);

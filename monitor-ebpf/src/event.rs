@@ -8,7 +8,10 @@ use aya_ebpf::{
 };
 use monitor_common::{ConnEvent, UNKNOWN_MS, flags};
 
-use crate::maps::{EVENTS, LOST, OWNERS};
+use crate::{
+    kernel::sk_netns,
+    maps::{EVENTS, LOST, OWNERS},
+};
 
 // bpf_ringbuf_submit/query flags (include/uapi/linux/bpf.h).
 const BPF_RB_NO_WAKEUP: u64 = 1;
@@ -56,6 +59,9 @@ impl Slot {
         set!(slot, ctx_pid, pid_tgid as u32);
         set!(slot, since_send_ms, UNKNOWN_MS);
         set!(slot, since_recv_ms, UNKNOWN_MS);
+        if sk != 0 {
+            set!(slot, netns, sk_netns(sk));
+        }
         let event = slot.as_ptr();
         // SAFETY: the helper writes at most 16 bytes into the event's 16-byte comm array
         // (zero on failure, as zeroed above).

@@ -356,6 +356,16 @@ pub fn linger_zero(sk: u64) -> bool {
     on && read::<u64>(sk, k.sk_lingertime as i64) == Some(0)
 }
 
+/// The network namespace of `sk` (`net->ns.inum`); 0 if unreadable. Valid for full,
+/// timewait and request sockets alike (all start with `sock_common`).
+#[inline(always)]
+pub fn sk_netns(sk: u64) -> u32 {
+    let k = kernel();
+    read::<u64>(sk, k.sk_net as i64)
+        .and_then(|net| read::<u32>(net, k.net_inum as i64))
+        .unwrap_or(0)
+}
+
 /// True for a TCP socket, IPv4 or IPv6.
 #[inline(always)]
 pub fn is_tcp(sk: u64) -> bool {

@@ -267,7 +267,7 @@ pub fn from_raw(raw: &ConnEvent) -> Result<Event, DecodeError> {
         io,
         sk_err: raw.sk_err,
         waiting_ms: (raw.flags & flags::AWAITING_ANSWER != 0).then_some(raw.waited_ms),
-        netns: None,
+        netns: (raw.netns != 0).then_some(u64::from(raw.netns)),
     })
 }
 

@@ -481,3 +481,10 @@ pub fn kernel_at_least(major: u32, minor: u32) -> bool {
         .map(|p| p.parse::<u32>().unwrap_or(0));
     (parts.next().unwrap_or(0), parts.next().unwrap_or(0)) >= (major, minor)
 }
+
+/// The network namespace of process `pid`, as connwatch reports it (`netns`: its inode).
+pub fn netns_inode(pid: u32) -> u64 {
+    let link = std::fs::read_link(format!("/proc/{pid}/ns/net")).unwrap();
+    let link = link.to_str().unwrap();
+    link["net:[".len()..link.len() - 1].parse().unwrap()
+}

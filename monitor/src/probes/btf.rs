@@ -180,6 +180,10 @@ impl KernelBtf {
             sk_v6_rcv_saddr: self
                 .field("sock", &["__sk_common", "skc_v6_rcv_saddr"])?
                 .offset,
+            // `possible_net_t { struct net *net; }` (CONFIG_NET_NS, which every
+            // distribution kernel has).
+            sk_net: self.scalar("sock", &["__sk_common", "skc_net", "net"], 8)?,
+            net_inum: self.scalar("net", &["ns", "inum"], 4)?,
         })
     }
 }
