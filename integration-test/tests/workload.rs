@@ -73,6 +73,38 @@ fn idle_reset_names_cgroup_container_and_pod() {
         .read_line(&mut ready)
         .unwrap();
     assert_eq!(ready.trim(), "ready");
+    // The pod's pool, named by `top` as findings are.
+    let output = Command::new(&*CONNWATCH)
+        .args([
+            "top",
+            "--once",
+            "--json",
+            "--pod-logs",
+            pod_logs.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let top: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let pool = top["pools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["pid"] == client.id() && p["direction"] == "outbound")
+        .unwrap_or_else(|| panic!("no pool for the client: {top:#}"));
+    assert_eq!(
+        (&pool["namespace"], &pool["pod"], &pool["container"]),
+        (
+            &serde_json::Value::from("payments"),
+            &serde_json::Value::from("api-7d9f8b6c5-x2x9z"),
+            &serde_json::Value::from(CONTAINER)
+        ),
+        "{pool:#}"
+    );
     thread::sleep(Duration::from_millis(1500));
     abort(server);
     watch.wait_for("peer_reset_idle", |events| {

@@ -112,7 +112,13 @@ impl Engine {
             clock: WallClock::now(),
             lost_total: 0,
             warned_undecodable: false,
-            snapshots: spawn_refresher(pipeline.refresh, processes, connects, io_marks)?,
+            snapshots: spawn_refresher(
+                pipeline.refresh,
+                &pipeline.host_paths(),
+                processes,
+                connects,
+                io_marks,
+            )?,
             warned_refresh: false,
         })
     }
@@ -235,18 +241,30 @@ impl Engine {
 /// and /proc never delays events. It ends when the engine drops the receiver.
 fn spawn_refresher(
     every: Duration,
+    hosts: &crate::pipeline::HostPaths,
     processes: SharedProcIndex,
     connects: Option<crate::probes::ConnectCounts>,
     mut io_marks: Option<std::os::fd::OwnedFd>,
 ) -> Result<mpsc::Receiver<Result<Snapshot, String>>> {
+    // Its own: pools are named by pod off the event loop, never waiting behind findings.
+    let workloads = crate::sockets::workload::WorkloadResolver::new(
+        &hosts.root,
+        hosts.proc.clone(),
+        hosts.pod_logs.clone(),
+    )
+    .with_kubelet(hosts.kubelet_url.clone());
     let (sender, receiver) = mpsc::channel(1);
     std::thread::Builder::new()
         .name("cw-refresh".into())
         .spawn(move || {
             let mut warned_namespaces = false;
+            let mut workloads = workloads;
             loop {
-                let mut snapshot =
-                    diag::take_snapshot(&processes, io_marks.as_ref().map(|fd| fd.as_fd()));
+                let mut snapshot = diag::take_snapshot(
+                    &processes,
+                    io_marks.as_ref().map(|fd| fd.as_fd()),
+                    &mut workloads,
+                );
                 if let (Err(err), Some(_)) = (&snapshot, &io_marks) {
                     // Said once; stalls are still found, at tcp_info's resolution.
                     eprintln!(
@@ -254,7 +272,7 @@ fn spawn_refresher(
                          storage ({err:#}); request_stalled falls back to tcp_info's stamps"
                     );
                     io_marks = None;
-                    snapshot = diag::take_snapshot(&processes, None);
+                    snapshot = diag::take_snapshot(&processes, None, &mut workloads);
                 }
                 let snapshot = snapshot
                     .map(|mut snapshot| {

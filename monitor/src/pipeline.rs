@@ -159,6 +159,7 @@ impl Pipeline {
             self.idle_threshold_ms,
             mono_now_ns,
         );
+        self.pools.name_workloads(&snapshot.workloads);
         self.exhaustion.refresh(
             self.pools.pools(),
             mono_now_ns,

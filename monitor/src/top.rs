@@ -112,7 +112,7 @@ impl Screen {
         )?;
         writeln!(
             out,
-            "{:>8} {:<16} {:>10} {:<4} {:<28} {:>5} {:>5} {:>5} {:>6} {:>7} {:>7} {:>9} {:>6} {:>8} {:>8} {:>7} {:>8}",
+            "{:>8} {:<16} {:>10} {:<4} {:<28} {:>5} {:>5} {:>5} {:>6} {:>7} {:>7} {:>9} {:>6} {:>8} {:>8} {:>7} {:>8}  {}",
             "PID",
             "COMM",
             "NETNS",
@@ -129,12 +129,13 @@ impl Screen {
             "MAX_IDLE",
             "CONN/MIN",
             "RST/MIN",
-            "DIED/MIN"
+            "DIED/MIN",
+            "POD"
         )?;
         for p in &sorted {
             writeln!(
                 out,
-                "{:>8} {:<16} {:>10} {:<4} {:<28} {:>5} {:>5} {:>5} {:>6} {:>7} {:>7} {:>9} {:>6} {:>8} {:>8} {:>7} {:>8}",
+                "{:>8} {:<16} {:>10} {:<4} {:<28} {:>5} {:>5} {:>5} {:>6} {:>7} {:>7} {:>9} {:>6} {:>8} {:>8} {:>7} {:>8}  {}",
                 p.pid,
                 p.comm,
                 p.netns,
@@ -160,7 +161,12 @@ impl Screen {
                 format_ms(p.max_idle_ms),
                 p.connects_per_min,
                 p.resets_per_min,
-                p.deaths_per_min
+                p.deaths_per_min,
+                // namespace/pod, where the process runs in one.
+                match (&p.workload.namespace, &p.workload.pod) {
+                    (Some(namespace), Some(pod)) => format!("{namespace}/{pod}"),
+                    _ => "-".into(),
+                }
             )?;
         }
         out.flush()

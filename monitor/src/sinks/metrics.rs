@@ -276,6 +276,12 @@ pub struct Metrics {
     overflow: Family<MetricLabel, Counter>,
 }
 
+/// A container id as a label: its first 12 characters, as `docker ps` and `crictl` show it.
+fn container_label(id: Option<&str>) -> String {
+    id.map(|id| id.chars().take(12).collect())
+        .unwrap_or_default()
+}
+
 fn histogram() -> Histogram {
     Histogram::new(IDLE_BUCKETS)
 }
@@ -503,11 +509,12 @@ impl Metrics {
         self.pool_sockets.clear();
         self.pool_exhausted.clear();
         for pool in pools {
+            let workload = &pool.workload;
             let who = Who {
                 comm: pool.comm.clone(),
-                namespace: String::new(),
-                pod: String::new(),
-                container: String::new(),
+                namespace: workload.namespace.clone().unwrap_or_default(),
+                pod: workload.pod.clone().unwrap_or_default(),
+                container: container_label(workload.container.as_deref()),
                 remote_port: port_label(pool.endpoint.port(), &self.ephemeral_ports),
             };
             for (state, count) in [
@@ -572,12 +579,7 @@ impl Metrics {
                 .map_or_else(|| "unknown".into(), |owner| owner.comm.to_string()),
             namespace: finding.workload.namespace.clone().unwrap_or_default(),
             pod: finding.workload.pod.clone().unwrap_or_default(),
-            container: finding
-                .workload
-                .container
-                .as_deref()
-                .map(|id| id.chars().take(12).collect())
-                .unwrap_or_default(),
+            container: container_label(finding.workload.container.as_deref()),
             remote_port: port_label(finding.event.remote.port(), &self.ephemeral_ports),
         }
     }
@@ -684,6 +686,7 @@ mod tests {
             pid: 1,
             comm: "app".into(),
             netns: 1,
+            workload: Default::default(),
             direction: Direction::Outbound,
             endpoint: "10.0.0.9:5432".parse().unwrap(),
             total: 1,

@@ -115,6 +115,8 @@ pub struct Snapshot {
     pub sockets: Vec<DiagSocket>,
     /// Socket inode → the process holding it, from one /proc scan.
     pub owners: HashMap<u64, Task>,
+    /// Each of those processes' container and pod.
+    pub workloads: HashMap<u32, super::workload::Workload>,
     /// The kernel's connect counters at the time of the snapshot (all namespaces).
     pub connects: Vec<(monitor_common::ConnectKey, u64)>,
     /// Network namespaces listed, this process's included.
@@ -140,6 +142,7 @@ enum Reach {
 pub fn take_snapshot(
     processes: &std::sync::Mutex<ProcIndex>,
     io_marks: Option<BorrowedFd>,
+    workloads: &mut super::workload::WorkloadResolver,
 ) -> Result<Snapshot> {
     let start = std::time::Instant::now();
     // A poisoned lock only means another thread panicked mid-scan: the index is a cache.
@@ -174,14 +177,24 @@ pub fn take_snapshot(
     .context("starting the namespace reader")?
     .map_err(|_| anyhow::anyhow!("the namespace reader panicked"))?;
     let mut processes = lock();
-    let owners = sockets
+    let owners: HashMap<u64, Task> = sockets
         .iter()
         .filter(|s| s.inode != 0)
         .filter_map(|s| Some((s.inode, processes.owner_of(s.inode)?)))
         .collect();
+    drop(processes);
+    // The pod of each process with a pool (cached and bounded by the resolver).
+    let mut pids: Vec<u32> = owners.values().map(|task| task.pid).collect();
+    pids.sort_unstable();
+    pids.dedup();
+    let workloads = pids
+        .into_iter()
+        .map(|pid| (pid, workloads.resolve(0, pid)))
+        .collect();
     Ok(Snapshot {
         sockets,
         owners,
+        workloads,
         connects: Vec::new(),
         namespaces: others.len() + 1,
         took: start.elapsed(),

@@ -91,6 +91,9 @@ pub struct Pool {
     pub comm: String,
     /// The network namespace (its inode, as `ls -iL /proc/<pid>/ns/net` shows it).
     pub netns: u64,
+    /// The process's container and pod, where it runs in one.
+    #[serde(flatten)]
+    pub workload: super::workload::Workload,
     pub direction: Direction,
     /// Serialized as "ip:port" (IPv6 "[ip]:port").
     pub endpoint: SocketAddr,
@@ -158,6 +161,15 @@ impl PoolTracker {
 
     pub fn pools(&self) -> &[Pool] {
         &self.pools
+    }
+
+    /// Names each pool's container and pod, by its process.
+    pub fn name_workloads(&mut self, workloads: &HashMap<u32, super::workload::Workload>) {
+        for pool in &mut self.pools {
+            if let Some(workload) = workloads.get(&pool.pid) {
+                pool.workload = workload.clone();
+            }
+        }
     }
 
     /// Counts resets and deaths for the per-minute rates. Connects are counted in the
@@ -240,6 +252,7 @@ impl PoolTracker {
                     pid: owner.pid,
                     comm: owner.comm.to_string(),
                     netns: socket.netns,
+                    workload: Default::default(),
                     direction,
                     endpoint,
                     total: 0,
