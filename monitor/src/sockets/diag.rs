@@ -166,7 +166,7 @@ pub fn take_snapshot(
         .filter(|&(netns, _)| netns != own)
         .collect();
     // On a thread of its own: setns moves the calling thread, which then just ends.
-    let reach = std::thread::scope(|scope| {
+    let (reach, refused) = std::thread::scope(|scope| {
         std::thread::Builder::new()
             .name("cw-netns".into())
             .spawn_scoped(scope, || {
@@ -198,9 +198,13 @@ pub fn take_snapshot(
         connects: Vec::new(),
         namespaces: others.len() + 1,
         took: start.elapsed(),
-        namespaces_degraded: match reach {
-            Reach::Setns => None,
-            Reach::ProcNet(why) => Some(why),
+        namespaces_degraded: match (reach, refused) {
+            (Reach::Setns, 0) => None,
+            (Reach::ProcNet(why), 0) => Some(why),
+            (_, refused) => Some(format!(
+                "{refused} network namespaces could not be read (their /proc/<pid>/ns/net \
+                 refused): their sockets are not listed"
+            )),
         },
     })
 }
@@ -216,14 +220,16 @@ fn own_namespace() -> Result<u64> {
 
 /// Appends the sockets of each namespace in `others` (inode, a process in it), entering
 /// each with setns, or from `/proc/<pid>/net` once setns is refused. A namespace whose
-/// process is gone is skipped: the next refresh lists what exists then.
+/// process is gone is skipped: the next refresh lists what exists then; one whose
+/// `/proc/<pid>/ns/net` cannot be opened otherwise is counted (second value).
 fn dump_namespaces(
     proc_root: &std::path::Path,
     others: &[(u64, u32)],
     io_marks: Option<BorrowedFd>,
     sockets: &mut Vec<DiagSocket>,
-) -> Reach {
+) -> (Reach, usize) {
     let mut reach = Reach::Setns;
+    let mut refused = 0;
     for &(netns, pid) in others {
         let start = sockets.len();
         if let Reach::Setns = reach {
@@ -244,7 +250,12 @@ fn dump_namespaces(
                             .into(),
                     )
                 }
-                Err(_) => continue,
+                // The process exited meanwhile: the next refresh lists what exists then.
+                Err(nix::Error::ENOENT | nix::Error::ESRCH) => continue,
+                Err(_) => {
+                    refused += 1;
+                    continue;
+                }
             }
         }
         if let Reach::ProcNet(_) = reach {
@@ -258,7 +269,7 @@ fn dump_namespaces(
         }
         sockets[start..].iter_mut().for_each(|s| s.netns = netns);
     }
-    reach
+    (reach, refused)
 }
 
 /// One line of `/proc/net/tcp` or `tcp6`: `sl local rem st tx:rx tr:when retr uid timeout
