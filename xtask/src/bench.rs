@@ -86,6 +86,11 @@ const ANALYSIS: &str = "### Notes on the targets
   cloning the finding for the resolver thread: about 1.5-2x below bpftrace per event, 2.5x
   per connection. Interning the label values (as process names are) and keying the series
   by small ids would close most of it.
+- **A refresh across 200 namespaces.** Each pod's namespace costs the refresh thread a
+  `setns` and a sock_diag dump (IPv4 and IPv6), then the /proc lookups of its sockets'
+  processes; the time grows with namespaces and sockets, off the event loop, and every node
+  exports its own as `connwatch_refresh_duration_seconds`. The daemon keeps nothing per
+  namespace between refreshes beyond the socket list itself.
 - **Reset to flag latency.** Bounded by the 5 ms drain when the ring is not backlogged;
   findings then take one hop through the resolver thread at most.
 - **RSS with 100,000 sockets (64 MiB): met.** The daemon keeps one /proc index (shared by
