@@ -192,7 +192,7 @@ impl Pipeline {
         self.pools.pools()
     }
 
-    /// Sockets by state, from the last snapshot (every socket in this network namespace).
+    /// Sockets by state, from the last snapshot (every network namespace).
     pub fn last_refresh(&self) -> RefreshStats {
         self.last_refresh
     }

@@ -317,7 +317,7 @@ fn proc_net_addr(text: &str) -> Option<SocketAddr> {
     Some(SocketAddr::new(ip, port))
 }
 
-/// Every TCP socket in this network namespace, IPv4 and IPv6; with `io_marks` (the hooks'
+/// Every TCP socket in the calling thread's network namespace, IPv4 and IPv6; with `io_marks` (the hooks'
 /// socket-storage map), each socket's last send/recv too.
 pub fn dump_tcp(io_marks: Option<BorrowedFd>) -> Result<Vec<DiagSocket>> {
     let mut socket =
