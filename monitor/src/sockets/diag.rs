@@ -317,8 +317,8 @@ fn proc_net_addr(text: &str) -> Option<SocketAddr> {
     Some(SocketAddr::new(ip, port))
 }
 
-/// Every TCP socket in the calling thread's network namespace, IPv4 and IPv6; with `io_marks` (the hooks'
-/// socket-storage map), each socket's last send/recv too.
+/// Every TCP socket in the calling thread's network namespace, IPv4 and IPv6; with
+/// `io_marks` (the hooks' socket-storage map), each socket's last send/recv too.
 pub fn dump_tcp(io_marks: Option<BorrowedFd>) -> Result<Vec<DiagSocket>> {
     let mut socket =
         Socket::new(NETLINK_SOCK_DIAG).context("opening a sock_diag netlink socket")?;
