@@ -42,7 +42,7 @@ impl Direction {
 #[derive(Debug, Default, Clone)]
 pub struct Listeners {
     by_netns: HashSet<(u64, SocketAddr)>,
-    /// The same endpoints in any namespace, for events (which carry no namespace).
+    /// The same endpoints in any namespace, for what carries no namespace.
     anywhere: HashSet<SocketAddr>,
 }
 
@@ -181,7 +181,7 @@ impl PoolTracker {
             _ if crate::detect::death::classify(event).is_some() => Happened::Death,
             _ => return,
         };
-        let (direction, endpoint) = self.listeners.classify(None, event.local, event.remote);
+        let (direction, endpoint) = self.listeners.classify(event.netns, event.local, event.remote);
         let pid = owner.map_or(0, |o| o.pid);
         self.recent
             .entry((pid, direction, endpoint))
