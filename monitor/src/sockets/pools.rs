@@ -181,7 +181,9 @@ impl PoolTracker {
             _ if crate::detect::death::classify(event).is_some() => Happened::Death,
             _ => return,
         };
-        let (direction, endpoint) = self.listeners.classify(event.netns, event.local, event.remote);
+        let (direction, endpoint) = self
+            .listeners
+            .classify(event.netns, event.local, event.remote);
         let pid = owner.map_or(0, |o| o.pid);
         self.recent
             .entry((pid, direction, endpoint))
