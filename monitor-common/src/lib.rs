@@ -511,7 +511,7 @@ mod tests {
         // Sum of field sizes == struct size means the kernel writes every byte we read.
         let tuple = 16 * 2 + 2 * 4;
         assert_eq!(size_of::<Tuple>(), tuple);
-        let fields = 6 * 8 + 6 * 4 + 4 + 2 + 2 + 4 + 4 + 4 + 4 + tuple + 16 * 2;
+        let fields = 6 * 8 + 6 * 4 + 4 + 2 + 2 + 4 + 4 + 4 + 4 + tuple + 16 * 2 + 4 + 4;
         assert_eq!(size_of::<ConnEvent>(), fields);
         assert_eq!(
             align_of::<ConnEvent>(),
