@@ -86,16 +86,6 @@ fn outbound_pools<'a>(top: &'a Value, port: &str) -> Vec<&'a Value> {
         .collect()
 }
 
-fn top_once(command: &mut Command) -> (Value, String) {
-    let output = command
-        .args(["top", "--once", "--json", "--stall-threshold", "1s"])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
-    assert!(output.status.success(), "{stderr}");
-    (serde_json::from_slice(&output.stdout).unwrap(), stderr)
-}
-
 #[test]
 fn identical_pools_in_two_namespaces_stay_apart() {
     let stuck = PodPool::start(PORT, true);
@@ -103,7 +93,7 @@ fn identical_pools_in_two_namespaces_stay_apart() {
     // Past the 1 s threshold `top` uses, so its first refresh sees the stalls.
     std::thread::sleep(std::time::Duration::from_millis(1200));
 
-    let (top, _) = top_once(&mut Command::new(&*CONNWATCH));
+    let (top, _) = top_once(Command::new(&*CONNWATCH), &["--stall-threshold", "1s"]);
     let pools = outbound_pools(&top, PORT);
     assert_eq!(pools.len(), 2, "one pool per namespace: {top:#}");
     for (pod, stalled) in [(&stuck, POOL), (&fine, 0)] {
@@ -157,14 +147,7 @@ fn without_cap_sys_admin_pools_are_listed_and_the_gap_is_said() {
     }
     let stuck = PodPool::start(PORT_NOBODY, true);
     let fine = PodPool::start(PORT_NOBODY, false);
-    let mut nobody = Command::new("setpriv");
-    nobody
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-        .arg(format!("--inh-caps=-all,{FOUR}"))
-        .arg(format!("--ambient-caps=-all,{FOUR}"))
-        .arg("--")
-        .arg(&*CONNWATCH);
-    let (top, stderr) = top_once(&mut nobody);
+    let (top, stderr) = top_once(as_nobody(FOUR), &[]);
     let pools = outbound_pools(&top, PORT_NOBODY);
     let mut pids: Vec<u64> = pools.iter().map(|p| p["pid"].as_u64().unwrap()).collect();
     pids.sort();

@@ -51,16 +51,7 @@ fn top_once_shows_a_pool_opened_before_start() {
     // Another process holds the pool, opened before connwatch exists.
     let (mut client, _accepted) = python_pool(&listener, CONNECTIONS);
 
-    let output = Command::new(&*CONNWATCH)
-        .args(["top", "--once", "--json"])
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let snapshot: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let (snapshot, _) = top_once(Command::new(&*CONNWATCH), &[]);
     let endpoint = format!("127.0.0.1:{server_port}");
     let pools = snapshot["pools"].as_array().unwrap();
     let outbound: Vec<&Value> = pools

@@ -228,18 +228,6 @@ fn a_process_that_exits_at_once_is_still_attributed() {
     assert_eq!(reset["pid"], child_pid);
 }
 
-/// setpriv as uid nobody with exactly `caps` (e.g. "+bpf,+perfmon").
-fn as_nobody(caps: &str) -> Command {
-    let mut command = Command::new("setpriv");
-    command
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-        .arg(format!("--inh-caps=-all,{caps}"))
-        .arg(format!("--ambient-caps=-all,{caps}"))
-        .arg("--")
-        .arg(&*CONNWATCH);
-    command
-}
-
 #[test]
 fn runs_as_nobody_with_four_capabilities_and_names_each_missing_one() {
     const FOUR: &str = "+bpf,+perfmon,+sys_ptrace,+dac_read_search";

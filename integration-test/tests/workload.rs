@@ -74,22 +74,10 @@ fn idle_reset_names_cgroup_container_and_pod() {
         .unwrap();
     assert_eq!(ready.trim(), "ready");
     // The pod's pool, named by `top` as findings are.
-    let output = Command::new(&*CONNWATCH)
-        .args([
-            "top",
-            "--once",
-            "--json",
-            "--pod-logs",
-            pod_logs.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
+    let (top, _) = top_once(
+        Command::new(&*CONNWATCH),
+        &["--pod-logs", pod_logs.to_str().unwrap()],
     );
-    let top: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     let pool = top["pools"]
         .as_array()
         .unwrap()

@@ -613,20 +613,13 @@ pub fn hold_sockets(connections: usize) -> Result<()> {
     Ok(())
 }
 
-/// Peak RSS of the daemon while 100,000 sockets (50,000 loopback connections) are open.
-fn rss_with_sockets(connwatch: &Path, connections: usize) -> Result<(u64, usize)> {
+/// `connwatch daemon` without event logs, with `extra` flags, once it is ready; and the
+/// address of its metrics.
+fn ready_daemon(connwatch: &Path, extra: &[&str]) -> Result<(Child, String)> {
     let addr = format!("127.0.0.1:{}", free_port()?);
     let mut daemon = Command::new(connwatch)
-        .args([
-            "daemon",
-            "--listen",
-            &addr,
-            "--log-events",
-            "false",
-            "--refresh",
-            "2s",
-        ])
-        .args(["--max-tracked-sockets", "262144"])
+        .args(["daemon", "--listen", &addr, "--log-events", "false"])
+        .args(extra)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()?;
@@ -638,6 +631,15 @@ fn rss_with_sockets(connwatch: &Path, connections: usize) -> Result<(u64, usize)
         }
         thread::sleep(Duration::from_millis(100));
     }
+    Ok((daemon, addr))
+}
+
+/// Peak RSS of the daemon while 100,000 sockets (50,000 loopback connections) are open.
+fn rss_with_sockets(connwatch: &Path, connections: usize) -> Result<(u64, usize)> {
+    let (mut daemon, addr) = ready_daemon(
+        connwatch,
+        &["--refresh", "2s", "--max-tracked-sockets", "262144"],
+    )?;
     let per_process = 8_000;
     let xtask = std::env::current_exe()?;
     let mut holders = Vec::new();
@@ -715,21 +717,7 @@ fn namespace_refresh(
                 bail!("a socket holder in {name} failed");
             }
         }
-        let addr = format!("127.0.0.1:{}", free_port()?);
-        let mut daemon = Command::new(connwatch)
-            .args(["daemon", "--listen", &addr, "--log-events", "false"])
-            .args(["--refresh", "1s"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while http_get(&format!("http://{addr}/readyz")).is_err() {
-            if Instant::now() > deadline {
-                let _ = daemon.kill();
-                bail!("daemon not ready");
-            }
-            thread::sleep(Duration::from_millis(100));
-        }
+        let (mut daemon, addr) = ready_daemon(connwatch, &["--refresh", "1s"])?;
         thread::sleep(Duration::from_secs(5));
         let body = http_get(&format!("http://{addr}/metrics"))?;
         let seconds = body

@@ -488,3 +488,29 @@ pub fn netns_inode(pid: u32) -> u64 {
     let link = link.to_str().unwrap();
     link["net:[".len()..link.len() - 1].parse().unwrap()
 }
+
+/// `<connwatch> top --once --json <extra>` (`command` runs connwatch, perhaps wrapped):
+/// the snapshot it printed, and its stderr. It must succeed.
+pub fn top_once(mut command: Command, extra: &[&str]) -> (Value, String) {
+    let output = command
+        .args(["top", "--once", "--json"])
+        .args(extra)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(output.status.success(), "{stderr}");
+    (serde_json::from_slice(&output.stdout).unwrap(), stderr)
+}
+
+/// connwatch as uid nobody with exactly `caps` (e.g. `+bpf,+perfmon`), inherited and
+/// ambient: a least-privilege run.
+pub fn as_nobody(caps: &str) -> Command {
+    let mut command = Command::new("setpriv");
+    command
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(format!("--inh-caps=-all,{caps}"))
+        .arg(format!("--ambient-caps=-all,{caps}"))
+        .arg("--")
+        .arg(&*CONNWATCH);
+    command
+}
