@@ -128,10 +128,14 @@ impl Pipeline {
             *self.snapshot_states.entry(socket.state).or_insert(0) += 1;
         }
         let owner_of = |inode: u64| snapshot.owners.get(&inode).cloned();
-        let listeners = crate::sockets::pools::Listeners::from_snapshot(&snapshot.sockets);
-        for (socket, stalled_ms) in self
-            .stalls
-            .refresh(&snapshot.sockets, &listeners, mono_now_ns)
+        // Built once per refresh: stalls, zombies and pools all classify by it.
+        self.pools
+            .set_listeners(crate::sockets::pools::Listeners::from_snapshot(
+                &snapshot.sockets,
+            ));
+        for (socket, stalled_ms) in
+            self.stalls
+                .refresh(&snapshot.sockets, self.pools.listeners(), mono_now_ns)
         {
             let owner = owner_of(socket.inode);
             let event = snapshot_event(socket, owner.clone(), mono_now_ns, Some(stalled_ms));
@@ -141,7 +145,7 @@ impl Pipeline {
         }
         for zombie in self
             .zombies
-            .refresh(&snapshot.sockets, &listeners, mono_now_ns)
+            .refresh(&snapshot.sockets, self.pools.listeners(), mono_now_ns)
         {
             let owner = owner_of(zombie.socket.inode);
             let event = snapshot_event(zombie.socket, owner.clone(), mono_now_ns, None);

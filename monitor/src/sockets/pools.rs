@@ -214,7 +214,13 @@ impl PoolTracker {
         self.connect_totals = seen;
     }
 
-    /// Rebuilds the pools from a fresh snapshot.
+    /// The listening endpoints of the snapshot the next [`refresh`](PoolTracker::refresh)
+    /// folds in (also what resets and deaths are charged by).
+    pub fn set_listeners(&mut self, listeners: Listeners) {
+        self.listeners = listeners;
+    }
+
+    /// Rebuilds the pools from a fresh snapshot, whose listeners were set.
     pub fn refresh(
         &mut self,
         snapshot: &[DiagSocket],
@@ -224,7 +230,6 @@ impl PoolTracker {
         idle_threshold_ms: u64,
         now_ns: u64,
     ) {
-        self.listeners = Listeners::from_snapshot(snapshot);
         self.recent.retain(|_, times| {
             while times
                 .front()
@@ -400,6 +405,7 @@ mod tests {
             }
         }
         let mut tracker = PoolTracker::default();
+        tracker.set_listeners(Listeners::from_snapshot(&snapshot));
         tracker.refresh(
             &snapshot,
             owner,
@@ -416,6 +422,7 @@ mod tests {
             "one connection is still below the threshold"
         );
         outstanding.insert(3, 10_000);
+        tracker.set_listeners(Listeners::from_snapshot(&snapshot));
         tracker.refresh(
             &snapshot,
             owner,
@@ -447,6 +454,7 @@ mod tests {
             stall_threshold_ms: 10_000,
         };
         let zombie = HashSet::from([202]);
+        tracker.set_listeners(Listeners::from_snapshot(&snapshot));
         tracker.refresh(&snapshot, owner, requests, &zombie, 1000, 0);
         let mut pools = tracker.pools().to_vec();
         pools.sort_by_key(|p| p.pid);
@@ -510,6 +518,7 @@ mod tests {
         let s = 1_000_000_000u64;
         let mut tracker = PoolTracker::default();
         let rates = |tracker: &mut PoolTracker, at: u64| {
+            tracker.set_listeners(Listeners::from_snapshot(&snapshot));
             tracker.refresh(
                 &snapshot,
                 owner,
