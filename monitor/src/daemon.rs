@@ -171,7 +171,7 @@ async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener> {
 
 struct DaemonConsumer {
     metrics: Metrics,
-    log: Option<JsonSink<io::Stdout>>,
+    log: Option<JsonSink<crate::output::Queued>>,
     health: Arc<Health>,
     clock: WallClock,
     findings: u64,
@@ -240,14 +240,13 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
     }
     let shutdown = Shutdown::install()?;
     health.set_attached(true);
-    eprintln!(
-        "connwatch: serving /metrics, /healthz and /readyz on {}",
-        args.listen
-    );
-    eprintln!("connwatch: watching");
+    log::info!("serving /metrics, /healthz and /readyz on {}", args.listen);
+    log::info!("watching");
     let mut consumer = DaemonConsumer {
         metrics,
-        log: args.log_events.then(|| JsonSink::new(io::stdout())),
+        log: args
+            .log_events
+            .then(|| JsonSink::new(crate::output::stdout().writer())),
         health: health.clone(),
         clock: engine.clock,
         findings: 0,
@@ -255,7 +254,7 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
     let outcome = engine.run(&mut consumer, shutdown.received()).await;
     health.set_attached(false);
     server.abort();
-    eprintln!("{}", engine.summary(consumer.findings));
+    log::info!("{}", engine.summary(consumer.findings));
     drop(engine); // detaches the programs before exit
     outcome.context("event loop")
 }

@@ -29,7 +29,12 @@ use crate::{
 };
 
 /// How long a stopping command waits for findings still being attributed.
-const FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
+/// With [`crate::output::finish`]'s, it keeps a stop under 2 s however stuck a lookup.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Records read per turn of the event loop: under a flood the ring never empties, and a
+/// signal, a tick or a snapshot must still get their turn.
+const DRAIN_BATCH: usize = 4096;
 
 /// How often the ring buffer is drained without a wakeup from the kernel.
 const POLL_INTERVAL: Duration = Duration::from_millis(5);
@@ -86,13 +91,13 @@ impl Engine {
             Probes::attach(probe_options, &settings, pipeline.max_tracked_sockets)?;
         let connects = probes.take_connects();
         let io_marks = probes.take_io_marks();
-        eprintln!(
-            "connwatch: on {}: {}",
+        log::info!(
+            "on {}: {}",
             crate::probes::kernel_release(),
             crate::probes::describe(&probes.capabilities)
         );
         for warning in probes.warnings.iter().chain(&attribution_warning()) {
-            eprintln!("connwatch: warning: {warning}");
+            log::warn!("{warning}");
         }
         // SAFETY: the RingBuf owns its map fd, which stays open and unchanged until the
         // AsyncFd (and the RingBuf inside it) is dropped.
@@ -145,11 +150,14 @@ impl Engine {
             let flow = tokio::select! {
                 guard = self.ring.readable_mut() => {
                     let mut guard = guard.context("waiting on the ring buffer")?;
-                    let flow = drain(guard.get_inner_mut(), &mut self.pipeline, &mut self.resolver, consumer, &mut self.warned_undecodable)?;
-                    guard.clear_ready();
+                    let (flow, more) = drain(guard.get_inner_mut(), &mut self.pipeline, &mut self.resolver, consumer, &mut self.warned_undecodable)?;
+                    if !more {
+                        // Only once empty: with records left, the next turn reads on.
+                        guard.clear_ready();
+                    }
                     flow
                 }
-                _ = poll.tick() => drain(self.ring.get_mut(), &mut self.pipeline, &mut self.resolver, consumer, &mut self.warned_undecodable)?,
+                _ = poll.tick() => drain(self.ring.get_mut(), &mut self.pipeline, &mut self.resolver, consumer, &mut self.warned_undecodable)?.0,
                 Some(finding) = self.resolver.next() => consumer.finding(&finding)?,
                 _ = upkeep.tick() => self.upkeep(consumer)?,
                 Some(snapshot) = self.snapshots.recv() => self.apply(snapshot, consumer)?,
@@ -188,8 +196,8 @@ impl Engine {
         if lost > self.lost_total {
             let count = lost - self.lost_total;
             self.lost_total = lost;
-            eprintln!(
-                "connwatch: warning: the kernel dropped {count} events (ring buffer full); \
+            log::warn!(
+                "the kernel dropped {count} events (ring buffer full); \
                  raise --ring-buffer-size"
             );
             return consumer.lost(count, lost);
@@ -214,9 +222,7 @@ impl Engine {
             Err(err) => {
                 if !self.warned_refresh {
                     self.warned_refresh = true;
-                    eprintln!(
-                        "connwatch: warning: cannot list sockets (pools and stalls unavailable): {err}"
-                    );
+                    log::warn!("cannot list sockets (pools and stalls unavailable): {err}");
                 }
                 Ok(Flow::Continue)
             }
@@ -227,12 +233,14 @@ impl Engine {
     pub fn summary(&self, reported: u64) -> String {
         let lost = self.probes.lost_events().unwrap_or(self.lost_total);
         format!(
-            "connwatch: stopped: {} events read, {reported} reported, {lost} lost, {} undecodable, \
-             {} evicted from full tables, {} reported unattributed (resolver behind)",
+            "stopped: {} events read, {reported} reported, {lost} lost, {} undecodable, \
+             {} evicted from full tables, {} reported unattributed (resolver behind), \
+             {} output lines dropped (stdout not read)",
             self.pipeline.events,
             self.pipeline.undecodable,
             self.pipeline.evictions(),
-            self.resolver.unattributed
+            self.resolver.unattributed,
+            crate::output::stdout().dropped()
         )
     }
 }
@@ -267,8 +275,8 @@ fn spawn_refresher(
                 );
                 if let (Err(err), Some(_)) = (&snapshot, &io_marks) {
                     // Said once; stalls are still found, at tcp_info's resolution.
-                    eprintln!(
-                        "connwatch: warning: sock_diag refused to dump the send/recv socket \
+                    log::warn!(
+                        "sock_diag refused to dump the send/recv socket \
                          storage ({err:#}); request_stalled falls back to tcp_info's stamps"
                     );
                     io_marks = None;
@@ -280,7 +288,7 @@ fn spawn_refresher(
                             && !warned_namespaces
                         {
                             // Said once: the next refreshes read them the same way.
-                            eprintln!("connwatch: warning: {why}");
+                            log::warn!("{why}");
                             warned_namespaces = true;
                         }
                         snapshot.connects =
@@ -316,30 +324,34 @@ fn deliver(
     Ok(Flow::Continue)
 }
 
+/// Reads at most [`DRAIN_BATCH`] records; also says whether records may be left.
 fn drain(
     ring: &mut RingBuf<MapData>,
     pipeline: &mut Pipeline,
     resolver: &mut Resolver,
     consumer: &mut impl Consumer,
     warned_undecodable: &mut bool,
-) -> Result<Flow> {
-    while let Some(item) = ring.next() {
+) -> Result<(Flow, bool)> {
+    for _ in 0..DRAIN_BATCH {
+        let Some(item) = ring.next() else {
+            return Ok((Flow::Continue, false));
+        };
         let processed = match pipeline.record(&item) {
             Ok(processed) => processed,
             Err(err) => {
                 if !*warned_undecodable {
                     *warned_undecodable = true;
-                    eprintln!("connwatch: warning: skipping undecodable record: {err}");
+                    log::warn!("skipping undecodable record: {err}");
                 }
                 continue;
             }
         };
         consumer.event(&processed.event);
         if let Flow::Stop = deliver(processed.findings, resolver, consumer)? {
-            return Ok(Flow::Stop);
+            return Ok((Flow::Stop, true));
         }
     }
-    Ok(Flow::Continue)
+    Ok((Flow::Continue, true))
 }
 
 fn attribution_warning() -> Option<String> {

@@ -96,7 +96,7 @@ pub async fn serve(listener: TcpListener, upstream: SocketAddr, faults: Faults) 
         let (client, peer) = listener.accept().await.context("accepting a client")?;
         tokio::spawn(async move {
             if let Err(err) = relay(client, peer, upstream, faults).await {
-                eprintln!("connwatch proxy: {peer}: {err:#}");
+                log::info!("proxy: {peer}: {err:#}");
             }
         });
     }
@@ -143,8 +143,8 @@ async fn relay(
             }
             () = sleep_until(fires_at.unwrap_or_else(Instant::now)), if fires_at.is_some() => {
                 let (after, kind) = fault.expect("timer armed only with a fault");
-                eprintln!(
-                    "connwatch proxy: {peer}: idle for {}: {}",
+                log::info!(
+                    "proxy: {peer}: idle for {}: {}",
                     humantime::format_duration(after),
                     match kind {
                         Fault::Reset => "reset",
@@ -168,8 +168,8 @@ async fn relay(
 pub async fn run(args: ProxyArgs) -> Result<()> {
     let listener = bind(args.listen).await?;
     let shutdown = crate::engine::Shutdown::install()?;
-    eprintln!(
-        "connwatch: proxying {} → {} ({})",
+    log::info!(
+        "proxying {} → {} ({})",
         args.listen,
         args.upstream,
         args.faults.describe()

@@ -257,7 +257,7 @@ pub async fn run(args: SelftestArgs) -> Result<()> {
             missing.join(" or "),
             expect.pid,
             humantime::format_duration(args.timeout),
-            engine.summary(0).trim_start_matches("connwatch: ")
+            engine.summary(0)
         );
     }
     println!("connwatch selftest: passed");

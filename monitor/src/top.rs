@@ -91,7 +91,7 @@ impl Screen {
         let mut sorted = pools.to_vec();
         sorted.sort_by_key(|p| (Reverse(self.sort.key(p)), p.pid, p.endpoint));
         sorted.truncate(self.limit);
-        let mut out = io::stdout().lock();
+        let mut out = crate::output::stdout().writer();
         let ts = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
         if self.json {
             serde_json::to_writer(&mut out, &Snapshot { ts, pools: &sorted })?;
@@ -197,7 +197,7 @@ pub async fn run(args: TopArgs) -> Result<()> {
     let mut engine = Engine::start(&args.probes, &args.pipeline, false)?;
     let shutdown = Shutdown::install()?;
     // As `watch` says it: from here, connects are counted.
-    eprintln!("connwatch: watching");
+    log::info!("watching");
     let mut screen = Screen {
         sort: args.sort,
         once: args.once,

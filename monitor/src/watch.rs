@@ -108,7 +108,7 @@ impl Consumer for Output {
 pub async fn run(args: WatchArgs) -> Result<()> {
     let state_changes = args.all || args.kind.contains(&Kind::StateChange);
     let mut engine = Engine::start(&args.probes, &args.pipeline, state_changes)?;
-    let stdout = io::stdout().lock();
+    let stdout = crate::output::stdout().writer();
     let mut output = Output {
         sink: if args.json {
             Box::new(JsonSink::new(stdout))
@@ -126,7 +126,7 @@ pub async fn run(args: WatchArgs) -> Result<()> {
         count: args.count,
     };
     let shutdown = Shutdown::install()?;
-    eprintln!("connwatch: watching");
+    log::info!("watching");
     let deadline = args.duration.map(|d| Instant::now() + d);
     let stop = async {
         tokio::select! {
@@ -135,7 +135,7 @@ pub async fn run(args: WatchArgs) -> Result<()> {
         }
     };
     let outcome = engine.run(&mut output, stop).await;
-    eprintln!("{}", engine.summary(output.printed));
+    log::info!("{}", engine.summary(output.printed));
     outcome
 }
 

@@ -41,6 +41,8 @@ pub struct Watch {
     child: Child,
     events: Arc<Mutex<Vec<Value>>>,
     stdout: Option<thread::JoinHandle<()>>,
+    /// Held open and never read ([`Watch::spawn_unread`]): the pipe fills and stays full.
+    unread: Option<std::process::ChildStdout>,
     stderr: Arc<Mutex<String>>,
     stderr_thread: Option<thread::JoinHandle<()>>,
 }
@@ -68,7 +70,19 @@ impl Watch {
     }
 
     /// Like [`spawn`](Self::spawn), for a prepared command (e.g. wrapped in setpriv).
-    pub fn spawn_command(mut command: Command) -> Watch {
+    pub fn spawn_command(command: Command) -> Watch {
+        Watch::launch(command, true)
+    }
+
+    /// Starts `connwatch <args>` with a stdout nobody reads, like a log collector that
+    /// stopped: once the pipe is full, every write to it would block.
+    pub fn spawn_unread(args: &[&str]) -> Watch {
+        let mut command = Command::new(&*CONNWATCH);
+        command.args(args);
+        Watch::launch(command, false)
+    }
+
+    fn launch(mut command: Command, read_stdout: bool) -> Watch {
         let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -78,13 +92,20 @@ impl Watch {
         let events = Arc::new(Mutex::new(Vec::new()));
         let stdout = child.stdout.take().unwrap();
         let sink = events.clone();
-        let stdout = thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let line = line.unwrap();
-                let value: Value = serde_json::from_str(&line)
-                    .unwrap_or_else(|err| panic!("stdout line is not JSON ({err}): {line}"));
-                sink.lock().unwrap().push(value);
-            }
+        let (stdout, unread) = if read_stdout {
+            (Some(stdout), None)
+        } else {
+            (None, Some(stdout))
+        };
+        let stdout = stdout.map(|stdout| {
+            thread::spawn(move || {
+                for line in BufReader::new(stdout).lines() {
+                    let line = line.unwrap();
+                    let value: Value = serde_json::from_str(&line)
+                        .unwrap_or_else(|err| panic!("stdout line is not JSON ({err}): {line}"));
+                    sink.lock().unwrap().push(value);
+                }
+            })
         });
         let stderr_text = Arc::new(Mutex::new(String::new()));
         let (ready_tx, ready_rx) = mpsc::channel();
@@ -104,7 +125,8 @@ impl Watch {
         let mut watch = Watch {
             child,
             events,
-            stdout: Some(stdout),
+            stdout,
+            unread,
             stderr: stderr_text,
             stderr_thread: Some(stderr_thread),
         };
@@ -171,7 +193,10 @@ impl Watch {
 
     fn finish(&mut self) -> Stopped {
         let status = self.child.wait().unwrap();
-        self.stdout.take().unwrap().join().unwrap();
+        if let Some(stdout) = self.stdout.take() {
+            stdout.join().unwrap();
+        }
+        drop(self.unread.take());
         self.stderr_thread.take().unwrap().join().unwrap();
         Stopped {
             events: std::mem::take(&mut self.events.lock().unwrap()),

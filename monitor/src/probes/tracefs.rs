@@ -53,7 +53,7 @@ pub fn locate(explicit: Option<&Path>) -> Result<PathBuf> {
              tracefs into the container"
         )
     })?;
-    eprintln!("connwatch: mounted tracefs at {DEFAULT_TRACEFS}");
+    log::info!("mounted tracefs at {DEFAULT_TRACEFS}");
     Ok(DEFAULT_TRACEFS.into())
 }
 

@@ -273,6 +273,7 @@ pub struct Metrics {
     undecodable: Counter,
     lost: Counter,
     evictions: Counter,
+    log_lines_dropped: Counter,
     overflow: Family<MetricLabel, Counter>,
 }
 
@@ -317,6 +318,7 @@ impl Metrics {
             undecodable: Counter::default(),
             lost: Counter::default(),
             evictions: Counter::default(),
+            log_lines_dropped: Counter::default(),
             overflow: Family::default(),
         };
         registry.register(
@@ -412,6 +414,11 @@ impl Metrics {
                 &metrics.lost,
                 "connwatch_ring_buffer_lost_events",
                 "Events the kernel dropped because the ring buffer was full",
+            ),
+            (
+                &metrics.log_lines_dropped,
+                "connwatch_log_lines_dropped",
+                "Finding log lines dropped because stdout's reader did not keep up",
             ),
             (
                 &metrics.evictions,
@@ -569,6 +576,9 @@ impl Metrics {
         self.undecodable.inc_by(undecodable);
         let evictions = pipeline.evictions().saturating_sub(self.evictions.get());
         self.evictions.inc_by(evictions);
+        let dropped = crate::output::stdout().dropped();
+        self.log_lines_dropped
+            .inc_by(dropped.saturating_sub(self.log_lines_dropped.get()));
     }
 
     fn who(&self, finding: &Finding) -> Who {
@@ -727,6 +737,7 @@ mod tests {
             "# TYPE connwatch_undecodable_events counter",
             "# TYPE connwatch_ring_buffer_lost_events counter",
             "# TYPE connwatch_table_evictions counter",
+            "# TYPE connwatch_log_lines_dropped counter",
         ] {
             assert!(text.contains(family), "{family} missing:\n{text}");
         }

@@ -304,7 +304,7 @@ impl WorkloadResolver {
             Ok(pods) => self.pods.extend(pods),
             Err(err) if !self.warned_kubelet => {
                 self.warned_kubelet = true;
-                eprintln!("connwatch: warning: kubelet pod lookup at {url} failed: {err}");
+                log::warn!("kubelet pod lookup at {url} failed: {err}");
             }
             Err(_) => {}
         }
