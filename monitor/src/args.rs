@@ -6,10 +6,10 @@ use crate::{detect::DetectConfig, pipeline::HostPaths};
 #[derive(Debug, Clone, clap::Args)]
 pub struct PipelineArgs {
     /// A peer reset or FIN after at least this long without data is `*_idle`.
-    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_idle_threshold)]
     pub idle_threshold: Duration,
     /// A socket in CLOSE_WAIT longer than this is `close_wait_lingering`.
-    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_positive_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_close_wait_threshold)]
     pub close_wait_threshold: Duration,
     /// A request acknowledged by the peer and unanswered this long is `request_stalled`.
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_stall_threshold)]
@@ -21,7 +21,7 @@ pub struct PipelineArgs {
     pub zombie_threshold: Duration,
     /// How often to re-read the kernel's socket list (sock_diag): pools, stalls, and what
     /// events alone miss.
-    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_positive_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_refresh)]
     pub refresh: Duration,
     /// Where the host's filesystem is visible (in a container: its host mount), for
     /// cgroupfs and the kubelet's pod log directories.
@@ -135,6 +135,40 @@ fn parse_threshold(text: &str, advice: &str) -> Result<Duration, String> {
     }
 }
 
+/// Zero is allowed: every reset or FIN of a connection is then `*_idle`.
+fn parse_idle_threshold(text: &str) -> Result<Duration, String> {
+    match parse_duration(text)? {
+        threshold if threshold > MAX_THRESHOLD => Err(format!(
+            "{text} is above the limit of 1 day: use the idle time after which a peer's \
+             reset means a pooled connection went stale, e.g. 1s or 30s"
+        )),
+        threshold => Ok(threshold),
+    }
+}
+
+fn parse_close_wait_threshold(text: &str) -> Result<Duration, String> {
+    parse_threshold(
+        text,
+        "use the time after which a socket still in CLOSE_WAIT is surely leaked, e.g. 30s",
+    )
+}
+
+/// Faster would spend a core on sock_diag and /proc walks; slower leaves pools stale.
+const REFRESH: std::ops::RangeInclusive<Duration> =
+    Duration::from_millis(100)..=Duration::from_secs(60 * 60);
+
+fn parse_refresh(text: &str) -> Result<Duration, String> {
+    let every = parse_duration(text)?;
+    if REFRESH.contains(&every) {
+        Ok(every)
+    } else {
+        Err(format!(
+            "{text} is outside 100ms..1h: each refresh lists every socket and walks /proc, \
+             so use seconds (the default is 5s)"
+        ))
+    }
+}
+
 fn parse_zombie_threshold(text: &str) -> Result<Duration, String> {
     parse_threshold(
         text,
@@ -163,5 +197,16 @@ mod tests {
         let long = parse_zombie_threshold("2days").unwrap_err();
         assert!(long.contains("above the limit of 1 day"), "{long}");
         assert!(parse_zombie_threshold("soon").is_err());
+    }
+
+    #[test]
+    fn other_duration_bounds() {
+        assert_eq!(parse_idle_threshold("0s"), Ok(Duration::ZERO));
+        assert!(parse_idle_threshold("600000years").is_err());
+        assert!(parse_close_wait_threshold("0s").is_err());
+        assert!(parse_close_wait_threshold("2days").is_err());
+        assert_eq!(parse_refresh("1h"), Ok(Duration::from_secs(3600)));
+        assert!(parse_refresh("1ms").unwrap_err().contains("100ms..1h"));
+        assert!(parse_refresh("2h").is_err());
     }
 }

@@ -189,7 +189,10 @@ impl Pipeline {
 
     /// Entries dropped from full tables (socket table, CLOSE_WAIT and zombie tracking).
     pub fn evictions(&self) -> u64 {
-        self.table.evictions + self.detectors.evictions() + self.zombies.evictions
+        self.table.evictions
+            + self.detectors.evictions()
+            + self.zombies.evictions
+            + self.pools.uncounted
     }
 
     pub fn pools(&self) -> &[Pool] {

@@ -423,7 +423,7 @@ impl Metrics {
             (
                 &metrics.evictions,
                 "connwatch_table_evictions",
-                "Sockets forgotten to keep connwatch's tables within --max-tracked-sockets",
+                "Entries forgotten, or events not counted, to keep connwatch's tables bounded (--max-tracked-sockets, rate windows)",
             ),
             (
                 &metrics.overflow,

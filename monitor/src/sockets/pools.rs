@@ -5,7 +5,7 @@
 //! Outbound pools group by the remote endpoint; inbound ones by the local listening
 //! endpoint, so a server's accepted sockets form one pool instead of one per client port.
 use std::{
-    collections::{HashMap, HashSet, VecDeque},
+    collections::{HashMap, HashSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
 };
 
@@ -135,9 +135,58 @@ pub struct Requests<'a> {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Happened {
-    Connect,
-    Reset,
-    Death,
+    Connect = 0,
+    Reset = 1,
+    Death = 2,
+}
+
+/// Per-minute rates are summed over this many buckets of [`BUCKET_NS`].
+const BUCKETS: usize = 6;
+const BUCKET_NS: u64 = MINUTE_NS / BUCKETS as u64;
+/// At most this many (process, endpoint) rate windows: 4.5 MiB. A scan across many
+/// endpoints must not grow the agent; past it, new keys are not counted (and said so).
+const MAX_RATE_KEYS: usize = 65_536;
+
+/// What happened to one key over the last minute, in fixed memory: connects, resets and
+/// deaths per 10-second bucket, however high the rate (a queue of events grew with it).
+#[derive(Debug, Default, Clone, Copy)]
+struct RateWindow {
+    /// Which 10-second slot (monotonic time / [`BUCKET_NS`]) each bucket holds.
+    slots: [u64; BUCKETS],
+    counts: [[u32; 3]; BUCKETS],
+}
+
+impl RateWindow {
+    fn add(&mut self, now_ns: u64, what: Happened, times: u32) {
+        let slot = now_ns / BUCKET_NS;
+        let bucket = (slot % BUCKETS as u64) as usize;
+        if self.slots[bucket] != slot {
+            self.slots[bucket] = slot;
+            self.counts[bucket] = [0; 3];
+        }
+        let count = &mut self.counts[bucket][what as usize];
+        *count = count.saturating_add(times);
+    }
+
+    /// The count over the last minute: the current bucket and the five before it (so
+    /// between 50 and 60 s of history).
+    fn per_minute(&self, now_ns: u64, what: Happened) -> u32 {
+        let now = now_ns / BUCKET_NS;
+        self.slots
+            .iter()
+            .zip(&self.counts)
+            .filter(|&(&slot, _)| slot <= now && now - slot < BUCKETS as u64)
+            .fold(0u32, |sum, (_, counts)| {
+                sum.saturating_add(counts[what as usize])
+            })
+    }
+
+    fn is_stale(&self, now_ns: u64) -> bool {
+        let now = now_ns / BUCKET_NS;
+        self.slots
+            .iter()
+            .all(|&slot| now.saturating_sub(slot) >= BUCKETS as u64)
+    }
 }
 
 /// Who to charge a connect or reset to; pid 0 when the owner is not known yet (a passive
@@ -147,8 +196,10 @@ type RateKey = (u32, Direction, SocketAddr);
 #[derive(Default)]
 pub struct PoolTracker {
     listeners: Listeners,
-    /// What happened per key over the last minute: (when, what, how many times).
-    recent: FastMap<RateKey, VecDeque<(u64, Happened, u32)>>,
+    /// What happened per key over the last minute.
+    recent: FastMap<RateKey, RateWindow>,
+    /// Connects, resets and deaths not counted because [`MAX_RATE_KEYS`] were in use.
+    pub uncounted: u64,
     /// The kernel's connect counters as last read, to take the difference.
     connect_totals: FastMap<ConnectKey, u64>,
     pools: Vec<Pool>,
@@ -185,10 +236,18 @@ impl PoolTracker {
             .listeners
             .classify(event.netns, event.local, event.remote);
         let pid = owner.map_or(0, |o| o.pid);
-        self.recent
-            .entry((pid, direction, endpoint))
-            .or_default()
-            .push_back((event.mono_ns, happened, 1));
+        self.count((pid, direction, endpoint), event.mono_ns, happened, 1);
+    }
+
+    fn count(&mut self, key: RateKey, now_ns: u64, what: Happened, times: u32) {
+        if self.recent.len() >= MAX_RATE_KEYS && !self.recent.contains_key(&key) {
+            self.recent.retain(|_, window| !window.is_stale(now_ns));
+            if self.recent.len() >= MAX_RATE_KEYS {
+                self.uncounted += u64::from(times);
+                return;
+            }
+        }
+        self.recent.entry(key).or_default().add(now_ns, what, times);
     }
 
     /// Folds in the kernel's connect counters: the connects since the last reading. An
@@ -203,11 +262,8 @@ impl PoolTracker {
                 total
             };
             if new > 0 {
-                self.recent.entry(rate_key(&key)).or_default().push_back((
-                    now_ns,
-                    Happened::Connect,
-                    new.min(u32::MAX as u64) as u32,
-                ));
+                let times = new.min(u32::MAX as u64) as u32;
+                self.count(rate_key(&key), now_ns, Happened::Connect, times);
             }
             seen.insert(key, total);
         }
@@ -230,15 +286,7 @@ impl PoolTracker {
         idle_threshold_ms: u64,
         now_ns: u64,
     ) {
-        self.recent.retain(|_, times| {
-            while times
-                .front()
-                .is_some_and(|&(at, _, _)| now_ns.saturating_sub(at) > MINUTE_NS)
-            {
-                times.pop_front();
-            }
-            !times.is_empty()
-        });
+        self.recent.retain(|_, window| !window.is_stale(now_ns));
         // The namespace too: a process's pools in two pods' namespaces are two pools.
         let mut pools: HashMap<(u32, u64, Direction, SocketAddr), Pool> = HashMap::new();
         for socket in snapshot {
@@ -313,13 +361,7 @@ impl PoolTracker {
             let count = |rate_pid, what| {
                 self.recent
                     .get(&(rate_pid, direction, endpoint))
-                    .map_or(0, |times| {
-                        times
-                            .iter()
-                            .filter(|(_, h, _)| *h == what)
-                            .map(|&(_, _, n)| n)
-                            .sum()
-                    })
+                    .map_or(0, |window| window.per_minute(now_ns, what))
             };
             pool.connects_per_min = count(pid, Happened::Connect);
             pool.resets_per_min = count(pid, Happened::Reset);
@@ -385,6 +427,52 @@ mod tests {
             tid: pid,
             comm: format!("app{pid}").into(),
         })
+    }
+
+    #[test]
+    fn rates_take_fixed_memory_and_age_out_by_the_minute() {
+        let mut window = RateWindow::default();
+        let second = 1_000_000_000;
+        let start = 1_000 * MINUTE_NS;
+        // A flood: a million resets in 5 s cost no more than one.
+        for i in 0..1_000_000u64 {
+            window.add(start + i * 5_000, Happened::Reset, 1);
+        }
+        window.add(start + 30 * second, Happened::Connect, 7);
+        assert_eq!(std::mem::size_of::<RateWindow>(), 6 * 8 + 6 * 3 * 4);
+        let at = start + 40 * second;
+        assert_eq!(window.per_minute(at, Happened::Reset), 1_000_000);
+        assert_eq!(window.per_minute(at, Happened::Connect), 7);
+        assert_eq!(window.per_minute(at, Happened::Death), 0);
+        // A minute on, the flood is out of the window; the connects a little later.
+        assert_eq!(window.per_minute(start + 61 * second, Happened::Reset), 0);
+        assert_eq!(window.per_minute(start + 61 * second, Happened::Connect), 7);
+        assert!(!window.is_stale(start + 61 * second));
+        assert!(window.is_stale(start + 100 * second));
+        assert_eq!(
+            window.per_minute(start + 100 * second, Happened::Connect),
+            0
+        );
+    }
+
+    #[test]
+    fn rate_keys_are_capped_and_what_does_not_fit_is_counted() {
+        let mut tracker = PoolTracker::default();
+        let endpoint = |i: u32| SocketAddr::from((std::net::Ipv4Addr::from(i), 5432));
+        for i in 0..MAX_RATE_KEYS as u32 + 10 {
+            tracker.count((1, Direction::Outbound, endpoint(i)), 0, Happened::Reset, 1);
+        }
+        assert_eq!(tracker.recent.len(), MAX_RATE_KEYS);
+        assert_eq!(tracker.uncounted, 10);
+        // Two minutes on, the stale keys make room.
+        let later = 2 * MINUTE_NS;
+        tracker.count(
+            (2, Direction::Outbound, endpoint(0)),
+            later,
+            Happened::Reset,
+            1,
+        );
+        assert_eq!((tracker.recent.len(), tracker.uncounted), (1, 10));
     }
 
     #[test]
@@ -538,10 +626,11 @@ mod tests {
         assert_eq!(rates(&mut tracker, 0), [5, 3]);
         tracker.connects(&[(out, 7), (inbound, 3)], 10 * s);
         assert_eq!(rates(&mut tracker, 10 * s), [7, 3]);
-        // The outbound entry was evicted and made again; the inbound one is gone.
-        tracker.connects(&[(out, 1)], 70 * s);
+        // The outbound entry was evicted and made again; the inbound one is gone. A minute
+        // is six 10 s buckets, the current one included: at 69 s, what came at 0 s is out.
+        tracker.connects(&[(out, 1)], 69 * s);
         assert_eq!(
-            rates(&mut tracker, 70 * s),
+            rates(&mut tracker, 69 * s),
             [3, 0],
             "the first minute's 5 and 3 expired"
         );
