@@ -25,6 +25,7 @@ use crate::{
     detect::{Finding, Kind},
     engine::{Consumer, Engine, Flow, Shutdown},
     events::Event,
+    http::{self, HttpMetrics, Limits},
     pipeline::Pipeline,
     probes::ProbeOptions,
     sinks::{
@@ -152,21 +153,26 @@ async fn readyz(State(shared): State<Shared>) -> impl IntoResponse {
     }
 }
 
+/// Adds the HTTP server's families to the registry `Metrics::new` just made: it hands over
+/// the only reference, so the registry is still ours to change.
+fn register_http(registry: &mut Arc<Registry>, http: &HttpMetrics) {
+    let registry = Arc::get_mut(registry).expect("Metrics::new keeps no reference to its registry");
+    http.register(registry);
+}
+
 /// Binds first, so a taken port fails before anything is loaded into the kernel.
-async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener> {
-    tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|err| match err.kind() {
-            io::ErrorKind::AddrInUse => anyhow!(
-                "cannot listen on {addr}: the port is in use (another connwatch daemon?): \
+fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener> {
+    http::bind(addr).map_err(|err| match err.kind() {
+        io::ErrorKind::AddrInUse => anyhow!(
+            "cannot listen on {addr}: the port is in use (another connwatch daemon?): \
              stop that process or pick another address with --listen"
-            ),
-            io::ErrorKind::AddrNotAvailable => anyhow!(
-                "cannot listen on {addr}: no such local address: use 0.0.0.0 or an address of \
+        ),
+        io::ErrorKind::AddrNotAvailable => anyhow!(
+            "cannot listen on {addr}: no such local address: use 0.0.0.0 or an address of \
              this host with --listen"
-            ),
-            _ => anyhow!("cannot listen on {addr}: {err}"),
-        })
+        ),
+        _ => anyhow!("cannot listen on {addr}: {err}"),
+    })
 }
 
 struct DaemonConsumer {
@@ -214,15 +220,17 @@ impl Consumer for DaemonConsumer {
 }
 
 pub async fn run(args: DaemonArgs) -> Result<()> {
-    let listener = bind(args.listen).await?;
+    let listener = bind(args.listen)?;
     let kernel = nix::sys::utsname::uname()
         .map(|u| u.release().to_string_lossy().into_owned())
         .unwrap_or_default();
-    let (metrics, registry) = Metrics::new(
+    let (metrics, mut registry) = Metrics::new(
         args.max_series as usize,
         ephemeral_ports(&args.pipeline.host_proc),
         &kernel,
     );
+    let http_metrics = HttpMetrics::default();
+    register_http(&mut registry, &http_metrics);
     let health = Arc::new(Health::new());
     let app = Router::new()
         .route("/metrics", get(serve_metrics))
@@ -232,7 +240,12 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
             registry,
             health: health.clone(),
         });
-    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let server = tokio::spawn(http::serve(
+        listener,
+        app,
+        Limits::default(),
+        http_metrics.clone(),
+    ));
 
     let mut engine = Engine::start(&args.probes, &args.pipeline, false)?;
     if let Some(counters) = engine.take_kernel_counters() {
@@ -255,6 +268,9 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
     health.set_attached(false);
     server.abort();
     log::info!("{}", engine.summary(consumer.findings));
+    if let Some(line) = http_metrics.summary() {
+        log::info!("{line}");
+    }
     drop(engine); // detaches the programs before exit
     outcome.context("event loop")
 }
@@ -280,5 +296,19 @@ mod tests {
             last_tick_ms: AtomicU64::new(0),
         };
         assert_eq!(stalled.healthy(), Err("event loop stalled"));
+    }
+
+    #[test]
+    fn http_metrics_join_the_registry_metrics_serves() {
+        let (_metrics, mut registry) = Metrics::new(10, 32768..=60999, "k");
+        let http = HttpMetrics::default();
+        register_http(&mut registry, &http);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        assert!(
+            text.contains("connwatch_http_connections_closed_total{reason=\"shed\"} 0\n"),
+            "{text}"
+        );
+        assert!(text.contains("connwatch_build_info{"), "{text}");
     }
 }

@@ -16,6 +16,7 @@ pub mod detect;
 pub mod doctor;
 pub mod engine;
 pub mod events;
+pub mod http;
 pub mod output;
 pub mod pipeline;
 pub mod probes;

@@ -100,6 +100,9 @@ pub const GUEST_TESTS: &[(&str, &[&str])] = &[
     ("reliability", &[]),
     // The daemon's probes and metrics.
     ("daemon", &[]),
+    // The daemon's HTTP limits under idle clients, at a 256 open-files limit: the socket
+    // refresh (sock_diag, /proc) must keep its descriptors on every kernel.
+    ("http", &[]),
     // Real PostgreSQL incidents, end to end.
     ("incidents", &[]),
     // Zombie connections behind a multiplexer: tcp_info's bytes each way (sock_diag).
