@@ -46,6 +46,10 @@ use tokio::{
     task::{AbortHandle, JoinSet},
 };
 
+/// The most a request may buffer (hyper's minimum is 8 KiB): a scrape's request is a few
+/// hundred bytes; larger headers are answered 431.
+const MAX_REQUEST_BYTES: usize = 16 << 10;
+
 /// How long a client has to send a complete request head, from the moment the server waits
 /// for one (after the accept, and after each response on a kept-alive connection). A probe
 /// or a scraper sends its whole request at once, well within 5 s even from a loaded node;
@@ -478,7 +482,10 @@ async fn serve_connection(
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout);
+        .header_read_timeout(limits.header_read_timeout)
+        // Requests here are a GET line and a few headers; hyper's default (~400 KB per
+        // connection) would let 64 connections hold 26 MB.
+        .max_buf_size(MAX_REQUEST_BYTES);
     let connection = builder.serve_connection(TokioIo::new(stream), service);
     tokio::pin!(connection);
     let ended = tokio::select! {
