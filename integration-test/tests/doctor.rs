@@ -98,3 +98,17 @@ fn a_missing_tracepoint_is_reported_and_fails() {
     );
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
 }
+
+/// Without CAP_BPF no map can be made, so the ring buffer cannot be probed: the row names
+/// the capability, not an old kernel.
+#[test]
+fn without_cap_bpf_the_ring_buffer_row_names_the_capability() {
+    let output = support::as_nobody("-all").arg("doctor").output().unwrap();
+    let table = String::from_utf8_lossy(&output.stdout);
+    let ring = row(&table, "BPF ring buffer");
+    assert!(
+        ring.contains("MISSING") && ring.contains("CAP_BPF"),
+        "{ring}"
+    );
+    assert!(!ring.contains("5.8"), "{ring}");
+}

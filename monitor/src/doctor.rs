@@ -75,6 +75,31 @@ fn kernel_version() -> Result<String> {
     Ok(format!("Linux {release}"))
 }
 
+/// Probing for a map type creates one, which needs CAP_BPF: without it every probe fails,
+/// and the row must name the capability, not an old kernel.
+fn ring_buffer_check() -> Check {
+    let privileged = read_effective_caps().and_then(check_privileges).is_ok();
+    let probed = aya::sys::is_map_supported(aya::maps::MapType::RingBuf);
+    let (result, fix) = match probed {
+        Ok(true) => (Ok("supported".into()), ""),
+        _ if !privileged => (
+            Err(anyhow::anyhow!(
+                "cannot be probed without CAP_BPF (or CAP_SYS_ADMIN)"
+            )),
+            "grant the capabilities named in the capabilities row, then run doctor again",
+        ),
+        Ok(false) => (
+            Err(anyhow::anyhow!("not supported by this kernel")),
+            "connwatch needs Linux 5.8 or newer",
+        ),
+        Err(err) => (
+            Err(anyhow::anyhow!("{err}")),
+            "connwatch needs Linux 5.8 or newer",
+        ),
+    };
+    check("BPF ring buffer", result, Status::Missing, fix)
+}
+
 fn run_checks(options: &ProbeOptions) -> Vec<Check> {
     let mut checks = vec![check(
         "kernel",
@@ -120,20 +145,7 @@ fn run_checks(options: &ProbeOptions) -> Vec<Check> {
     if let Ok(root) = &tracefs {
         checks.extend(HOOKS.iter().map(|hook| tracepoint_check(root, hook)));
     }
-    checks.push(check(
-        "BPF ring buffer",
-        aya::sys::is_map_supported(aya::maps::MapType::RingBuf)
-            .map_err(|err| anyhow::anyhow!("{err}"))
-            .and_then(|ok| {
-                if ok {
-                    Ok("supported".into())
-                } else {
-                    bail!("not supported by this kernel")
-                }
-            }),
-        Status::Missing,
-        "connwatch needs Linux 5.8 or newer",
-    ));
+    checks.push(ring_buffer_check());
     let settings = Settings {
         eof_grace_ns: 0,
         wakeup_bytes: 0,

@@ -80,6 +80,8 @@ impl Engine {
         pipeline: &PipelineArgs,
         state_changes: bool,
     ) -> Result<Engine> {
+        crate::sockets::process::check_proc_root(&pipeline.host_proc)
+            .map_err(anyhow::Error::msg)?;
         let settings = Settings {
             eof_grace_ns: pipeline.idle_threshold.as_nanos() as u64,
             wakeup_bytes: u64::from(probe_options.ring_buffer_size / 16),

@@ -24,6 +24,44 @@ pub struct KernelBtf {
     btf: Btf,
 }
 
+/// The largest BTF file read: vmlinux BTF is a few MiB (6.18: 6 MiB).
+const MAX_BTF_BYTES: u64 = 256 << 20;
+
+/// A regular file of a sane size: a FIFO would block the read forever, a directory or a
+/// device would fail obscurely, and a huge file would be read into memory whole.
+fn check_btf_file(path: &Path) -> Result<()> {
+    let meta = std::fs::metadata(path)
+        .with_context(|| format!("reading kernel BTF {}", path.display()))?;
+    let file_type = meta.file_type();
+    if !file_type.is_file() {
+        use std::os::unix::fs::FileTypeExt as _;
+        let kind = if file_type.is_fifo() {
+            "a FIFO"
+        } else if file_type.is_dir() {
+            "a directory"
+        } else if file_type.is_socket() {
+            "a socket"
+        } else {
+            "a device"
+        };
+        bail!(
+            "--btf {} is {kind}, not a file: pass the path of this kernel's vmlinux BTF, \
+             e.g. /sys/kernel/btf/vmlinux",
+            path.display()
+        );
+    }
+    if meta.len() > MAX_BTF_BYTES {
+        bail!(
+            "--btf {} is {} MiB, more than any kernel's BTF ({} MiB at most): pass the path \
+             of this kernel's vmlinux BTF, e.g. /sys/kernel/btf/vmlinux",
+            path.display(),
+            meta.len() >> 20,
+            MAX_BTF_BYTES >> 20
+        );
+    }
+    Ok(())
+}
+
 impl KernelBtf {
     pub fn open(path: &Path) -> Result<KernelBtf> {
         if !path.exists() {
@@ -34,6 +72,7 @@ impl KernelBtf {
                 path.display()
             );
         }
+        check_btf_file(path)?;
         let btf = Btf::from_file(path)
             .map_err(|err| anyhow!("{err}"))
             .with_context(|| format!("parsing kernel BTF {}", path.display()))?;

@@ -107,6 +107,33 @@ impl ProcIndex {
     }
 }
 
+/// Refuses a `--host-proc` that is not a proc filesystem: with an empty or missing one,
+/// every socket opened before connwatch started would go unattributed, silently.
+pub fn check_proc_root(root: &std::path::Path) -> Result<(), String> {
+    let entries = fs::read_dir(root).map_err(|err| {
+        format!(
+            "--host-proc {}: {err}: point it at the host's /proc (in a container, mounted \
+             from the host, e.g. /host/proc)",
+            root.display()
+        )
+    })?;
+    let has_processes = entries.flatten().any(|entry| {
+        entry
+            .file_name()
+            .to_str()
+            .is_some_and(|n| n.parse::<u32>().is_ok())
+    });
+    if !has_processes || !root.join("net/tcp").exists() {
+        return Err(format!(
+            "--host-proc {} is not a proc filesystem (no process directories or net/tcp): \
+             point it at the host's /proc (in a container, mounted from the host, e.g. \
+             /host/proc)",
+            root.display()
+        ));
+    }
+    Ok(())
+}
+
 fn read_comm(process_dir: &std::path::Path) -> String {
     fs::read_to_string(process_dir.join("comm"))
         .map(|comm| comm.trim_end().to_string())
@@ -165,6 +192,18 @@ mod tests {
             "kept from the scan"
         );
         fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn a_host_proc_that_is_not_proc_is_refused() {
+        assert_eq!(check_proc_root(std::path::Path::new("/proc")), Ok(()));
+        let empty = std::env::temp_dir().join(format!("connwatch-empty-{}", std::process::id()));
+        fs::create_dir_all(&empty).unwrap();
+        let err = check_proc_root(&empty).unwrap_err();
+        assert!(err.contains("is not a proc filesystem"), "{err}");
+        fs::remove_dir_all(&empty).unwrap();
+        let err = check_proc_root(&empty).unwrap_err();
+        assert!(err.contains("No such file"), "{err}");
     }
 
     #[test]
