@@ -118,3 +118,122 @@ fn idle_reset_names_cgroup_container_and_pod() {
     assert!(sent["cgroup"].is_string(), "{sent:?}");
     assert!(sent.get("pod").is_none(), "{sent:?}");
 }
+
+/// The `N lost` figure of a stop summary.
+fn lost_in(summary: &str) -> u64 {
+    summary
+        .split(", ")
+        .find_map(|part| part.strip_suffix(" lost"))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no lost count in {summary}"))
+}
+
+/// A kubelet that accepts and never answers: each pod lookup waits out its timeout. The
+/// lookups run beside the event loop, so the same churn loses no more events than without.
+#[test]
+fn a_kubelet_that_never_answers_costs_no_events() {
+    const UNNAMED_POD: &str = "0b5e7a9c-2d4f-4e6a-8b1c-3d5f7a9b1c2d";
+    let top = format!("connwatch-kubelet-{}", std::process::id());
+    let relative = format!("/{top}/kubepods/besteffort/pod{UNNAMED_POD}/{CONTAINER}");
+    let dir = cgroup2_root().join(relative.trim_start_matches('/'));
+    fs::create_dir_all(&dir).unwrap();
+    let _cgroup = Cgroup(dir.clone());
+    // No log directory names the pod: the kubelet is asked.
+    let pod_logs = std::env::temp_dir().join(format!("connwatch-no-pods-{}", std::process::id()));
+    fs::create_dir_all(&pod_logs).unwrap();
+    let kubelet = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let kubelet_url = format!("http://{}", kubelet.local_addr().unwrap());
+    let asked = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    {
+        let asked = asked.clone();
+        thread::spawn(move || {
+            let mut held = Vec::new();
+            for connection in kubelet.incoming().flatten() {
+                asked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                held.push(connection);
+            }
+        });
+    }
+    let churn = |extra: &[&str]| -> String {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let mut args = vec![
+            "daemon",
+            "--listen",
+            &addr,
+            "--log-events",
+            "false",
+            // About 1,500 events: a loop held up for a lookup's 2 s timeout overflows it.
+            "--ring-buffer-size",
+            "262144",
+            "--pod-logs",
+            pod_logs.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let daemon = Watch::spawn(&args);
+        let (listener, server_port) = listen("127.0.0.1:0");
+        // The pod's process connects 4,000 times over about 8 s; each is reset.
+        let mut client = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "echo $$ > {}/cgroup.procs && exec python3 -c \"$0\" {server_port}",
+                dir.display()
+            ))
+            .arg(
+                "import socket, sys, time\n\
+                 for i in range(4000):\n\
+                 \x20   s = socket.create_connection(('127.0.0.1', int(sys.argv[1])))\n\
+                 \x20   try:\n\
+                 \x20       s.recv(1)\n\
+                 \x20   except OSError:\n\
+                 \x20       pass\n\
+                 \x20   s.close()\n\
+                 \x20   if i % 50 == 0:\n\
+                 \x20       time.sleep(0.1)\n",
+            )
+            .spawn()
+            .unwrap();
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let server = {
+            let done = done.clone();
+            listener.set_nonblocking(true).unwrap();
+            thread::spawn(move || {
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    match listener.accept() {
+                        Ok((stream, _)) => abort(stream),
+                        Err(_) => thread::sleep(Duration::from_millis(1)),
+                    }
+                }
+            })
+        };
+        let status = client.wait().unwrap();
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        server.join().unwrap();
+        assert!(status.success(), "the churning client failed");
+        let metrics = format!("http://{addr}/metrics");
+        wait_for_body(&metrics, r#"connwatch_resets_total{kind="peer_reset""#);
+        let stderr = daemon.stop().stderr;
+        stderr
+            .lines()
+            .find(|l| l.starts_with("connwatch: stopped:"))
+            .unwrap_or_else(|| panic!("no summary: {stderr}"))
+            .to_string()
+    };
+    let without = churn(&[]);
+    let with = churn(&["--kubelet-url", &kubelet_url]);
+    fs::remove_dir_all(&pod_logs).unwrap();
+    eprintln!("without a kubelet: {without}\nwith one that hangs: {with}");
+    assert!(
+        asked.load(std::sync::atomic::Ordering::Relaxed) > 0,
+        "the kubelet was never asked: the test proves nothing"
+    );
+    let events: u64 = with
+        .split_whitespace()
+        .nth(2)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no event count in {with}"));
+    // A loop that waited on the kubelet would lose a quarter of them; 2% is noise.
+    assert!(
+        lost_in(&with) <= lost_in(&without) + events / 50,
+        "a hanging kubelet cost events: {with} (without it: {without})"
+    );
+}
