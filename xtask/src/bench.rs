@@ -19,7 +19,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-const RUN: Duration = Duration::from_secs(4);
+pub(crate) const RUN: Duration = Duration::from_secs(4);
 const CLIENTS: usize = 2;
 /// Runs of each monitored condition per workload (unmonitored runs once more).
 const REPEATS: usize = 2;
@@ -107,7 +107,7 @@ const ANALYSIS: &str = "### Notes on the targets
   first-listing time per accepted connection).";
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Workload {
+pub(crate) enum Workload {
     Churn,
     RequestResponse,
     ResetStorm,
@@ -302,7 +302,7 @@ fn client(workload: Workload, addr: SocketAddr, stop: Arc<AtomicBool>, ops: Arc<
     }
 }
 
-fn drive(workload: Workload) -> Result<f64> {
+pub(crate) fn drive(workload: Workload) -> Result<f64> {
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?;
     let stop = Arc::new(AtomicBool::new(false));
@@ -359,11 +359,11 @@ fn cpu_seconds(pid: u32) -> f64 {
     ticks / 100.0 // USER_HZ
 }
 
-fn peak_rss_kib(pid: u32) -> u64 {
+pub(crate) fn peak_rss_kib(pid: u32) -> u64 {
     status_kib(pid, "VmHWM:")
 }
 
-fn status_kib(pid: u32, field: &str) -> u64 {
+pub(crate) fn status_kib(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()
@@ -372,7 +372,7 @@ fn status_kib(pid: u32, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
-fn http_get(url: &str) -> Result<String> {
+pub(crate) fn http_get(url: &str) -> Result<String> {
     Ok(ureq::get(url)
         .call()
         .with_context(|| format!("GET {url}"))?
@@ -380,7 +380,7 @@ fn http_get(url: &str) -> Result<String> {
         .read_to_string()?)
 }
 
-fn metric(body: &str, name: &str) -> u64 {
+pub(crate) fn metric(body: &str, name: &str) -> u64 {
     body.lines()
         .find(|l| l.starts_with(name))
         .and_then(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
@@ -415,7 +415,7 @@ impl Running {
     }
 }
 
-fn nix_kill(pid: u32) -> std::io::Result<()> {
+pub(crate) fn nix_kill(pid: u32) -> std::io::Result<()> {
     // SAFETY: kill(2) on a child we spawned.
     if unsafe { libc::kill(pid as i32, libc::SIGTERM) } != 0 {
         return Err(std::io::Error::last_os_error());
@@ -423,7 +423,7 @@ fn nix_kill(pid: u32) -> std::io::Result<()> {
     Ok(())
 }
 
-fn free_port() -> Result<u16> {
+pub(crate) fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
@@ -616,11 +616,23 @@ pub fn hold_sockets(connections: usize) -> Result<()> {
 /// `connwatch daemon` without event logs, with `extra` flags, once it is ready; and the
 /// address of its metrics.
 fn ready_daemon(connwatch: &Path, extra: &[&str]) -> Result<(Child, String)> {
+    let mut args = vec!["--log-events", "false"];
+    args.extend_from_slice(extra);
+    ready(Command::new(connwatch), &args, Stdio::null())
+}
+
+/// `command` (connwatch, or a wrapper that runs it) with `daemon` and `extra`, its stdout
+/// to `stdout`, once it is ready; and the address of its metrics.
+pub(crate) fn ready(
+    mut command: Command,
+    extra: &[&str],
+    stdout: Stdio,
+) -> Result<(Child, String)> {
     let addr = format!("127.0.0.1:{}", free_port()?);
-    let mut daemon = Command::new(connwatch)
-        .args(["daemon", "--listen", &addr, "--log-events", "false"])
+    let mut daemon = command
+        .args(["daemon", "--listen", &addr])
         .args(extra)
-        .stdout(Stdio::null())
+        .stdout(stdout)
         .stderr(Stdio::null())
         .spawn()?;
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -839,7 +851,7 @@ fn profile(root: &Path, connwatch: &Path, scope: Scope, workload: Workload) -> R
     })
 }
 
-fn machine() -> String {
+pub(crate) fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .unwrap_or_default()
         .lines()
@@ -1155,7 +1167,7 @@ fn yes(met: bool) -> &'static str {
     if met { "yes" } else { "**no**" }
 }
 
-fn humantime_now() -> String {
+pub(crate) fn humantime_now() -> String {
     let out = Command::new("date")
         .args(["-u", "+%Y-%m-%d %H:%M UTC"])
         .output()

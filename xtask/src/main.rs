@@ -9,6 +9,7 @@
 //!   kernel 5.10, 6.1 or 6.12 on this machine's filesystem (see vm.rs).
 //! - `cargo xtask setup`: only install the prerequisites.
 mod bench;
+mod reliability;
 mod vm;
 
 use std::{
@@ -40,6 +41,9 @@ enum Task {
     },
     /// Measure connwatch's cost against no monitor and bpftrace; writes BENCHMARKS.md.
     Bench,
+    /// Measure the daemon under floods, a stdout nobody reads, the refresh off and idle
+    /// HTTP clients; writes RELIABILITY.md.
+    Reliability,
     /// Run a command as root in a QEMU guest booting one of Debian's kernels, in this
     /// workspace on this machine's filesystem: `cargo xtask vm-run 6.1 -- uname -r`.
     /// Exits with the command's exit status.
@@ -198,6 +202,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
             step("building connwatch (release)");
             check(cargo().args(["build", "--release", "--package", "monitor"]))?;
             bench::run(&root, root.join("target/release/connwatch"))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Task::Reliability => {
+            require_root("the daemon loads eBPF programs")?;
+            setup_build()?;
+            step("building connwatch (release)");
+            check(cargo().args(["build", "--release", "--package", "monitor"]))?;
+            reliability::run(&root, &root.join("target/release/connwatch"))?;
             Ok(ExitCode::SUCCESS)
         }
         Task::Test {
