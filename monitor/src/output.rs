@@ -164,7 +164,7 @@ impl Stream {
 /// stalled then loses the rest, and the process exits anyway.
 pub fn finish(within: Duration) {
     let deadline = Instant::now() + within;
-    for stream in [STDOUT.get(), STDERR.get()].into_iter().flatten().copied() {
+    for stream in [STDOUT.get(), STDERR.get()].into_iter().flatten() {
         stream.close(deadline);
     }
 }

@@ -109,6 +109,8 @@ pub const GUEST_TESTS: &[(&str, &[&str])] = &[
     ("zombie", &[]),
     // Pods' network namespaces: setns and sock_diag in each, /proc/<pid>/net without.
     ("namespaces", &[]),
+    // A stdout nobody reads and floods with the refresh off, at a guest's event rates.
+    ("wedge", &[]),
 ];
 /// Test threads in a guest: one per vCPU (both vCPUs share one host thread, see `run`).
 const GUEST_TEST_THREADS: &str = "2";
