@@ -38,35 +38,50 @@ impl Drop for Cgroup {
     }
 }
 
-#[test]
-fn idle_reset_names_cgroup_container_and_pod() {
-    let top = format!("connwatch-test-{}", std::process::id());
-    let relative = format!("/{top}/kubepods/burstable/pod{POD_UID}/{CONTAINER}");
+/// A cgroup shaped like a containerd pod's container (`qos` class, pod `uid`), removed on
+/// drop; and its path from the cgroup v2 root.
+fn pod_cgroup(qos: &str, uid: &str) -> (Cgroup, String) {
+    let top = format!("connwatch-test-{}-{qos}", std::process::id());
+    let relative = format!("/{top}/kubepods/{qos}/pod{uid}/{CONTAINER}");
     let dir = cgroup2_root().join(relative.trim_start_matches('/'));
     fs::create_dir_all(&dir).unwrap();
-    let _cgroup = Cgroup(dir.clone());
+    (Cgroup(dir), relative)
+}
+
+/// python3 running `script` with `port` as its argument, moved into `cgroup` first.
+fn python_in(cgroup: &Cgroup, script: &str, port: u16) -> Command {
+    let mut command = Command::new("sh");
+    command
+        .arg("-c")
+        .arg(format!(
+            "echo $$ > {}/cgroup.procs && exec python3 -c \"$0\" {port}",
+            cgroup.0.display()
+        ))
+        .arg(script);
+    command
+}
+
+#[test]
+fn idle_reset_names_cgroup_container_and_pod() {
+    let (cgroup, relative) = pod_cgroup("burstable", POD_UID);
     let pod_logs = std::env::temp_dir().join(format!("connwatch-pod-logs-{}", std::process::id()));
     fs::create_dir_all(pod_logs.join(format!("payments_api-7d9f8b6c5-x2x9z_{POD_UID}"))).unwrap();
 
     let (listener, server_port, watch) =
         watched_listener("127.0.0.1:0", &["--pod-logs", pod_logs.to_str().unwrap()]);
     // The client moves itself into the pod's cgroup, then becomes python.
-    let mut client = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "echo $$ > {}/cgroup.procs && exec python3 -c \"$0\" {server_port}",
-            dir.display()
-        ))
-        .arg(
-            "import socket, sys\n\
-             s = socket.create_connection(('127.0.0.1', int(sys.argv[1])))\n\
-             print('ready', flush=True)\n\
-             sys.stdin.read()\n",
-        )
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut client = python_in(
+        &cgroup,
+        "import socket, sys\n\
+         s = socket.create_connection(('127.0.0.1', int(sys.argv[1])))\n\
+         print('ready', flush=True)\n\
+         sys.stdin.read()\n",
+        server_port,
+    )
+    .stdin(Stdio::piped())
+    .stdout(Stdio::piped())
+    .spawn()
+    .unwrap();
     let (server, _) = listener.accept().unwrap();
     let mut ready = String::new();
     BufReader::new(client.stdout.take().unwrap())
@@ -133,11 +148,7 @@ fn lost_in(summary: &str) -> u64 {
 #[test]
 fn a_kubelet_that_never_answers_costs_no_events() {
     const UNNAMED_POD: &str = "0b5e7a9c-2d4f-4e6a-8b1c-3d5f7a9b1c2d";
-    let top = format!("connwatch-kubelet-{}", std::process::id());
-    let relative = format!("/{top}/kubepods/besteffort/pod{UNNAMED_POD}/{CONTAINER}");
-    let dir = cgroup2_root().join(relative.trim_start_matches('/'));
-    fs::create_dir_all(&dir).unwrap();
-    let _cgroup = Cgroup(dir.clone());
+    let (cgroup, _) = pod_cgroup("besteffort", UNNAMED_POD);
     // No log directory names the pod: the kubelet is asked.
     let pod_logs = std::env::temp_dir().join(format!("connwatch-no-pods-{}", std::process::id()));
     fs::create_dir_all(&pod_logs).unwrap();
@@ -172,14 +183,9 @@ fn a_kubelet_that_never_answers_costs_no_events() {
         let daemon = Watch::spawn(&args);
         let (listener, server_port) = listen("127.0.0.1:0");
         // The pod's process connects 4,000 times over about 8 s; each is reset.
-        let mut client = Command::new("sh")
-            .arg("-c")
-            .arg(format!(
-                "echo $$ > {}/cgroup.procs && exec python3 -c \"$0\" {server_port}",
-                dir.display()
-            ))
-            .arg(
-                "import socket, sys, time\n\
+        let mut client = python_in(
+            &cgroup,
+            "import socket, sys, time\n\
                  for i in range(4000):\n\
                  \x20   s = socket.create_connection(('127.0.0.1', int(sys.argv[1])))\n\
                  \x20   try:\n\
@@ -189,9 +195,10 @@ fn a_kubelet_that_never_answers_costs_no_events() {
                  \x20   s.close()\n\
                  \x20   if i % 50 == 0:\n\
                  \x20       time.sleep(0.1)\n",
-            )
-            .spawn()
-            .unwrap();
+            server_port,
+        )
+        .spawn()
+        .unwrap();
         let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let server = {
             let done = done.clone();
