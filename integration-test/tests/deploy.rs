@@ -127,3 +127,20 @@ fn daemonset_matches_what_connwatch_needs() {
     }
     assert!(!daemonset.contains("privileged: true"));
 }
+
+/// /metrics has no authentication: under hostNetwork, 0.0.0.0 would serve it on every
+/// address of the node. Both manifests bind the node's IP, from the downward API.
+#[test]
+fn manifests_serve_metrics_on_the_node_ip_only() {
+    for manifest in ["deploy/connwatch.yaml", "deploy/privileged.yaml"] {
+        let text = fs::read_to_string(root().join(manifest)).unwrap();
+        assert!(
+            text.contains("--listen=$(HOST_IP):9964") && text.contains("fieldPath: status.hostIP"),
+            "{manifest} does not bind the node IP"
+        );
+        assert!(
+            !text.contains("0.0.0.0"),
+            "{manifest} listens on every address"
+        );
+    }
+}
