@@ -151,6 +151,57 @@ fn close_wait_that_lingers() {
     assert_eq!(count(&events, "close_wait_lingering", tidy_port), 0);
 }
 
+/// Leaks from before connwatch started: no event told of their FIN, the socket list does.
+/// Reported once listed for the threshold, with an age that is a lower bound.
+#[test]
+fn close_wait_from_before_the_start_is_reported() {
+    let (listener, server_port) = listen("127.0.0.1:0");
+    let leaked: Vec<Pair> = (0..3)
+        .map(|_| Pair::connect(&listener, "cw-old-leak"))
+        .collect();
+    let tidy = Pair::connect(&listener, "cw-old-tidy");
+    let tidy_port = tidy.client_port();
+    let ports: Vec<u16> = leaked.iter().map(Pair::client_port).collect();
+    // The server closes each; the clients never do (but the tidy one).
+    let leaked: Vec<TcpStream> = leaked
+        .into_iter()
+        .map(|pair| {
+            drop(pair.server);
+            pair.client
+        })
+        .collect();
+    drop(tidy.server);
+    thread::sleep(Duration::from_millis(200));
+    let port = server_port.to_string();
+    let watch = Watch::start(&[
+        "--port",
+        &port,
+        "--close-wait-threshold",
+        "1s",
+        "--refresh",
+        "500ms",
+    ]);
+    // The tidy client closes after connwatch started: its end is an event, not a leak.
+    drop(tidy.client);
+    watch.wait_for("close_wait_lingering for the three old leaks", |events| {
+        ports
+            .iter()
+            .all(|&p| count(events, "close_wait_lingering", p) == 1)
+    });
+    thread::sleep(Duration::from_millis(1500)); // more refreshes: no second report
+    let events = watch.stop().events;
+    for &p in &ports {
+        let lingering = of_kind(&events, "close_wait_lingering", p);
+        assert_eq!(lingering.len(), 1, "once per socket: {events:#?}");
+        assert_eq!(lingering[0]["pid"], std::process::id());
+        assert_eq!(lingering[0]["state"], "CLOSE_WAIT");
+        assert_eq!(lingering[0]["age_at_least"], true, "{:?}", lingering[0]);
+        assert!(ms(lingering[0], "age_ms") >= 1000, "{:?}", lingering[0]);
+    }
+    assert_eq!(count(&events, "close_wait_lingering", tidy_port), 0);
+    drop(leaked);
+}
+
 #[test]
 fn busy_healthy_connection_is_quiet() {
     let (listener, _, watch) = watched_listener("127.0.0.1:0", &["--all"]);

@@ -154,6 +154,17 @@ impl Pipeline {
             finding.age_ms = Some(zombie.age_ms);
             self.findings.push(finding);
         }
+        for (socket, listed_ms) in self
+            .detectors
+            .listed_close_wait(&snapshot.sockets, mono_now_ns)
+        {
+            let owner = owner_of(socket.inode);
+            let event = snapshot_event(socket, owner.clone(), mono_now_ns, None);
+            let mut finding = Finding::new(Kind::CloseWaitLingering, &event, owner.as_ref());
+            finding.age_ms = Some(listed_ms);
+            finding.age_at_least = true;
+            self.findings.push(finding);
+        }
         self.pools.connects(&snapshot.connects, mono_now_ns);
         self.pools.refresh(
             &snapshot.sockets,

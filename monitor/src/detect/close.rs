@@ -7,10 +7,18 @@ use std::time::Duration;
 
 use super::{Finding, Kind};
 use crate::{
-    FastMap,
+    FastMap, FastSet,
     events::{Event, Hook, Task, TcpState},
-    sockets::make_room,
+    sockets::{diag::DiagSocket, make_room},
 };
+
+/// A CLOSE_WAIT socket known only from the socket list: it entered the state before
+/// connwatch started (or while its event was lost), so its age counts from the first
+/// listing and is a lower bound.
+struct Listed {
+    first_listed_ns: u64,
+    reported: bool,
+}
 
 struct Waiting {
     entered: Event,
@@ -23,6 +31,8 @@ pub struct CloseDetector {
     close_wait_threshold_ns: u64,
     /// Sockets now in CLOSE_WAIT, by kernel address.
     waiting: FastMap<u64, Waiting>,
+    /// Sockets in CLOSE_WAIT in the last socket list that no event told of, by cookie.
+    listed: FastMap<u64, Listed>,
     max: usize,
     /// CLOSE_WAIT sockets forgotten to stay within `max` (reported ones first).
     pub evictions: u64,
@@ -38,6 +48,7 @@ impl CloseDetector {
             idle_threshold_ms: idle_threshold.as_millis() as u64,
             close_wait_threshold_ns: close_wait_threshold.as_nanos() as u64,
             waiting: FastMap::default(),
+            listed: FastMap::default(),
             max,
             evictions: 0,
         }
@@ -66,6 +77,46 @@ impl CloseDetector {
         let idle = event.idle_ms()?;
         (event.old_state == TcpState::ESTABLISHED && idle >= self.idle_threshold_ms)
             .then_some(Kind::PeerCloseIdle)
+    }
+
+    /// Folds in a socket list: CLOSE_WAIT sockets no event told of are followed from their
+    /// first listing. Returns, once each, those listed for the threshold by now, with
+    /// that time (their age in CLOSE_WAIT is at least that).
+    pub fn listed<'a>(
+        &mut self,
+        sockets: &'a [DiagSocket],
+        mono_now_ns: u64,
+    ) -> Vec<(&'a DiagSocket, u64)> {
+        let from_events: FastSet<u64> = self.waiting.values().map(|w| w.entered.cookie).collect();
+        let mut still = FastMap::default();
+        let mut due = Vec::new();
+        for socket in sockets {
+            // Without a cookie a socket cannot be followed from one list to the next; one
+            // an event told of is timed by it.
+            if socket.state != TcpState::CLOSE_WAIT
+                || socket.cookie == 0
+                || from_events.contains(&socket.cookie)
+            {
+                continue;
+            }
+            if still.len() >= self.max {
+                self.evictions += 1;
+                continue;
+            }
+            let mut listed = self.listed.remove(&socket.cookie).unwrap_or(Listed {
+                first_listed_ns: mono_now_ns,
+                reported: false,
+            });
+            let age_ns = mono_now_ns.saturating_sub(listed.first_listed_ns);
+            if !listed.reported && age_ns >= self.close_wait_threshold_ns {
+                listed.reported = true;
+                due.push((socket, age_ns / 1_000_000));
+            }
+            still.insert(socket.cookie, listed);
+        }
+        // Those no longer listed in CLOSE_WAIT were closed (or left the state).
+        self.listed = still;
+        due
     }
 
     /// Reports, once each, sockets in CLOSE_WAIT longer than the threshold.
@@ -136,6 +187,58 @@ mod tests {
         assert_eq!(findings[0].mono_ns, 31 * s);
         close.tick(60 * s, &mut findings);
         assert_eq!(findings.len(), 1, "once per socket");
+    }
+
+    fn listed(cookie: u64, state: u8) -> DiagSocket {
+        DiagSocket {
+            local: "10.0.0.1:40000".parse().unwrap(),
+            remote: "10.0.0.9:5432".parse().unwrap(),
+            state: TcpState(state),
+            inode: cookie,
+            cookie,
+            netns: 0,
+            recv_queue: 0,
+            last_io: None,
+            activity: None,
+        }
+    }
+
+    #[test]
+    fn close_wait_from_before_the_start_is_reported_once_from_its_first_listing() {
+        let mut close = detector();
+        let s = 1_000_000_000u64;
+        let mut list = vec![
+            listed(7, tcp_state::CLOSE_WAIT),
+            listed(8, tcp_state::ESTABLISHED),
+            listed(0, tcp_state::CLOSE_WAIT),
+        ];
+        assert!(close.listed(&list, 100 * s).is_empty(), "first listing");
+        assert!(
+            close.listed(&list, 129 * s).is_empty(),
+            "29 s is below the threshold"
+        );
+        let due = close.listed(&list, 131 * s);
+        assert_eq!(
+            due.iter()
+                .map(|(s, age)| (s.cookie, *age))
+                .collect::<Vec<_>>(),
+            [(7, 31_000)]
+        );
+        assert!(close.listed(&list, 200 * s).is_empty(), "once per socket");
+        // Closed, then a new socket with another cookie: counted from its own listing.
+        list[0] = listed(9, tcp_state::CLOSE_WAIT);
+        assert!(close.listed(&list, 201 * s).is_empty());
+        assert_eq!(close.listed(&list, 231 * s).len(), 1);
+        // One an event told of is timed by the event, not listed twice.
+        let mut raw = raw_reset(0);
+        raw.hook = hook::STATE_CHANGE;
+        raw.old_state = tcp_state::ESTABLISHED;
+        raw.new_state = tcp_state::CLOSE_WAIT;
+        raw.cookie = 10;
+        close.observe(&from_raw(&raw).unwrap(), None);
+        list.push(listed(10, tcp_state::CLOSE_WAIT));
+        close.listed(&list, 300 * s);
+        assert!(close.listed(&list, 400 * s).is_empty());
     }
 
     #[test]

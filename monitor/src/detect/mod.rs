@@ -81,6 +81,9 @@ pub struct Finding {
     /// For `close_wait_lingering`: how long the socket has been in CLOSE_WAIT; for
     /// `pool_recovered`: how long the pool was exhausted.
     pub age_ms: Option<u64>,
+    /// `age_ms` counts from when connwatch first listed the socket, not from when it
+    /// entered the state (which no event told): the true age is longer.
+    pub age_at_least: bool,
     /// For `request_stalled`: how long the request has waited for an answer; for
     /// `pool_exhausted`: the oldest stalled request's wait.
     pub stalled_ms: Option<u64>,
@@ -102,6 +105,7 @@ impl Finding {
             owner: owner.cloned(),
             mono_ns: event.mono_ns,
             age_ms: None,
+            age_at_least: false,
             stalled_ms: None,
             connections: None,
             siblings: None,
@@ -170,6 +174,16 @@ impl Detectors {
     /// Entries dropped from bounded tables.
     pub fn evictions(&self) -> u64 {
         self.close.evictions
+    }
+
+    /// CLOSE_WAIT sockets of a socket list that no event told of, due for a report: each
+    /// with how long it has been listed in the state.
+    pub fn listed_close_wait<'a>(
+        &mut self,
+        sockets: &'a [crate::sockets::diag::DiagSocket],
+        mono_now_ns: u64,
+    ) -> Vec<(&'a crate::sockets::diag::DiagSocket, u64)> {
+        self.close.listed(sockets, mono_now_ns)
     }
 
     /// Findings that come from time passing rather than from an event.

@@ -92,7 +92,12 @@ fn detail(report: &Report) -> String {
     }
     match (report.age_ms, report.stalled_ms) {
         (Some(age), _) => format!(
-            "in CLOSE_WAIT for {}: the application never closed it",
+            "in CLOSE_WAIT for {}{}: the application never closed it",
+            if report.age_at_least == Some(true) {
+                "at least "
+            } else {
+                ""
+            },
             format_ms(age)
         ),
         (_, Some(stalled)) if report.kind == Kind::RequestStalled.as_str() => format!(

@@ -93,6 +93,10 @@ pub struct Report {
     /// (its age, at least).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub age_ms: Option<u64>,
+    /// close_wait_lingering of a socket in CLOSE_WAIT before connwatch saw it enter the
+    /// state (listed by sock_diag): `age_ms` counts from the first listing, a lower bound.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub age_at_least: Option<bool>,
     /// request_stalled: time since the request was sent with no answer; pool_exhausted: the
     /// oldest stalled request's; a reset or FIN: the request it cut short, if one waited.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -161,6 +165,7 @@ impl Report {
             since_reset_ms: since(PeerEnd::Reset),
             since_close_ms: since(PeerEnd::Fin),
             age_ms: finding.age_ms,
+            age_at_least: finding.age_at_least.then_some(true),
             // A reset or FIN that ended a waiting request carries the wait too.
             stalled_ms: finding.stalled_ms.or(event.waiting_ms.map(u64::from)),
             connections: finding.connections,
@@ -215,6 +220,7 @@ mod tests {
             owner,
             mono_ns: 1_000,
             age_ms: None,
+            age_at_least: false,
             stalled_ms: None,
             connections: None,
             siblings: None,
