@@ -81,6 +81,11 @@ pub fn outstanding_for(socket: &DiagSocket, mono_now_ns: u64) -> Option<u64> {
     if socket.state != TcpState(monitor_common::tcp_state::ESTABLISHED) || activity.unacked != 0 {
         return None;
     }
+    // No request without data sent: the handshake alone acknowledges one byte (the SYN), and
+    // a connection that never sent has tcp_info stamps a tick apart from its connect.
+    if activity.bytes_acked <= 1 {
+        return None;
+    }
     match socket.last_io {
         // The application's last call was a send, and no answer waits unread.
         Some(last) => (last.op == IoOp::Send && socket.recv_queue == 0)
@@ -120,9 +125,20 @@ mod tests {
                 unacked,
                 retransmits: 0,
                 bytes_received: 0,
-                bytes_acked: 0,
+                bytes_acked: 100,
             }),
         }
+    }
+
+    #[test]
+    fn a_connection_that_never_sent_has_no_request() {
+        // Connected, nothing sent: tcp_info's send stamp is the connect's, a tick before
+        // the receive stamp, which looked like a request sent and never answered.
+        let mut idle = socket(1, 11_800, 11_804, 0);
+        idle.activity.as_mut().unwrap().bytes_acked = 1;
+        assert_eq!(outstanding_for(&idle, 100 * SECOND), None);
+        idle.activity.as_mut().unwrap().bytes_acked = 9;
+        assert_eq!(outstanding_for(&idle, 100 * SECOND), Some(11_800));
     }
 
     #[test]
