@@ -139,7 +139,7 @@ fn manifests_serve_metrics_on_the_node_ip_only() {
             "{manifest} does not bind the node IP"
         );
         assert!(
-            !text.contains("0.0.0.0"),
+            !text.contains("--listen=0.0.0.0"),
             "{manifest} listens on every address"
         );
     }
