@@ -464,3 +464,33 @@ fn proxy_blackholes_idle_connections() {
     assert_eq!(stalled[0]["pid"], std::process::id());
     assert_eq!(port(&stalled[0]["remote"]), proxy.port);
 }
+
+/// `--ignore-port`: a long poll waits for its answer by design. Its port is not judged for
+/// stalls; beside it, a stuck request on another port still is.
+#[test]
+fn an_ignored_port_is_not_stalled() {
+    let (long_poll, long_poll_port) = listen("127.0.0.1:0");
+    let (database, database_port) = listen("127.0.0.1:0");
+    let ignored = long_poll_port.to_string();
+    let watch = Watch::start(&[&["--ignore-port", &ignored][..], &STALL_WATCH].concat());
+    let mut waiting = Pair::connect(&long_poll, "cw-long-poll");
+    let mut stuck = Pair::connect(&database, "cw-stuck");
+    thread::sleep(Duration::from_millis(100));
+    waiting.client.write_all(b"GET /events").unwrap();
+    stuck.client.write_all(b"SELECT").unwrap();
+    let (waiting_port, stuck_port) = (waiting.client_port(), stuck.client_port());
+    watch.wait_for("request_stalled for the database request", |events| {
+        count(events, "request_stalled", stuck_port) == 1
+    });
+    thread::sleep(Duration::from_millis(2500)); // more refreshes, past the threshold
+    let events = watch.stop().events;
+    assert_eq!(
+        count(&events, "request_stalled", waiting_port),
+        0,
+        "{events:#?}"
+    );
+    assert_eq!(
+        database_port,
+        port(&of_kind(&events, "request_stalled", stuck_port)[0]["remote"])
+    );
+}

@@ -19,6 +19,12 @@ pub struct PipelineArgs {
     #[arg(long, value_name = "DURATION", default_value = "30s", env = "CONNWATCH_ZOMBIE_THRESHOLD",
           value_parser = parse_zombie_threshold)]
     pub zombie_threshold: Duration,
+    /// Ports of long polls, streams and other connections that wait quietly by design: no
+    /// `request_stalled`, `pool_exhausted` or `zombie_connection` on a socket with this
+    /// local or remote port (repeatable or comma-separated; at most 64).
+    #[arg(long, value_name = "PORT", value_delimiter = ',', env = "CONNWATCH_IGNORE_PORTS",
+          value_parser = clap::value_parser!(u16).range(1..))]
+    pub ignore_port: Vec<u16>,
     /// How often to re-read the kernel's socket list (sock_diag): pools, stalls, and what
     /// events alone miss.
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_refresh)]
@@ -76,9 +82,13 @@ impl PipelineArgs {
             max_sockets: self.max_tracked_sockets as usize,
             rst_reasons: Default::default(),
             state_changes,
+            quiet_ports: self.ignore_port.clone(),
         }
     }
 }
+
+/// At most this many `--ignore-port`s: each socket of each refresh is checked against them.
+pub const MAX_IGNORED_PORTS: usize = 64;
 
 /// Bounds of `--max-tracked-sockets`, and the kernel memory each tracked socket costs (the
 /// owner and peer-end maps' entries, measured with `bpftool map show`).

@@ -82,6 +82,14 @@ impl Engine {
     ) -> Result<Engine> {
         crate::sockets::process::check_proc_root(&pipeline.host_proc)
             .map_err(anyhow::Error::msg)?;
+        if pipeline.ignore_port.len() > crate::args::MAX_IGNORED_PORTS {
+            anyhow::bail!(
+                "{} ports given to --ignore-port, more than {}: ignore the few ports of long \
+                 polls and streams, not ranges",
+                pipeline.ignore_port.len(),
+                crate::args::MAX_IGNORED_PORTS
+            );
+        }
         let settings = Settings {
             eof_grace_ns: pipeline.idle_threshold.as_nanos() as u64,
             wakeup_bytes: u64::from(probe_options.ring_buffer_size / 16),

@@ -47,6 +47,8 @@ pub struct Pipeline {
     exhaustion: ExhaustionDetector,
     zombies: ZombieDetector,
     idle_threshold_ms: u64,
+    /// `--ignore-port`: left out of the stall and zombie detectors.
+    quiet_ports: Vec<u16>,
     /// Sockets by state in the last snapshot.
     snapshot_states: HashMap<TcpState, usize>,
     last_refresh: RefreshStats,
@@ -68,6 +70,7 @@ impl Pipeline {
                 config.max_sockets,
             ),
             idle_threshold_ms: config.idle_threshold.as_millis() as u64,
+            quiet_ports: config.quiet_ports.clone(),
             snapshot_states: HashMap::new(),
             last_refresh: RefreshStats::default(),
             findings: Vec::new(),
@@ -133,9 +136,26 @@ impl Pipeline {
             .set_listeners(crate::sockets::pools::Listeners::from_snapshot(
                 &snapshot.sockets,
             ));
+        // Long polls and streams wait by design: not judged for stalls or zombies.
+        let judged: std::borrow::Cow<'_, [DiagSocket]> = if self.quiet_ports.is_empty() {
+            std::borrow::Cow::Borrowed(&snapshot.sockets)
+        } else {
+            let quiet = |s: &&DiagSocket| {
+                self.quiet_ports.contains(&s.local.port())
+                    || self.quiet_ports.contains(&s.remote.port())
+            };
+            std::borrow::Cow::Owned(
+                snapshot
+                    .sockets
+                    .iter()
+                    .filter(|s| !quiet(s))
+                    .cloned()
+                    .collect(),
+            )
+        };
         for (socket, stalled_ms) in
             self.stalls
-                .refresh(&snapshot.sockets, self.pools.listeners(), mono_now_ns)
+                .refresh(&judged, self.pools.listeners(), mono_now_ns)
         {
             let owner = owner_of(socket.inode);
             let event = snapshot_event(socket, owner.clone(), mono_now_ns, Some(stalled_ms));
@@ -145,7 +165,7 @@ impl Pipeline {
         }
         for zombie in self
             .zombies
-            .refresh(&snapshot.sockets, self.pools.listeners(), mono_now_ns)
+            .refresh(&judged, self.pools.listeners(), mono_now_ns)
         {
             let owner = owner_of(zombie.socket.inode);
             let event = snapshot_event(zombie.socket, owner.clone(), mono_now_ns, None);
@@ -232,6 +252,7 @@ impl Pipeline {
             zombie_threshold: std::time::Duration::from_secs(30),
             max_sockets: 64,
             rst_reasons: Default::default(),
+            quiet_ports: Vec::new(),
             state_changes: false,
         };
         let processes = crate::sockets::process::ProcIndex::new("/nonexistent".into());

@@ -195,6 +195,7 @@ pub async fn run(args: SelftestArgs) -> Result<()> {
         host_root: PathBuf::from("/"),
         pod_logs: None,
         kubelet_url: None,
+        ignore_port: Vec::new(),
         max_tracked_sockets: 4096,
     };
     let mut engine = Engine::start(&args.probes, &pipeline, false)?;

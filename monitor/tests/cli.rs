@@ -63,6 +63,19 @@ fn bad_flag_values_are_named() {
             &["daemon", "--stall-threshold", "3days"],
             "3days is above the limit of 1 day: use a little more than your slowest",
         ),
+        (&["top", "--refresh", "10ms"], "10ms is outside 100ms..1h"),
+        (
+            &["watch", "--idle-threshold", "2days"],
+            "2days is above the limit of 1 day",
+        ),
+        (
+            &["daemon", "--close-wait-threshold", "0s"],
+            "must be greater than zero: use the time after which a socket still in CLOSE_WAIT",
+        ),
+        (
+            &["watch", "--ignore-port", "0"],
+            "invalid value '0' for '--ignore-port <PORT>'",
+        ),
         (&["watch", "--bogus"], "unexpected argument '--bogus'"),
     ] {
         let outcome = connwatch(args);
@@ -73,6 +86,14 @@ fn bad_flag_values_are_named() {
             "{args:?}: {first:?} lacks {expected:?}"
         );
     }
+}
+
+/// Checked before anything is loaded, so an ordinary user meets it too.
+#[test]
+fn too_many_ignored_ports_are_refused() {
+    let ports: Vec<String> = (1..=65).map(|p| p.to_string()).collect();
+    let outcome = connwatch(&["watch", "--ignore-port", &ports.join(",")]);
+    outcome.assert_one_line_error("65 ports given to --ignore-port, more than 64");
 }
 
 #[test]

@@ -127,6 +127,8 @@ pub struct DetectConfig {
     pub rst_reasons: HashMap<u32, String>,
     /// Also report every state change.
     pub state_changes: bool,
+    /// `--ignore-port`: sockets on these ports wait by design (long polls, streams).
+    pub quiet_ports: Vec<u16>,
 }
 
 pub struct Detectors {
