@@ -151,6 +151,44 @@ fn close_wait_that_lingers() {
     assert_eq!(count(&events, "close_wait_lingering", tidy_port), 0);
 }
 
+/// The core distinction: after a peer's FIN of an idle connection, a healthy client (here a
+/// thread blocked reading it, as a keep-alive client's event loop is) closes its end at
+/// once: counted, not reported. A pool that holds the dead socket past the grace is
+/// flagged, before its next write.
+#[test]
+fn a_fin_handled_at_once_is_healthy_and_one_held_is_flagged() {
+    let (listener, _, watch) = watched_listener("127.0.0.1:0", &[]);
+    let healthy = Pair::connect(&listener, "cw-keepalive");
+    let stale = Pair::connect(&listener, "cw-stale-pool");
+    let (healthy_port, stale_port) = (healthy.client_port(), stale.client_port());
+    let mut reader = healthy.client;
+    let keepalive = thread::spawn(move || {
+        let mut rest = Vec::new();
+        reader.read_to_end(&mut rest).unwrap(); // EOF at the FIN...
+        drop(reader); // ...and closed at once
+    });
+    thread::sleep(Duration::from_millis(1500)); // both idle past the threshold
+    drop(healthy.server);
+    drop(stale.server);
+    keepalive.join().unwrap();
+    watch.wait_for("peer_close_idle for the stale pool", |events| {
+        count(events, "peer_close_idle", stale_port) == 1
+    });
+    sync_with_sentinel(&listener, &watch);
+    let events = watch.stop().events;
+    assert_eq!(
+        count(&events, "peer_close_idle", healthy_port),
+        0,
+        "{events:#?}"
+    );
+    assert_eq!(
+        count(&events, "write_after_close", healthy_port),
+        0,
+        "{events:#?}"
+    );
+    drop(stale.client);
+}
+
 /// Leaks from before connwatch started: no event told of their FIN, the socket list does.
 /// Reported once listed for the threshold, with an age that is a lower bound.
 #[test]

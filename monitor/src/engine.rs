@@ -167,7 +167,16 @@ impl Engine {
                     }
                     flow
                 }
-                _ = poll.tick() => drain(self.ring.get_mut(), &mut self.pipeline, &mut self.resolver, consumer, &mut self.warned_undecodable)?.0,
+                _ = poll.tick() => {
+                    let (flow, _) = drain(self.ring.get_mut(), &mut self.pipeline, &mut self.resolver, consumer, &mut self.warned_undecodable)?;
+                    match flow {
+                        Flow::Stop => Flow::Stop,
+                        Flow::Continue => {
+                            let now = self.clock.mono_now_ns();
+                            deliver(self.pipeline.due(now), &mut self.resolver, consumer)?
+                        }
+                    }
+                }
                 Some(finding) = self.resolver.next() => consumer.finding(&finding)?,
                 _ = upkeep.tick() => self.upkeep(consumer)?,
                 Some(snapshot) = self.snapshots.recv() => self.apply(snapshot, consumer)?,

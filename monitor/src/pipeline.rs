@@ -110,6 +110,18 @@ impl Pipeline {
         &self.findings
     }
 
+    /// Findings whose grace has ended (cheap when none waits): called at every poll.
+    pub fn due(&mut self, mono_now_ns: u64) -> &[Finding] {
+        self.findings.clear();
+        self.detectors.due(mono_now_ns, &mut self.findings);
+        &self.findings
+    }
+
+    /// Idle FINs the application closed within the grace.
+    pub fn fins_handled(&self) -> u64 {
+        self.detectors.fins_handled()
+    }
+
     /// Periodic upkeep: findings that come from time passing; forget old closed sockets.
     pub fn tick(&mut self, mono_now_ns: u64) -> &[Finding] {
         self.table.expire(mono_now_ns);

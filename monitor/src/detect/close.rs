@@ -1,9 +1,11 @@
 //! The peer's FIN, and what the application does (or fails to do) after it.
 //!
-//! `peer_close_idle`: a proxy or server closed a connection the pool had left idle; the
-//! next query will read EOF. `close_wait_lingering`: the application never closed its end
+//! `peer_close_idle`: a proxy or server closed a connection the pool had left idle, and the
+//! application still holds it [`HANDLED_GRACE`] later (or writes into it sooner); the next
+//! query will read EOF. A client that closes its end within the grace handled the FIN: it
+//! is counted, not reported. `close_wait_lingering`: the application never closed its end
 //! after the peer's FIN, the leak that piles up CLOSE_WAIT behind proxies.
-use std::time::Duration;
+use std::{collections::VecDeque, time::Duration};
 
 use super::{Finding, Kind};
 use crate::{
@@ -20,6 +22,20 @@ struct Listed {
     reported: bool,
 }
 
+/// How long the application has, after a peer's FIN of an idle connection, to close its end
+/// before the FIN is a finding. A healthy client closes within milliseconds (its event loop
+/// reads the EOF at once; a pool that checks its connections drops them); a stale pool holds
+/// the socket until its next checkout, seconds or minutes later. 200 ms is two orders above
+/// a loaded node's scheduling delay and below any pool's checkout interval, and keeps the
+/// finding ahead of the application's next write.
+pub const HANDLED_GRACE: Duration = Duration::from_millis(200);
+
+/// A `peer_close_idle` waiting out [`HANDLED_GRACE`].
+struct PendingFin {
+    finding: Finding,
+    due_ns: u64,
+}
+
 struct Waiting {
     entered: Event,
     owner: Option<Task>,
@@ -33,6 +49,11 @@ pub struct CloseDetector {
     waiting: FastMap<u64, Waiting>,
     /// Sockets in CLOSE_WAIT in the last socket list that no event told of, by cookie.
     listed: FastMap<u64, Listed>,
+    /// Idle FINs within their grace, by kernel address, and the order they fall due in.
+    pending: FastMap<u64, PendingFin>,
+    due: VecDeque<(u64, u64)>,
+    /// Idle FINs the application handled within the grace: healthy, counted only.
+    pub handled: u64,
     max: usize,
     /// CLOSE_WAIT sockets forgotten to stay within `max` (reported ones first).
     pub evictions: u64,
@@ -49,34 +70,79 @@ impl CloseDetector {
             close_wait_threshold_ns: close_wait_threshold.as_nanos() as u64,
             waiting: FastMap::default(),
             listed: FastMap::default(),
+            pending: FastMap::default(),
+            due: VecDeque::new(),
+            handled: 0,
             max,
             evictions: 0,
         }
     }
 
-    /// Tracks CLOSE_WAIT entries and exits; flags an idle socket's FIN.
-    pub fn observe(&mut self, event: &Event, owner: Option<&Task>) -> Option<Kind> {
-        if event.hook != Hook::StateChange {
-            return None;
+    /// Tracks CLOSE_WAIT entries and exits. An idle socket's FIN waits out the grace; the
+    /// application's first call into the socket confirms it at once (pushed to `findings`
+    /// before that call's own finding), its close within the grace makes it handled.
+    pub fn observe(&mut self, event: &Event, owner: Option<&Task>, findings: &mut Vec<Finding>) {
+        let skaddr = event.socket.skaddr;
+        match event.hook {
+            Hook::IoAfterPeerEnd => {
+                if let Some(pending) = self.pending.remove(&skaddr) {
+                    findings.push(pending.finding);
+                }
+                return;
+            }
+            Hook::StateChange => {}
+            _ => return,
         }
         if event.new_state != TcpState::CLOSE_WAIT {
-            self.waiting.remove(&event.socket.skaddr);
-            return None;
+            if event.old_state == TcpState::CLOSE_WAIT && self.pending.remove(&skaddr).is_some() {
+                self.handled += 1;
+            }
+            self.waiting.remove(&skaddr);
+            return;
         }
-        if !self.waiting.contains_key(&event.socket.skaddr) {
+        if !self.waiting.contains_key(&skaddr) {
             self.evictions += make_room(&mut self.waiting, self.max, |w| w.reported);
         }
         self.waiting.insert(
-            event.socket.skaddr,
+            skaddr,
             Waiting {
                 entered: event.clone(),
                 owner: owner.cloned(),
                 reported: false,
             },
         );
-        let idle = event.idle_ms()?;
-        (event.old_state == TcpState::ESTABLISHED && idle >= self.idle_threshold_ms)
-            .then_some(Kind::PeerCloseIdle)
+        let idle = event.idle_ms().unwrap_or(0);
+        if event.old_state != TcpState::ESTABLISHED || idle < self.idle_threshold_ms {
+            return;
+        }
+        let finding = Finding::new(Kind::PeerCloseIdle, event, owner);
+        if self.pending.len() >= self.max {
+            // No room to wait: reported at once, as before the grace existed.
+            findings.push(finding);
+            return;
+        }
+        let due_ns = event.mono_ns + HANDLED_GRACE.as_nanos() as u64;
+        self.due.push_back((due_ns, skaddr));
+        self.pending.insert(skaddr, PendingFin { finding, due_ns });
+    }
+
+    /// Idle FINs whose grace ended with the socket still held: findings now.
+    pub fn due(&mut self, mono_now_ns: u64, findings: &mut Vec<Finding>) {
+        while let Some(&(due_ns, skaddr)) = self.due.front() {
+            if due_ns > mono_now_ns {
+                break;
+            }
+            self.due.pop_front();
+            // Handled, confirmed, or replaced by a later FIN of a reused address: skipped.
+            if self
+                .pending
+                .get(&skaddr)
+                .is_some_and(|p| p.due_ns == due_ns)
+                && let Some(pending) = self.pending.remove(&skaddr)
+            {
+                findings.push(pending.finding);
+            }
+        }
     }
 
     /// Folds in a socket list: CLOSE_WAIT sockets no event told of are followed from their
@@ -158,15 +224,66 @@ mod tests {
         CloseDetector::new(Duration::from_secs(1), Duration::from_secs(30), 1000)
     }
 
+    /// The address of the socket `transition` makes (raw_reset's).
+    fn fin_at(idle_ms: u32, at_ns: u64) -> Event {
+        transition(
+            tcp_state::ESTABLISHED,
+            tcp_state::CLOSE_WAIT,
+            idle_ms,
+            at_ns,
+        )
+    }
+
     #[test]
-    fn idle_fin_is_flagged() {
+    fn an_idle_fin_still_held_after_the_grace_is_flagged() {
         let mut close = detector();
-        let fin = transition(tcp_state::ESTABLISHED, tcp_state::CLOSE_WAIT, 1500, 0);
-        assert_eq!(close.observe(&fin, None), Some(Kind::PeerCloseIdle));
-        let busy = transition(tcp_state::ESTABLISHED, tcp_state::CLOSE_WAIT, 10, 0);
-        assert_eq!(close.observe(&busy, None), None);
+        let mut findings = Vec::new();
+        close.observe(&fin_at(1500, 0), None, &mut findings);
+        assert!(findings.is_empty(), "within the grace");
+        close.due(HANDLED_GRACE.as_nanos() as u64 - 1, &mut findings);
+        assert!(findings.is_empty());
+        close.due(HANDLED_GRACE.as_nanos() as u64, &mut findings);
+        assert_eq!(findings.len(), 1);
+        assert_eq!(findings[0].kind, Kind::PeerCloseIdle);
+        assert_eq!(findings[0].mono_ns, 0, "dated by the FIN");
+        close.due(u64::MAX, &mut findings);
+        assert_eq!(findings.len(), 1, "once");
+        // A busy socket's FIN, or another transition: never.
+        close.observe(&fin_at(10, 0), None, &mut findings);
         let other = transition(tcp_state::FIN_WAIT1, tcp_state::CLOSING, 5000, 0);
-        assert_eq!(close.observe(&other, None), None);
+        close.observe(&other, None, &mut findings);
+        close.due(u64::MAX, &mut findings);
+        assert_eq!(findings.len(), 1);
+        assert_eq!(close.handled, 0);
+    }
+
+    #[test]
+    fn an_idle_fin_closed_within_the_grace_is_handled_not_flagged() {
+        let mut close = detector();
+        let mut findings = Vec::new();
+        close.observe(&fin_at(1500, 0), None, &mut findings);
+        let closed = transition(tcp_state::CLOSE_WAIT, tcp_state::LAST_ACK, 0, 3_000_000);
+        close.observe(&closed, None, &mut findings);
+        close.due(u64::MAX, &mut findings);
+        assert!(findings.is_empty(), "{findings:?}");
+        assert_eq!(close.handled, 1);
+    }
+
+    #[test]
+    fn a_write_within_the_grace_confirms_the_fin_at_once() {
+        let mut close = detector();
+        let mut findings = Vec::new();
+        close.observe(&fin_at(1500, 0), None, &mut findings);
+        let mut raw = crate::events::tests::raw_send_after_reset();
+        raw.peer_end = monitor_common::peer_end::FIN;
+        raw.skaddr = fin_at(0, 0).socket.skaddr;
+        close.observe(&from_raw(&raw).unwrap(), None, &mut findings);
+        assert_eq!(
+            findings.iter().map(|f| f.kind).collect::<Vec<_>>(),
+            [Kind::PeerCloseIdle]
+        );
+        close.due(u64::MAX, &mut findings);
+        assert_eq!(findings.len(), 1, "not again at the deadline");
     }
 
     #[test]
@@ -176,6 +293,7 @@ mod tests {
         close.observe(
             &transition(tcp_state::ESTABLISHED, tcp_state::CLOSE_WAIT, 0, s),
             None,
+            &mut Vec::new(),
         );
         let mut findings = Vec::new();
         close.tick(30 * s, &mut findings);
@@ -235,7 +353,7 @@ mod tests {
         raw.old_state = tcp_state::ESTABLISHED;
         raw.new_state = tcp_state::CLOSE_WAIT;
         raw.cookie = 10;
-        close.observe(&from_raw(&raw).unwrap(), None);
+        close.observe(&from_raw(&raw).unwrap(), None, &mut Vec::new());
         list.push(listed(10, tcp_state::CLOSE_WAIT));
         close.listed(&list, 300 * s);
         assert!(close.listed(&list, 400 * s).is_empty());
@@ -247,10 +365,12 @@ mod tests {
         close.observe(
             &transition(tcp_state::ESTABLISHED, tcp_state::CLOSE_WAIT, 0, 0),
             None,
+            &mut Vec::new(),
         );
         close.observe(
             &transition(tcp_state::CLOSE_WAIT, tcp_state::LAST_ACK, 0, 1),
             None,
+            &mut Vec::new(),
         );
         let mut findings = Vec::new();
         close.tick(u64::MAX, &mut findings);

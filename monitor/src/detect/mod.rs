@@ -161,12 +161,11 @@ impl Detectors {
         if let Some(kind) = death::classify(event) {
             findings.push(Finding::new(kind, event, owner));
         }
+        // Before impact: a FIN still in its grace is reported ahead of the call that hit it.
+        self.close.observe(event, owner, findings);
         if let Some(kind) = impact::classify(event) {
             // The caller hit the ended connection; it is the process to name.
             findings.push(Finding::new(kind, event, Some(&event.current)));
-        }
-        if let Some(kind) = self.close.observe(event, owner) {
-            findings.push(Finding::new(kind, event, owner));
         }
         if self.state_changes && event.hook == Hook::StateChange {
             findings.push(Finding::new(Kind::StateChange, event, owner));
@@ -176,6 +175,17 @@ impl Detectors {
     /// Entries dropped from bounded tables.
     pub fn evictions(&self) -> u64 {
         self.close.evictions
+    }
+
+    /// Idle FINs the application closed within the grace (healthy; metrics only).
+    pub fn fins_handled(&self) -> u64 {
+        self.close.handled
+    }
+
+    /// Findings whose grace ended: checked often (every poll of the ring), so that a stale
+    /// socket is flagged within milliseconds of its grace.
+    pub fn due(&mut self, mono_now_ns: u64, findings: &mut Vec<Finding>) {
+        self.close.due(mono_now_ns, findings);
     }
 
     /// CLOSE_WAIT sockets of a socket list that no event told of, due for a report: each
@@ -190,6 +200,7 @@ impl Detectors {
 
     /// Findings that come from time passing rather than from an event.
     pub fn tick(&mut self, mono_now_ns: u64, findings: &mut Vec<Finding>) {
+        self.close.due(mono_now_ns, findings);
         self.close.tick(mono_now_ns, findings);
     }
 }

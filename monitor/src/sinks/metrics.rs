@@ -274,6 +274,7 @@ pub struct Metrics {
     lost: Counter,
     evictions: Counter,
     log_lines_dropped: Counter,
+    fins_handled: Counter,
     overflow: Family<MetricLabel, Counter>,
 }
 
@@ -319,6 +320,7 @@ impl Metrics {
             lost: Counter::default(),
             evictions: Counter::default(),
             log_lines_dropped: Counter::default(),
+            fins_handled: Counter::default(),
             overflow: Family::default(),
         };
         registry.register(
@@ -414,6 +416,11 @@ impl Metrics {
                 &metrics.lost,
                 "connwatch_ring_buffer_lost_events",
                 "Events the kernel dropped because the ring buffer was full",
+            ),
+            (
+                &metrics.fins_handled,
+                "connwatch_peer_closes_handled",
+                "Idle connections the peer closed (FIN) whose application closed its end within the grace (200 ms): healthy, not reported",
             ),
             (
                 &metrics.log_lines_dropped,
@@ -576,6 +583,9 @@ impl Metrics {
         self.undecodable.inc_by(undecodable);
         let evictions = pipeline.evictions().saturating_sub(self.evictions.get());
         self.evictions.inc_by(evictions);
+        let handled = pipeline.fins_handled();
+        self.fins_handled
+            .inc_by(handled.saturating_sub(self.fins_handled.get()));
         let dropped = crate::output::stdout().dropped();
         self.log_lines_dropped
             .inc_by(dropped.saturating_sub(self.log_lines_dropped.get()));
@@ -738,6 +748,7 @@ mod tests {
             "# TYPE connwatch_ring_buffer_lost_events counter",
             "# TYPE connwatch_table_evictions counter",
             "# TYPE connwatch_log_lines_dropped counter",
+            "# TYPE connwatch_peer_closes_handled counter",
         ] {
             assert!(text.contains(family), "{family} missing:\n{text}");
         }

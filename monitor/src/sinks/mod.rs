@@ -38,10 +38,12 @@ impl WallClock {
         self.epoch + Duration::from_nanos(mono_ns)
     }
 
+    /// CLOCK_MONOTONIC now, the clock of the kernel's stamps (`bpf_ktime_get_ns`): a step
+    /// of the wall clock must not age or rejuvenate anything.
     pub fn mono_now_ns(&self) -> u64 {
-        SystemTime::now()
-            .duration_since(self.epoch)
-            .map_or(0, |d| d.as_nanos() as u64)
+        nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |ts| {
+            ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
+        })
     }
 }
 
