@@ -15,7 +15,7 @@ use crate::{
     engine::{Consumer, Engine, Flow, Shutdown},
     probes::ProbeOptions,
     sinks::cli::format_ms,
-    sockets::pools::{Direction, Pool},
+    sockets::pools::{Direction, Pool, UNKNOWN_COMM},
     watch::output_closed,
 };
 
@@ -91,6 +91,8 @@ struct Screen {
     refresh: String,
     /// Refreshes seen so far.
     refreshes: u64,
+    /// The host's /proc, to name processes only their connect counters knew.
+    host_proc: std::path::PathBuf,
 }
 
 /// The pool table's header and rows. The ENDPOINT column is as wide as the longest
@@ -212,7 +214,16 @@ fn arrange(pools: &[Pool], sort: Column, limit: usize) -> Vec<Pool> {
 
 impl Screen {
     fn render(&self, pools: &[Pool]) -> io::Result<()> {
-        let sorted = arrange(pools, self.sort, self.limit);
+        let mut sorted = arrange(pools, self.sort, self.limit);
+        // A process known only by its connect counters: named while it runs (only the rows
+        // shown cost a read).
+        for pool in sorted.iter_mut().filter(|p| p.comm == UNKNOWN_COMM) {
+            if let Ok(comm) =
+                std::fs::read_to_string(self.host_proc.join(format!("{}/comm", pool.pid)))
+            {
+                pool.comm = comm.trim_end().to_string();
+            }
+        }
         let mut out = crate::output::stdout().writer();
         let ts = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
         if self.json {
@@ -276,6 +287,7 @@ pub async fn run(args: TopArgs) -> Result<()> {
         limit: args.limit,
         refresh: humantime::format_duration(args.pipeline.refresh).to_string(),
         refreshes: 0,
+        host_proc: args.pipeline.host_proc.clone(),
     };
     engine.run(&mut screen, shutdown.received()).await
 }
