@@ -163,3 +163,210 @@ fn queries_stuck_on_postgres_are_stalled_and_idle_ones_are_not() {
         "{stalled:#?}"
     );
 }
+
+/// The pool of `pid` towards `endpoint` in `direction`, from a `top --json` snapshot.
+fn pool_in<'a>(snapshot: &'a Value, pid: u32, direction: &str, endpoint: &str) -> &'a Value {
+    let pools = snapshot["pools"].as_array().unwrap();
+    let found: Vec<&Value> = pools
+        .iter()
+        .filter(|p| p["pid"] == pid && p["direction"] == direction && p["endpoint"] == endpoint)
+        .collect();
+    assert_eq!(
+        found.len(),
+        1,
+        "one {direction} pool of {pid} to {endpoint}: {pools:#?}"
+    );
+    found[0]
+}
+
+fn number(pool: &Value, field: &str) -> u64 {
+    pool[field]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{field} missing: {pool:#}"))
+}
+
+/// Each connection in one state only, and the columns add up: ESTAB = IDLE + ACTIVE +
+/// STALLED and TOTAL = ESTAB + CL_WAIT + OTHER, on both sides of one pool of five
+/// connections (one stalled, one idle, one active, one half-closed by each side). A pool all
+/// in CLOSE_WAIT has no MAX_IDLE, rather than 0.
+#[test]
+fn top_states_are_exclusive_and_add_up() {
+    use std::{
+        net::Shutdown,
+        sync::{
+            Arc,
+            atomic::{AtomicBool, Ordering},
+        },
+    };
+    let (listener, port) = listen("127.0.0.1:0");
+    let idle = Pair::connect(&listener, "cw-idle");
+    let mut stalled = Pair::connect(&listener, "cw-stalled");
+    let active = Pair::connect(&listener, "cw-active");
+    // The client closes its side: FIN_WAIT2 here, CLOSE_WAIT on the server.
+    let client_closed = Pair::connect(&listener, "cw-fin-wait");
+    client_closed.client.shutdown(Shutdown::Write).unwrap();
+    // The server closes its side: CLOSE_WAIT here, FIN_WAIT2 on the server.
+    let server_closed = Pair::connect(&listener, "cw-close-wait");
+    server_closed.server.shutdown(Shutdown::Write).unwrap();
+    // A request the server reads, or not, and never answers. Past a jiffy after the last
+    // answer, so tcp_info's stamps order it (it is sent before connwatch starts).
+    thread::sleep(Duration::from_millis(50));
+    std::io::Write::write_all(&mut stalled.client, b"SELECT pg_sleep(3600)").unwrap();
+    let busy = Arc::new(AtomicBool::new(true));
+    let pinger = {
+        let busy = busy.clone();
+        let mut active = active;
+        thread::spawn(move || {
+            while busy.load(Ordering::SeqCst) {
+                active.round_trip();
+                thread::sleep(Duration::from_millis(50));
+            }
+        })
+    };
+    // A second endpoint whose only connection is in CLOSE_WAIT.
+    let (lonely_listener, lonely_port) = listen("127.0.0.1:0");
+    let lonely = Pair::connect(&lonely_listener, "cw-lonely");
+    lonely.server.shutdown(Shutdown::Write).unwrap();
+    thread::sleep(Duration::from_millis(1200)); // the idle threshold (1s) and stall threshold
+
+    let (snapshot, _) = top_once(
+        Command::new(&*CONNWATCH),
+        &["--stall-threshold", "1s", "--refresh", "1s"],
+    );
+    busy.store(false, Ordering::SeqCst);
+    pinger.join().unwrap();
+    let endpoint = format!("127.0.0.1:{port}");
+    let me = std::process::id();
+    let client = pool_in(&snapshot, me, "outbound", &endpoint);
+    let columns = |pool: &Value| {
+        [
+            "total",
+            "established",
+            "idle",
+            "active",
+            "stalled",
+            "close_wait",
+            "other",
+        ]
+        .map(|field| number(pool, field))
+    };
+    assert_eq!(
+        columns(client),
+        [5, 3, 1, 1, 1, 1, 1],
+        "total, established, idle, active, stalled, close_wait, other: {client:#}"
+    );
+    // The server's side: never stalled (it waits on its clients); the same sums.
+    let server = pool_in(&snapshot, me, "inbound", &endpoint);
+    let [
+        total,
+        established,
+        idle_n,
+        active_n,
+        stalled_n,
+        close_wait,
+        other,
+    ] = columns(server);
+    assert_eq!(
+        (total, established, stalled_n, close_wait, other),
+        (5, 3, 0, 1, 1),
+        "{server:#}"
+    );
+    for pool in [client, server] {
+        let [
+            total,
+            established,
+            idle_n,
+            active_n,
+            stalled_n,
+            close_wait,
+            other,
+        ] = columns(pool);
+        assert_eq!(established, idle_n + active_n + stalled_n, "{pool:#}");
+        assert_eq!(total, established + close_wait + other, "{pool:#}");
+    }
+    assert_eq!((idle_n, active_n), (2, 1), "{server:#}");
+    assert!(number(client, "max_idle_ms") >= 1000, "{client:#}");
+    let lonely_pool = pool_in(
+        &snapshot,
+        me,
+        "outbound",
+        &format!("127.0.0.1:{lonely_port}"),
+    );
+    assert_eq!(number(lonely_pool, "close_wait"), 1, "{lonely_pool:#}");
+    assert!(
+        lonely_pool.get("max_idle_ms").is_none(),
+        "unknown, not 0: {lonely_pool:#}"
+    );
+    drop((idle, stalled, client_closed, server_closed, lonely));
+}
+
+/// A process that opens connections and has each one reset, holding none at any refresh,
+/// is still a pool in `top --once`: its resets and connects over the last minute, with no
+/// socket. So is the server that resets them.
+#[test]
+fn top_shows_a_process_that_is_reset_and_holds_no_socket() {
+    const CONNECTIONS: usize = 20;
+    let (listener, port) = listen("127.0.0.1:0");
+    // Resets every connection it accepts.
+    let server = thread::spawn(move || {
+        for stream in listener.incoming().take(CONNECTIONS) {
+            abort(stream.unwrap());
+        }
+        listener
+    });
+    // --once prints the second refresh: the resets happen between the two.
+    let top = Watch::spawn(&["top", "--once", "--json", "--refresh", "3s"]);
+    let mut client = Command::new("python3")
+        .args([
+            "-c",
+            "import socket, sys\n\
+             port, n = int(sys.argv[1]), int(sys.argv[2])\n\
+             for _ in range(n):\n\
+             \x20   s = socket.create_connection(('127.0.0.1', port))\n\
+             \x20   try:\n\
+             \x20       s.recv(1)\n\
+             \x20   except ConnectionResetError:\n\
+             \x20       pass\n\
+             \x20   s.close()\n\
+             print('done', flush=True)\n\
+             sys.stdin.read()\n",
+            &port.to_string(),
+            &CONNECTIONS.to_string(),
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut done = String::new();
+    BufReader::new(client.stdout.take().unwrap())
+        .read_line(&mut done)
+        .unwrap();
+    assert_eq!(done.trim(), "done");
+    let _listener = server.join().unwrap();
+    let stopped = top.wait_exit();
+    assert!(stopped.status.success(), "{}", stopped.stderr);
+    assert_eq!(
+        stopped.events.len(),
+        1,
+        "one snapshot: {:#?}",
+        stopped.events
+    );
+    let snapshot = &stopped.events[0];
+    let endpoint = format!("127.0.0.1:{port}");
+    let reset = pool_in(snapshot, client.id(), "outbound", &endpoint);
+    assert_eq!(reset["comm"], "python3", "{reset:#}");
+    assert_eq!(
+        ["total", "connects_per_min", "resets_per_min"].map(|f| number(reset, f)),
+        [0, CONNECTIONS as u64, CONNECTIONS as u64],
+        "total, connects_per_min, resets_per_min: {reset:#}"
+    );
+    assert!(reset.get("max_idle_ms").is_none(), "{reset:#}");
+    let resetting = pool_in(snapshot, std::process::id(), "inbound", &endpoint);
+    assert_eq!(
+        ["total", "connects_per_min", "resets_per_min"].map(|f| number(resetting, f)),
+        [0, CONNECTIONS as u64, CONNECTIONS as u64],
+        "total, connects_per_min, resets_per_min: {resetting:#}"
+    );
+    drop(client.stdin.take());
+    client.wait().unwrap();
+}

@@ -3,15 +3,12 @@
 //! resetting proxy and a client run on loopback inside this process, and a server that
 //! never answers with a pool of two connections; it passes only if `peer_reset_idle` and
 //! `write_after_reset` name the client thread and `pool_exhausted` names this process with
-//! both connections.
+//! both connections, and none of its own sockets' findings names another process.
 use std::{
     io::{Read, Write},
-    net::{Shutdown, TcpListener, TcpStream},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
     path::PathBuf,
-    sync::{
-        Arc,
-        atomic::{AtomicU16, Ordering},
-    },
+    sync::{Arc, OnceLock},
     thread,
     time::Duration,
 };
@@ -42,41 +39,77 @@ pub struct SelftestArgs {
     pub timeout: Duration,
 }
 
+/// What the selftest waits for, and what it found. Findings are matched to the selftest's
+/// own sockets by both their addresses and their network namespace: on a busy node other
+/// processes' sockets can have the same port numbers, and their findings are not the
+/// selftest's. A finding on its own socket attributed to another process is a failure.
 struct Expect {
-    client_port: Arc<AtomicU16>,
+    /// The client's connection to the proxy: its local address, once connected.
+    client: Arc<OnceLock<SocketAddr>>,
+    proxy: SocketAddr,
+    /// This process's network namespace, where known.
+    netns: Option<u64>,
     pid: u32,
     idle_reset: Option<String>,
     write_after: Option<String>,
-    /// The stuck pool's endpoint, and what was found for it.
-    stuck_server: std::net::SocketAddr,
+    /// The stuck pool's endpoint, its connections' local addresses, and what was found.
+    stuck_server: SocketAddr,
+    pool: Vec<SocketAddr>,
     exhausted: Option<String>,
     wrong: Vec<String>,
 }
 
 impl Consumer for Expect {
     fn finding(&mut self, finding: &Finding) -> Result<Flow> {
-        if finding.kind == Kind::PoolExhausted && finding.event.remote == self.stuck_server {
-            let pid = finding.owner.as_ref().map_or(0, |o| o.pid);
-            let line = format!(
-                "pool_exhausted attributed to pid {pid}: {} of {POOL_SIZE} connections stalled",
-                finding.connections.unwrap_or(0)
-            );
-            if pid == self.pid && finding.connections == Some(POOL_SIZE) {
-                self.exhausted = Some(line);
-            } else {
-                self.wrong.push(line);
-            }
-            return Ok(self.flow());
-        }
-        let port = self.client_port.load(Ordering::SeqCst);
-        if port == 0 || finding.event.local.port() != port {
-            return Ok(Flow::Continue);
-        }
+        self.check(finding);
+        Ok(self.flow())
+    }
+
+    fn lost(&mut self, _count: u64, _total: u64) -> Result<Flow> {
+        Ok(Flow::Continue)
+    }
+}
+
+impl Expect {
+    /// Whether the finding is about one of this process's sockets: one of `locals` →
+    /// `remote`, in this network namespace.
+    fn ours(&self, finding: &Finding, locals: &[SocketAddr], remote: SocketAddr) -> bool {
+        let event = &finding.event;
+        let same_netns = match (event.netns, self.netns) {
+            (Some(theirs), Some(ours)) => theirs == ours,
+            _ => true,
+        };
+        same_netns && event.remote == remote && locals.contains(&event.local)
+    }
+
+    fn check(&mut self, finding: &Finding) {
         let who = finding
             .owner
             .as_ref()
             .map(|o| (o.pid, o.comm.clone()))
             .unwrap_or_default();
+        if finding.kind == Kind::PoolExhausted {
+            if !self.ours(finding, &self.pool, self.stuck_server) {
+                return;
+            }
+            let line = format!(
+                "pool_exhausted attributed to pid {}: {} of {POOL_SIZE} connections stalled",
+                who.0,
+                finding.connections.unwrap_or(0)
+            );
+            if who.0 == self.pid && finding.connections == Some(POOL_SIZE) {
+                self.exhausted = Some(line);
+            } else {
+                self.wrong.push(line);
+            }
+            return;
+        }
+        let Some(&client) = self.client.get() else {
+            return;
+        };
+        if !self.ours(finding, &[client], self.proxy) {
+            return;
+        }
         let right_process = who.0 == self.pid && &*who.1 == CLIENT_THREAD;
         let line = format!(
             "{} attributed to pid {} ({})",
@@ -90,21 +123,42 @@ impl Consumer for Expect {
             (Kind::PeerResetIdle | Kind::WriteAfterReset, false) => self.wrong.push(line),
             _ => {}
         }
-        Ok(self.flow())
     }
 
-    fn lost(&mut self, _count: u64, _total: u64) -> Result<Flow> {
-        Ok(Flow::Continue)
-    }
-}
-
-impl Expect {
     fn flow(&self) -> Flow {
         if self.idle_reset.is_some() && self.write_after.is_some() && self.exhausted.is_some() {
             Flow::Stop
         } else {
             Flow::Continue
         }
+    }
+
+    /// Why the selftest failed, if it did: a finding missing, or one of its own sockets'
+    /// findings attributed to another process.
+    fn failure(&self) -> Option<String> {
+        let missing: Vec<&str> = [
+            (self.idle_reset.is_none(), "peer_reset_idle"),
+            (self.write_after.is_none(), "write_after_reset"),
+            (self.exhausted.is_none(), "pool_exhausted"),
+        ]
+        .into_iter()
+        .filter_map(|(missing, kind)| missing.then_some(kind))
+        .collect();
+        let mut why = Vec::new();
+        if !missing.is_empty() {
+            why.push(format!(
+                "no {} for this process (pid {}, {CLIENT_THREAD})",
+                missing.join(" or "),
+                self.pid
+            ));
+        }
+        if !self.wrong.is_empty() {
+            why.push(format!(
+                "its own sockets' findings attributed to another process ({})",
+                self.wrong.join("; ")
+            ));
+        }
+        (!why.is_empty()).then(|| why.join("; "))
     }
 }
 
@@ -155,9 +209,9 @@ async fn echo_server(listener: tokio::net::TcpListener) {
 
 /// Connects through the proxy, idles past its reset, then writes like a pool reusing the
 /// connection.
-fn client(proxy: std::net::SocketAddr, port: Arc<AtomicU16>) -> Result<()> {
+fn client(proxy: SocketAddr, local: Arc<OnceLock<SocketAddr>>) -> Result<()> {
     let mut stream = TcpStream::connect(proxy).context("client connecting to the proxy")?;
-    port.store(stream.local_addr()?.port(), Ordering::SeqCst);
+    let _ = local.set(stream.local_addr()?);
     stream.write_all(b"ping")?;
     let mut buf = [0u8; 4];
     stream.read_exact(&mut buf)?;
@@ -204,11 +258,11 @@ pub async fn run(args: SelftestArgs) -> Result<()> {
         "connwatch selftest: client → proxy {proxy_addr} → server {server_addr}; the proxy resets after {} idle",
         humantime::format_duration(RESET_AFTER)
     );
-    let client_port = Arc::new(AtomicU16::new(0));
-    let port = client_port.clone();
+    let client_local = Arc::new(OnceLock::new());
+    let local = client_local.clone();
     let client = thread::Builder::new()
         .name(CLIENT_THREAD.into())
-        .spawn(move || client(proxy_addr, port))?;
+        .spawn(move || client(proxy_addr, local))?;
     println!(
         "connwatch selftest: a pool of {POOL_SIZE} → server {stuck_addr}, which never answers; \
          stalled after {}",
@@ -216,11 +270,17 @@ pub async fn run(args: SelftestArgs) -> Result<()> {
     );
     let pool = stuck_pool(stuck_addr)?;
     let mut expect = Expect {
-        client_port,
+        client: client_local,
+        proxy: proxy_addr,
+        netns: crate::sockets::diag::own_namespace().ok(),
         pid: std::process::id(),
         idle_reset: None,
         write_after: None,
         stuck_server: stuck_addr,
+        pool: pool
+            .iter()
+            .map(|stream| stream.local_addr())
+            .collect::<std::io::Result<_>>()?,
         exhausted: None,
         wrong: Vec::new(),
     };
@@ -244,23 +304,143 @@ pub async fn run(args: SelftestArgs) -> Result<()> {
     for line in &expect.wrong {
         println!("connwatch selftest: wrong process: {line}");
     }
-    let missing: Vec<&str> = [
-        (expect.idle_reset.is_none(), "peer_reset_idle"),
-        (expect.write_after.is_none(), "write_after_reset"),
-        (expect.exhausted.is_none(), "pool_exhausted"),
-    ]
-    .into_iter()
-    .filter_map(|(missing, kind)| missing.then_some(kind))
-    .collect();
-    if !missing.is_empty() {
+    if let Some(why) = expect.failure() {
         bail!(
-            "selftest failed: no {} for this process (pid {}, {CLIENT_THREAD}) within {}; {}",
-            missing.join(" or "),
-            expect.pid,
+            "selftest failed: {why} within {}; {}",
             humantime::format_duration(args.timeout),
             engine.summary(0)
         );
     }
     println!("connwatch selftest: passed");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::{Task, from_raw, tests::raw_reset};
+
+    const CLIENT: &str = "127.0.0.1:40000";
+    const PROXY: &str = "127.0.0.1:5432";
+
+    fn expect() -> Expect {
+        Expect {
+            client: Arc::new(OnceLock::from(CLIENT.parse::<SocketAddr>().unwrap())),
+            proxy: PROXY.parse().unwrap(),
+            netns: Some(4026531840),
+            pid: 42,
+            idle_reset: None,
+            write_after: None,
+            stuck_server: "127.0.0.1:6000".parse().unwrap(),
+            pool: vec!["127.0.0.1:50001".parse().unwrap()],
+            exhausted: None,
+            wrong: Vec::new(),
+        }
+    }
+
+    fn finding(kind: Kind, local: &str, remote: &str, pid: u32, comm: &str) -> Finding {
+        let mut event = from_raw(&raw_reset(2000)).unwrap();
+        (event.local, event.remote) = (local.parse().unwrap(), remote.parse().unwrap());
+        event.netns = Some(4026531840);
+        let owner = Task {
+            pid,
+            tid: pid,
+            comm: comm.into(),
+        };
+        let mut finding = Finding::new(kind, &event, Some(&owner));
+        finding.connections = Some(POOL_SIZE);
+        finding
+    }
+
+    #[test]
+    fn its_own_sockets_findings_pass() {
+        let mut expect = expect();
+        expect.check(&finding(
+            Kind::PeerResetIdle,
+            CLIENT,
+            PROXY,
+            42,
+            CLIENT_THREAD,
+        ));
+        expect.check(&finding(
+            Kind::WriteAfterReset,
+            CLIENT,
+            PROXY,
+            42,
+            CLIENT_THREAD,
+        ));
+        expect.check(&finding(
+            Kind::PoolExhausted,
+            "127.0.0.1:50001",
+            "127.0.0.1:6000",
+            42,
+            "connwatch",
+        ));
+        assert!(matches!(expect.flow(), Flow::Stop));
+        assert_eq!(expect.failure(), None);
+    }
+
+    #[test]
+    fn other_processes_findings_are_not_the_selftests() {
+        let mut expect = expect();
+        // The client's port number, on another connection of another process ("churn"
+        // connected from the same port to somewhere else), and in another namespace.
+        expect.check(&finding(
+            Kind::WriteAfterReset,
+            CLIENT,
+            "10.0.0.9:80",
+            30257,
+            "churn",
+        ));
+        let mut elsewhere = finding(Kind::PeerResetIdle, CLIENT, PROXY, 30257, "churn");
+        elsewhere.event.netns = Some(4026532177);
+        expect.check(&elsewhere);
+        expect.check(&finding(
+            Kind::PoolExhausted,
+            "127.0.0.1:50002",
+            "127.0.0.1:6000",
+            30257,
+            "churn",
+        ));
+        assert!(expect.wrong.is_empty(), "{:?}", expect.wrong);
+        assert!(expect.idle_reset.is_none() && expect.write_after.is_none());
+    }
+
+    #[test]
+    fn its_own_socket_attributed_to_another_process_fails() {
+        let mut expect = expect();
+        expect.check(&finding(
+            Kind::PeerResetIdle,
+            CLIENT,
+            PROXY,
+            42,
+            CLIENT_THREAD,
+        ));
+        expect.check(&finding(
+            Kind::WriteAfterReset,
+            CLIENT,
+            PROXY,
+            30257,
+            "churn",
+        ));
+        expect.check(&finding(
+            Kind::WriteAfterReset,
+            CLIENT,
+            PROXY,
+            42,
+            CLIENT_THREAD,
+        ));
+        expect.check(&finding(
+            Kind::PoolExhausted,
+            "127.0.0.1:50001",
+            "127.0.0.1:6000",
+            42,
+            "connwatch",
+        ));
+        let failure = expect.failure().expect("a failure, not a pass");
+        assert!(
+            failure.contains("write_after_reset attributed to pid 30257 (churn)"),
+            "{failure}"
+        );
+    }
 }

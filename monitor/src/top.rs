@@ -1,6 +1,7 @@
 //! `connwatch top`: pools (process × endpoint) as a live table, like `top`, or once as JSON.
 use std::{
     cmp::Reverse,
+    fmt::Write as _,
     io::{self, Write},
     time::SystemTime,
 };
@@ -14,7 +15,7 @@ use crate::{
     engine::{Consumer, Engine, Flow, Shutdown},
     probes::ProbeOptions,
     sinks::cli::format_ms,
-    sockets::pools::Pool,
+    sockets::pools::{Direction, Pool, UNKNOWN_COMM},
     watch::output_closed,
 };
 
@@ -26,6 +27,7 @@ pub enum Column {
     Idle,
     Active,
     CloseWait,
+    Other,
     Stalled,
     Zombie,
     MaxIdle,
@@ -42,9 +44,11 @@ impl Column {
             Column::Idle => pool.idle as u64,
             Column::Active => pool.active as u64,
             Column::CloseWait => pool.close_wait as u64,
+            Column::Other => pool.other as u64,
             Column::Stalled => pool.stalled as u64,
             Column::Zombie => pool.zombie as u64,
-            Column::MaxIdle => pool.max_idle_ms,
+            // Unknown sorts last.
+            Column::MaxIdle => pool.max_idle_ms.unwrap_or(0),
             Column::Connects => pool.connects_per_min as u64,
             Column::Resets => pool.resets_per_min as u64,
             Column::Deaths => pool.deaths_per_min as u64,
@@ -61,7 +65,8 @@ pub struct TopArgs {
     /// Sort pools by this column, largest first.
     #[arg(long, value_enum, default_value = "total")]
     pub sort: Column,
-    /// Print the pools once and exit.
+    /// Print the pools once, at the second refresh (one --refresh after start, so the
+    /// per-minute rates have watched that long), and exit.
     #[arg(long)]
     pub once: bool,
     /// JSON instead of a table (one object per refresh).
@@ -84,13 +89,141 @@ struct Screen {
     json: bool,
     limit: usize,
     refresh: String,
+    /// Refreshes seen so far.
+    refreshes: u64,
+    /// The host's /proc, to name processes only their connect counters knew.
+    host_proc: std::path::PathBuf,
+}
+
+/// The pool table's header and rows. The ENDPOINT column is as wide as the longest
+/// endpoint shown (an IPv6 one is up to 47 characters), so the columns stay aligned.
+fn table(pools: &[Pool]) -> String {
+    let endpoint_width = pools
+        .iter()
+        .map(|p| p.endpoint.to_string().len())
+        .max()
+        .unwrap_or(0)
+        .max(ENDPOINT_WIDTH);
+    let mut out = String::new();
+    let row = |out: &mut String, cells: [&str; 19]| {
+        let [pid, comm, netns, dir, endpoint, rest @ ..] = cells;
+        let _ = write!(
+            out,
+            "{pid:>8} {comm:<16} {netns:>10} {dir:<4} {endpoint:<endpoint_width$}"
+        );
+        let widths = [5, 5, 5, 6, 7, 5, 7, 9, 6, 8, 8, 7, 8];
+        for (cell, width) in rest.iter().zip(widths) {
+            let _ = write!(out, " {cell:>width$}");
+        }
+        let _ = writeln!(out, "  {}", rest[rest.len() - 1]);
+    };
+    row(
+        &mut out,
+        [
+            "PID",
+            "COMM",
+            "NETNS",
+            "DIR",
+            "ENDPOINT",
+            "TOTAL",
+            "ESTAB",
+            "IDLE",
+            "ACTIVE",
+            "CL_WAIT",
+            "OTHER",
+            "STALLED",
+            "EXHAUSTED",
+            "ZOMBIE",
+            "MAX_IDLE",
+            "CONN/MIN",
+            "RST/MIN",
+            "DIED/MIN",
+            "POD",
+        ],
+    );
+    for p in pools {
+        let numbers = [
+            p.total,
+            p.established,
+            p.idle,
+            p.active,
+            p.close_wait,
+            p.other,
+            p.stalled,
+        ]
+        .map(|n| n.to_string());
+        let rates = [
+            p.zombie,
+            p.connects_per_min,
+            p.resets_per_min,
+            p.deaths_per_min,
+        ]
+        .map(|n| n.to_string());
+        row(
+            &mut out,
+            [
+                &p.pid.to_string(),
+                &p.comm,
+                &p.netns.to_string(),
+                if p.direction == Direction::Inbound {
+                    "in"
+                } else {
+                    "out"
+                },
+                &p.endpoint.to_string(),
+                &numbers[0],
+                &numbers[1],
+                &numbers[2],
+                &numbers[3],
+                &numbers[4],
+                &numbers[5],
+                &numbers[6],
+                // How long the oldest stalled request has waited: the episode's age at least.
+                &if p.exhausted {
+                    format_ms(p.oldest_stall_ms)
+                } else {
+                    "-".into()
+                },
+                &rates[0],
+                // Unknown: no established connection with a known idle time.
+                &p.max_idle_ms.map_or_else(|| "-".into(), format_ms),
+                &rates[1],
+                &rates[2],
+                &rates[3],
+                // namespace/pod, where the process runs in one.
+                &match (&p.workload.namespace, &p.workload.pod) {
+                    (Some(namespace), Some(pod)) => format!("{namespace}/{pod}"),
+                    _ => "-".into(),
+                },
+            ],
+        );
+    }
+    out
+}
+
+/// ENDPOINT's width at least: an IPv4 address and port, and some.
+const ENDPOINT_WIDTH: usize = 28;
+
+/// The pools to show, largest first by `sort`.
+fn arrange(pools: &[Pool], sort: Column, limit: usize) -> Vec<Pool> {
+    let mut sorted = pools.to_vec();
+    sorted.sort_by_key(|p| (Reverse(sort.key(p)), p.pid, p.endpoint));
+    sorted.truncate(limit);
+    sorted
 }
 
 impl Screen {
     fn render(&self, pools: &[Pool]) -> io::Result<()> {
-        let mut sorted = pools.to_vec();
-        sorted.sort_by_key(|p| (Reverse(self.sort.key(p)), p.pid, p.endpoint));
-        sorted.truncate(self.limit);
+        let mut sorted = arrange(pools, self.sort, self.limit);
+        // A process known only by its connect counters: named while it runs (only the rows
+        // shown cost a read).
+        for pool in sorted.iter_mut().filter(|p| p.comm == UNKNOWN_COMM) {
+            if let Ok(comm) =
+                std::fs::read_to_string(self.host_proc.join(format!("{}/comm", pool.pid)))
+            {
+                pool.comm = comm.trim_end().to_string();
+            }
+        }
         let mut out = crate::output::stdout().writer();
         let ts = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
         if self.json {
@@ -110,64 +243,7 @@ impl Screen {
             self.sort,
             self.refresh
         )?;
-        writeln!(
-            out,
-            "{:>8} {:<16} {:>10} {:<4} {:<28} {:>5} {:>5} {:>5} {:>6} {:>7} {:>7} {:>9} {:>6} {:>8} {:>8} {:>7} {:>8}  POD",
-            "PID",
-            "COMM",
-            "NETNS",
-            "DIR",
-            "ENDPOINT",
-            "TOTAL",
-            "ESTAB",
-            "IDLE",
-            "ACTIVE",
-            "CL_WAIT",
-            "STALLED",
-            "EXHAUSTED",
-            "ZOMBIE",
-            "MAX_IDLE",
-            "CONN/MIN",
-            "RST/MIN",
-            "DIED/MIN"
-        )?;
-        for p in &sorted {
-            writeln!(
-                out,
-                "{:>8} {:<16} {:>10} {:<4} {:<28} {:>5} {:>5} {:>5} {:>6} {:>7} {:>7} {:>9} {:>6} {:>8} {:>8} {:>7} {:>8}  {}",
-                p.pid,
-                p.comm,
-                p.netns,
-                if p.direction.as_str() == "inbound" {
-                    "in"
-                } else {
-                    "out"
-                },
-                p.endpoint.to_string(),
-                p.total,
-                p.established,
-                p.idle,
-                p.active,
-                p.close_wait,
-                p.stalled,
-                // How long the oldest stalled request has waited: the episode's age at least.
-                if p.exhausted {
-                    format_ms(p.oldest_stall_ms)
-                } else {
-                    "-".into()
-                },
-                p.zombie,
-                format_ms(p.max_idle_ms),
-                p.connects_per_min,
-                p.resets_per_min,
-                p.deaths_per_min,
-                // namespace/pod, where the process runs in one.
-                match (&p.workload.namespace, &p.workload.pod) {
-                    (Some(namespace), Some(pod)) => format!("{namespace}/{pod}"),
-                    _ => "-".into(),
-                }
-            )?;
-        }
+        out.write_all(table(&sorted).as_bytes())?;
         out.flush()
     }
 }
@@ -182,6 +258,12 @@ impl Consumer for Screen {
     }
 
     fn pools(&mut self, pools: &[Pool]) -> Result<Flow> {
+        self.refreshes += 1;
+        // The first refresh comes at start: nothing has been watched happening yet, and
+        // every per-minute rate would read 0.
+        if self.once && self.refreshes < 2 {
+            return Ok(Flow::Continue);
+        }
         if let Err(err) = self.render(pools) {
             return output_closed(err);
         }
@@ -204,6 +286,114 @@ pub async fn run(args: TopArgs) -> Result<()> {
         json: args.json,
         limit: args.limit,
         refresh: humantime::format_duration(args.pipeline.refresh).to_string(),
+        refreshes: 0,
+        host_proc: args.pipeline.host_proc.clone(),
     };
     engine.run(&mut screen, shutdown.received()).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sockets::pools::Direction;
+
+    fn pool(pid: u32, comm: &str, direction: Direction, endpoint: &str) -> Pool {
+        Pool::new(pid, comm, 4026531840, direction, endpoint.parse().unwrap())
+    }
+
+    /// The pools README.md's `connwatch top` sample shows.
+    fn readme_pools() -> Vec<Pool> {
+        let mut exhausted = pool(4242, "python3", Direction::Outbound, "10.0.0.9:5432");
+        exhausted.netns = 4026532177;
+        (exhausted.total, exhausted.established, exhausted.stalled) = (4, 4, 4);
+        (exhausted.exhausted, exhausted.oldest_stall_ms) = (true, 31_200);
+        exhausted.workload.namespace = Some("payments".into());
+        exhausted.workload.pod = Some("api-7d9f8b6c5-x2x9z".into());
+        let mut server = pool(1717, "postgres", Direction::Inbound, "10.0.0.7:5432");
+        (server.total, server.established, server.idle, server.active) = (42, 40, 30, 10);
+        (server.close_wait, server.other) = (1, 1);
+        (server.max_idle_ms, server.connects_per_min) = (Some(721_000), 6);
+        let mut churn = pool(5120, "churn", Direction::Outbound, "10.0.0.12:8080");
+        (churn.connects_per_min, churn.resets_per_min) = (1180, 1180);
+        vec![exhausted, server, churn]
+    }
+
+    /// Each column of the header: its name, and where it starts and ends, in characters.
+    fn columns(header: &str) -> Vec<(String, usize, usize)> {
+        let chars: Vec<char> = header.chars().collect();
+        let mut columns = Vec::new();
+        let mut i = 0;
+        while i < chars.len() {
+            if chars[i] == ' ' {
+                i += 1;
+                continue;
+            }
+            let start = i;
+            while i < chars.len() && chars[i] != ' ' {
+                i += 1;
+            }
+            columns.push((chars[start..i].iter().collect(), start, i));
+        }
+        columns
+    }
+
+    #[test]
+    fn columns_stay_aligned_with_a_long_ipv6_endpoint() {
+        let mut v6 = pool(
+            3030,
+            "envoy",
+            Direction::Outbound,
+            "[2001:db8:85a3:1234:5678:8a2e:370:7334]:443",
+        );
+        (v6.total, v6.established, v6.active) = (2, 2, 2);
+        v6.max_idle_ms = Some(120);
+        let mut pools = readme_pools();
+        pools.insert(1, v6);
+        let text = table(&pools);
+        let lines: Vec<Vec<char>> = text.lines().map(|l| l.chars().collect()).collect();
+        let header: String = lines[0].iter().collect();
+        for (name, start, end) in columns(&header) {
+            for line in &lines[1..] {
+                let row: String = line.iter().collect();
+                let filled = |at: usize| line.get(at).is_some_and(|c| *c != ' ');
+                match name.as_str() {
+                    // Left-aligned: starts where its header does.
+                    "COMM" | "DIR" | "ENDPOINT" | "POD" => {
+                        assert!(
+                            filled(start) && !filled(start - 1),
+                            "{name}:\n{text}\n{row}"
+                        )
+                    }
+                    // Right-aligned: ends where its header does.
+                    _ => assert!(filled(end - 1) && !filled(end), "{name}:\n{text}\n{row}"),
+                }
+            }
+        }
+        assert!(text.contains("[2001:db8:85a3:1234:5678:8a2e:370:7334]:443"));
+    }
+
+    #[test]
+    fn an_unknown_max_idle_is_a_dash() {
+        let mut close_wait = pool(1, "app", Direction::Outbound, "10.0.0.9:5432");
+        (close_wait.total, close_wait.close_wait) = (3, 3);
+        let text = table(&[close_wait]);
+        let header = text.lines().next().unwrap();
+        let row = text.lines().nth(1).unwrap();
+        let (_, start, end) = columns(header)
+            .into_iter()
+            .find(|(name, _, _)| name == "MAX_IDLE")
+            .unwrap();
+        let cell: String = row.chars().skip(start).take(end - start).collect();
+        assert_eq!(cell.trim(), "-", "{text}");
+    }
+
+    #[test]
+    fn the_readme_shows_the_table_as_printed() {
+        let readme = include_str!("../../README.md");
+        let printed = table(&arrange(&readme_pools(), Column::Total, 40));
+        assert!(
+            readme.contains(&printed),
+            "README.md's `connwatch top` sample is not what top prints:\n{printed}"
+        );
+    }
 }

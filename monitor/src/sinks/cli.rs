@@ -6,27 +6,75 @@ use crate::detect::Kind;
 
 pub struct CliSink<W: Write> {
     out: W,
-    header_written: bool,
+    /// The widths the header was printed with; `None` before the first line.
+    widths: Option<Widths>,
+}
+
+/// The widths of the columns whose text varies most, in characters. They start wide enough
+/// for IPv4 and grow (never shrink) when a line needs more, such as a long IPv6 address or a
+/// state change; the header is printed again then, so the columns below it line up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Widths {
+    who: usize,
+    addresses: usize,
+    state: usize,
+}
+
+impl Widths {
+    const START: Widths = Widths {
+        who: 24,
+        // Two IPv4 endpoints (21 characters each at most) and the arrow.
+        addresses: 47,
+        state: 12,
+    };
+}
+
+/// One line's cells: TIME, KIND, PID/COMM, LOCAL → REMOTE, STATE, IDLE, DETAIL.
+type Row<'a> = [&'a str; 7];
+
+const HEADER: Row<'static> = [
+    "TIME",
+    "KIND",
+    "PID/COMM",
+    "LOCAL → REMOTE",
+    "STATE",
+    "IDLE",
+    "DETAIL",
+];
+
+/// A line of the table, without trailing blanks.
+fn line(widths: Widths, [time, kind, who, addresses, state, idle, detail]: Row) -> String {
+    let Widths {
+        who: who_width,
+        addresses: addresses_width,
+        state: state_width,
+    } = widths;
+    let line = format!(
+        "{time:<12} {kind:<20} {who:<who_width$} {addresses:<addresses_width$} \
+         {state:<state_width$} {idle:<7} {detail}"
+    );
+    line.trim_end().to_string()
 }
 
 impl<W: Write> CliSink<W> {
     pub fn new(out: W) -> Self {
-        CliSink {
-            out,
-            header_written: false,
-        }
+        CliSink { out, widths: None }
     }
 
-    fn header(&mut self) -> std::io::Result<()> {
-        if !self.header_written {
-            self.header_written = true;
-            writeln!(
-                self.out,
-                "{:<12} {:<20} {:<24} {:<47} {:<12} {:<7} DETAIL",
-                "TIME", "KIND", "PID/COMM", "LOCAL → REMOTE", "STATE", "IDLE"
-            )?;
+    /// Writes a line, with the header first if it is the first or needs wider columns.
+    fn row(&mut self, row: Row) -> std::io::Result<()> {
+        let width = |cell: &str| cell.chars().count();
+        let current = self.widths.unwrap_or(Widths::START);
+        let needed = Widths {
+            who: current.who.max(width(row[2])),
+            addresses: current.addresses.max(width(row[3])),
+            state: current.state.max(width(row[4])),
+        };
+        if self.widths != Some(needed) {
+            self.widths = Some(needed);
+            writeln!(self.out, "{}", line(needed, HEADER))?;
         }
-        Ok(())
+        writeln!(self.out, "{}", line(needed, row))
     }
 }
 
@@ -52,15 +100,18 @@ fn detail(report: &Report) -> String {
         return format!("killed by the kernel: {error}{silent}; no RST or FIN arrived");
     }
     if let (Some(op), Some(error)) = (report.op, report.error) {
+        let call = match (op, error) {
+            ("send", "none") => "send accepted (no error yet)".to_string(),
+            ("recv", "EOF") => "read EOF".to_string(),
+            ("recv", "none") => "recv returned data".to_string(),
+            (op, error) => format!("{op} → {error}"),
+        };
         let (since, end) = match (report.since_reset_ms, report.since_close_ms) {
             (Some(ms), _) => (ms, "reset"),
             (_, Some(ms)) => (ms, "FIN"),
-            _ => return format!("{op} → {error}"),
+            _ => return call,
         };
-        return format!(
-            "{op} → {error}, {} after the peer's {end}",
-            format_ms(since as u64)
-        );
+        return format!("{call}, {} after the peer's {end}", format_ms(since as u64));
     }
     if report.kind == Kind::PoolExhausted.as_str() {
         return format!(
@@ -117,7 +168,6 @@ fn clock_time(ts: &str) -> &str {
 
 impl<W: Write> Sink for CliSink<W> {
     fn finding(&mut self, report: &Report) -> std::io::Result<()> {
-        self.header()?;
         let who = match (report.pid, &report.comm) {
             (Some(pid), Some(comm)) => format!("{pid}/{comm}"),
             _ => "?".to_string(),
@@ -127,17 +177,15 @@ impl<W: Write> Sink for CliSink<W> {
             _ => report.state.to_string(),
         };
         let idle = report.idle_ms.map_or_else(|| "-".to_string(), format_ms);
-        writeln!(
-            self.out,
-            "{:<12} {:<20} {:<24} {:<47} {:<12} {:<7} {}",
+        self.row([
             clock_time(&report.ts),
             report.kind,
-            who,
-            format!("{} → {}", report.local, report.remote),
-            state,
-            idle,
-            detail(report)
-        )?;
+            &who,
+            &format!("{} → {}", report.local, report.remote),
+            &state,
+            &idle,
+            &detail(report),
+        ])?;
         self.out.flush()
     }
 
@@ -216,6 +264,215 @@ mod tests {
             "a request had waited 1m35s for its answer"
         );
         assert_eq!(detail(&report(Kind::PeerResetIdle, |_| {})), "");
+    }
+
+    #[test]
+    fn calls_say_what_they_got() {
+        let call = |op, error| {
+            let mut report = report(Kind::WriteAfterClose, |_| {});
+            (report.op, report.error) = (Some(op), Some(error));
+            report.since_close_ms = Some(300);
+            detail(&report)
+        };
+        assert_eq!(
+            call("send", "none"),
+            "send accepted (no error yet), 300ms after the peer's FIN"
+        );
+        assert_eq!(call("recv", "EOF"), "read EOF, 300ms after the peer's FIN");
+        assert_eq!(
+            call("send", "EPIPE"),
+            "send → EPIPE, 300ms after the peer's FIN"
+        );
+    }
+
+    /// What `watch` printed, line by line.
+    fn printed(reports: &[Report]) -> Vec<String> {
+        let mut sink = CliSink::new(Vec::new());
+        for report in reports {
+            sink.finding(report).unwrap();
+        }
+        String::from_utf8(sink.out)
+            .unwrap()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn columns_stay_aligned_with_a_long_ipv6_address() {
+        let v4 = report(Kind::WriteAfterReset, |_| {});
+        let mut v6 = v4.clone();
+        v6.local = "[2001:db8:85a3:1234:5678:8a2e:370:7334]:50432".into();
+        v6.remote = "[2001:db8:85a3:ffff:5678:8a2e:370:7335]:5432".into();
+        let lines = printed(&[v4.clone(), v6, v4]);
+        // The header, a line, the header again (wider), two lines.
+        assert_eq!(lines.len(), 5, "{lines:#?}");
+        assert!(lines[2].starts_with("TIME"), "{lines:#?}");
+        for block in [&lines[..2], &lines[2..]] {
+            let header = &block[0];
+            let column = |name: &str| header[..header.find(name).unwrap()].chars().count();
+            for name in ["KIND", "PID/COMM", "LOCAL", "STATE", "IDLE", "DETAIL"] {
+                let at = column(name);
+                for row in &block[1..] {
+                    let chars: Vec<char> = row.chars().collect();
+                    assert!(
+                        chars[at] != ' ' && chars[at - 1] == ' ',
+                        "{name} is not where its header is:\n{}",
+                        block.join("\n")
+                    );
+                }
+            }
+        }
+        assert!(!lines[3].ends_with(' '), "no trailing blanks");
+    }
+
+    /// A detail's shape: numbers and durations as placeholders, a cause as `<cause>`.
+    fn shape(detail: &str) -> String {
+        if detail.starts_with("cause: ") {
+            return "cause: <cause>".into();
+        }
+        let mut numbers = String::new();
+        for c in detail.chars() {
+            if !c.is_ascii_digit() {
+                numbers.push(c);
+            } else if !numbers.ends_with('#') {
+                numbers.push('#');
+            }
+        }
+        numbers
+            .replace("#m#s", "<d>")
+            .replace("#.#s", "<d>")
+            .replace("#ms", "<d>")
+            .replace('#', "<n>")
+    }
+
+    /// Every DETAIL `watch` can print for `kind`, as shapes.
+    fn details(kind: Kind) -> Vec<String> {
+        let base = |edit: &dyn Fn(&mut Report)| {
+            let mut report = report(kind, |f| f.event.waiting_ms = None);
+            (report.op, report.error, report.errno) = (None, None, None);
+            (report.since_reset_ms, report.since_close_ms) = (None, None);
+            edit(&mut report);
+            shape(&detail(&report))
+        };
+        let calls = |end: fn(&mut Report)| {
+            let mut shapes = Vec::new();
+            for op in ["send", "recv"] {
+                for error in ["ECONNRESET", "EPIPE", "EOF", "none"] {
+                    shapes.push(base(&|r: &mut Report| {
+                        (r.op, r.error) = (Some(op), Some(error));
+                        end(r);
+                    }));
+                }
+            }
+            shapes
+        };
+        match kind {
+            Kind::PeerResetIdle | Kind::PeerReset | Kind::LocalReset => {
+                vec![base(&|r| r.cause = Some("linger_zero_abort".into()))]
+            }
+            Kind::PeerCloseIdle => vec![base(&|_| {}), base(&|r| r.stalled_ms = Some(1500))],
+            Kind::WriteAfterReset => calls(|r| r.since_reset_ms = Some(300)),
+            Kind::WriteAfterClose => calls(|r| r.since_close_ms = Some(300)),
+            Kind::CloseWaitLingering | Kind::PoolRecovered => {
+                vec![base(&|r| r.age_ms = Some(2100))]
+            }
+            Kind::RequestStalled => vec![base(&|r| r.stalled_ms = Some(2300))],
+            Kind::PoolExhausted => vec![base(&|r| {
+                (r.connections, r.stalled_ms) = (Some(4), Some(2300));
+            })],
+            Kind::ZombieConnection => [1, 2]
+                .map(|n| {
+                    base(&|r| {
+                        (r.siblings, r.since_recv_ms) = (Some(n), Some(2600));
+                    })
+                })
+                .to_vec(),
+            Kind::IdleTimeoutDeath => vec![
+                base(&|r| r.error = Some("ETIMEDOUT")),
+                base(&|r| (r.error, r.since_recv_ms) = (Some("ETIMEDOUT"), Some(5000))),
+            ],
+            Kind::StateChange => vec![base(&|_| {})],
+        }
+    }
+
+    const KINDS: [Kind; 13] = [
+        Kind::PeerResetIdle,
+        Kind::PeerReset,
+        Kind::LocalReset,
+        Kind::PeerCloseIdle,
+        Kind::WriteAfterReset,
+        Kind::WriteAfterClose,
+        Kind::CloseWaitLingering,
+        Kind::RequestStalled,
+        Kind::PoolExhausted,
+        Kind::PoolRecovered,
+        Kind::ZombieConnection,
+        Kind::IdleTimeoutDeath,
+        Kind::StateChange,
+    ];
+
+    /// README.md's `watch` samples are laid out as `watch` prints them, with a DETAIL it
+    /// prints for their kind; its table headers are the one `watch` prints.
+    #[test]
+    fn the_readme_shows_lines_as_watch_prints_them() {
+        let readme = include_str!("../../../README.md");
+        let header = line(Widths::START, HEADER);
+        let is_time = |token: &str| {
+            token.len() == 12
+                && token.chars().enumerate().all(|(i, c)| {
+                    [2, 5].contains(&i) && c == ':' || i == 8 && c == '.' || c.is_ascii_digit()
+                })
+        };
+        let mut rows = 0;
+        for readme_line in readme.lines() {
+            if readme_line.starts_with("TIME ") {
+                assert_eq!(readme_line, header, "README.md's header is not watch's");
+                continue;
+            }
+            if !readme_line.split(' ').next().is_some_and(is_time) {
+                continue;
+            }
+            // TIME KIND PID/COMM LOCAL → REMOTE STATE IDLE, then DETAIL.
+            let mut rest = readme_line;
+            let mut cells = Vec::new();
+            for _ in 0..8 {
+                rest = rest.trim_start();
+                let end = rest.find(' ').unwrap_or(rest.len());
+                cells.push(&rest[..end]);
+                rest = &rest[end..];
+            }
+            let detail_text = rest.trim_start();
+            let Some(&kind) = KINDS.iter().find(|k| k.as_str() == cells[1]) else {
+                panic!("README.md: not a kind: {readme_line}");
+            };
+            let addresses = format!("{} → {}", cells[3], cells[5]);
+            let as_printed = line(
+                Widths::START,
+                [
+                    cells[0],
+                    cells[1],
+                    cells[2],
+                    &addresses,
+                    cells[6],
+                    cells[7],
+                    detail_text,
+                ],
+            );
+            assert_eq!(
+                readme_line, as_printed,
+                "README.md's line is not laid out as watch's"
+            );
+            let shapes = details(kind);
+            assert!(
+                shapes.contains(&shape(detail_text)),
+                "README.md shows a DETAIL watch does not print for {}: {detail_text:?}; \
+                 it prints {shapes:#?}",
+                kind.as_str()
+            );
+            rows += 1;
+        }
+        assert!(rows >= 15, "only {rows} sample lines found in README.md");
     }
 
     #[test]

@@ -522,7 +522,8 @@ impl Metrics {
     pub fn pools(&mut self, pools: &[Pool]) {
         self.pool_sockets.clear();
         self.pool_exhausted.clear();
-        for pool in pools {
+        // A pool with no socket (only recent connects, resets or deaths) has no gauge.
+        for pool in pools.iter().filter(|pool| pool.total > 0) {
             let workload = &pool.workload;
             let who = Who {
                 comm: pool.comm.clone(),
@@ -536,6 +537,7 @@ impl Metrics {
                 ("idle", pool.idle),
                 ("active", pool.active),
                 ("close_wait", pool.close_wait),
+                ("other", pool.other),
                 ("stalled", pool.stalled),
                 ("zombie", pool.zombie),
             ] {
@@ -714,12 +716,13 @@ mod tests {
             idle: 0,
             active: 0,
             close_wait: 0,
+            other: 0,
             stalled: 1,
             exhausted: true,
             oldest_stall_ms: 12_000,
             oldest_stall: Some(1),
             zombie: 0,
-            max_idle_ms: 5000,
+            max_idle_ms: Some(5000),
             connects_per_min: 0,
             resets_per_min: 0,
             deaths_per_min: 0,
@@ -768,6 +771,33 @@ mod tests {
             text.contains(r#"comm="api",namespace="payments",pod="api-7d9f8b6c5-x2x9z",container="5e1f7c3a9b2d",remote_port="5432""#),
             "{text}"
         );
+    }
+
+    #[test]
+    fn pool_gauges_count_sockets_and_a_pool_without_any_has_none() {
+        use crate::sockets::pools::Direction;
+        let (mut metrics, registry) = Metrics::new(100, 32768..=60999, "k");
+        let endpoint = "10.0.0.9:5432".parse().unwrap();
+        let mut holding = Pool::new(1, "app", 1, Direction::Outbound, endpoint);
+        (
+            holding.total,
+            holding.established,
+            holding.idle,
+            holding.other,
+        ) = (2, 1, 1, 1);
+        let mut churning = Pool::new(2, "churn", 1, Direction::Outbound, endpoint);
+        churning.resets_per_min = 1200;
+        metrics.pools(&[holding, churning]);
+        let text = encode(&registry);
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("connwatch_pool_sockets{")
+                    && l.contains(r#"comm="app""#)
+                    && l.contains(r#"state="other""#)
+                    && l.ends_with(" 1")),
+            "{text}"
+        );
+        assert!(!text.contains(r#"comm="churn""#), "{text}");
     }
 
     #[test]

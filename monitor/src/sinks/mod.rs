@@ -76,7 +76,11 @@ pub struct Report {
     pub cookie: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub inode: Option<u64>,
-    pub cgroup_id: u64,
+    /// The owner's cgroup v2 id, as the kernel program read it with the event; absent for
+    /// findings from the socket list (stalls, pools, zombies), which carry none (their
+    /// `cgroup` still names it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cgroup_id: Option<u64>,
     /// write_after_*: the call (`send` or `recv`) and what it got.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub op: Option<&'static str>,
@@ -153,7 +157,8 @@ impl Report {
             sock_id: sock_id(event.socket.skaddr, event.socket.born_ns),
             cookie: (event.cookie != 0).then_some(event.cookie),
             inode: (event.inode != 0).then_some(event.inode),
-            cgroup_id: event.cgroup_id,
+            // 0 is no cgroup's id: not known.
+            cgroup_id: (event.cgroup_id != 0).then_some(event.cgroup_id),
             op: io.map(|io| match io.op {
                 IoOp::Send => "send",
                 IoOp::Recv => "recv",
@@ -287,6 +292,20 @@ mod tests {
         finding.siblings = None;
         let json = serde_json::to_value(Report::new(&finding, &WallClock::now())).unwrap();
         assert!(json.get("siblings").is_none(), "absent, not null: {json}");
+    }
+
+    #[test]
+    fn cgroup_id_only_when_known() {
+        let mut event = from_raw(&raw_reset(0)).unwrap();
+        event.cgroup_id = 1;
+        let finding = Finding::new(Kind::PeerResetIdle, &event, event.owner.as_ref());
+        let json = serde_json::to_value(Report::new(&finding, &WallClock::now())).unwrap();
+        assert_eq!(json["cgroup_id"], 1);
+        // A finding from the socket list: the kernel program read no cgroup for it.
+        event.cgroup_id = 0;
+        let stalled = Finding::new(Kind::RequestStalled, &event, event.owner.as_ref());
+        let json = serde_json::to_value(Report::new(&stalled, &WallClock::now())).unwrap();
+        assert!(json.get("cgroup_id").is_none(), "absent, not 0: {json}");
     }
 
     #[test]

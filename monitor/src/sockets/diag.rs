@@ -210,7 +210,8 @@ pub fn take_snapshot(
 }
 
 /// This process's network namespace.
-fn own_namespace() -> Result<u64> {
+/// The calling thread's network namespace (its inode).
+pub fn own_namespace() -> Result<u64> {
     let link = std::fs::read_link("/proc/thread-self/ns/net")
         .context("reading /proc/thread-self/ns/net")?;
     link.to_str()

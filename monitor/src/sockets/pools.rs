@@ -7,6 +7,7 @@
 use std::{
     collections::{HashMap, HashSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::Arc,
 };
 
 use serde::Serialize;
@@ -106,6 +107,10 @@ pub struct Pool {
     /// threshold).
     pub active: u32,
     pub close_wait: u32,
+    /// In any other state: SYN_SENT, SYN_RECV, FIN_WAIT1/2, CLOSING, LAST_ACK, CLOSE (a
+    /// TIME_WAIT socket belongs to no process). `total` = `established` + `close_wait` +
+    /// `other`, and `established` = `idle` + `active` + `stalled`.
+    pub other: u32,
     /// ESTABLISHED with a request unanswered for at least the stall threshold.
     pub stalled: u32,
     /// Every established connection is stalled: the next request waits for a connection
@@ -118,7 +123,10 @@ pub struct Pool {
     pub oldest_stall: Option<u64>,
     /// `zombie_connection` now.
     pub zombie: u32,
-    pub max_idle_ms: u64,
+    /// The longest-idle ESTABLISHED connection's idle time; absent when none has a known
+    /// one (no established connection, or every one waiting on a request).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_idle_ms: Option<u64>,
     pub connects_per_min: u32,
     pub resets_per_min: u32,
     /// idle_timeout_death over the last minute.
@@ -143,8 +151,9 @@ enum Happened {
 /// Per-minute rates are summed over this many buckets of [`BUCKET_NS`].
 const BUCKETS: usize = 6;
 const BUCKET_NS: u64 = MINUTE_NS / BUCKETS as u64;
-/// At most this many (process, endpoint) rate windows: 4.5 MiB. A scan across many
-/// endpoints must not grow the agent; past it, new keys are not counted (and said so).
+/// At most this many (process, endpoint) rate windows: 184 bytes each (with the key), in a
+/// map of at most 131,072 slots: 23 MiB at most. A scan across many endpoints must not grow
+/// the agent; past it, new keys are not counted (and said so).
 const MAX_RATE_KEYS: usize = 65_536;
 
 /// What happened to one key over the last minute, in fixed memory: connects, resets and
@@ -193,17 +202,67 @@ impl RateWindow {
 /// socket before accept()).
 type RateKey = (u32, Direction, SocketAddr);
 
+/// One key's rates, and who it is as its last event named it: a process whose connections
+/// come and go between refreshes holds no socket to be named by, and is still shown.
+#[derive(Debug, Default, Clone)]
+struct Recent {
+    window: RateWindow,
+    /// The owner's name (the thread's, as events carry it), from its last reset or death;
+    /// connect counters carry none.
+    comm: Option<Arc<str>>,
+    /// The socket's network namespace, from the same event (0: not known).
+    netns: u64,
+}
+
 #[derive(Default)]
 pub struct PoolTracker {
     listeners: Listeners,
     /// What happened per key over the last minute.
-    recent: FastMap<RateKey, RateWindow>,
+    recent: FastMap<RateKey, Recent>,
     /// Connects, resets and deaths not counted because [`MAX_RATE_KEYS`] were in use.
     pub uncounted: u64,
     /// The kernel's connect counters as last read, to take the difference.
     connect_totals: FastMap<ConnectKey, u64>,
     pools: Vec<Pool>,
 }
+
+impl Pool {
+    /// A pool with no sockets counted yet.
+    pub fn new(
+        pid: u32,
+        comm: &str,
+        netns: u64,
+        direction: Direction,
+        endpoint: SocketAddr,
+    ) -> Pool {
+        Pool {
+            pid,
+            comm: comm.to_string(),
+            netns,
+            workload: Default::default(),
+            direction,
+            endpoint,
+            total: 0,
+            established: 0,
+            idle: 0,
+            active: 0,
+            close_wait: 0,
+            other: 0,
+            stalled: 0,
+            exhausted: false,
+            oldest_stall_ms: 0,
+            oldest_stall: None,
+            zombie: 0,
+            max_idle_ms: None,
+            connects_per_min: 0,
+            resets_per_min: 0,
+            deaths_per_min: 0,
+        }
+    }
+}
+
+/// A process's name where connwatch knows none: its sockets are gone and no event named it.
+pub const UNKNOWN_COMM: &str = "?";
 
 impl PoolTracker {
     pub fn listeners(&self) -> &Listeners {
@@ -236,18 +295,33 @@ impl PoolTracker {
             .listeners
             .classify(event.netns, event.local, event.remote);
         let pid = owner.map_or(0, |o| o.pid);
-        self.count((pid, direction, endpoint), event.mono_ns, happened, 1);
+        if let Some(recent) = self.count((pid, direction, endpoint), event.mono_ns, happened, 1) {
+            if let Some(owner) = owner {
+                // Shared, not copied.
+                recent.comm = Some(owner.comm.clone());
+            }
+            recent.netns = event.netns.unwrap_or(recent.netns);
+        }
     }
 
-    fn count(&mut self, key: RateKey, now_ns: u64, what: Happened, times: u32) {
+    fn count(
+        &mut self,
+        key: RateKey,
+        now_ns: u64,
+        what: Happened,
+        times: u32,
+    ) -> Option<&mut Recent> {
         if self.recent.len() >= MAX_RATE_KEYS && !self.recent.contains_key(&key) {
-            self.recent.retain(|_, window| !window.is_stale(now_ns));
+            self.recent
+                .retain(|_, recent| !recent.window.is_stale(now_ns));
             if self.recent.len() >= MAX_RATE_KEYS {
                 self.uncounted += u64::from(times);
-                return;
+                return None;
             }
         }
-        self.recent.entry(key).or_default().add(now_ns, what, times);
+        let recent = self.recent.entry(key).or_default();
+        recent.window.add(now_ns, what, times);
+        Some(recent)
     }
 
     /// Folds in the kernel's connect counters: the connects since the last reading. An
@@ -276,7 +350,10 @@ impl PoolTracker {
         self.listeners = listeners;
     }
 
-    /// Rebuilds the pools from a fresh snapshot, whose listeners were set.
+    /// Rebuilds the pools from a fresh snapshot, whose listeners were set: one per
+    /// (process, namespace, direction, endpoint) with sockets, and one for each process
+    /// that connected, reset or died towards an endpoint within the last minute and holds no
+    /// socket there now (a process that churns connections between refreshes).
     pub fn refresh(
         &mut self,
         snapshot: &[DiagSocket],
@@ -286,44 +363,33 @@ impl PoolTracker {
         idle_threshold_ms: u64,
         now_ns: u64,
     ) {
-        self.recent.retain(|_, window| !window.is_stale(now_ns));
+        self.recent
+            .retain(|_, recent| !recent.window.is_stale(now_ns));
         // The namespace too: a process's pools in two pods' namespaces are two pools.
         let mut pools: HashMap<(u32, u64, Direction, SocketAddr), Pool> = HashMap::new();
+        // Who listens where: accepted connections not yet accept()ed are charged to them.
+        let mut listening: Vec<(SocketAddr, u64, Task)> = Vec::new();
         for socket in snapshot {
             let state = socket.state.name();
-            // Listeners are not connections; TIME_WAIT and orphans belong to no process.
-            if state == "LISTEN" || socket.inode == 0 {
+            // TIME_WAIT and orphans belong to no process.
+            if socket.inode == 0 {
                 continue;
             }
             let Some(owner) = owner_of(socket.inode) else {
                 continue;
             };
+            // Listeners are not connections.
+            if state == "LISTEN" {
+                listening.push((socket.local, socket.netns, owner));
+                continue;
+            }
             let (direction, endpoint) =
                 self.listeners
                     .classify(Some(socket.netns), socket.local, socket.remote);
             let pool = pools
                 .entry((owner.pid, socket.netns, direction, endpoint))
-                .or_insert_with(|| Pool {
-                    pid: owner.pid,
-                    comm: owner.comm.to_string(),
-                    netns: socket.netns,
-                    workload: Default::default(),
-                    direction,
-                    endpoint,
-                    total: 0,
-                    established: 0,
-                    idle: 0,
-                    active: 0,
-                    close_wait: 0,
-                    stalled: 0,
-                    exhausted: false,
-                    oldest_stall_ms: 0,
-                    oldest_stall: None,
-                    zombie: 0,
-                    max_idle_ms: 0,
-                    connects_per_min: 0,
-                    resets_per_min: 0,
-                    deaths_per_min: 0,
+                .or_insert_with(|| {
+                    Pool::new(owner.pid, &owner.comm, socket.netns, direction, endpoint)
                 });
             pool.total += 1;
             if socket.state == TcpState(monitor_common::tcp_state::ESTABLISHED) {
@@ -338,30 +404,36 @@ impl PoolTracker {
                     }
                     // Waiting for its answer: busy, however quiet the line.
                     Some(_) => pool.active += 1,
-                    None => {
-                        let idle = socket.idle_ms().unwrap_or(0);
-                        pool.max_idle_ms = pool.max_idle_ms.max(idle);
-                        if idle >= idle_threshold_ms {
-                            pool.idle += 1;
-                        } else {
-                            pool.active += 1;
+                    None => match socket.idle_ms() {
+                        Some(idle) => {
+                            pool.max_idle_ms = Some(pool.max_idle_ms.unwrap_or(0).max(idle));
+                            if idle >= idle_threshold_ms {
+                                pool.idle += 1;
+                            } else {
+                                pool.active += 1;
+                            }
                         }
-                    }
+                        // No tcp_info: not known to be idle.
+                        None => pool.active += 1,
+                    },
                 }
             } else if state == "CLOSE_WAIT" {
                 pool.close_wait += 1;
+            } else {
+                pool.other += 1;
             }
             if zombie.contains(&socket.cookie) {
                 pool.zombie += 1;
             }
         }
+        self.add_churning(&mut pools, &listening, now_ns);
         for (key, pool) in pools.iter_mut() {
             let (pid, _, direction, endpoint) = *key;
             pool.exhausted = pool.established > 0 && pool.stalled == pool.established;
             let count = |rate_pid, what| {
                 self.recent
                     .get(&(rate_pid, direction, endpoint))
-                    .map_or(0, |window| window.per_minute(now_ns, what))
+                    .map_or(0, |recent| recent.window.per_minute(now_ns, what))
             };
             pool.connects_per_min = count(pid, Happened::Connect);
             pool.resets_per_min = count(pid, Happened::Reset);
@@ -370,9 +442,92 @@ impl PoolTracker {
                 // Accepted sockets are counted before accept() names their owner.
                 pool.connects_per_min += count(0, Happened::Connect);
                 pool.resets_per_min += count(0, Happened::Reset);
+                pool.deaths_per_min += count(0, Happened::Death);
             }
         }
         self.pools = pools.into_values().collect();
+    }
+
+    /// Adds a pool with no socket for each key that connected, reset or died within the
+    /// last minute and has no socket now: a process whose connections come and go between
+    /// refreshes, or that resets every one, is shown all the same. Connections accepted but
+    /// never named (pid 0) are the listening process's, where one alone listens there.
+    fn add_churning(
+        &self,
+        pools: &mut HashMap<(u32, u64, Direction, SocketAddr), Pool>,
+        listening: &[(SocketAddr, u64, Task)],
+        now_ns: u64,
+    ) {
+        let happened = |recent: &Recent| {
+            [Happened::Connect, Happened::Reset, Happened::Death]
+                .into_iter()
+                .any(|what| recent.window.per_minute(now_ns, what) > 0)
+        };
+        // Rate keys have no namespace: a process's pool there in any namespace takes them.
+        let with_sockets: HashSet<RateKey> = pools
+            .keys()
+            .map(|&(pid, _, direction, endpoint)| (pid, direction, endpoint))
+            .collect();
+        // Each process's name and namespace, from its sockets elsewhere.
+        let mut known: HashMap<u32, (&str, u64)> = HashMap::new();
+        for pool in pools.values() {
+            known.entry(pool.pid).or_insert((&pool.comm, pool.netns));
+        }
+        for (_, netns, task) in listening {
+            known.entry(task.pid).or_insert((&task.comm, *netns));
+        }
+        let mut churning = Vec::new();
+        for (&(pid, direction, endpoint), recent) in &self.recent {
+            if pid == 0 || with_sockets.contains(&(pid, direction, endpoint)) || !happened(recent) {
+                continue;
+            }
+            let other = known.get(&pid);
+            // The process's name as its other pools show it, else its thread's from events.
+            let comm = other
+                .map(|&(comm, _)| comm)
+                .or(recent.comm.as_deref())
+                .unwrap_or(UNKNOWN_COMM);
+            let netns = match recent.netns {
+                0 => other.map_or(0, |&(_, netns)| netns),
+                netns => netns,
+            };
+            churning.push(Pool::new(pid, comm, netns, direction, endpoint));
+        }
+        drop(known);
+        for pool in churning {
+            pools
+                .entry((pool.pid, pool.netns, pool.direction, pool.endpoint))
+                .or_insert(pool);
+        }
+        let inbound: HashSet<SocketAddr> = pools
+            .keys()
+            .filter(|&&(_, _, direction, _)| direction == Direction::Inbound)
+            .map(|&(_, _, _, endpoint)| endpoint)
+            .collect();
+        for (&(pid, direction, endpoint), recent) in &self.recent {
+            if pid != 0
+                || direction != Direction::Inbound
+                || inbound.contains(&endpoint)
+                || !happened(recent)
+            {
+                continue;
+            }
+            let mut listeners = listening.iter().filter(|(local, _, _)| {
+                local.port() == endpoint.port()
+                    && (local.ip() == endpoint.ip() || local.ip().is_unspecified())
+            });
+            let Some((_, netns, owner)) = listeners.next() else {
+                continue;
+            };
+            if listeners
+                .any(|(_, other_netns, other)| (other.pid, other_netns) != (owner.pid, netns))
+            {
+                continue;
+            }
+            pools
+                .entry((owner.pid, *netns, direction, endpoint))
+                .or_insert_with(|| Pool::new(owner.pid, &owner.comm, *netns, direction, endpoint));
+        }
     }
 }
 
@@ -440,6 +595,8 @@ mod tests {
         }
         window.add(start + 30 * second, Happened::Connect, 7);
         assert_eq!(std::mem::size_of::<RateWindow>(), 6 * 8 + 6 * 3 * 4);
+        // With its key, the owner's name and namespace: what MAX_RATE_KEYS says.
+        assert_eq!(std::mem::size_of::<(RateKey, Recent)>(), 184);
         let at = start + 40 * second;
         assert_eq!(window.per_minute(at, Happened::Reset), 1_000_000);
         assert_eq!(window.per_minute(at, Happened::Connect), 7);
@@ -504,7 +661,7 @@ mod tests {
         );
         let pool = &tracker.pools()[0];
         assert_eq!((pool.idle, pool.active, pool.stalled), (0, 1, 2));
-        assert_eq!(pool.max_idle_ms, 0, "a waiting request is not idleness");
+        assert_eq!(pool.max_idle_ms, None, "a waiting request is not idleness");
         assert!(
             !pool.exhausted,
             "one connection is still below the threshold"
@@ -522,6 +679,187 @@ mod tests {
         let pool = &tracker.pools()[0];
         assert!(pool.exhausted, "{pool:?}");
         assert_eq!((pool.oldest_stall_ms, pool.oldest_stall), (31_000, Some(2)));
+    }
+
+    /// `established` = `idle` + `active` + `stalled`; `total` = `established` +
+    /// `close_wait` + `other`.
+    fn assert_columns_add_up(pool: &Pool) {
+        assert_eq!(
+            pool.established,
+            pool.idle + pool.active + pool.stalled,
+            "{pool:?}"
+        );
+        assert_eq!(
+            pool.total,
+            pool.established + pool.close_wait + pool.other,
+            "{pool:?}"
+        );
+    }
+
+    #[test]
+    fn states_are_exclusive_and_the_columns_add_up() {
+        use monitor_common::tcp_state::*;
+        let to = "10.0.0.9:5432";
+        let mut snapshot = vec![
+            // Stalled, quiet for a minute: stalled only, not idle too.
+            socket("10.0.0.1:40001", to, ESTABLISHED, 1, 60_000),
+            // Idle.
+            socket("10.0.0.1:40002", to, ESTABLISHED, 2, 60_000),
+            // Active: recent data.
+            socket("10.0.0.1:40003", to, ESTABLISHED, 3, 10),
+            // Active: a request waiting below the threshold, on a quiet line.
+            socket("10.0.0.1:40004", to, ESTABLISHED, 4, 60_000),
+            // No tcp_info: not known to be idle.
+            socket("10.0.0.1:40005", to, ESTABLISHED, 5, 0),
+            socket("10.0.0.1:40006", to, CLOSE_WAIT, 6, 0),
+            // Neither ESTABLISHED nor CLOSE_WAIT: OTHER.
+            socket("10.0.0.1:40007", to, SYN_SENT, 7, 0),
+            socket("10.0.0.1:40008", to, FIN_WAIT2, 8, 0),
+            socket("10.0.0.1:40009", to, LAST_ACK, 9, 0),
+            // No process: not in any pool.
+            socket("10.0.0.1:40010", to, TIME_WAIT, 0, 0),
+        ];
+        snapshot[4].activity = None;
+        let outstanding = HashMap::from([(1, 30_000), (4, 2_000)]);
+        let mut tracker = PoolTracker::default();
+        tracker.set_listeners(Listeners::from_snapshot(&snapshot));
+        tracker.refresh(
+            &snapshot,
+            owner,
+            Requests {
+                outstanding: &outstanding,
+                stall_threshold_ms: 10_000,
+            },
+            &HashSet::new(),
+            1000,
+            0,
+        );
+        let [pool] = tracker.pools() else {
+            panic!("one pool: {:#?}", tracker.pools());
+        };
+        assert_eq!(
+            (pool.stalled, pool.idle, pool.active, pool.established),
+            (1, 1, 3, 5)
+        );
+        assert_eq!((pool.close_wait, pool.other, pool.total), (1, 3, 9));
+        assert_columns_add_up(pool);
+        // Only the idle-eligible connections: the stalled one waits, it is not idle.
+        assert_eq!(pool.max_idle_ms, Some(60_000));
+        let json = serde_json::to_value(pool).unwrap();
+        assert_eq!(
+            (&json["other"], &json["max_idle_ms"]),
+            (&3.into(), &60_000.into())
+        );
+    }
+
+    #[test]
+    fn max_idle_is_unknown_without_an_idle_candidate() {
+        use monitor_common::tcp_state::*;
+        let snapshot = vec![
+            socket("10.0.0.1:40001", "10.0.0.9:5432", CLOSE_WAIT, 1, 0),
+            socket("10.0.0.1:40002", "10.0.0.9:5432", CLOSE_WAIT, 2, 0),
+        ];
+        let mut tracker = PoolTracker::default();
+        tracker.set_listeners(Listeners::from_snapshot(&snapshot));
+        tracker.refresh(
+            &snapshot,
+            owner,
+            Requests {
+                outstanding: &HashMap::new(),
+                stall_threshold_ms: 10_000,
+            },
+            &HashSet::new(),
+            1000,
+            0,
+        );
+        let pool = &tracker.pools()[0];
+        assert_eq!((pool.close_wait, pool.max_idle_ms), (2, None), "not 0ms");
+        assert_columns_add_up(pool);
+        let json = serde_json::to_value(pool).unwrap();
+        assert!(json.get("max_idle_ms").is_none(), "absent, not 0: {json}");
+    }
+
+    #[test]
+    fn a_process_with_recent_events_and_no_socket_is_still_a_pool() {
+        use crate::events::{from_raw, tests::raw_reset};
+        use monitor_common::tcp_state::*;
+        let s = 1_000_000_000u64;
+        // A server on :8080 (pid 20) that resets each connection it accepts, and its client
+        // psql (pid 42, in namespace 7) that is reset: neither holds a connection at the
+        // refresh.
+        let snapshot = vec![socket("0.0.0.0:8080", "0.0.0.0:0", LISTEN, 200, 0)];
+        let mut tracker = PoolTracker::default();
+        tracker.set_listeners(Listeners::from_snapshot(&snapshot));
+        let mut reset = raw_reset(0);
+        reset.tuple.dport = 8080;
+        let mut event = from_raw(&reset).unwrap();
+        event.netns = Some(7);
+        for i in 0..20 {
+            event.mono_ns = i * s / 20;
+            tracker.event(&event, event.owner.clone().as_ref());
+        }
+        // 30 connects the kernel counted for each side; the accepted ones' owner unknown.
+        let loopback = Ipv4Addr::LOCALHOST.to_ipv6_mapped().octets();
+        let client = ConnectKey {
+            addr: loopback,
+            tgid: 42,
+            port: 8080,
+            inbound: 0,
+            ipv6: 0,
+        };
+        let accepted = ConnectKey {
+            tgid: 0,
+            inbound: 1,
+            ..client
+        };
+        tracker.connects(&[(client, 30), (accepted, 30)], s);
+        let refresh = |tracker: &mut PoolTracker, at: u64| {
+            tracker.refresh(
+                &snapshot,
+                owner,
+                Requests {
+                    outstanding: &HashMap::new(),
+                    stall_threshold_ms: 10_000,
+                },
+                &HashSet::new(),
+                1000,
+                at,
+            );
+            let mut pools = tracker.pools().to_vec();
+            pools.sort_by_key(|p| p.pid);
+            pools
+        };
+        let pools = refresh(&mut tracker, 2 * s);
+        assert_eq!(pools.len(), 2, "{pools:#?}");
+        let (server, client) = (&pools[0], &pools[1]);
+        assert_eq!(
+            (server.pid, server.comm.as_str(), server.direction),
+            (20, "app20", Direction::Inbound),
+            "accepted connections are the listening process's"
+        );
+        assert_eq!(server.endpoint.to_string(), "127.0.0.1:8080");
+        assert_eq!((server.total, server.connects_per_min), (0, 30));
+        assert_eq!(
+            (client.pid, client.comm.as_str(), client.netns),
+            (42, "psql", 7),
+            "named by its events"
+        );
+        assert_eq!(
+            (client.direction, client.endpoint.to_string().as_str()),
+            (Direction::Outbound, "127.0.0.1:8080")
+        );
+        assert_eq!(
+            (
+                client.total,
+                client.resets_per_min,
+                client.connects_per_min,
+                client.max_idle_ms
+            ),
+            (0, 20, 30, None)
+        );
+        assert_columns_add_up(client);
+        // A minute without events: gone.
+        assert!(refresh(&mut tracker, 80 * s).is_empty());
     }
 
     #[test]
@@ -564,7 +902,7 @@ mod tests {
         );
         assert_eq!(
             (out.close_wait, out.oldest_stall_ms, out.max_idle_ms),
-            (1, 30_000, 5000)
+            (1, 30_000, Some(5000))
         );
         assert!(!out.exhausted, "one of two connections is idle");
         let inbound = &pools[1];
