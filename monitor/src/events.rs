@@ -86,6 +86,7 @@ impl TcpState {
     pub const SYN_RECV: TcpState = TcpState(monitor_common::tcp_state::SYN_RECV);
     pub const CLOSE: TcpState = TcpState(monitor_common::tcp_state::CLOSE);
     pub const CLOSE_WAIT: TcpState = TcpState(monitor_common::tcp_state::CLOSE_WAIT);
+    pub const LAST_ACK: TcpState = TcpState(monitor_common::tcp_state::LAST_ACK);
     pub const TIME_WAIT: TcpState = TcpState(monitor_common::tcp_state::TIME_WAIT);
 
     pub fn name(self) -> &'static str {

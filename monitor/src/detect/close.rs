@@ -94,8 +94,18 @@ impl CloseDetector {
             _ => return,
         }
         if event.new_state != TcpState::CLOSE_WAIT {
-            if event.old_state == TcpState::CLOSE_WAIT && self.pending.remove(&skaddr).is_some() {
-                self.handled += 1;
+            if event.old_state == TcpState::CLOSE_WAIT
+                && let Some(pending) = self.pending.remove(&skaddr)
+            {
+                if event.new_state == TcpState::LAST_ACK {
+                    // The application's close() sent its FIN: handled.
+                    self.handled += 1;
+                } else {
+                    // Straight to CLOSE: the peer reset it, because the application wrote
+                    // into it (on loopback the RST is in before the send returns), or an
+                    // abort. Either way it was still held: confirmed now.
+                    findings.push(pending.finding);
+                }
             }
             self.waiting.remove(&skaddr);
             return;
@@ -266,6 +276,12 @@ mod tests {
         close.observe(&closed, None, &mut findings);
         close.due(u64::MAX, &mut findings);
         assert!(findings.is_empty(), "{findings:?}");
+        assert_eq!(close.handled, 1);
+        // Reset while still in CLOSE_WAIT (the peer's answer to a write): still held.
+        close.observe(&fin_at(1500, 10_000_000), None, &mut findings);
+        let reset = transition(tcp_state::CLOSE_WAIT, tcp_state::CLOSE, 0, 20_000_000);
+        close.observe(&reset, None, &mut findings);
+        assert_eq!(findings.len(), 1, "confirmed at the reset");
         assert_eq!(close.handled, 1);
     }
 
