@@ -681,6 +681,26 @@ mod tests {
         assert_eq!((pool.oldest_stall_ms, pool.oldest_stall), (31_000, Some(2)));
     }
 
+    /// Refreshes `tracker` from `snapshot` (its listeners included) with `outstanding`
+    /// requests at a 10 s stall threshold, no zombies and a 1 s idle threshold; the pools
+    /// by pid.
+    fn refreshed(
+        tracker: &mut PoolTracker,
+        snapshot: &[DiagSocket],
+        outstanding: &HashMap<u64, u64>,
+        at: u64,
+    ) -> Vec<Pool> {
+        tracker.set_listeners(Listeners::from_snapshot(snapshot));
+        let requests = Requests {
+            outstanding,
+            stall_threshold_ms: 10_000,
+        };
+        tracker.refresh(snapshot, owner, requests, &HashSet::new(), 1000, at);
+        let mut pools = tracker.pools().to_vec();
+        pools.sort_by_key(|p| p.pid);
+        pools
+    }
+
     /// `established` = `idle` + `active` + `stalled`; `total` = `established` +
     /// `close_wait` + `other`.
     fn assert_columns_add_up(pool: &Pool) {
@@ -721,21 +741,9 @@ mod tests {
         ];
         snapshot[4].activity = None;
         let outstanding = HashMap::from([(1, 30_000), (4, 2_000)]);
-        let mut tracker = PoolTracker::default();
-        tracker.set_listeners(Listeners::from_snapshot(&snapshot));
-        tracker.refresh(
-            &snapshot,
-            owner,
-            Requests {
-                outstanding: &outstanding,
-                stall_threshold_ms: 10_000,
-            },
-            &HashSet::new(),
-            1000,
-            0,
-        );
-        let [pool] = tracker.pools() else {
-            panic!("one pool: {:#?}", tracker.pools());
+        let pools = refreshed(&mut PoolTracker::default(), &snapshot, &outstanding, 0);
+        let [pool] = &pools[..] else {
+            panic!("one pool: {pools:#?}");
         };
         assert_eq!(
             (pool.stalled, pool.idle, pool.active, pool.established),
@@ -759,20 +767,8 @@ mod tests {
             socket("10.0.0.1:40001", "10.0.0.9:5432", CLOSE_WAIT, 1, 0),
             socket("10.0.0.1:40002", "10.0.0.9:5432", CLOSE_WAIT, 2, 0),
         ];
-        let mut tracker = PoolTracker::default();
-        tracker.set_listeners(Listeners::from_snapshot(&snapshot));
-        tracker.refresh(
-            &snapshot,
-            owner,
-            Requests {
-                outstanding: &HashMap::new(),
-                stall_threshold_ms: 10_000,
-            },
-            &HashSet::new(),
-            1000,
-            0,
-        );
-        let pool = &tracker.pools()[0];
+        let pools = refreshed(&mut PoolTracker::default(), &snapshot, &HashMap::new(), 0);
+        let pool = &pools[0];
         assert_eq!((pool.close_wait, pool.max_idle_ms), (2, None), "not 0ms");
         assert_columns_add_up(pool);
         let json = serde_json::to_value(pool).unwrap();
@@ -814,20 +810,7 @@ mod tests {
         };
         tracker.connects(&[(client, 30), (accepted, 30)], s);
         let refresh = |tracker: &mut PoolTracker, at: u64| {
-            tracker.refresh(
-                &snapshot,
-                owner,
-                Requests {
-                    outstanding: &HashMap::new(),
-                    stall_threshold_ms: 10_000,
-                },
-                &HashSet::new(),
-                1000,
-                at,
-            );
-            let mut pools = tracker.pools().to_vec();
-            pools.sort_by_key(|p| p.pid);
-            pools
+            refreshed(tracker, &snapshot, &HashMap::new(), at)
         };
         let pools = refresh(&mut tracker, 2 * s);
         assert_eq!(pools.len(), 2, "{pools:#?}");
@@ -944,20 +927,7 @@ mod tests {
         let s = 1_000_000_000u64;
         let mut tracker = PoolTracker::default();
         let rates = |tracker: &mut PoolTracker, at: u64| {
-            tracker.set_listeners(Listeners::from_snapshot(&snapshot));
-            tracker.refresh(
-                &snapshot,
-                owner,
-                Requests {
-                    outstanding: &HashMap::new(),
-                    stall_threshold_ms: 10_000,
-                },
-                &HashSet::new(),
-                1000,
-                at,
-            );
-            let mut pools = tracker.pools().to_vec();
-            pools.sort_by_key(|p| p.pid);
+            let pools = refreshed(tracker, &snapshot, &HashMap::new(), at);
             pools.iter().map(|p| p.connects_per_min).collect::<Vec<_>>()
         };
         tracker.connects(&[(out, 5), (inbound, 3)], 0);
