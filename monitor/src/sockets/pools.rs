@@ -809,9 +809,8 @@ mod tests {
             ..client
         };
         tracker.connects(&[(client, 30), (accepted, 30)], s);
-        let refresh = |tracker: &mut PoolTracker, at: u64| {
-            refreshed(tracker, &snapshot, &HashMap::new(), at)
-        };
+        let refresh =
+            |tracker: &mut PoolTracker, at: u64| refreshed(tracker, &snapshot, &HashMap::new(), at);
         let pools = refresh(&mut tracker, 2 * s);
         assert_eq!(pools.len(), 2, "{pools:#?}");
         let (server, client) = (&pools[0], &pools[1]);
