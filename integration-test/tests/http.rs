@@ -280,9 +280,20 @@ fn idle_and_slow_clients_do_not_exhaust_the_daemon() {
     drop(pairs);
 
     let stopped = daemon.stop_with(Signal::SIGTERM);
+    // Out of descriptors, only the accept loop may say so (it backs off and sheds, said
+    // once); the refresh, its /proc walk and sock_diag must never run out.
+    let out_of_files = |line: &&str| {
+        line.contains("Too many open files") || line.contains("No file descriptors available")
+    };
+    let elsewhere: Vec<&str> = stopped
+        .stderr
+        .lines()
+        .filter(out_of_files)
+        .filter(|line| !line.contains("cannot accept HTTP connections"))
+        .collect();
+    assert!(elsewhere.is_empty(), "{}", stopped.stderr);
     assert!(
-        !stopped.stderr.contains("Too many open files")
-            && !stopped.stderr.contains("No file descriptors available"),
+        !stopped.stderr.contains("cannot list sockets"),
         "{}",
         stopped.stderr
     );
