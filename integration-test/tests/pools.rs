@@ -315,8 +315,9 @@ fn top_shows_a_process_that_is_reset_and_holds_no_socket() {
         }
         listener
     });
-    // --once prints the second refresh: the resets happen between the two.
-    let top = Watch::spawn(&["top", "--once", "--json", "--refresh", "3s"]);
+    // --once prints the second refresh: the resets happen between the two (10 s: python
+    // takes seconds to start in a guest without KVM).
+    let top = Watch::spawn(&["top", "--once", "--json", "--refresh", "10s"]);
     let mut client = Command::new("python3")
         .args([
             "-c",
