@@ -217,12 +217,8 @@ impl Pipeline {
                     .iter()
                     .find(|s| Some(s.cookie) == pool.oldest_stall)?;
                 let owner = owner_of(socket.inode);
-                let event = snapshot_event(
-                    socket,
-                    owner.clone(),
-                    mono_now_ns,
-                    Some(pool.oldest_stall_ms),
-                );
+                let event =
+                    snapshot_event(socket, owner.clone(), mono_now_ns, pool.oldest_stall_ms);
                 Some(Finding::new(Kind::PoolExhausted, &event, owner.as_ref()))
             },
             &mut self.findings,

@@ -12,9 +12,9 @@ use serde::Serialize;
 use crate::{
     args::PipelineArgs,
     detect::Finding,
-    engine::{Consumer, Engine, Flow, Shutdown},
+    engine::{Consumer, Engine, Flow, Shutdown, Streams},
     probes::ProbeOptions,
-    sinks::cli::format_ms,
+    sinks::{Loss, cli::format_ms},
     sockets::pools::{Direction, Pool, UNKNOWN_COMM},
     watch::output_closed,
 };
@@ -179,11 +179,9 @@ fn table(pools: &[Pool]) -> String {
                 &numbers[5],
                 &numbers[6],
                 // How long the oldest stalled request has waited: the episode's age at least.
-                &if p.exhausted {
-                    format_ms(p.oldest_stall_ms)
-                } else {
-                    "-".into()
-                },
+                &p.oldest_stall_ms
+                    .filter(|_| p.exhausted)
+                    .map_or_else(|| "-".into(), format_ms),
                 &rates[0],
                 // Unknown: no established connection with a known idle time.
                 &p.max_idle_ms.map_or_else(|| "-".into(), format_ms),
@@ -253,7 +251,7 @@ impl Consumer for Screen {
         Ok(Flow::Continue)
     }
 
-    fn lost(&mut self, _count: u64, _total: u64) -> Result<Flow> {
+    fn lost(&mut self, _loss: &Loss) -> Result<Flow> {
         Ok(Flow::Continue)
     }
 
@@ -276,7 +274,7 @@ impl Consumer for Screen {
 }
 
 pub async fn run(args: TopArgs) -> Result<()> {
-    let mut engine = Engine::start(&args.probes, &args.pipeline, false)?;
+    let mut engine = Engine::start(&args.probes, &args.pipeline, &Streams::default())?;
     let shutdown = Shutdown::install()?;
     // As `watch` says it: from here, connects are counted.
     log::info!("watching");
@@ -306,7 +304,7 @@ mod tests {
         let mut exhausted = pool(4242, "python3", Direction::Outbound, "10.0.0.9:5432");
         exhausted.netns = 4026532177;
         (exhausted.total, exhausted.established, exhausted.stalled) = (4, 4, 4);
-        (exhausted.exhausted, exhausted.oldest_stall_ms) = (true, 31_200);
+        (exhausted.exhausted, exhausted.oldest_stall_ms) = (true, Some(31_200));
         exhausted.workload.namespace = Some("payments".into());
         exhausted.workload.pod = Some("api-7d9f8b6c5-x2x9z".into());
         let mut server = pool(1717, "postgres", Direction::Inbound, "10.0.0.7:5432");

@@ -1,7 +1,7 @@
 //! `connwatch watch`: live findings on the terminal or as NDJSON.
 use std::{
     io::{self, ErrorKind},
-    time::{Duration, SystemTime},
+    time::Duration,
 };
 
 use anyhow::{Context as _, Result};
@@ -10,9 +10,9 @@ use tokio::time::{Instant, sleep_until};
 use crate::{
     args::{PipelineArgs, parse_positive_duration},
     detect::{Finding, Kind},
-    engine::{Consumer, Engine, Flow, Shutdown},
-    probes::ProbeOptions,
-    sinks::{Report, Sink, WallClock, cli::CliSink, json::JsonSink},
+    engine::{Consumer, Engine, Flow, Shutdown, Streams},
+    probes::{ProbeOptions, filter::KernelFilter},
+    sinks::{Loss, Report, Sink, WallClock, cli::CliSink, json::JsonSink},
 };
 
 #[derive(Debug, clap::Args)]
@@ -97,8 +97,8 @@ impl Consumer for Output {
         })
     }
 
-    fn lost(&mut self, count: u64, total: u64) -> Result<Flow> {
-        match self.sink.lost(SystemTime::now(), count, total) {
+    fn lost(&mut self, loss: &Loss) -> Result<Flow> {
+        match self.sink.lost(loss) {
             Ok(()) => Ok(Flow::Continue),
             Err(err) => output_closed(err),
         }
@@ -106,8 +106,11 @@ impl Consumer for Output {
 }
 
 pub async fn run(args: WatchArgs) -> Result<()> {
-    let state_changes = args.all || args.kind.contains(&Kind::StateChange);
-    let mut engine = Engine::start(&args.probes, &args.pipeline, state_changes)?;
+    let streams = Streams {
+        state_changes: args.all || args.kind.contains(&Kind::StateChange),
+        filter: KernelFilter::new(&args.pid, &args.comm, &args.port)?,
+    };
+    let mut engine = Engine::start(&args.probes, &args.pipeline, &streams)?;
     let stdout = crate::output::stdout().writer();
     let mut output = Output {
         sink: if args.json {

@@ -9,7 +9,11 @@ use std::{
     io::{BufRead, BufReader, Read, Write},
     net::{TcpListener, TcpStream},
     process::{Child, Command, ExitStatus, Stdio},
-    sync::{Arc, LazyLock, Mutex, mpsc},
+    sync::{
+        Arc, LazyLock, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        mpsc,
+    },
     thread,
     time::{Duration, Instant},
 };
@@ -538,4 +542,60 @@ pub fn as_nobody(caps: &str) -> Command {
         .arg("--")
         .arg(&*CONNWATCH);
     command
+}
+
+/// Resets connections to `listener` in a loop until `stop`: each one a finding or two.
+pub struct ResetFlood {
+    stop: Arc<AtomicBool>,
+    resets: Arc<AtomicU64>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl ResetFlood {
+    pub fn start(listener: TcpListener) -> ResetFlood {
+        let stop = Arc::new(AtomicBool::new(false));
+        let resets = Arc::new(AtomicU64::new(0));
+        let port = listener.local_addr().unwrap().port();
+        let thread = {
+            let (stop, resets) = (stop.clone(), resets.clone());
+            thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let client = TcpStream::connect(("127.0.0.1", port)).unwrap();
+                    abort(listener.accept().unwrap().0);
+                    drop(client);
+                    resets.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        };
+        ResetFlood {
+            stop,
+            resets,
+            thread: Some(thread),
+        }
+    }
+
+    /// Resets made so far.
+    pub fn resets(&self) -> u64 {
+        self.resets.load(Ordering::Relaxed)
+    }
+
+    pub fn stop(mut self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.take().unwrap().join().unwrap();
+        self.resets.load(Ordering::Relaxed)
+    }
+}
+
+/// The `N <label>` figure of the stop summary in `text` (`stopped: 12 events read, 0 lost,
+/// …`): `summary_count(stderr, "lost")`.
+pub fn summary_count(text: &str, label: &str) -> u64 {
+    text.lines()
+        .filter_map(|line| line.split("stopped: ").nth(1))
+        .next_back()
+        .and_then(|summary| {
+            summary
+                .split(", ")
+                .find_map(|part| part.strip_suffix(label)?.strip_suffix(' ')?.parse().ok())
+        })
+        .unwrap_or_else(|| panic!("no `N {label}` in a stop summary: {text}"))
 }

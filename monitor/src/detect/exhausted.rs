@@ -37,7 +37,7 @@ impl ExhaustionDetector {
                     };
                     finding.kind = Kind::PoolExhausted;
                     finding.connections = Some(pool.established);
-                    finding.stalled_ms = Some(pool.oldest_stall_ms);
+                    finding.stalled_ms = pool.oldest_stall_ms;
                     findings.push(finding.clone());
                     finding
                 }
@@ -76,7 +76,7 @@ mod tests {
             other: 0,
             stalled,
             exhausted: stalled == established,
-            oldest_stall_ms: 12_000,
+            oldest_stall_ms: Some(12_000),
             oldest_stall: Some(1),
             zombie: 0,
             max_idle_ms: None,

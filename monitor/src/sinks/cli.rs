@@ -1,7 +1,7 @@
 //! Human-readable lines for a terminal during an incident.
-use std::{io::Write, time::SystemTime};
+use std::io::Write;
 
-use super::{Report, Sink};
+use super::{Loss, Report, Sink};
 use crate::detect::Kind;
 
 pub struct CliSink<W: Write> {
@@ -189,13 +189,16 @@ impl<W: Write> Sink for CliSink<W> {
         self.out.flush()
     }
 
-    fn lost(&mut self, at: SystemTime, count: u64, total: u64) -> std::io::Result<()> {
-        let ts = humantime::format_rfc3339_millis(at).to_string();
+    fn lost(&mut self, loss: &Loss) -> std::io::Result<()> {
+        let ts = humantime::format_rfc3339_millis(loss.at).to_string();
         writeln!(
             self.out,
-            "{:<12} events_lost          {count} events dropped by the kernel ({total} in all): \
-             ring buffer full, raise --ring-buffer-size",
-            clock_time(&ts)
+            "{:<12} events_lost          {} events dropped by the kernel ({} in all): ring \
+             buffer full, raise --ring-buffer-size; {}",
+            clock_time(&ts),
+            loss.count,
+            loss.total,
+            loss.scope()
         )?;
         self.out.flush()
     }

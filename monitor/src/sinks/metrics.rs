@@ -719,7 +719,7 @@ mod tests {
             other: 0,
             stalled: 1,
             exhausted: true,
-            oldest_stall_ms: 12_000,
+            oldest_stall_ms: Some(12_000),
             oldest_stall: Some(1),
             zombie: 0,
             max_idle_ms: Some(5000),

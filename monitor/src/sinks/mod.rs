@@ -208,8 +208,29 @@ fn sock_id(skaddr: u64, born_ns: u64) -> String {
 
 pub trait Sink {
     fn finding(&mut self, report: &Report) -> io::Result<()>;
-    /// The kernel dropped `count` events (ring buffer full); `total` since start.
-    fn lost(&mut self, at: SystemTime, count: u64, total: u64) -> io::Result<()>;
+    fn lost(&mut self, loss: &Loss) -> io::Result<()>;
+}
+
+/// The kernel dropped `count` events (ring buffer full); `total` since start.
+pub struct Loss<'a> {
+    pub at: SystemTime,
+    pub count: u64,
+    pub total: u64,
+    /// The kernel filter the lost events had passed (`--port 5432`): they may have matched
+    /// it. `None`: nothing was filtered in the kernel, so they may be any event.
+    pub within: Option<&'a str>,
+}
+
+impl Loss<'_> {
+    /// Whether the lost events could have been ones being watched, in words.
+    pub fn scope(&self) -> String {
+        match self.within {
+            Some(filter) => {
+                format!("they passed the kernel filter ({filter}), so some may be yours")
+            }
+            None => "no filter ran in the kernel, so they may be any event".to_string(),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -116,8 +116,9 @@ pub struct Pool {
     /// Every established connection is stalled: the next request waits for a connection
     /// ("QueuePool limit reached"), or opens one more.
     pub exhausted: bool,
-    /// How long the oldest stalled request has waited.
-    pub oldest_stall_ms: u64,
+    /// How long the oldest stalled request has waited; absent when none has.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub oldest_stall_ms: Option<u64>,
     /// The socket of the oldest stalled request (its cookie), to name in findings.
     #[serde(skip)]
     pub oldest_stall: Option<u64>,
@@ -250,7 +251,7 @@ impl Pool {
             other: 0,
             stalled: 0,
             exhausted: false,
-            oldest_stall_ms: 0,
+            oldest_stall_ms: None,
             oldest_stall: None,
             zombie: 0,
             max_idle_ms: None,
@@ -397,8 +398,8 @@ impl PoolTracker {
                 match requests.outstanding.get(&socket.cookie) {
                     Some(&waited) if waited >= requests.stall_threshold_ms => {
                         pool.stalled += 1;
-                        if waited >= pool.oldest_stall_ms {
-                            pool.oldest_stall_ms = waited;
+                        if pool.oldest_stall_ms.is_none_or(|oldest| waited >= oldest) {
+                            pool.oldest_stall_ms = Some(waited);
                             pool.oldest_stall = Some(socket.cookie);
                         }
                     }
@@ -678,7 +679,10 @@ mod tests {
         );
         let pool = &tracker.pools()[0];
         assert!(pool.exhausted, "{pool:?}");
-        assert_eq!((pool.oldest_stall_ms, pool.oldest_stall), (31_000, Some(2)));
+        assert_eq!(
+            (pool.oldest_stall_ms, pool.oldest_stall),
+            (Some(31_000), Some(2))
+        );
     }
 
     /// Refreshes `tracker` from `snapshot` (its listeners included) with `outstanding`
@@ -884,7 +888,7 @@ mod tests {
         );
         assert_eq!(
             (out.close_wait, out.oldest_stall_ms, out.max_idle_ms),
-            (1, 30_000, Some(5000))
+            (1, Some(30_000), Some(5000))
         );
         assert!(!out.exhausted, "one of two connections is idle");
         let inbound = &pools[1];
