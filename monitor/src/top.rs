@@ -105,13 +105,13 @@ fn table(pools: &[Pool]) -> String {
         .unwrap_or(0)
         .max(ENDPOINT_WIDTH);
     let mut out = String::new();
-    let row = |out: &mut String, cells: [&str; 19]| {
+    let row = |out: &mut String, cells: [&str; 20]| {
         let [pid, comm, netns, dir, endpoint, rest @ ..] = cells;
         let _ = write!(
             out,
             "{pid:>8} {comm:<16} {netns:>10} {dir:<4} {endpoint:<endpoint_width$}"
         );
-        let widths = [5, 5, 5, 6, 7, 5, 7, 9, 6, 8, 8, 7, 8];
+        let widths = [5, 5, 5, 6, 7, 5, 7, 9, 6, 8, 10, 8, 7, 8];
         for (cell, width) in rest.iter().zip(widths) {
             let _ = write!(out, " {cell:>width$}");
         }
@@ -135,6 +135,7 @@ fn table(pools: &[Pool]) -> String {
             "EXHAUSTED",
             "ZOMBIE",
             "MAX_IDLE",
+            "IDLE_LIMIT",
             "CONN/MIN",
             "RST/MIN",
             "DIED/MIN",
@@ -185,6 +186,9 @@ fn table(pools: &[Pool]) -> String {
                 &rates[0],
                 // Unknown: no established connection with a known idle time.
                 &p.max_idle_ms.map_or_else(|| "-".into(), format_ms),
+                // Learned from kills on the path (README, "Idle limits"), `-` until then.
+                &p.idle_limit_ms
+                    .map_or_else(|| "-".into(), |ms| format!("~{}", format_ms(ms))),
                 &rates[1],
                 &rates[2],
                 &rates[3],
@@ -307,6 +311,7 @@ mod tests {
         (exhausted.exhausted, exhausted.oldest_stall_ms) = (true, Some(31_200));
         exhausted.workload.namespace = Some("payments".into());
         exhausted.workload.pod = Some("api-7d9f8b6c5-x2x9z".into());
+        exhausted.idle_limit_ms = Some(300_000);
         let mut server = pool(1717, "postgres", Direction::Inbound, "10.0.0.7:5432");
         (server.total, server.established, server.idle, server.active) = (42, 40, 30, 10);
         (server.close_wait, server.other) = (1, 1);

@@ -9,10 +9,17 @@ use tokio::time::{Instant, sleep_until};
 
 use crate::{
     args::{PipelineArgs, parse_positive_duration},
-    detect::{Finding, Kind},
+    detect::{
+        Finding, Kind,
+        idle_limit::{IdleLimit, Path},
+    },
     engine::{Consumer, Engine, Flow, Shutdown, Streams},
     probes::{ProbeOptions, filter::KernelFilter},
-    sinks::{Loss, Report, Sink, WallClock, cli::CliSink, json::JsonSink},
+    sinks::{
+        Loss, Report, Sink, WallClock,
+        cli::{CliSink, format_ms},
+        json::JsonSink,
+    },
 };
 
 #[derive(Debug, clap::Args)]
@@ -139,7 +146,40 @@ pub async fn run(args: WatchArgs) -> Result<()> {
     };
     let outcome = engine.run(&mut output, stop).await;
     log::info!("{}", engine.summary(output.printed));
+    let limits = engine.pipeline.idle_limits();
+    for (path, limit) in limits.iter().take(SUMMARY_LIMITS) {
+        log::info!("{}", idle_limit_line(path, limit));
+    }
+    if limits.len() > SUMMARY_LIMITS {
+        log::info!(
+            "{} more paths with an idle limit: `connwatch top` shows each pool's",
+            limits.len() - SUMMARY_LIMITS
+        );
+    }
     outcome
+}
+
+/// Idle limits named at stop, at most: the paths with the most kills.
+const SUMMARY_LIMITS: usize = 10;
+
+/// What a path's idle limit is, what it rests on, and what to set.
+fn idle_limit_line(path: &Path, limit: &IdleLimit) -> String {
+    let survived = limit.survived_ms.map_or_else(String::new, |ms| {
+        format!(", the longest idle survived {}", format_ms(ms))
+    });
+    format!(
+        "idle limit: connections to {} ({}, netns {}) are killed after ~{} idle ({} kills, {} \
+         of them at {}–{}{survived}): keep the pool's idle timeout or max lifetime below it, \
+         or TCP keepalive time",
+        path.endpoint,
+        path.direction.as_str(),
+        path.netns,
+        format_ms(limit.limit_ms),
+        limit.kills,
+        limit.clustered,
+        format_ms(limit.limit_ms),
+        format_ms(limit.high_ms),
+    )
 }
 
 /// A closed stdout (e.g. `| head`) ends the watch quietly; other write errors are errors.
@@ -148,5 +188,33 @@ pub fn output_closed(err: io::Error) -> Result<Flow> {
         Ok(Flow::Stop)
     } else {
         Err(err).context("writing to stdout")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sockets::pools::Direction;
+
+    #[test]
+    fn an_idle_limit_line_says_what_to_set() {
+        let path = Path {
+            netns: 4026531840,
+            direction: Direction::Outbound,
+            endpoint: "10.0.0.5:5432".parse().unwrap(),
+        };
+        let limit = IdleLimit {
+            limit_ms: 300_000,
+            clustered: 4,
+            kills: 5,
+            high_ms: 306_000,
+            survived_ms: Some(240_000),
+        };
+        assert_eq!(
+            idle_limit_line(&path, &limit),
+            "idle limit: connections to 10.0.0.5:5432 (outbound, netns 4026531840) are killed \
+             after ~5m00s idle (5 kills, 4 of them at 5m00s–5m06s, the longest idle survived \
+             4m00s): keep the pool's idle timeout or max lifetime below it, or TCP keepalive time"
+        );
     }
 }

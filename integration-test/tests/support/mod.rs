@@ -149,6 +149,11 @@ impl Watch {
         self.child.id()
     }
 
+    /// The events printed so far.
+    pub fn events(&self) -> Vec<Value> {
+        self.events.lock().unwrap().clone()
+    }
+
     /// Waits until `done` holds for the events so far; panics with them on timeout.
     pub fn wait_for(&self, what: &str, done: impl Fn(&[Value]) -> bool) {
         let deadline = Instant::now() + EVENT_TIMEOUT;

@@ -80,6 +80,7 @@ mod tests {
             oldest_stall: Some(1),
             zombie: 0,
             max_idle_ms: None,
+            idle_limit_ms: None,
             connects_per_min: 0,
             resets_per_min: 0,
             deaths_per_min: 0,

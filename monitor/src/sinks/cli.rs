@@ -89,6 +89,32 @@ pub fn format_ms(ms: u64) -> String {
 
 /// What the kind-specific fields say, in words.
 fn detail(report: &Report) -> String {
+    let what = what_happened(report);
+    match (report.idle_limit_ms, report.path_kills) {
+        (Some(limit), Some(kills)) => format!(
+            "{what}; {} kill at ~{} idle on this path: keep pooled connections' idle time \
+             below it",
+            ordinal(kills),
+            format_ms(limit)
+        ),
+        _ => what,
+    }
+}
+
+/// 1st, 2nd, 3rd, 4th, …, 11th, 12th, 13th, 21st.
+fn ordinal(n: u64) -> String {
+    let suffix = match (n % 10, n % 100) {
+        (_, 11..=13) => "th",
+        (1, _) => "st",
+        (2, _) => "nd",
+        (3, _) => "rd",
+        _ => "th",
+    };
+    format!("{n}{suffix}")
+}
+
+/// The finding's own detail, without the path's idle limit.
+fn what_happened(report: &Report) -> String {
     if let Some(cause) = &report.cause {
         return format!("cause: {cause}");
     }
@@ -224,6 +250,33 @@ mod tests {
         }
         edit(&mut finding);
         Report::new(&finding, &crate::sinks::WallClock::now())
+    }
+
+    #[test]
+    fn idle_kills_name_the_paths_limit() {
+        let limit = crate::detect::idle_limit::IdleLimit {
+            limit_ms: 300_000,
+            clustered: 3,
+            kills: 3,
+            high_ms: 302_000,
+            survived_ms: Some(240_000),
+        };
+        let report = report(Kind::PeerResetIdle, |f| {
+            f.cause = Some("reset_while_established".into());
+            f.idle_limit = Some(limit);
+        });
+        assert_eq!(
+            detail(&report),
+            "cause: reset_while_established; 3rd kill at ~5m00s idle on this path: keep pooled \
+             connections' idle time below it"
+        );
+        let ordinals: Vec<String> = [1, 2, 4, 11, 12, 13, 21, 22, 103].map(ordinal).into();
+        assert_eq!(
+            ordinals,
+            [
+                "1st", "2nd", "4th", "11th", "12th", "13th", "21st", "22nd", "103rd"
+            ]
+        );
     }
 
     #[test]

@@ -121,6 +121,12 @@ pub struct Report {
     /// Resets: why the RST was sent or received (see README, "Reset causes").
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cause: Option<String>,
+    /// `peer_*_idle`: the idle limit learned on the connection's path, and the kills seen
+    /// there so far (see README, "Idle limits").
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idle_limit_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path_kills: Option<u64>,
     /// `cgroup`, and `container`, `pod_uid`, `pod`, `namespace` when known.
     #[serde(flatten)]
     pub workload: Workload,
@@ -179,6 +185,8 @@ impl Report {
             netns: event.netns,
             siblings: finding.siblings,
             cause: finding.cause.clone(),
+            idle_limit_ms: finding.idle_limit.map(|limit| limit.limit_ms),
+            path_kills: finding.idle_limit.map(|limit| limit.kills),
             workload: finding.workload.clone(),
         }
     }
@@ -242,19 +250,8 @@ mod tests {
     fn report_fields() {
         let event = from_raw(&raw_reset(2100)).unwrap();
         let owner = event.owner.clone();
-        let finding = Finding {
-            kind: Kind::PeerResetIdle,
-            event,
-            owner,
-            mono_ns: 1_000,
-            age_ms: None,
-            age_at_least: false,
-            stalled_ms: None,
-            connections: None,
-            siblings: None,
-            workload: Workload::default(),
-            cause: None,
-        };
+        let mut finding = Finding::new(Kind::PeerResetIdle, &event, owner.as_ref());
+        finding.mono_ns = 1_000;
         let report = Report::new(&finding, &WallClock::now());
         assert_eq!(report.kind, "peer_reset_idle");
         assert_eq!(report.pid, Some(42));

@@ -128,6 +128,9 @@ pub struct Pool {
     /// one (no established connection, or every one waiting on a request).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_idle_ms: Option<u64>,
+    /// The idle limit learned on the pool's path (`detect::idle_limit`), if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idle_limit_ms: Option<u64>,
     pub connects_per_min: u32,
     pub resets_per_min: u32,
     /// idle_timeout_death over the last minute.
@@ -255,6 +258,7 @@ impl Pool {
             oldest_stall: None,
             zombie: 0,
             max_idle_ms: None,
+            idle_limit_ms: None,
             connects_per_min: 0,
             resets_per_min: 0,
             deaths_per_min: 0,
@@ -272,6 +276,13 @@ impl PoolTracker {
 
     pub fn pools(&self) -> &[Pool] {
         &self.pools
+    }
+
+    /// Gives each pool its path's learned idle limit.
+    pub fn set_idle_limits(&mut self, limit_of: impl Fn(&Pool) -> Option<u64>) {
+        for pool in &mut self.pools {
+            pool.idle_limit_ms = limit_of(pool);
+        }
     }
 
     /// Names each pool's container and pod, by its process.
@@ -550,11 +561,17 @@ fn rate_key(key: &ConnectKey) -> RateKey {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::sockets::diag::TcpActivity;
 
-    fn socket(local: &str, remote: &str, state: u8, inode: u64, idle_ms: u32) -> DiagSocket {
+    pub(crate) fn socket(
+        local: &str,
+        remote: &str,
+        state: u8,
+        inode: u64,
+        idle_ms: u32,
+    ) -> DiagSocket {
         DiagSocket {
             local: local.parse().unwrap(),
             remote: remote.parse().unwrap(),
