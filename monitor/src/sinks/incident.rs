@@ -106,9 +106,15 @@ impl Incident {
         steps
     }
 
-    /// The line's columns come from the first step: the finding that opened the story.
+    /// The line's columns come from the first step, the finding that opened the story;
+    /// with `--all`, the first that is not a state change (the FIN's CLOSE_WAIT comes
+    /// before its `peer_close_idle`, which says more).
     pub fn headline(&self) -> &Report {
-        self.steps()[0]
+        let steps = self.steps();
+        steps
+            .iter()
+            .find(|r| r.kind != Kind::StateChange.as_str())
+            .unwrap_or(&steps[0])
     }
 
     /// DETAIL of an incident of several steps: each step, with the time since the one
@@ -200,11 +206,8 @@ fn step(report: &Report, gap_ms: u64) -> String {
             };
             format!("app {verb}{later} ({outcome})")
         }
-        Some(Kind::StateChange) => format!(
-            "{}→{}{later}",
-            report.old_state.unwrap_or("?"),
-            report.new_state.unwrap_or("?")
-        ),
+        // The new state alone: the step before says the old one.
+        Some(Kind::StateChange) => format!("{}{later}", report.new_state.unwrap_or("?")),
         _ => format!("{}{later}", report.kind),
     }
 }
@@ -433,7 +436,15 @@ pub(super) mod tests {
             assert_eq!(incidents.due(at * MS), vec![], "held at {at} ms");
             at += 900;
         }
-        assert_eq!(one(incidents.due(cap_ms * MS)).reports.len(), 6);
+        let incident = one(incidents.due(cap_ms * MS));
+        assert_eq!(incident.reports.len(), 6);
+        assert!(
+            incident
+                .sequence()
+                .starts_with("FIN_WAIT1 → FIN_WAIT1 900ms later → "),
+            "{}",
+            incident.sequence()
+        );
     }
 
     #[test]
@@ -479,6 +490,19 @@ pub(super) mod tests {
             incident.sequence(),
             "peer RST after 30.0s idle → app wrote 120ms later (send → ECONNRESET)"
         );
+    }
+
+    #[test]
+    fn a_state_change_is_no_headline() {
+        let mut incidents = Incidents::default();
+        let mut change = finding(Kind::StateChange, "a", 0);
+        (change.old_state, change.new_state) = (Some("ESTABLISHED"), Some("CLOSE_WAIT"));
+        let mut fin = finding(Kind::PeerCloseIdle, "a", 0);
+        fin.idle_ms = Some(2000);
+        add_all(&mut incidents, [(change, 0), (fin, 200)]);
+        let incident = one(incidents.drain());
+        assert_eq!(incident.headline().kind, "peer_close_idle");
+        assert_eq!(incident.sequence(), "CLOSE_WAIT → peer FIN after 2.0s idle");
     }
 
     #[test]
