@@ -61,6 +61,16 @@ pub trait Consumer {
     fn pools(&mut self, _pools: &[Pool]) -> Result<Flow> {
         Ok(Flow::Continue)
     }
+    /// At every poll of the ring ([`POLL_INTERVAL`]), `mono_now_ns` being CLOCK_MONOTONIC
+    /// now: for what waits for time to pass rather than for an event. Runs 200 times a
+    /// second: cheap when there is nothing to do.
+    fn poll(&mut self, _mono_now_ns: u64) -> Result<Flow> {
+        Ok(Flow::Continue)
+    }
+    /// The loop ends (a stop, or the consumer said stop): write out what is still held.
+    fn finish(&mut self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// What the kernel streams to a command.
@@ -199,17 +209,23 @@ impl Engine {
                         Flow::Stop => Flow::Stop,
                         Flow::Continue => {
                             let now = self.clock.mono_now_ns();
-                            deliver(self.pipeline.due(now), &mut self.resolver, consumer)?
+                            match deliver(self.pipeline.due(now), &mut self.resolver, consumer)? {
+                                Flow::Stop => Flow::Stop,
+                                Flow::Continue => consumer.poll(now)?,
+                            }
                         }
                     }
                 }
                 Some(finding) = self.resolver.next() => consumer.finding(&finding)?,
                 _ = upkeep.tick() => self.upkeep(consumer)?,
                 Some(snapshot) = self.snapshots.recv() => self.apply(snapshot, consumer)?,
-                () = &mut stop => return self.flush(consumer).await,
+                () = &mut stop => {
+                    self.flush(consumer).await?;
+                    return consumer.finish();
+                }
             };
             if let Flow::Stop = flow {
-                return Ok(());
+                return consumer.finish();
             }
         }
     }

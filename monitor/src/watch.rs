@@ -49,7 +49,8 @@ pub struct WatchArgs {
     /// Stop after this long (e.g. 30s, 5m).
     #[arg(long, value_name = "DURATION", value_parser = parse_positive_duration)]
     pub duration: Option<Duration>,
-    /// Stop after printing this many events.
+    /// Stop after printing this many lines (events with --json; incidents in the table,
+    /// which prints the incidents still open at the stop too).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub count: Option<u64>,
 }
@@ -88,20 +89,38 @@ struct Output {
     count: Option<u64>,
 }
 
+impl Output {
+    /// Counts what the sink wrote (lines in the table, objects in JSON) against `--count`.
+    fn printed(&mut self, written: io::Result<u64>) -> Result<Flow> {
+        match written {
+            Ok(lines) => self.printed += lines,
+            Err(err) => return output_closed(err),
+        }
+        Ok(match self.count {
+            Some(count) if self.printed >= count => Flow::Stop,
+            _ => Flow::Continue,
+        })
+    }
+}
+
 impl Consumer for Output {
     fn finding(&mut self, finding: &Finding) -> Result<Flow> {
         let report = Report::new(finding, &self.clock);
         if !self.filter.matches(&report) {
             return Ok(Flow::Continue);
         }
-        if let Err(err) = self.sink.finding(&report) {
-            return output_closed(err);
-        }
-        self.printed += 1;
-        Ok(match self.count {
-            Some(count) if self.printed >= count => Flow::Stop,
-            _ => Flow::Continue,
-        })
+        let printed = self.sink.finding(&report);
+        self.printed(printed)
+    }
+
+    fn poll(&mut self, mono_now_ns: u64) -> Result<Flow> {
+        let printed = self.sink.flush_due(mono_now_ns);
+        self.printed(printed)
+    }
+
+    fn finish(&mut self) -> Result<()> {
+        let printed = self.sink.finish();
+        self.printed(printed).map(|_| ())
     }
 
     fn lost(&mut self, loss: &Loss) -> Result<Flow> {

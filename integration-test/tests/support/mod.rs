@@ -51,6 +51,17 @@ pub struct Watch {
     stderr_thread: Option<thread::JoinHandle<()>>,
 }
 
+/// What a [`Watch`] does with connwatch's stdout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stdout {
+    /// One JSON object a line.
+    Json,
+    /// Lines of text (the table), kept as JSON strings.
+    Lines,
+    /// Never read ([`Watch::spawn_unread`]).
+    Unread,
+}
+
 pub struct Stopped {
     pub events: Vec<Value>,
     pub stderr: String,
@@ -73,9 +84,16 @@ impl Watch {
         Watch::spawn_command(command)
     }
 
+    /// Starts `connwatch watch <args>`, the table: each line is kept as a JSON string.
+    pub fn start_table(args: &[&str]) -> Watch {
+        let mut command = Command::new(&*CONNWATCH);
+        command.arg("watch").args(args);
+        Watch::launch(command, Stdout::Lines)
+    }
+
     /// Like [`spawn`](Self::spawn), for a prepared command (e.g. wrapped in setpriv).
     pub fn spawn_command(command: Command) -> Watch {
-        Watch::launch(command, true)
+        Watch::launch(command, Stdout::Json)
     }
 
     /// Starts `connwatch <args>` with a stdout nobody reads, like a log collector that
@@ -83,10 +101,11 @@ impl Watch {
     pub fn spawn_unread(args: &[&str]) -> Watch {
         let mut command = Command::new(&*CONNWATCH);
         command.args(args);
-        Watch::launch(command, false)
+        Watch::launch(command, Stdout::Unread)
     }
 
-    fn launch(mut command: Command, read_stdout: bool) -> Watch {
+    fn launch(mut command: Command, stdout_is: Stdout) -> Watch {
+        let read_stdout = stdout_is != Stdout::Unread;
         let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -105,8 +124,12 @@ impl Watch {
             thread::spawn(move || {
                 for line in BufReader::new(stdout).lines() {
                     let line = line.unwrap();
-                    let value: Value = serde_json::from_str(&line)
-                        .unwrap_or_else(|err| panic!("stdout line is not JSON ({err}): {line}"));
+                    let value = if stdout_is == Stdout::Lines {
+                        Value::String(line)
+                    } else {
+                        serde_json::from_str(&line)
+                            .unwrap_or_else(|err| panic!("stdout line is not JSON ({err}): {line}"))
+                    };
                     sink.lock().unwrap().push(value);
                 }
             })

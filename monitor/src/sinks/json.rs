@@ -16,10 +16,11 @@ impl<W: Write> JsonSink<W> {
 }
 
 impl<W: Write> Sink for JsonSink<W> {
-    fn finding(&mut self, report: &Report) -> std::io::Result<()> {
+    fn finding(&mut self, report: &Report) -> std::io::Result<u64> {
         serde_json::to_writer(&mut self.out, report)?;
         self.out.write_all(b"\n")?;
-        self.out.flush()
+        self.out.flush()?;
+        Ok(1)
     }
 
     fn lost(&mut self, loss: &Loss) -> std::io::Result<()> {

@@ -1,6 +1,7 @@
 //! Where findings go. [`Report`] is the one schema every sink writes (`watch --json`, and
 //! later the daemon's structured logs), so field names are fixed here once.
 pub mod cli;
+pub mod incident;
 pub mod json;
 pub mod metrics;
 
@@ -41,16 +42,25 @@ impl WallClock {
     /// CLOCK_MONOTONIC now, the clock of the kernel's stamps (`bpf_ktime_get_ns`): a step
     /// of the wall clock must not age or rejuvenate anything.
     pub fn mono_now_ns(&self) -> u64 {
-        nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |ts| {
-            ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
-        })
+        mono_now_ns()
     }
+}
+
+/// CLOCK_MONOTONIC now, in ns (see [`WallClock::mono_now_ns`]).
+pub fn mono_now_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |ts| {
+        ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
+    })
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Report {
     /// RFC 3339, UTC.
     pub ts: String,
+    /// `ts` as CLOCK_MONOTONIC ns: the table orders an incident's steps by it. Not in the
+    /// JSON (`ts` says it).
+    #[serde(skip)]
+    pub mono_ns: u64,
     pub kind: &'static str,
     pub pid: Option<u32>,
     pub tid: Option<u32>,
@@ -144,6 +154,7 @@ impl Report {
         };
         Report {
             ts: humantime::format_rfc3339_micros(clock.at(finding.mono_ns)).to_string(),
+            mono_ns: finding.mono_ns,
             kind: finding.kind.as_str(),
             pid: owner.map(|o| o.pid),
             tid: owner.map(|o| o.tid),
@@ -215,7 +226,18 @@ fn sock_id(skaddr: u64, born_ns: u64) -> String {
 }
 
 pub trait Sink {
-    fn finding(&mut self, report: &Report) -> io::Result<()>;
+    /// Returns the lines (or records) written: `watch --count` counts them. A sink that
+    /// groups findings may write none now and more later.
+    fn finding(&mut self, report: &Report) -> io::Result<u64>;
+    /// Writes what waited for `mono_now_ns` (CLOCK_MONOTONIC ns) to come; called at every
+    /// poll of the event loop. Returns the lines written.
+    fn flush_due(&mut self, _mono_now_ns: u64) -> io::Result<u64> {
+        Ok(0)
+    }
+    /// Writes everything still held, at stop. Returns the lines written.
+    fn finish(&mut self) -> io::Result<u64> {
+        Ok(0)
+    }
     fn lost(&mut self, loss: &Loss) -> io::Result<()>;
 }
 
