@@ -144,3 +144,75 @@ fn manifests_serve_metrics_on_the_node_ip_only() {
         );
     }
 }
+
+/// (passed, output) of `promtool <args>` run in deploy/alerts (or `dir`).
+fn promtool(dir: &Path, args: &[&str]) -> (bool, String) {
+    let output = Command::new("promtool")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("promtool (Debian's prometheus package: `cargo xtask test` installs it)");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.success(), text)
+}
+
+#[test]
+fn alert_rules_pass_their_unit_tests() {
+    let alerts = root().join("deploy/alerts");
+    let (passed, output) = promtool(&alerts, &["check", "rules", "connwatch.rules.yaml"]);
+    assert!(passed, "{output}");
+    let (passed, output) = promtool(&alerts, &["test", "rules", "connwatch.rules.test.yaml"]);
+    assert!(passed, "{output}");
+}
+
+/// Each rule's tests catch a broken expression: a misspelt metric, a dropped clause.
+#[test]
+fn a_broken_rule_fails_its_unit_tests() {
+    let alerts = root().join("deploy/alerts");
+    let rules = fs::read_to_string(alerts.join("connwatch.rules.yaml")).unwrap();
+    let tests = fs::read_to_string(alerts.join("connwatch.rules.test.yaml")).unwrap();
+    let dir = std::env::temp_dir().join(format!("connwatch-rules-{}", std::process::id()));
+    fs::create_dir_all(&dir).unwrap();
+    fs::write(dir.join("connwatch.rules.test.yaml"), tests).unwrap();
+    let idle = rules.find("alert: ConnwatchIdleConnectionsReset").unwrap();
+    let or = idle + rules[idle..].find("          or\n").unwrap();
+    let labels = idle + rules[idle..].find("        labels:").unwrap();
+    for (what, broken) in [
+        (
+            "a misspelt metric",
+            rules.replacen("connwatch_pool_exhausted", "connwatch_pool_exhaustion", 1),
+        ),
+        ("a wrong threshold", rules.replacen("== 0", "== 1", 1)),
+        (
+            "no clause for a new label set",
+            format!("{}{}", &rules[..or], &rules[labels..]),
+        ),
+    ] {
+        fs::write(dir.join("connwatch.rules.yaml"), &broken).unwrap();
+        let (passed, output) = promtool(&dir, &["test", "rules", "connwatch.rules.test.yaml"]);
+        assert!(!passed, "the rule tests pass with {what}:\n{output}");
+    }
+    fs::remove_dir_all(&dir).unwrap();
+}
+
+/// deploy/prometheusrule.yaml is the plain rules file under `spec:`, word for word.
+#[test]
+fn the_prometheusrule_is_the_rules_file() {
+    let rules = fs::read_to_string(root().join("deploy/alerts/connwatch.rules.yaml")).unwrap();
+    let groups = &rules[rules.find("groups:").unwrap()..];
+    let resource = fs::read_to_string(root().join("deploy/prometheusrule.yaml")).unwrap();
+    let spec = &resource[resource.find("\nspec:\n").unwrap() + "\nspec:\n".len()..];
+    let unindented: String = spec
+        .lines()
+        .map(|line| format!("{}\n", line.strip_prefix("  ").unwrap_or(line)))
+        .collect();
+    assert_eq!(
+        unindented, groups,
+        "deploy/prometheusrule.yaml differs from deploy/alerts/connwatch.rules.yaml: copy the \
+         groups under `spec:`, indented by two spaces"
+    );
+}

@@ -102,13 +102,15 @@ const MUSL: &str = "x86_64-unknown-linux-musl";
 /// bpf-linker known to build against LLVM 22 with `--features llvm-22`.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages the tests drive: bpftool (BTF cross-check), ip/ss (netns, `ss -K`),
-/// setpriv (unprivileged run, running PostgreSQL), prometheus (scrapes the daemon),
+/// setpriv (unprivileged run, running PostgreSQL), prometheus (scrapes the daemon; its
+/// promtool unit-tests the alerting rules),
 /// PostgreSQL (real stalled queries), python3 (a second client process), buildah (builds
 /// the scratch image around the static binary).
 /// Command (or absolute path, one `*` allowed) → package.
 const TEST_TOOLS: &[(&str, &str)] = &[
     ("bpftool", "bpftool"),
     ("prometheus", "prometheus"),
+    ("promtool", "prometheus"),
     ("/usr/lib/postgresql/*/bin/postgres", "postgresql"),
     ("python3", "python3"),
     ("node", "nodejs"),
