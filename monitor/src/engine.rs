@@ -254,12 +254,15 @@ impl Engine {
         format!(
             "stopped: {} events read, {reported} reported, {lost} lost, {} undecodable, \
              {} evicted from full tables, {} reported unattributed (resolver behind), \
-             {} output lines dropped (stdout not read)",
+             {} output lines dropped (stdout not read), {} idle FINs and {} idle resets \
+             handled within the grace (not reported)",
             self.pipeline.events,
             self.pipeline.undecodable,
             self.pipeline.evictions(),
             self.resolver.unattributed,
-            crate::output::stdout().dropped()
+            crate::output::stdout().dropped(),
+            self.pipeline.fins_handled(),
+            self.pipeline.resets_handled(),
         )
     }
 }
