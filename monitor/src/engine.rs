@@ -168,11 +168,15 @@ impl Engine {
                     flow
                 }
                 _ = poll.tick() => {
-                    let (flow, _) = drain(self.ring.get_mut(), &mut self.pipeline, &mut self.resolver, consumer, &mut self.warned_undecodable)?;
+                    // Read before the drain, and graces ended only once the ring is empty:
+                    // the events stamped before `now` that could settle a grace (the
+                    // application's close, its write) are in by then.
+                    let now = self.clock.mono_now_ns();
+                    let (flow, more) = drain(self.ring.get_mut(), &mut self.pipeline, &mut self.resolver, consumer, &mut self.warned_undecodable)?;
                     match flow {
                         Flow::Stop => Flow::Stop,
+                        Flow::Continue if more => Flow::Continue,
                         Flow::Continue => {
-                            let now = self.clock.mono_now_ns();
                             deliver(self.pipeline.due(now), &mut self.resolver, consumer)?
                         }
                     }

@@ -210,7 +210,8 @@ impl Detectors {
 
     /// Findings that come from time passing rather than from an event.
     pub fn tick(&mut self, mono_now_ns: u64, findings: &mut Vec<Finding>) {
-        self.due(mono_now_ns, findings);
+        // Not `due`: graces end at the engine's poll, right after it drains the ring, so that
+        // no event that could settle one is still waiting there.
         self.close.tick(mono_now_ns, findings);
     }
 }
