@@ -97,15 +97,22 @@ fn no_write_after_leaves_the_send_recv_hooks_out() {
     drop(client);
 }
 
-#[test]
-fn write_after_idle_fin() {
-    let (listener, _, watch) = watched_listener("127.0.0.1:0", &[]);
-    let pair = Pair::connect(&listener, "cw-pool-conn");
+/// A pooled connection idle for 2 s, closed by the server (FIN); `after` the FIN, a
+/// `cw-query` thread writes into it and reads. Returns the client's port.
+fn write_after_fin(listener: &std::net::TcpListener, after: Duration) -> u16 {
+    let pair = Pair::connect(listener, "cw-pool-conn");
     let client_port = pair.client_port();
     thread::sleep(Duration::from_secs(2));
     drop(pair.server); // graceful close: FIN
-    thread::sleep(Duration::from_millis(200));
+    thread::sleep(after);
     call_in_thread("cw-query", pair.client, write_then_read);
+    client_port
+}
+
+#[test]
+fn write_after_idle_fin() {
+    let (listener, _, watch) = watched_listener("127.0.0.1:0", &[]);
+    let client_port = write_after_fin(&listener, Duration::from_millis(200));
     watch.wait_for("write_after_close", |events| {
         count(events, "write_after_close", client_port) >= 1
     });
@@ -125,6 +132,68 @@ fn write_after_idle_fin() {
     assert_eq!(hit[0]["op"], "send");
     assert!(ms(hit[0], "since_close_ms") >= 150, "{:?}", hit[0]);
     assert_eq!(count(&events, "write_after_reset", client_port), 0);
+}
+
+/// Acceptance: one incident line for the FIN → write → RST sequence. The table prints
+/// one line for the client's socket with the sequence (the server's TIME_WAIT RST joins it,
+/// on kernels whose tracepoint reports it), while `--json`, watching the same connection,
+/// still prints each finding.
+#[test]
+fn fin_write_rst_is_one_incident_line() {
+    let (listener, server_port, json) = watched_listener("127.0.0.1:0", &[]);
+    let table = Watch::start_table(&["--port", &server_port.to_string()]);
+    // Past the FIN's 200 ms grace: the idle FIN is its own finding first.
+    let client_port = write_after_fin(&listener, Duration::from_millis(300));
+    let client = format!(":{client_port} ");
+    let sequence = |line: &str| {
+        line.contains(" peer FIN after ")
+            && line.contains(" idle → app wrote ")
+            && line.ends_with("ms later (send accepted) → peer RST")
+    };
+    table.wait_for("the incident line", |lines| {
+        lines.iter().any(|l| sequence(l.as_str().unwrap()))
+    });
+    json.wait_for("the reset", |events| {
+        RESET_KINDS
+            .iter()
+            .any(|k| count(events, k, client_port) >= 1)
+    });
+    let lines: Vec<String> = table
+        .stop()
+        .events
+        .iter()
+        .map(|l| l.as_str().unwrap().to_string())
+        .collect();
+    let events = json.stop().events;
+    let of_the_socket: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.contains(&client) && !l.contains("cause: timewait_socket"))
+        .filter(|l| !l.contains(&format!(":{server_port} → 127.0.0.1{client}")))
+        .collect();
+    assert_eq!(of_the_socket.len(), 1, "one line: {lines:#?}");
+    let line = of_the_socket[0];
+    assert!(sequence(line), "{line}");
+    assert!(line.contains(" peer_close_idle "), "headline: {line}");
+    assert!(
+        line.contains("/cw-pool-conn "),
+        "the socket's owner: {line}"
+    );
+    assert!(
+        !lines.iter().any(|l| l.contains("cause: timewait_socket")),
+        "the server's TIME_WAIT RST joins the incident: {lines:#?}"
+    );
+    // --json: each finding, as before.
+    let of_kinds =
+        |kinds: &[&str]| -> usize { kinds.iter().map(|k| count(&events, k, client_port)).sum() };
+    assert_eq!(
+        [
+            of_kinds(&["peer_close_idle"]),
+            of_kinds(&["write_after_close"]),
+            of_kinds(&RESET_KINDS)
+        ],
+        [1, 1, 1],
+        "{events:#?}"
+    );
 }
 
 #[test]

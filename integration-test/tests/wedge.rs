@@ -3,54 +3,12 @@
 mod support;
 
 use std::{
-    net::{TcpListener, TcpStream},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
-    },
     thread,
     time::{Duration, Instant},
 };
 
 use nix::sys::signal::Signal;
 use support::*;
-
-/// Resets connections to `listener` in a loop until `stop`: each one a finding or two.
-struct ResetFlood {
-    stop: Arc<AtomicBool>,
-    resets: Arc<AtomicU64>,
-    thread: Option<thread::JoinHandle<()>>,
-}
-
-impl ResetFlood {
-    fn start(listener: TcpListener) -> ResetFlood {
-        let stop = Arc::new(AtomicBool::new(false));
-        let resets = Arc::new(AtomicU64::new(0));
-        let port = listener.local_addr().unwrap().port();
-        let thread = {
-            let (stop, resets) = (stop.clone(), resets.clone());
-            thread::spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    let client = TcpStream::connect(("127.0.0.1", port)).unwrap();
-                    abort(listener.accept().unwrap().0);
-                    drop(client);
-                    resets.fetch_add(1, Ordering::Relaxed);
-                }
-            })
-        };
-        ResetFlood {
-            stop,
-            resets,
-            thread: Some(thread),
-        }
-    }
-
-    fn stop(mut self) -> u64 {
-        self.stop.store(true, Ordering::Relaxed);
-        self.thread.take().unwrap().join().unwrap();
-        self.resets.load(Ordering::Relaxed)
-    }
-}
 
 /// Polls `/metrics` until `series` exceeds `above`, for at most the event timeout.
 fn wait_for_metric_above(metrics: &str, series: &str, above: f64) -> f64 {
@@ -83,15 +41,6 @@ fn stop_timed(watch: Watch) -> (Duration, String) {
     (started.elapsed(), summary)
 }
 
-/// The `N output lines dropped` figure of a stop summary.
-fn dropped_lines(summary: &str) -> u64 {
-    summary
-        .split(", ")
-        .find(|part| part.ends_with("output lines dropped (stdout not read)"))
-        .and_then(|part| part.split_whitespace().next()?.parse().ok())
-        .unwrap_or_else(|| panic!("no dropped-lines count in {summary}"))
-}
-
 #[test]
 fn a_stdout_nobody_reads_stops_neither_the_daemon_nor_its_signals() {
     let addr = format!("127.0.0.1:{}", free_port());
@@ -111,7 +60,10 @@ fn a_stdout_nobody_reads_stops_neither_the_daemon_nor_its_signals() {
     let (took, summary) = stop_timed(daemon);
     eprintln!("{resets} resets; stopped in {took:?}: {summary}");
     assert!(took < Duration::from_secs(2), "SIGTERM took {took:?}");
-    assert!(dropped_lines(&summary) > 0, "{summary}");
+    assert!(
+        summary_count(&summary, "output lines dropped (stdout not read)") > 0,
+        "{summary}"
+    );
 }
 
 #[test]
@@ -121,7 +73,7 @@ fn watch_with_a_stdout_nobody_reads_exits_on_sigterm() {
     let flood = ResetFlood::start(listener);
     // Well past the pipe's 64 KiB: its writes would now block.
     let deadline = Instant::now() + EVENT_TIMEOUT;
-    while flood.resets.load(Ordering::Relaxed) < 20_000 && Instant::now() < deadline {
+    while flood.resets() < 20_000 && Instant::now() < deadline {
         thread::sleep(Duration::from_millis(100));
     }
     let resets = flood.stop();

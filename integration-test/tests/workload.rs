@@ -134,15 +134,6 @@ fn idle_reset_names_cgroup_container_and_pod() {
     assert!(sent.get("pod").is_none(), "{sent:?}");
 }
 
-/// The `N lost` figure of a stop summary.
-fn lost_in(summary: &str) -> u64 {
-    summary
-        .split(", ")
-        .find_map(|part| part.strip_suffix(" lost"))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no lost count in {summary}"))
-}
-
 /// A kubelet that accepts and never answers: each pod lookup waits out its timeout. The
 /// lookups run beside the event loop, so the same churn loses no more events than without.
 #[test]
@@ -244,7 +235,7 @@ fn a_kubelet_that_never_answers_costs_no_events() {
         .unwrap_or_else(|| panic!("no event count in {with}"));
     // A loop that waited on the kubelet would lose a quarter of them; 2% is noise.
     assert!(
-        lost_in(&with) <= lost_in(&without) + events / 50,
+        summary_count(&with, "lost") <= summary_count(&without, "lost") + events / 50,
         "a hanging kubelet cost events: {with} (without it: {without})"
     );
 }

@@ -445,6 +445,20 @@ pub struct Settings {
     /// Nonzero: the kernel lets tracing programs use socket storage (Linux 5.11+), so the
     /// send/recv hooks keep an [`IoMark`] per socket.
     pub io_marks: u64,
+    /// Bits of [`filter`]: which of `watch`'s filters the kernel applies before an event
+    /// takes ring-buffer space.
+    pub filters: u64,
+}
+
+/// `watch --pid/--comm/--port`, applied in the kernel so that traffic outside them never
+/// competes for the ring buffer: bits of [`Settings::filters`], each with its map of
+/// values (`FILTER_PIDS`, `FILTER_COMMS`, `FILTER_PORTS`).
+pub mod filter {
+    pub const PID: u64 = 1 << 0;
+    pub const COMM: u64 = 1 << 1;
+    pub const PORT: u64 = 1 << 2;
+    /// Values per filter, at most: the maps' size.
+    pub const MAX_VALUES: u32 = 64;
 }
 
 /// The application's last data call on a TCP socket, kept in the socket's own storage
@@ -476,8 +490,9 @@ const _: () = {
     assert!(offset_of!(ConnEvent, netns) == 168);
     assert!(offset_of!(ConnEvent, sk_err) == 88);
     assert!(size_of::<PeerEnd>() == 56);
-    assert!(size_of::<Settings>() == 32);
+    assert!(size_of::<Settings>() == 40);
     assert!(offset_of!(Settings, io_marks) == 24);
+    assert!(offset_of!(Settings, filters) == 32);
     assert!(size_of::<IoMark>() == IoMark::SIZE);
     assert!(offset_of!(IoMark, io) == 8);
     assert!(offset_of!(Settings, all_state_changes) == 16);

@@ -2,15 +2,17 @@
 //! submitted. No event is built on the stack and copied, and nothing is zeroed through
 //! `memset` (see `kernel.rs` for why); the writes are volatile so that LLVM cannot merge
 //! runs of them back into one.
+use core::mem::MaybeUninit;
+
 use aya_ebpf::{
     helpers::{bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_ktime_get_ns, generated},
     maps::ring_buf::RingBufEntry,
 };
-use monitor_common::{ConnEvent, UNKNOWN_MS, flags};
+use monitor_common::{ConnEvent, SockOwner, TASK_COMM_LEN, UNKNOWN_MS, filter, flags};
 
 use crate::{
-    kernel::sk_netns,
-    maps::{EVENTS, LOST, OWNERS},
+    kernel::{sk_netns, sk_ports},
+    maps::{EVENTS, FILTER_COMMS, FILTER_PIDS, FILTER_PORTS, FILTERED, LOST, OWNERS},
 };
 
 // bpf_ringbuf_submit/query flags (include/uapi/linux/bpf.h).
@@ -34,15 +36,32 @@ pub(crate) use set;
 pub struct Slot(RingBufEntry<ConnEvent>);
 
 impl Slot {
-    /// Reserves an event for `sk`, stamped with the current task and the owner map's entry.
-    /// `None` when the ring buffer is full; the loss is counted in `LOST`.
+    /// Reserves an event for `sk`, about its owner and with ports read from it: see
+    /// [`Slot::begin_for`].
     #[inline(always)]
     pub fn begin(hook: u8, sk: u64) -> Option<Slot> {
+        Slot::begin_for(hook, sk, Subject::OWNER)
+    }
+
+    /// Reserves an event for `sk`, stamped with the current task and the owner map's entry.
+    /// `None` when `watch`'s filters rule it out (counted in `FILTERED`) or the ring buffer
+    /// is full (counted in `LOST`).
+    #[inline(always)]
+    pub fn begin_for(hook: u8, sk: u64, subject: Subject) -> Option<Slot> {
+        // SAFETY: a pointer from a lookup in a preallocated (LRU) map: valid memory, though
+        // the entry may be recycled for another socket meanwhile; then the event names the
+        // wrong owner, which userspace cannot tell (a known, rare race).
+        let owner = (sk != 0)
+            .then(|| OWNERS.get_ptr(sk))
+            .flatten()
+            .map(|owner| unsafe { &*owner });
+        let filters = crate::kernel::settings().filters;
+        if filters != 0 && !admits(filters, sk, owner, &subject) {
+            count(&FILTERED);
+            return None;
+        }
         let Some(entry) = EVENTS.reserve::<ConnEvent>(0) else {
-            if let Some(lost) = LOST.get_ptr_mut(0) {
-                // SAFETY: index 0 of a per-CPU array: this CPU's slot, no other writer.
-                unsafe { *lost += 1 };
-            }
+            count(&LOST);
             return None;
         };
         let slot = Slot(entry);
@@ -66,13 +85,6 @@ impl Slot {
         // SAFETY: the helper writes at most 16 bytes into the event's 16-byte comm array
         // (zero on failure, as zeroed above).
         let _ = unsafe { generated::bpf_get_current_comm((&raw mut (*event).ctx_comm).cast(), 16) };
-        // SAFETY: a pointer from a lookup in a preallocated (LRU) map: valid memory, though
-        // the entry may be recycled for another socket meanwhile; then the event names the
-        // wrong owner, which userspace cannot tell (a known, rare race).
-        let owner = (sk != 0)
-            .then(|| OWNERS.get_ptr(sk))
-            .flatten()
-            .map(|owner| unsafe { &*owner });
         let mut cgroup_id = 0;
         if let Some(owner) = owner {
             set!(slot, born_ns, owner.born_ns);
@@ -115,5 +127,71 @@ impl Slot {
             BPF_RB_NO_WAKEUP
         };
         self.0.submit(wake);
+    }
+}
+
+/// Who and what an event is about, as `watch`'s filters see it.
+pub struct Subject {
+    /// Local and remote port when the hook has them at hand (a record, a saved tuple);
+    /// `None` reads them from the full socket.
+    pub ports: Option<[u16; 2]>,
+    /// The task making the call is the one the finding names (a call into an ended
+    /// connection, in process context), not the socket's owner.
+    pub caller: bool,
+}
+
+impl Subject {
+    pub const OWNER: Subject = Subject {
+        ports: None,
+        caller: false,
+    };
+}
+
+/// Whether an event may match `watch`'s filters; only a sure mismatch keeps it out. A
+/// socket whose owner the kernel never saw (opened before connwatch started, or not yet
+/// accepted) passes the process filters: userspace names it and decides.
+#[inline(always)]
+fn admits(filters: u64, sk: u64, owner: Option<&SockOwner>, subject: &Subject) -> bool {
+    if filters & filter::PORT != 0 {
+        let [local, remote] = subject.ports.unwrap_or_else(|| sk_ports(sk));
+        if FILTER_PORTS.get_ptr(local).is_none() && FILTER_PORTS.get_ptr(remote).is_none() {
+            return false;
+        }
+    }
+    if filters & (filter::PID | filter::COMM) == 0 {
+        return true;
+    }
+    let wanted = |tgid: u32, comm: &[u8; TASK_COMM_LEN]| {
+        (filters & filter::PID == 0 || FILTER_PIDS.get_ptr(tgid).is_some())
+            && (filters & filter::COMM == 0 || FILTER_COMMS.get_ptr(comm).is_some())
+    };
+    if subject.caller {
+        // Two words, not a byte array: zeroing one would be an out-of-line `memset`, which
+        // Linux 6.1's verifier cannot prune (see `kernel.rs`).
+        let mut words = MaybeUninit::<[u64; 2]>::uninit();
+        let at = words.as_mut_ptr().cast::<u64>();
+        // SAFETY: both words of the 8-aligned stack array are written before the helper
+        // writes at most 16 bytes into it. Zeroed first: Linux 6.1's helper stops at the
+        // NUL, and the key is compared whole.
+        let comm = unsafe {
+            core::ptr::write_volatile(at, 0);
+            core::ptr::write_volatile(at.add(1), 0);
+            let _ = generated::bpf_get_current_comm(at.cast(), 16);
+            &*at.cast::<[u8; TASK_COMM_LEN]>()
+        };
+        return wanted((bpf_get_current_pid_tgid() >> 32) as u32, comm);
+    }
+    match owner {
+        Some(owner) if owner.tgid != 0 => wanted(owner.tgid, &owner.comm),
+        _ => true,
+    }
+}
+
+/// Adds one to index 0 of a per-CPU counter.
+#[inline(always)]
+fn count(counter: &aya_ebpf::maps::PerCpuArray<u64>) {
+    if let Some(value) = counter.get_ptr_mut(0) {
+        // SAFETY: index 0 of a per-CPU array: this CPU's slot, no other writer.
+        unsafe { *value += 1 };
     }
 }

@@ -16,7 +16,7 @@ use aya_ebpf::{
 use monitor_common::{ConnEvent, IPPROTO_TCP, IoMark, PeerEnd, hook, io, peer_end, tcp_state};
 
 use crate::{
-    event::{Slot, set},
+    event::{Slot, Subject, set},
     kernel::{Record, Tp, TupleSource, is_tcp, layout, settings, sk_state},
     maps::{IO_MARKS, PEER_ENDED},
 };
@@ -170,7 +170,14 @@ fn after_peer_end(sk: u64, ret: i32, op: u8, protocol: Protocol, origin: Sk) -> 
     }
     // SAFETY: as above.
     unsafe { (*mark).reported = 1 };
-    let Some(slot) = Slot::begin(hook::IO_AFTER_PEER_END, sk) else {
+    // The tuple saved at the RST or FIN: a reset socket has released its port since.
+    // SAFETY: as above.
+    let ports = unsafe { [(*mark).tuple.sport, (*mark).tuple.dport] };
+    let subject = Subject {
+        ports: Some(ports),
+        caller: true,
+    };
+    let Some(slot) = Slot::begin_for(hook::IO_AFTER_PEER_END, sk, subject) else {
         return 0;
     };
     let state = sk_state(sk);

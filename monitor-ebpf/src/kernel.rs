@@ -30,6 +30,7 @@ static SETTINGS: Settings = Settings {
     wakeup_bytes: 0,
     all_state_changes: 0,
     io_marks: 0,
+    filters: 0,
 };
 #[unsafe(no_mangle)]
 static TP_SET_STATE: TpLayout = TpLayout::absent();
@@ -148,6 +149,21 @@ impl Record {
         ]
     }
 
+    /// Local and remote port (host order), for either address layout.
+    #[inline(always)]
+    pub fn ports(&self, tp: &TpLayout) -> [u16; 2] {
+        if tp.saddr_sockaddr != ABSENT {
+            // The port follows the family in `sockaddr_in` and `sockaddr_in6` alike.
+            let port = |at: u16| u16::from_be(self.get::<u16>(at + 2).unwrap_or(0));
+            [port(tp.saddr_sockaddr), port(tp.daddr_sockaddr)]
+        } else {
+            [
+                self.get::<u16>(tp.sport).unwrap_or(0),
+                self.get::<u16>(tp.dport).unwrap_or(0),
+            ]
+        }
+    }
+
     /// Fills `tuple` (all 40 bytes) from the record, for either address layout.
     #[inline(always)]
     pub fn tuple(&self, tp: &TpLayout, sk: u64, tuple: *mut Tuple) {
@@ -165,8 +181,8 @@ impl Record {
                     v4_mapped(self.addr4(tp.saddr_sockaddr + 4), &raw mut (*tuple).saddr);
                     v4_mapped(self.addr4(tp.daddr_sockaddr + 4), &raw mut (*tuple).daddr);
                 }
-                let port = |at: u16| u16::from_be(self.get::<u16>(at + 2).unwrap_or(0));
-                (family, port(tp.saddr_sockaddr), port(tp.daddr_sockaddr))
+                let [sport, dport] = self.ports(tp);
+                (family, sport, dport)
             } else {
                 // Older layouts: `saddr_v6`/`daddr_v6` hold IPv4-mapped addresses for IPv4
                 // sockets. Linux 5.10's tcp_event_sk has no `family`: the socket has it.
@@ -176,11 +192,8 @@ impl Record {
                     Some(family) => family,
                     None => read::<u16>(sk, kernel().sk_family as i64).unwrap_or(0),
                 };
-                (
-                    family,
-                    self.get::<u16>(tp.sport).unwrap_or(0),
-                    self.get::<u16>(tp.dport).unwrap_or(0),
-                )
+                let [sport, dport] = self.ports(tp);
+                (family, sport, dport)
             };
             core::ptr::write_volatile(&raw mut (*tuple).family, family);
             core::ptr::write_volatile(&raw mut (*tuple).sport, sport);
@@ -339,6 +352,15 @@ pub fn sk_state(sk: u64) -> u8 {
     read::<u8>(sk, kernel().sk_state as i64).unwrap_or(0)
 }
 
+/// A full socket's local and remote port (host order), where its tuple has them:
+/// `inet_sport` outlives the port's release on the way to CLOSE (`skc_num` does not).
+#[inline(always)]
+pub fn sk_ports(sk: u64) -> [u16; 2] {
+    let k = kernel();
+    let port = |offset: u32| u16::from_be(read::<u16>(sk, offset as i64).unwrap_or(0));
+    [port(k.inet_sport), port(k.sk_dport)]
+}
+
 /// `sk->sk_err` of a full socket.
 #[inline(always)]
 pub fn sk_err(sk: u64) -> i32 {
@@ -463,13 +485,14 @@ pub fn new_owner(owner: *mut SockOwner, with_task: bool) {
 #[inline(always)]
 pub fn set_owner_task(owner: *mut SockOwner) {
     // SAFETY: `owner` points at a whole, 8-aligned SockOwner (stack or map value); the
-    // comm helper writes exactly TASK_COMM_LEN bytes into its comm array.
+    // comm helper writes at most TASK_COMM_LEN bytes into its comm array.
     unsafe {
         let words = (&raw mut (*owner).comm).cast::<u64>();
-        if generated::bpf_get_current_comm(words.cast(), 16) != 0 {
-            core::ptr::write_volatile(words, 0);
-            core::ptr::write_volatile(words.add(1), 0);
-        }
+        // Zeroed first: Linux 6.1's helper copies up to the NUL and pads nothing, and the
+        // name is compared whole (`watch --comm` looks it up as a 16-byte map key).
+        core::ptr::write_volatile(words, 0);
+        core::ptr::write_volatile(words.add(1), 0);
+        let _ = generated::bpf_get_current_comm(words.cast(), 16);
         core::ptr::write_volatile(&raw mut (*owner).cgroup_id, bpf_get_current_cgroup_id());
         let pid_tgid = bpf_get_current_pid_tgid();
         core::ptr::write_volatile(&raw mut (*owner).pid, pid_tgid as u32);

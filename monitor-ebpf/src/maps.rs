@@ -2,9 +2,9 @@
 use aya_ebpf::{
     btf_maps::SkStorage,
     macros::{btf_map, map},
-    maps::{LruHashMap, PerCpuArray, RingBuf},
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
-use monitor_common::{ConnectKey, IoMark, PeerEnd, SockOwner};
+use monitor_common::{ConnectKey, IoMark, PeerEnd, SockOwner, TASK_COMM_LEN, filter};
 
 /// Every observation, in order per CPU.
 #[map]
@@ -13,6 +13,23 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 22, 0);
 /// Events that could not be reserved in `EVENTS` (ring full). Index 0 only.
 #[map]
 pub static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Events `watch`'s filters kept out of the ring buffer. Index 0 only.
+#[map]
+pub static FILTERED: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// `watch --pid`: owners' (or callers') process ids.
+#[map]
+pub static FILTER_PIDS: HashMap<u32, u8> = HashMap::with_max_entries(filter::MAX_VALUES, 0);
+
+/// `watch --comm`: task names, zero-padded as the kernel keeps them.
+#[map]
+pub static FILTER_COMMS: HashMap<[u8; TASK_COMM_LEN], u8> =
+    HashMap::with_max_entries(filter::MAX_VALUES, 0);
+
+/// `watch --port`: local or remote ports.
+#[map]
+pub static FILTER_PORTS: HashMap<u16, u8> = HashMap::with_max_entries(filter::MAX_VALUES, 0);
 
 /// TCP state changes by `tcp_state::index(old, new)`, per CPU: the transitions metric,
 /// read at scrape time, so that no state change needs an event to be counted.

@@ -7,7 +7,7 @@ use aya_ebpf::{
 use monitor_common::{hook, peer_end, tcp_state};
 
 use crate::{
-    event::{Slot, set},
+    event::{Slot, Subject, set},
     impact::{mark_peer_end, note_waiting_request},
     kernel::{
         FromRecord, FromSock, Record, Tp, TupleSource, layout, linger_zero, read_full_socket,
@@ -70,7 +70,12 @@ pub fn tcp_send_reset(ctx: TracePointContext) -> u32 {
         return 0;
     }
     let sk = record.get::<u64>(tp.skaddr).unwrap_or(0);
-    let Some(slot) = Slot::begin(hook::SEND_RESET, sk) else {
+    // The record has the ports whatever `sk` is: none, timewait, request or full socket.
+    let subject = Subject {
+        ports: Some(record.ports(&tp)),
+        caller: false,
+    };
+    let Some(slot) = Slot::begin_for(hook::SEND_RESET, sk, subject) else {
         return 0;
     };
     set!(

@@ -23,13 +23,13 @@ use prometheus_client::registry::Registry;
 use crate::{
     args::PipelineArgs,
     detect::{Finding, Kind},
-    engine::{Consumer, Engine, Flow, Shutdown},
+    engine::{Consumer, Engine, Flow, Shutdown, Streams},
     events::Event,
     http::{self, HttpMetrics, Limits},
     pipeline::Pipeline,
     probes::ProbeOptions,
     sinks::{
-        Report, Sink, WallClock,
+        Loss, Report, Sink, WallClock,
         json::JsonSink,
         metrics::{Metrics, ephemeral_ports},
     },
@@ -203,8 +203,8 @@ impl Consumer for DaemonConsumer {
         Ok(Flow::Continue)
     }
 
-    fn lost(&mut self, count: u64, _total: u64) -> Result<Flow> {
-        self.metrics.lost(count);
+    fn lost(&mut self, loss: &Loss) -> Result<Flow> {
+        self.metrics.lost(loss.count);
         Ok(Flow::Continue)
     }
 
@@ -247,7 +247,7 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
         http_metrics.clone(),
     ));
 
-    let mut engine = Engine::start(&args.probes, &args.pipeline, false)?;
+    let mut engine = Engine::start(&args.probes, &args.pipeline, &Streams::default())?;
     if let Some(counters) = engine.take_kernel_counters() {
         metrics.serve_kernel_counters(counters);
     }

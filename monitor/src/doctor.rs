@@ -5,7 +5,8 @@ use std::{fmt::Write as _, path::Path};
 use anyhow::{Context as _, Result, bail};
 
 use crate::probes::{
-    HOOKS, ProbeOptions, Probes, btf, check_privileges, read_effective_caps, tracefs,
+    HOOKS, ProbeOptions, Probes, btf, check_privileges, filter::KernelFilter, read_effective_caps,
+    tracefs,
 };
 use monitor_common::Settings;
 
@@ -151,8 +152,14 @@ fn run_checks(options: &ProbeOptions) -> Vec<Check> {
         wakeup_bytes: 0,
         all_state_changes: 0,
         io_marks: 0,
+        filters: 0,
     };
-    match Probes::attach(options, &settings, 1024) {
+    // Every filter on: the verifier then checks the programs' filter paths too (they are
+    // pruned as dead code when no filter is given), so `watch --pid/--comm/--port` loads
+    // wherever doctor passes.
+    let filter = KernelFilter::new(&[1], &["connwatch".into()], &[1])
+        .expect("one value per filter, a 9-byte name: within every limit");
+    match Probes::attach(options, &settings, &filter, 1024) {
         Ok((mut probes, _events)) => {
             checks.push(Check {
                 name: "load and attach".into(),

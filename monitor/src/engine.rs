@@ -1,7 +1,11 @@
 //! The event loop `watch` and `daemon` share: ring buffer → [`Pipeline`] → a [`Consumer`],
 //! with the kernel's loss counter checked every second. Only what happens to findings
 //! differs between the commands.
-use std::{future::Future, os::fd::AsFd as _, time::Duration};
+use std::{
+    future::Future,
+    os::fd::AsFd as _,
+    time::{Duration, SystemTime},
+};
 
 use anyhow::{Context as _, Result};
 use aya::maps::{MapData, RingBuf};
@@ -18,9 +22,9 @@ use crate::{
     detect::Finding,
     events::Event,
     pipeline::Pipeline,
-    probes::{ProbeOptions, Probes},
+    probes::{ProbeOptions, Probes, filter::KernelFilter},
     resolver::{Resolver, SharedProcIndex},
-    sinks::WallClock,
+    sinks::{Loss, WallClock},
     sockets::{
         diag::{self, Snapshot},
         pools::Pool,
@@ -49,14 +53,33 @@ pub trait Consumer {
     /// Every decoded event, before its findings.
     fn event(&mut self, _event: &Event) {}
     fn finding(&mut self, finding: &Finding) -> Result<Flow>;
-    /// The kernel dropped `count` more events (`total` since start).
-    fn lost(&mut self, count: u64, total: u64) -> Result<Flow>;
+    /// The kernel dropped more events.
+    fn lost(&mut self, loss: &Loss) -> Result<Flow>;
     /// Once a second: the loop is alive.
     fn tick(&mut self, _pipeline: &Pipeline) {}
     /// After each sock_diag refresh.
     fn pools(&mut self, _pools: &[Pool]) -> Result<Flow> {
         Ok(Flow::Continue)
     }
+    /// At every poll of the ring ([`POLL_INTERVAL`]), `mono_now_ns` being CLOCK_MONOTONIC
+    /// now: for what waits for time to pass rather than for an event. Runs 200 times a
+    /// second: cheap when there is nothing to do.
+    fn poll(&mut self, _mono_now_ns: u64) -> Result<Flow> {
+        Ok(Flow::Continue)
+    }
+    /// The loop ends (a stop, or the consumer said stop): write out what is still held.
+    fn finish(&mut self) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// What the kernel streams to a command.
+#[derive(Debug, Default)]
+pub struct Streams {
+    /// Every state change (`watch --all`), not only those the detectors need.
+    pub state_changes: bool,
+    /// `watch --pid/--comm/--port`, applied before events take ring-buffer space.
+    pub filter: KernelFilter,
 }
 
 pub struct Engine {
@@ -67,6 +90,8 @@ pub struct Engine {
     resolver: Resolver,
     pub clock: WallClock,
     lost_total: u64,
+    /// The kernel filter's flags, when one runs (`--port 5432`).
+    filter: Option<String>,
     warned_undecodable: bool,
     /// Socket lists taken by the refresher thread.
     snapshots: mpsc::Receiver<Result<Snapshot, String>>,
@@ -78,8 +103,13 @@ impl Engine {
     pub fn start(
         probe_options: &ProbeOptions,
         pipeline: &PipelineArgs,
-        state_changes: bool,
+        streams: &Streams,
     ) -> Result<Engine> {
+        let Streams {
+            state_changes,
+            filter,
+        } = streams;
+        let state_changes = *state_changes;
         crate::sockets::process::check_proc_root(&pipeline.host_proc)
             .map_err(anyhow::Error::msg)?;
         if pipeline.ignore_port.len() > crate::args::MAX_IGNORED_PORTS {
@@ -94,11 +124,16 @@ impl Engine {
             eof_grace_ns: pipeline.idle_threshold.as_nanos() as u64,
             wakeup_bytes: u64::from(probe_options.ring_buffer_size / 16),
             all_state_changes: u64::from(state_changes),
-            // Probes::attach decides, from what the kernel allows.
+            // Probes::attach decides these two: from what the kernel allows, from `filter`.
             io_marks: 0,
+            filters: 0,
         };
-        let (mut probes, events) =
-            Probes::attach(probe_options, &settings, pipeline.max_tracked_sockets)?;
+        let (mut probes, events) = Probes::attach(
+            probe_options,
+            &settings,
+            filter,
+            pipeline.max_tracked_sockets,
+        )?;
         let connects = probes.take_connects();
         let io_marks = probes.take_io_marks();
         log::info!(
@@ -126,6 +161,7 @@ impl Engine {
             resolver: Resolver::spawn(&pipeline.host_paths(), processes.clone())?,
             clock: WallClock::now(),
             lost_total: 0,
+            filter: (filter.bits() != 0).then(|| filter.to_string()),
             warned_undecodable: false,
             snapshots: spawn_refresher(
                 pipeline.refresh,
@@ -175,19 +211,25 @@ impl Engine {
                     let (flow, more) = drain(self.ring.get_mut(), &mut self.pipeline, &mut self.resolver, consumer, &mut self.warned_undecodable)?;
                     match flow {
                         Flow::Stop => Flow::Stop,
-                        Flow::Continue if more => Flow::Continue,
+                        Flow::Continue if more => consumer.poll(now)?,
                         Flow::Continue => {
-                            deliver(self.pipeline.due(now), &mut self.resolver, consumer)?
+                            match deliver(self.pipeline.due(now), &mut self.resolver, consumer)? {
+                                Flow::Stop => Flow::Stop,
+                                Flow::Continue => consumer.poll(now)?,
+                            }
                         }
                     }
                 }
                 Some(finding) = self.resolver.next() => consumer.finding(&finding)?,
                 _ = upkeep.tick() => self.upkeep(consumer)?,
                 Some(snapshot) = self.snapshots.recv() => self.apply(snapshot, consumer)?,
-                () = &mut stop => return self.flush(consumer).await,
+                () = &mut stop => {
+                    self.flush(consumer).await?;
+                    return consumer.finish();
+                }
             };
             if let Flow::Stop = flow {
-                return Ok(());
+                return consumer.finish();
             }
         }
     }
@@ -219,11 +261,18 @@ impl Engine {
         if lost > self.lost_total {
             let count = lost - self.lost_total;
             self.lost_total = lost;
+            let loss = Loss {
+                at: SystemTime::now(),
+                count,
+                total: lost,
+                within: self.filter.as_deref(),
+            };
             log::warn!(
-                "the kernel dropped {count} events (ring buffer full); \
-                 raise --ring-buffer-size"
+                "the kernel dropped {count} events (ring buffer full): raise \
+                 --ring-buffer-size; {}",
+                loss.scope()
             );
-            return consumer.lost(count, lost);
+            return consumer.lost(&loss);
         }
         Ok(Flow::Continue)
     }
@@ -255,8 +304,12 @@ impl Engine {
     /// One line for stderr at exit; `reported` is what the command output.
     pub fn summary(&self, reported: u64) -> String {
         let lost = self.probes.lost_events().unwrap_or(self.lost_total);
+        let filtered = match self.probes.filtered_events() {
+            Ok(count) if self.filter.is_some() => format!(", {count} filtered out in the kernel"),
+            _ => String::new(),
+        };
         format!(
-            "stopped: {} events read, {reported} reported, {lost} lost, {} undecodable, \
+            "stopped: {} events read{filtered}, {reported} reported, {lost} lost, {} undecodable, \
              {} evicted from full tables, {} reported unattributed (resolver behind), \
              {} output lines dropped (stdout not read), {} idle FINs and {} idle resets \
              handled within the grace (not reported)",

@@ -5,8 +5,11 @@ use std::{collections::HashMap, path::PathBuf};
 
 use crate::{
     detect::{
-        DetectConfig, Detectors, Finding, Kind, exhausted::ExhaustionDetector,
-        stall::StallDetector, zombie::ZombieDetector,
+        DetectConfig, Detectors, Finding, Kind,
+        exhausted::ExhaustionDetector,
+        idle_limit::{IdleLimit, IdleLimits, Path},
+        stall::StallDetector,
+        zombie::ZombieDetector,
     },
     events::{self, DecodeError, Event, Hook, SocketId, Task, TcpState},
     resolver::SharedProcIndex,
@@ -46,6 +49,7 @@ pub struct Pipeline {
     stalls: StallDetector,
     exhaustion: ExhaustionDetector,
     zombies: ZombieDetector,
+    limits: IdleLimits,
     idle_threshold_ms: u64,
     /// `--ignore-port`: left out of the stall and zombie detectors.
     quiet_ports: Vec<u16>,
@@ -69,6 +73,7 @@ impl Pipeline {
                 config.zombie_threshold.as_millis() as u64,
                 config.max_sockets,
             ),
+            limits: IdleLimits::new(config.idle_threshold.as_millis() as u64, config.max_sockets),
             idle_threshold_ms: config.idle_threshold.as_millis() as u64,
             quiet_ports: config.quiet_ports.clone(),
             snapshot_states: HashMap::new(),
@@ -106,7 +111,9 @@ impl Pipeline {
             .and_then(|entry| entry.owner.as_ref())
             .or(event.owner.as_ref());
         self.pools.event(event, owner);
+        self.limits.observe(event, self.pools.listeners());
         self.detectors.inspect(event, owner, &mut self.findings);
+        self.annotate_idle_limits();
         &self.findings
     }
 
@@ -114,7 +121,34 @@ impl Pipeline {
     pub fn due(&mut self, mono_now_ns: u64) -> &[Finding] {
         self.findings.clear();
         self.detectors.due(mono_now_ns, &mut self.findings);
+        self.annotate_idle_limits();
         &self.findings
+    }
+
+    /// Gives each `peer_*_idle` finding its path's learned idle limit.
+    fn annotate_idle_limits(&mut self) {
+        for finding in &mut self.findings {
+            if matches!(finding.kind, Kind::PeerResetIdle | Kind::PeerCloseIdle) {
+                let event = &finding.event;
+                let path = IdleLimits::path_of(
+                    self.pools.listeners(),
+                    event.netns,
+                    event.local,
+                    event.remote,
+                );
+                finding.idle_limit = self.limits.estimate(&path);
+            }
+        }
+    }
+
+    /// Every path's learned idle limit, most kills first.
+    pub fn idle_limits(&self) -> Vec<(Path, IdleLimit)> {
+        self.limits.estimates()
+    }
+
+    /// A pool's path's learned idle limit.
+    pub fn idle_limit(&self, pool: &Pool) -> Option<IdleLimit> {
+        self.limits.estimate(&Path::of_pool(pool))
     }
 
     /// Idle FINs the application closed within the grace.
@@ -202,6 +236,8 @@ impl Pipeline {
             finding.age_at_least = true;
             self.findings.push(finding);
         }
+        self.limits
+            .refresh(&snapshot.sockets, self.pools.listeners(), mono_now_ns);
         self.pools.connects(&snapshot.connects, mono_now_ns);
         self.pools.refresh(
             &snapshot.sockets,
@@ -212,6 +248,9 @@ impl Pipeline {
             mono_now_ns,
         );
         self.pools.name_workloads(&snapshot.workloads);
+        let limits = &self.limits;
+        self.pools
+            .set_idle_limits(|pool| Some(limits.estimate(&Path::of_pool(pool))?.limit_ms));
         self.exhaustion.refresh(
             self.pools.pools(),
             mono_now_ns,
@@ -222,12 +261,8 @@ impl Pipeline {
                     .iter()
                     .find(|s| Some(s.cookie) == pool.oldest_stall)?;
                 let owner = owner_of(socket.inode);
-                let event = snapshot_event(
-                    socket,
-                    owner.clone(),
-                    mono_now_ns,
-                    Some(pool.oldest_stall_ms),
-                );
+                let event =
+                    snapshot_event(socket, owner.clone(), mono_now_ns, pool.oldest_stall_ms);
                 Some(Finding::new(Kind::PoolExhausted, &event, owner.as_ref()))
             },
             &mut self.findings,
@@ -240,6 +275,7 @@ impl Pipeline {
         self.table.evictions
             + self.detectors.evictions()
             + self.zombies.evictions
+            + self.limits.evictions
             + self.pools.uncounted
     }
 

@@ -19,9 +19,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::{
     args::PipelineArgs,
     detect::{Finding, Kind},
-    engine::{Consumer, Engine, Flow},
+    engine::{Consumer, Engine, Flow, Streams},
     probes::ProbeOptions,
     proxy::{self, Faults},
+    sinks::Loss,
 };
 
 const CLIENT_THREAD: &str = "cw-selftest";
@@ -65,7 +66,7 @@ impl Consumer for Expect {
         Ok(self.flow())
     }
 
-    fn lost(&mut self, _count: u64, _total: u64) -> Result<Flow> {
+    fn lost(&mut self, _loss: &Loss) -> Result<Flow> {
         Ok(Flow::Continue)
     }
 }
@@ -252,7 +253,7 @@ pub async fn run(args: SelftestArgs) -> Result<()> {
         ignore_port: Vec::new(),
         max_tracked_sockets: 4096,
     };
-    let mut engine = Engine::start(&args.probes, &pipeline, false)?;
+    let mut engine = Engine::start(&args.probes, &pipeline, &Streams::default())?;
     println!("connwatch selftest: probes attached");
     println!(
         "connwatch selftest: client → proxy {proxy_addr} → server {server_addr}; the proxy resets after {} idle",

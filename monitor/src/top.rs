@@ -12,9 +12,9 @@ use serde::Serialize;
 use crate::{
     args::PipelineArgs,
     detect::Finding,
-    engine::{Consumer, Engine, Flow, Shutdown},
+    engine::{Consumer, Engine, Flow, Shutdown, Streams},
     probes::ProbeOptions,
-    sinks::cli::format_ms,
+    sinks::{Loss, cli::format_ms},
     sockets::pools::{Direction, Pool, UNKNOWN_COMM},
     watch::output_closed,
 };
@@ -105,13 +105,13 @@ fn table(pools: &[Pool]) -> String {
         .unwrap_or(0)
         .max(ENDPOINT_WIDTH);
     let mut out = String::new();
-    let row = |out: &mut String, cells: [&str; 19]| {
+    let row = |out: &mut String, cells: [&str; 20]| {
         let [pid, comm, netns, dir, endpoint, rest @ ..] = cells;
         let _ = write!(
             out,
             "{pid:>8} {comm:<16} {netns:>10} {dir:<4} {endpoint:<endpoint_width$}"
         );
-        let widths = [5, 5, 5, 6, 7, 5, 7, 9, 6, 8, 8, 7, 8];
+        let widths = [5, 5, 5, 6, 7, 5, 7, 9, 6, 8, 10, 8, 7, 8];
         for (cell, width) in rest.iter().zip(widths) {
             let _ = write!(out, " {cell:>width$}");
         }
@@ -135,6 +135,7 @@ fn table(pools: &[Pool]) -> String {
             "EXHAUSTED",
             "ZOMBIE",
             "MAX_IDLE",
+            "IDLE_LIMIT",
             "CONN/MIN",
             "RST/MIN",
             "DIED/MIN",
@@ -179,14 +180,15 @@ fn table(pools: &[Pool]) -> String {
                 &numbers[5],
                 &numbers[6],
                 // How long the oldest stalled request has waited: the episode's age at least.
-                &if p.exhausted {
-                    format_ms(p.oldest_stall_ms)
-                } else {
-                    "-".into()
-                },
+                &p.oldest_stall_ms
+                    .filter(|_| p.exhausted)
+                    .map_or_else(|| "-".into(), format_ms),
                 &rates[0],
                 // Unknown: no established connection with a known idle time.
                 &p.max_idle_ms.map_or_else(|| "-".into(), format_ms),
+                // Learned from kills on the path (README, "Idle limits"), `-` until then.
+                &p.idle_limit_ms
+                    .map_or_else(|| "-".into(), |ms| format!("~{}", format_ms(ms))),
                 &rates[1],
                 &rates[2],
                 &rates[3],
@@ -253,7 +255,7 @@ impl Consumer for Screen {
         Ok(Flow::Continue)
     }
 
-    fn lost(&mut self, _count: u64, _total: u64) -> Result<Flow> {
+    fn lost(&mut self, _loss: &Loss) -> Result<Flow> {
         Ok(Flow::Continue)
     }
 
@@ -276,7 +278,7 @@ impl Consumer for Screen {
 }
 
 pub async fn run(args: TopArgs) -> Result<()> {
-    let mut engine = Engine::start(&args.probes, &args.pipeline, false)?;
+    let mut engine = Engine::start(&args.probes, &args.pipeline, &Streams::default())?;
     let shutdown = Shutdown::install()?;
     // As `watch` says it: from here, connects are counted.
     log::info!("watching");
@@ -306,9 +308,10 @@ mod tests {
         let mut exhausted = pool(4242, "python3", Direction::Outbound, "10.0.0.9:5432");
         exhausted.netns = 4026532177;
         (exhausted.total, exhausted.established, exhausted.stalled) = (4, 4, 4);
-        (exhausted.exhausted, exhausted.oldest_stall_ms) = (true, 31_200);
+        (exhausted.exhausted, exhausted.oldest_stall_ms) = (true, Some(31_200));
         exhausted.workload.namespace = Some("payments".into());
         exhausted.workload.pod = Some("api-7d9f8b6c5-x2x9z".into());
+        exhausted.idle_limit_ms = Some(300_000);
         let mut server = pool(1717, "postgres", Direction::Inbound, "10.0.0.7:5432");
         (server.total, server.established, server.idle, server.active) = (42, 40, 30, 10);
         (server.close_wait, server.other) = (1, 1);

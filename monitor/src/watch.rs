@@ -1,7 +1,7 @@
 //! `connwatch watch`: live findings on the terminal or as NDJSON.
 use std::{
     io::{self, ErrorKind},
-    time::{Duration, SystemTime},
+    time::Duration,
 };
 
 use anyhow::{Context as _, Result};
@@ -9,10 +9,17 @@ use tokio::time::{Instant, sleep_until};
 
 use crate::{
     args::{PipelineArgs, parse_positive_duration},
-    detect::{Finding, Kind},
-    engine::{Consumer, Engine, Flow, Shutdown},
-    probes::ProbeOptions,
-    sinks::{Report, Sink, WallClock, cli::CliSink, json::JsonSink},
+    detect::{
+        Finding, Kind,
+        idle_limit::{IdleLimit, Path},
+    },
+    engine::{Consumer, Engine, Flow, Shutdown, Streams},
+    probes::{ProbeOptions, filter::KernelFilter},
+    sinks::{
+        Loss, Report, Sink, WallClock,
+        cli::{CliSink, format_ms},
+        json::JsonSink,
+    },
 };
 
 #[derive(Debug, clap::Args)]
@@ -42,7 +49,8 @@ pub struct WatchArgs {
     /// Stop after this long (e.g. 30s, 5m).
     #[arg(long, value_name = "DURATION", value_parser = parse_positive_duration)]
     pub duration: Option<Duration>,
-    /// Stop after printing this many events.
+    /// Stop after printing this many lines (events with --json; incidents in the table,
+    /// which prints the incidents still open at the stop too).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub count: Option<u64>,
 }
@@ -81,24 +89,42 @@ struct Output {
     count: Option<u64>,
 }
 
+impl Output {
+    /// Counts what the sink wrote (lines in the table, objects in JSON) against `--count`.
+    fn printed(&mut self, written: io::Result<u64>) -> Result<Flow> {
+        match written {
+            Ok(lines) => self.printed += lines,
+            Err(err) => return output_closed(err),
+        }
+        Ok(match self.count {
+            Some(count) if self.printed >= count => Flow::Stop,
+            _ => Flow::Continue,
+        })
+    }
+}
+
 impl Consumer for Output {
     fn finding(&mut self, finding: &Finding) -> Result<Flow> {
         let report = Report::new(finding, &self.clock);
         if !self.filter.matches(&report) {
             return Ok(Flow::Continue);
         }
-        if let Err(err) = self.sink.finding(&report) {
-            return output_closed(err);
-        }
-        self.printed += 1;
-        Ok(match self.count {
-            Some(count) if self.printed >= count => Flow::Stop,
-            _ => Flow::Continue,
-        })
+        let printed = self.sink.finding(&report);
+        self.printed(printed)
     }
 
-    fn lost(&mut self, count: u64, total: u64) -> Result<Flow> {
-        match self.sink.lost(SystemTime::now(), count, total) {
+    fn poll(&mut self, mono_now_ns: u64) -> Result<Flow> {
+        let printed = self.sink.flush_due(mono_now_ns);
+        self.printed(printed)
+    }
+
+    fn finish(&mut self) -> Result<()> {
+        let printed = self.sink.finish();
+        self.printed(printed).map(|_| ())
+    }
+
+    fn lost(&mut self, loss: &Loss) -> Result<Flow> {
+        match self.sink.lost(loss) {
             Ok(()) => Ok(Flow::Continue),
             Err(err) => output_closed(err),
         }
@@ -106,8 +132,11 @@ impl Consumer for Output {
 }
 
 pub async fn run(args: WatchArgs) -> Result<()> {
-    let state_changes = args.all || args.kind.contains(&Kind::StateChange);
-    let mut engine = Engine::start(&args.probes, &args.pipeline, state_changes)?;
+    let streams = Streams {
+        state_changes: args.all || args.kind.contains(&Kind::StateChange),
+        filter: KernelFilter::new(&args.pid, &args.comm, &args.port)?,
+    };
+    let mut engine = Engine::start(&args.probes, &args.pipeline, &streams)?;
     let stdout = crate::output::stdout().writer();
     let mut output = Output {
         sink: if args.json {
@@ -136,7 +165,40 @@ pub async fn run(args: WatchArgs) -> Result<()> {
     };
     let outcome = engine.run(&mut output, stop).await;
     log::info!("{}", engine.summary(output.printed));
+    let limits = engine.pipeline.idle_limits();
+    for (path, limit) in limits.iter().take(SUMMARY_LIMITS) {
+        log::info!("{}", idle_limit_line(path, limit));
+    }
+    if limits.len() > SUMMARY_LIMITS {
+        log::info!(
+            "{} more paths with an idle limit: `connwatch top` shows each pool's",
+            limits.len() - SUMMARY_LIMITS
+        );
+    }
     outcome
+}
+
+/// Idle limits named at stop, at most: the paths with the most kills.
+const SUMMARY_LIMITS: usize = 10;
+
+/// What a path's idle limit is, what it rests on, and what to set.
+fn idle_limit_line(path: &Path, limit: &IdleLimit) -> String {
+    let survived = limit.survived_ms.map_or_else(String::new, |ms| {
+        format!(", the longest idle survived {}", format_ms(ms))
+    });
+    format!(
+        "idle limit: connections to {} ({}, netns {}) are killed after ~{} idle ({} kills, {} \
+         of them at {}–{}{survived}): keep the pool's idle timeout or max lifetime below it, \
+         or TCP keepalive time",
+        path.endpoint,
+        path.direction.as_str(),
+        path.netns,
+        format_ms(limit.limit_ms),
+        limit.kills,
+        limit.clustered,
+        format_ms(limit.limit_ms),
+        format_ms(limit.high_ms),
+    )
 }
 
 /// A closed stdout (e.g. `| head`) ends the watch quietly; other write errors are errors.
@@ -145,5 +207,33 @@ pub fn output_closed(err: io::Error) -> Result<Flow> {
         Ok(Flow::Stop)
     } else {
         Err(err).context("writing to stdout")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sockets::pools::Direction;
+
+    #[test]
+    fn an_idle_limit_line_says_what_to_set() {
+        let path = Path {
+            netns: 4026531840,
+            direction: Direction::Outbound,
+            endpoint: "10.0.0.5:5432".parse().unwrap(),
+        };
+        let limit = IdleLimit {
+            limit_ms: 300_000,
+            clustered: 4,
+            kills: 5,
+            high_ms: 306_000,
+            survived_ms: Some(240_000),
+        };
+        assert_eq!(
+            idle_limit_line(&path, &limit),
+            "idle limit: connections to 10.0.0.5:5432 (outbound, netns 4026531840) are killed \
+             after ~5m00s idle (5 kills, 4 of them at 5m00s–5m06s, the longest idle survived \
+             4m00s): keep the pool's idle timeout or max lifetime below it, or TCP keepalive time"
+        );
     }
 }

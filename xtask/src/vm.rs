@@ -111,6 +111,8 @@ pub const GUEST_TESTS: &[(&str, &[&str])] = &[
     ("namespaces", &[]),
     // A stdout nobody reads and floods with the refresh off, at a guest's event rates.
     ("wedge", &[]),
+    // Idle limits learned from kills behind RST and FIN proxies (idle at reset, tcp_info).
+    ("idle_limits", &[]),
 ];
 /// Test threads in a guest: one per vCPU (both vCPUs share one host thread, see `run`).
 const GUEST_TEST_THREADS: &str = "2";

@@ -9,7 +9,11 @@ use std::{
     io::{BufRead, BufReader, Read, Write},
     net::{TcpListener, TcpStream},
     process::{Child, Command, ExitStatus, Stdio},
-    sync::{Arc, LazyLock, Mutex, mpsc},
+    sync::{
+        Arc, LazyLock, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        mpsc,
+    },
     thread,
     time::{Duration, Instant},
 };
@@ -47,6 +51,17 @@ pub struct Watch {
     stderr_thread: Option<thread::JoinHandle<()>>,
 }
 
+/// What a [`Watch`] does with connwatch's stdout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stdout {
+    /// One JSON object a line.
+    Json,
+    /// Lines of text (the table), kept as JSON strings.
+    Lines,
+    /// Never read ([`Watch::spawn_unread`]).
+    Unread,
+}
+
 pub struct Stopped {
     pub events: Vec<Value>,
     pub stderr: String,
@@ -69,9 +84,16 @@ impl Watch {
         Watch::spawn_command(command)
     }
 
+    /// Starts `connwatch watch <args>`, the table: each line is kept as a JSON string.
+    pub fn start_table(args: &[&str]) -> Watch {
+        let mut command = Command::new(&*CONNWATCH);
+        command.arg("watch").args(args);
+        Watch::launch(command, Stdout::Lines)
+    }
+
     /// Like [`spawn`](Self::spawn), for a prepared command (e.g. wrapped in setpriv).
     pub fn spawn_command(command: Command) -> Watch {
-        Watch::launch(command, true)
+        Watch::launch(command, Stdout::Json)
     }
 
     /// Starts `connwatch <args>` with a stdout nobody reads, like a log collector that
@@ -79,10 +101,11 @@ impl Watch {
     pub fn spawn_unread(args: &[&str]) -> Watch {
         let mut command = Command::new(&*CONNWATCH);
         command.args(args);
-        Watch::launch(command, false)
+        Watch::launch(command, Stdout::Unread)
     }
 
-    fn launch(mut command: Command, read_stdout: bool) -> Watch {
+    fn launch(mut command: Command, stdout_is: Stdout) -> Watch {
+        let read_stdout = stdout_is != Stdout::Unread;
         let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -101,8 +124,12 @@ impl Watch {
             thread::spawn(move || {
                 for line in BufReader::new(stdout).lines() {
                     let line = line.unwrap();
-                    let value: Value = serde_json::from_str(&line)
-                        .unwrap_or_else(|err| panic!("stdout line is not JSON ({err}): {line}"));
+                    let value = if stdout_is == Stdout::Lines {
+                        Value::String(line)
+                    } else {
+                        serde_json::from_str(&line)
+                            .unwrap_or_else(|err| panic!("stdout line is not JSON ({err}): {line}"))
+                    };
                     sink.lock().unwrap().push(value);
                 }
             })
@@ -143,6 +170,11 @@ impl Watch {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// The events printed so far.
+    pub fn events(&self) -> Vec<Value> {
+        self.events.lock().unwrap().clone()
     }
 
     /// Waits until `done` holds for the events so far; panics with them on timeout.
@@ -538,4 +570,60 @@ pub fn as_nobody(caps: &str) -> Command {
         .arg("--")
         .arg(&*CONNWATCH);
     command
+}
+
+/// Resets connections to `listener` in a loop until `stop`: each one a finding or two.
+pub struct ResetFlood {
+    stop: Arc<AtomicBool>,
+    resets: Arc<AtomicU64>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl ResetFlood {
+    pub fn start(listener: TcpListener) -> ResetFlood {
+        let stop = Arc::new(AtomicBool::new(false));
+        let resets = Arc::new(AtomicU64::new(0));
+        let port = listener.local_addr().unwrap().port();
+        let thread = {
+            let (stop, resets) = (stop.clone(), resets.clone());
+            thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let client = TcpStream::connect(("127.0.0.1", port)).unwrap();
+                    abort(listener.accept().unwrap().0);
+                    drop(client);
+                    resets.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        };
+        ResetFlood {
+            stop,
+            resets,
+            thread: Some(thread),
+        }
+    }
+
+    /// Resets made so far.
+    pub fn resets(&self) -> u64 {
+        self.resets.load(Ordering::Relaxed)
+    }
+
+    pub fn stop(mut self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.take().unwrap().join().unwrap();
+        self.resets.load(Ordering::Relaxed)
+    }
+}
+
+/// The `N <label>` figure of the stop summary in `text` (`stopped: 12 events read, 0 lost,
+/// …`): `summary_count(stderr, "lost")`.
+pub fn summary_count(text: &str, label: &str) -> u64 {
+    text.lines()
+        .filter_map(|line| line.split("stopped: ").nth(1))
+        .next_back()
+        .and_then(|summary| {
+            summary
+                .split(", ")
+                .find_map(|part| part.strip_suffix(label)?.strip_suffix(' ')?.parse().ok())
+        })
+        .unwrap_or_else(|| panic!("no `N {label}` in a stop summary: {text}"))
 }

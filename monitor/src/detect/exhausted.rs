@@ -37,7 +37,7 @@ impl ExhaustionDetector {
                     };
                     finding.kind = Kind::PoolExhausted;
                     finding.connections = Some(pool.established);
-                    finding.stalled_ms = Some(pool.oldest_stall_ms);
+                    finding.stalled_ms = pool.oldest_stall_ms;
                     findings.push(finding.clone());
                     finding
                 }
@@ -76,10 +76,11 @@ mod tests {
             other: 0,
             stalled,
             exhausted: stalled == established,
-            oldest_stall_ms: 12_000,
+            oldest_stall_ms: Some(12_000),
             oldest_stall: Some(1),
             zombie: 0,
             max_idle_ms: None,
+            idle_limit_ms: None,
             connects_per_min: 0,
             resets_per_min: 0,
             deaths_per_min: 0,

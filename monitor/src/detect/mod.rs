@@ -4,6 +4,7 @@ pub mod close;
 pub mod death;
 pub mod exhausted;
 pub mod grace;
+pub mod idle_limit;
 pub mod impact;
 pub mod reset;
 pub mod stall;
@@ -97,6 +98,8 @@ pub struct Finding {
     pub workload: Workload,
     /// For resets: why the RST was sent or received.
     pub cause: Option<String>,
+    /// For `peer_*_idle`: the idle limit learned on the connection's path, if any.
+    pub idle_limit: Option<idle_limit::IdleLimit>,
 }
 
 impl Finding {
@@ -113,6 +116,7 @@ impl Finding {
             siblings: None,
             workload: Workload::default(),
             cause: None,
+            idle_limit: None,
         }
     }
 }

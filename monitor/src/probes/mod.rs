@@ -1,6 +1,7 @@
 //! Load and attach: checks what this host offers, resolves kernel layouts, loads the eBPF
 //! object with them and attaches one program per hook.
 pub mod btf;
+pub mod filter;
 pub mod tracefs;
 
 use std::{
@@ -245,6 +246,7 @@ pub struct Probes {
     /// The programs stay attached while it lives.
     ebpf: Ebpf,
     lost: PerCpuArray<MapData, u64>,
+    filtered: PerCpuArray<MapData, u64>,
     counters: Option<KernelCounters>,
     connects: Option<ConnectCounts>,
     /// The socket-storage map of each socket's last send/recv (`IoMark`), where the hooks
@@ -265,6 +267,7 @@ impl Probes {
     pub fn attach(
         options: &ProbeOptions,
         settings: &Settings,
+        filter: &filter::KernelFilter,
         max_sockets: u32,
     ) -> Result<(Probes, RingBuf<MapData>)> {
         check_privileges(read_effective_caps()?)?;
@@ -288,6 +291,7 @@ impl Probes {
         };
         let settings = &Settings {
             io_marks: u64::from(storage_for_tracing),
+            filters: filter.bits(),
             ..*settings
         };
         let layouts = TracepointLayouts::read(&tracefs)?;
@@ -323,6 +327,7 @@ impl Probes {
         // The loader holds its own parse of the kernel BTF: free it before BTF-typed
         // programs need one (`TypedBtf`), so that two never coexist.
         drop(loader);
+        filter.load_into(&mut ebpf)?;
 
         let mut warnings = Vec::new();
         let mut io_tracepoints = true;
@@ -496,6 +501,10 @@ impl Probes {
             ebpf.take_map("LOST")
                 .context("eBPF object has no LOST map")?,
         )?;
+        let filtered = PerCpuArray::try_from(
+            ebpf.take_map("FILTERED")
+                .context("eBPF object has no FILTERED map")?,
+        )?;
         let transitions = PerCpuArray::try_from(
             ebpf.take_map("TRANSITIONS")
                 .context("eBPF object has no TRANSITIONS map")?,
@@ -520,6 +529,7 @@ impl Probes {
             io_marks,
             ebpf,
             lost,
+            filtered,
             counters: Some(KernelCounters { transitions }),
             connects: Some(ConnectCounts { map: connects }),
             layout,
@@ -594,6 +604,15 @@ impl Probes {
     /// Events the kernel could not put in the ring buffer since load (all CPUs).
     pub fn lost_events(&self) -> Result<u64> {
         let per_cpu = self.lost.get(&0, 0).context("reading the LOST map")?;
+        Ok(per_cpu.iter().sum())
+    }
+
+    /// Events the kernel filter kept out of the ring buffer since load (all CPUs).
+    pub fn filtered_events(&self) -> Result<u64> {
+        let per_cpu = self
+            .filtered
+            .get(&0, 0)
+            .context("reading the FILTERED map")?;
         Ok(per_cpu.iter().sum())
     }
 }

@@ -1,13 +1,20 @@
 //! Human-readable lines for a terminal during an incident.
-use std::{io::Write, time::SystemTime};
+use std::io::Write;
 
-use super::{Report, Sink};
+use super::{
+    Loss, Report, Sink,
+    incident::{Incident, Incidents},
+};
 use crate::detect::Kind;
 
+/// The table: one line per socket incident (see [`super::incident`]).
 pub struct CliSink<W: Write> {
     out: W,
     /// The widths the header was printed with; `None` before the first line.
     widths: Option<Widths>,
+    incidents: Incidents,
+    /// CLOCK_MONOTONIC ns now: when a finding reached the table.
+    clock: fn() -> u64,
 }
 
 /// The widths of the columns whose text varies most, in characters. They start wide enough
@@ -58,7 +65,53 @@ fn line(widths: Widths, [time, kind, who, addresses, state, idle, detail]: Row) 
 
 impl<W: Write> CliSink<W> {
     pub fn new(out: W) -> Self {
-        CliSink { out, widths: None }
+        CliSink {
+            out,
+            widths: None,
+            incidents: Incidents::default(),
+            clock: super::mono_now_ns,
+        }
+    }
+
+    /// Prints complete incidents; returns how many lines.
+    fn print(&mut self, incidents: Vec<Incident>) -> std::io::Result<u64> {
+        if incidents.is_empty() {
+            return Ok(0);
+        }
+        let lines = incidents.len() as u64;
+        for incident in incidents {
+            let headline = incident.headline();
+            // A lone finding says what it is in its own words, as before grouping.
+            let detail = if incident.reports.len() == 1 {
+                detail(headline)
+            } else {
+                incident.sequence()
+            };
+            self.finding_row(headline, &detail)?;
+        }
+        self.out.flush()?;
+        Ok(lines)
+    }
+
+    fn finding_row(&mut self, report: &Report, detail: &str) -> std::io::Result<()> {
+        let who = match (report.pid, &report.comm) {
+            (Some(pid), Some(comm)) => format!("{pid}/{comm}"),
+            _ => "?".to_string(),
+        };
+        let state = match (report.old_state, report.new_state) {
+            (Some(old), Some(new)) => format!("{old}→{new}"),
+            _ => report.state.to_string(),
+        };
+        let idle = report.idle_ms.map_or_else(|| "-".to_string(), format_ms);
+        self.row([
+            clock_time(&report.ts),
+            report.kind,
+            &who,
+            &format!("{} → {}", report.local, report.remote),
+            &state,
+            &idle,
+            detail,
+        ])
     }
 
     /// Writes a line, with the header first if it is the first or needs wider columns.
@@ -89,6 +142,32 @@ pub fn format_ms(ms: u64) -> String {
 
 /// What the kind-specific fields say, in words.
 fn detail(report: &Report) -> String {
+    let what = what_happened(report);
+    match (report.idle_limit_ms, report.path_kills) {
+        (Some(limit), Some(kills)) => format!(
+            "{what}; {} kill at ~{} idle on this path: keep pooled connections' idle time \
+             below it",
+            ordinal(kills),
+            format_ms(limit)
+        ),
+        _ => what,
+    }
+}
+
+/// 1st, 2nd, 3rd, 4th, …, 11th, 12th, 13th, 21st.
+fn ordinal(n: u64) -> String {
+    let suffix = match (n % 10, n % 100) {
+        (_, 11..=13) => "th",
+        (1, _) => "st",
+        (2, _) => "nd",
+        (3, _) => "rd",
+        _ => "th",
+    };
+    format!("{n}{suffix}")
+}
+
+/// The finding's own detail, without the path's idle limit.
+fn what_happened(report: &Report) -> String {
     if let Some(cause) = &report.cause {
         return format!("cause: {cause}");
     }
@@ -167,42 +246,46 @@ fn clock_time(ts: &str) -> &str {
 }
 
 impl<W: Write> Sink for CliSink<W> {
-    fn finding(&mut self, report: &Report) -> std::io::Result<()> {
-        let who = match (report.pid, &report.comm) {
-            (Some(pid), Some(comm)) => format!("{pid}/{comm}"),
-            _ => "?".to_string(),
-        };
-        let state = match (report.old_state, report.new_state) {
-            (Some(old), Some(new)) => format!("{old}→{new}"),
-            _ => report.state.to_string(),
-        };
-        let idle = report.idle_ms.map_or_else(|| "-".to_string(), format_ms);
-        self.row([
-            clock_time(&report.ts),
-            report.kind,
-            &who,
-            &format!("{} → {}", report.local, report.remote),
-            &state,
-            &idle,
-            &detail(report),
-        ])?;
-        self.out.flush()
+    fn finding(&mut self, report: &Report) -> std::io::Result<u64> {
+        let complete = self.incidents.add(report.clone(), (self.clock)());
+        self.print(complete)
     }
 
-    fn lost(&mut self, at: SystemTime, count: u64, total: u64) -> std::io::Result<()> {
-        let ts = humantime::format_rfc3339_millis(at).to_string();
+    fn flush_due(&mut self, mono_now_ns: u64) -> std::io::Result<u64> {
+        let complete = self.incidents.due(mono_now_ns);
+        self.print(complete)
+    }
+
+    fn finish(&mut self) -> std::io::Result<u64> {
+        if self.incidents.flushed_early > 0 {
+            log::warn!(
+                "{} incidents printed before they were complete: more than {} sockets had \
+                 one open",
+                self.incidents.flushed_early,
+                super::incident::MAX_OPEN
+            );
+        }
+        let open = self.incidents.drain();
+        self.print(open)
+    }
+
+    fn lost(&mut self, loss: &Loss) -> std::io::Result<()> {
+        let ts = humantime::format_rfc3339_millis(loss.at).to_string();
         writeln!(
             self.out,
-            "{:<12} events_lost          {count} events dropped by the kernel ({total} in all): \
-             ring buffer full, raise --ring-buffer-size",
-            clock_time(&ts)
+            "{:<12} events_lost          {} events dropped by the kernel ({} in all): ring \
+             buffer full, raise --ring-buffer-size; {}",
+            clock_time(&ts),
+            loss.count,
+            loss.total,
+            loss.scope()
         )?;
         self.out.flush()
     }
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     #[test]
@@ -212,7 +295,10 @@ mod tests {
         assert_eq!(format_ms(192_000), "3m12s");
     }
 
-    fn report(kind: Kind, edit: impl FnOnce(&mut crate::detect::Finding)) -> Report {
+    pub(in crate::sinks) fn report(
+        kind: Kind,
+        edit: impl FnOnce(&mut crate::detect::Finding),
+    ) -> Report {
         use crate::events::{from_raw, tests::raw_send_after_reset};
         let event = from_raw(&raw_send_after_reset()).unwrap();
         let mut finding = crate::detect::Finding::new(kind, &event, None);
@@ -221,6 +307,33 @@ mod tests {
         }
         edit(&mut finding);
         Report::new(&finding, &crate::sinks::WallClock::now())
+    }
+
+    #[test]
+    fn idle_kills_name_the_paths_limit() {
+        let limit = crate::detect::idle_limit::IdleLimit {
+            limit_ms: 300_000,
+            clustered: 3,
+            kills: 3,
+            high_ms: 302_000,
+            survived_ms: Some(240_000),
+        };
+        let report = report(Kind::PeerResetIdle, |f| {
+            f.cause = Some("reset_while_established".into());
+            f.idle_limit = Some(limit);
+        });
+        assert_eq!(
+            detail(&report),
+            "cause: reset_while_established; 3rd kill at ~5m00s idle on this path: keep pooled \
+             connections' idle time below it"
+        );
+        let ordinals: Vec<String> = [1, 2, 4, 11, 12, 13, 21, 22, 103].map(ordinal).into();
+        assert_eq!(
+            ordinals,
+            [
+                "1st", "2nd", "4th", "11th", "12th", "13th", "21st", "22nd", "103rd"
+            ]
+        );
     }
 
     #[test]
@@ -291,6 +404,7 @@ mod tests {
         for report in reports {
             sink.finding(report).unwrap();
         }
+        sink.finish().unwrap();
         String::from_utf8(sink.out)
             .unwrap()
             .lines()
@@ -302,9 +416,12 @@ mod tests {
     fn columns_stay_aligned_with_a_long_ipv6_address() {
         let v4 = report(Kind::WriteAfterReset, |_| {});
         let mut v6 = v4.clone();
+        v6.sock_id = "another socket".into();
         v6.local = "[2001:db8:85a3:1234:5678:8a2e:370:7334]:50432".into();
         v6.remote = "[2001:db8:85a3:ffff:5678:8a2e:370:7335]:5432".into();
-        let lines = printed(&[v4.clone(), v6, v4]);
+        let mut v4_again = v4.clone();
+        v4_again.sock_id = "a third socket".into();
+        let lines = printed(&[v4, v6, v4_again]);
         // The header, a line, the header again (wider), two lines.
         assert_eq!(lines.len(), 5, "{lines:#?}");
         assert!(lines[2].starts_with("TIME"), "{lines:#?}");
@@ -443,6 +560,10 @@ mod tests {
                 rest = &rest[end..];
             }
             let detail_text = rest.trim_start();
+            if readme_line == readme_incident_line() {
+                rows += 1;
+                continue;
+            }
             let Some(&kind) = KINDS.iter().find(|k| k.as_str() == cells[1]) else {
                 panic!("README.md: not a kind: {readme_line}");
             };
@@ -473,6 +594,49 @@ mod tests {
             rows += 1;
         }
         assert!(rows >= 15, "only {rows} sample lines found in README.md");
+    }
+
+    /// README.md's incident line: the FIN → write → RST story of one socket, with the
+    /// sample's values, as the table prints it.
+    fn readme_incident_line() -> String {
+        let story = crate::sinks::incident::tests::fin_write_rst("49138").map(|(mut r, _)| {
+            r.ts = "2026-11-30T08:13:06.605123Z".into();
+            (r.pid, r.comm) = (Some(15242), Some("python3".into()));
+            if r.kind == Kind::PeerCloseIdle.as_str() {
+                r.idle_ms = Some(1500);
+            }
+            if r.since_close_ms.is_some() {
+                r.since_close_ms = Some(299);
+            }
+            r
+        });
+        let lines = printed(&story);
+        assert_eq!(lines.len(), 2, "the header and one line: {lines:#?}");
+        lines[1].clone()
+    }
+
+    #[test]
+    fn the_readme_shows_an_incident_line_as_watch_prints_it() {
+        let line = readme_incident_line();
+        assert!(
+            line.ends_with(
+                "peer FIN after 1.5s idle → app wrote 299ms later (send accepted) → peer RST"
+            ),
+            "{line}"
+        );
+        assert!(
+            include_str!("../../../README.md").contains(&line),
+            "README.md does not show the incident line as watch prints it:\n{line}"
+        );
+    }
+
+    #[test]
+    fn a_lone_finding_prints_as_before_grouping() {
+        let report = report(Kind::WriteAfterReset, |_| {});
+        let mut sink = CliSink::new(Vec::new());
+        sink.finding_row(&report, &detail(&report)).unwrap();
+        let before = String::from_utf8(sink.out).unwrap();
+        assert_eq!(printed(&[report]).join("\n") + "\n", before);
     }
 
     #[test]

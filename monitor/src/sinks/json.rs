@@ -1,9 +1,9 @@
 //! NDJSON: one object per line, for `jq` and log shippers.
-use std::{io::Write, time::SystemTime};
+use std::io::Write;
 
 use serde_json::json;
 
-use super::{Report, Sink};
+use super::{Loss, Report, Sink};
 
 pub struct JsonSink<W: Write> {
     out: W,
@@ -16,18 +16,20 @@ impl<W: Write> JsonSink<W> {
 }
 
 impl<W: Write> Sink for JsonSink<W> {
-    fn finding(&mut self, report: &Report) -> std::io::Result<()> {
+    fn finding(&mut self, report: &Report) -> std::io::Result<u64> {
         serde_json::to_writer(&mut self.out, report)?;
         self.out.write_all(b"\n")?;
-        self.out.flush()
+        self.out.flush()?;
+        Ok(1)
     }
 
-    fn lost(&mut self, at: SystemTime, count: u64, total: u64) -> std::io::Result<()> {
+    fn lost(&mut self, loss: &Loss) -> std::io::Result<()> {
         let record = json!({
-            "ts": humantime::format_rfc3339_micros(at).to_string(),
+            "ts": humantime::format_rfc3339_micros(loss.at).to_string(),
             "kind": "events_lost",
-            "count": count,
-            "total": total,
+            "count": loss.count,
+            "total": loss.total,
+            "within_filter": loss.within,
         });
         serde_json::to_writer(&mut self.out, &record)?;
         self.out.write_all(b"\n")?;

@@ -262,6 +262,7 @@ pub struct Metrics {
     request_stalled: Capped<Who, Counter>,
     pool_exhaustions: Capped<Who, Counter>,
     pool_exhausted: Capped<PoolWho, Gauge>,
+    pool_idle_limit: Capped<PoolWho, Gauge<f64, std::sync::atomic::AtomicU64>>,
     zombie_connections: Capped<Who, Counter>,
     deaths: Capped<ErrorWho, Counter>,
     pool_sockets: Capped<PoolLabels, Gauge>,
@@ -309,6 +310,7 @@ impl Metrics {
             request_stalled: Capped::new("connwatch_request_stalled", Family::default()),
             pool_exhaustions: Capped::new("connwatch_pool_exhaustions", Family::default()),
             pool_exhausted: Capped::new("connwatch_pool_exhausted", Family::default()),
+            pool_idle_limit: Capped::new("connwatch_pool_idle_limit_seconds", Family::default()),
             zombie_connections: Capped::new("connwatch_zombie_connections", Family::default()),
             deaths: Capped::new("connwatch_idle_timeout_deaths", Family::default()),
             pool_sockets: Capped::new("connwatch_pool_sockets", Family::default()),
@@ -373,6 +375,11 @@ impl Metrics {
                 &metrics.pool_exhausted.family,
                 "connwatch_pool_exhausted",
                 "Pools exhausted now (every established connection stalled): 1 per pool, absent when none",
+            ),
+            (
+                &metrics.pool_idle_limit.family,
+                "connwatch_pool_idle_limit_seconds",
+                "The idle time at which the pool's path kills connections, learned from clustered peer_reset_idle/peer_close_idle kills (README, Idle limits); absent until learned",
             ),
             (
                 &metrics.zombie_connections.family,
@@ -529,6 +536,7 @@ impl Metrics {
     pub fn pools(&mut self, pools: &[Pool]) {
         self.pool_sockets.clear();
         self.pool_exhausted.clear();
+        self.pool_idle_limit.clear();
         // A pool with no socket (only recent connects, resets or deaths) has no gauge.
         for pool in pools.iter().filter(|pool| pool.total > 0) {
             let workload = &pool.workload;
@@ -566,6 +574,23 @@ impl Metrics {
                 self.pool_exhausted
                     .series(labels, self.max_series, &self.overflow)
                     .inc();
+            }
+            if let Some(limit_ms) = pool.idle_limit_ms {
+                let labels = PoolWho {
+                    direction: pool.direction.as_str().into(),
+                    who: who.clone(),
+                };
+                let limit = limit_ms as f64 / 1000.0;
+                let gauge = self
+                    .pool_idle_limit
+                    .series(labels, self.max_series, &self.overflow);
+                // A folded `other` series keeps the shortest limit: the one that bites first.
+                let current = gauge.get();
+                gauge.set(if current > 0.0 {
+                    current.min(limit)
+                } else {
+                    limit
+                });
             }
         }
     }
@@ -729,10 +754,11 @@ mod tests {
             other: 0,
             stalled: 1,
             exhausted: true,
-            oldest_stall_ms: 12_000,
+            oldest_stall_ms: Some(12_000),
             oldest_stall: Some(1),
             zombie: 0,
             max_idle_ms: Some(5000),
+            idle_limit_ms: Some(300_000),
             connects_per_min: 0,
             resets_per_min: 0,
             deaths_per_min: 0,
@@ -752,6 +778,7 @@ mod tests {
             "# TYPE connwatch_pool_sockets gauge",
             "# TYPE connwatch_pool_exhaustions counter",
             "connwatch_pool_exhausted{direction=\"outbound\",comm=\"app\"",
+            "connwatch_pool_idle_limit_seconds{direction=\"outbound\",comm=\"app\",namespace=\"\",pod=\"\",container=\"\",remote_port=\"5432\"} 300.0",
             "# TYPE connwatch_tcp_state_transitions counter",
             "# TYPE connwatch_sockets gauge",
             "# TYPE connwatch_network_namespaces gauge",

@@ -1,6 +1,7 @@
 //! Where findings go. [`Report`] is the one schema every sink writes (`watch --json`, and
 //! later the daemon's structured logs), so field names are fixed here once.
 pub mod cli;
+pub mod incident;
 pub mod json;
 pub mod metrics;
 
@@ -41,16 +42,25 @@ impl WallClock {
     /// CLOCK_MONOTONIC now, the clock of the kernel's stamps (`bpf_ktime_get_ns`): a step
     /// of the wall clock must not age or rejuvenate anything.
     pub fn mono_now_ns(&self) -> u64 {
-        nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |ts| {
-            ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
-        })
+        mono_now_ns()
     }
+}
+
+/// CLOCK_MONOTONIC now, in ns (see [`WallClock::mono_now_ns`]).
+pub fn mono_now_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |ts| {
+        ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
+    })
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Report {
     /// RFC 3339, UTC.
     pub ts: String,
+    /// `ts` as CLOCK_MONOTONIC ns: the table orders an incident's steps by it. Not in the
+    /// JSON (`ts` says it).
+    #[serde(skip)]
+    pub mono_ns: u64,
     pub kind: &'static str,
     pub pid: Option<u32>,
     pub tid: Option<u32>,
@@ -121,6 +131,12 @@ pub struct Report {
     /// Resets: why the RST was sent or received (see README, "Reset causes").
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cause: Option<String>,
+    /// `peer_*_idle`: the idle limit learned on the connection's path, and the kills seen
+    /// there so far (see README, "Idle limits").
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idle_limit_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path_kills: Option<u64>,
     /// `cgroup`, and `container`, `pod_uid`, `pod`, `namespace` when known.
     #[serde(flatten)]
     pub workload: Workload,
@@ -138,6 +154,7 @@ impl Report {
         };
         Report {
             ts: humantime::format_rfc3339_micros(clock.at(finding.mono_ns)).to_string(),
+            mono_ns: finding.mono_ns,
             kind: finding.kind.as_str(),
             pid: owner.map(|o| o.pid),
             tid: owner.map(|o| o.tid),
@@ -179,6 +196,8 @@ impl Report {
             netns: event.netns,
             siblings: finding.siblings,
             cause: finding.cause.clone(),
+            idle_limit_ms: finding.idle_limit.map(|limit| limit.limit_ms),
+            path_kills: finding.idle_limit.map(|limit| limit.kills),
             workload: finding.workload.clone(),
         }
     }
@@ -207,9 +226,41 @@ fn sock_id(skaddr: u64, born_ns: u64) -> String {
 }
 
 pub trait Sink {
-    fn finding(&mut self, report: &Report) -> io::Result<()>;
-    /// The kernel dropped `count` events (ring buffer full); `total` since start.
-    fn lost(&mut self, at: SystemTime, count: u64, total: u64) -> io::Result<()>;
+    /// Returns the lines (or records) written: `watch --count` counts them. A sink that
+    /// groups findings may write none now and more later.
+    fn finding(&mut self, report: &Report) -> io::Result<u64>;
+    /// Writes what waited for `mono_now_ns` (CLOCK_MONOTONIC ns) to come; called at every
+    /// poll of the event loop. Returns the lines written.
+    fn flush_due(&mut self, _mono_now_ns: u64) -> io::Result<u64> {
+        Ok(0)
+    }
+    /// Writes everything still held, at stop. Returns the lines written.
+    fn finish(&mut self) -> io::Result<u64> {
+        Ok(0)
+    }
+    fn lost(&mut self, loss: &Loss) -> io::Result<()>;
+}
+
+/// The kernel dropped `count` events (ring buffer full); `total` since start.
+pub struct Loss<'a> {
+    pub at: SystemTime,
+    pub count: u64,
+    pub total: u64,
+    /// The kernel filter the lost events had passed (`--port 5432`): they may have matched
+    /// it. `None`: nothing was filtered in the kernel, so they may be any event.
+    pub within: Option<&'a str>,
+}
+
+impl Loss<'_> {
+    /// Whether the lost events could have been ones being watched, in words.
+    pub fn scope(&self) -> String {
+        match self.within {
+            Some(filter) => {
+                format!("they passed the kernel filter ({filter}), so some may be yours")
+            }
+            None => "no filter ran in the kernel, so they may be any event".to_string(),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -116,8 +116,9 @@ pub struct Pool {
     /// Every established connection is stalled: the next request waits for a connection
     /// ("QueuePool limit reached"), or opens one more.
     pub exhausted: bool,
-    /// How long the oldest stalled request has waited.
-    pub oldest_stall_ms: u64,
+    /// How long the oldest stalled request has waited; absent when none has.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub oldest_stall_ms: Option<u64>,
     /// The socket of the oldest stalled request (its cookie), to name in findings.
     #[serde(skip)]
     pub oldest_stall: Option<u64>,
@@ -127,6 +128,9 @@ pub struct Pool {
     /// one (no established connection, or every one waiting on a request).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_idle_ms: Option<u64>,
+    /// The idle limit learned on the pool's path (`detect::idle_limit`), if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idle_limit_ms: Option<u64>,
     pub connects_per_min: u32,
     pub resets_per_min: u32,
     /// idle_timeout_death over the last minute.
@@ -250,10 +254,11 @@ impl Pool {
             other: 0,
             stalled: 0,
             exhausted: false,
-            oldest_stall_ms: 0,
+            oldest_stall_ms: None,
             oldest_stall: None,
             zombie: 0,
             max_idle_ms: None,
+            idle_limit_ms: None,
             connects_per_min: 0,
             resets_per_min: 0,
             deaths_per_min: 0,
@@ -271,6 +276,13 @@ impl PoolTracker {
 
     pub fn pools(&self) -> &[Pool] {
         &self.pools
+    }
+
+    /// Gives each pool its path's learned idle limit.
+    pub fn set_idle_limits(&mut self, limit_of: impl Fn(&Pool) -> Option<u64>) {
+        for pool in &mut self.pools {
+            pool.idle_limit_ms = limit_of(pool);
+        }
     }
 
     /// Names each pool's container and pod, by its process.
@@ -397,8 +409,8 @@ impl PoolTracker {
                 match requests.outstanding.get(&socket.cookie) {
                     Some(&waited) if waited >= requests.stall_threshold_ms => {
                         pool.stalled += 1;
-                        if waited >= pool.oldest_stall_ms {
-                            pool.oldest_stall_ms = waited;
+                        if pool.oldest_stall_ms.is_none_or(|oldest| waited >= oldest) {
+                            pool.oldest_stall_ms = Some(waited);
                             pool.oldest_stall = Some(socket.cookie);
                         }
                     }
@@ -549,11 +561,17 @@ fn rate_key(key: &ConnectKey) -> RateKey {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::sockets::diag::TcpActivity;
 
-    fn socket(local: &str, remote: &str, state: u8, inode: u64, idle_ms: u32) -> DiagSocket {
+    pub(crate) fn socket(
+        local: &str,
+        remote: &str,
+        state: u8,
+        inode: u64,
+        idle_ms: u32,
+    ) -> DiagSocket {
         DiagSocket {
             local: local.parse().unwrap(),
             remote: remote.parse().unwrap(),
@@ -678,7 +696,10 @@ mod tests {
         );
         let pool = &tracker.pools()[0];
         assert!(pool.exhausted, "{pool:?}");
-        assert_eq!((pool.oldest_stall_ms, pool.oldest_stall), (31_000, Some(2)));
+        assert_eq!(
+            (pool.oldest_stall_ms, pool.oldest_stall),
+            (Some(31_000), Some(2))
+        );
     }
 
     /// Refreshes `tracker` from `snapshot` (its listeners included) with `outstanding`
@@ -884,7 +905,7 @@ mod tests {
         );
         assert_eq!(
             (out.close_wait, out.oldest_stall_ms, out.max_idle_ms),
-            (1, 30_000, Some(5000))
+            (1, Some(30_000), Some(5000))
         );
         assert!(!out.exhausted, "one of two connections is idle");
         let inbound = &pools[1];
