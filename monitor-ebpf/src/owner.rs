@@ -6,7 +6,7 @@ use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
 use monitor_common::{PeerEnd, SockOwner, hook, peer_end, tcp_state};
 
 use crate::{
-    event::{Slot, set},
+    event::{Slot, Subject, set},
     impact::copy_tuple,
     kernel::{Record, Tp, is_inet_tcp, layout, new_owner, set_owner_task, sock_of_fd},
     maps::{OWNERS, PEER_ENDED},
@@ -84,7 +84,14 @@ pub fn tcp_destroy_sock(ctx: TracePointContext) -> u32 {
 /// FIN's handling shows in the state change its close makes (CLOSE_WAIT → LAST_ACK).
 #[inline(always)]
 fn destroyed_after_reset(sk: u64, mark: *const PeerEnd) {
-    let Some(slot) = Slot::begin(hook::DESTROY, sk) else {
+    // The ports saved at the RST: the socket has released its local port since.
+    // SAFETY: pointer from a lookup of a preallocated (LRU) map, as the caller's.
+    let ports = unsafe { [(*mark).tuple.sport, (*mark).tuple.dport] };
+    let subject = Subject {
+        ports: Some(ports),
+        caller: false,
+    };
+    let Some(slot) = Slot::begin_for(hook::DESTROY, sk, subject) else {
         return;
     };
     set!(slot, old_state, tcp_state::CLOSE);
