@@ -79,7 +79,9 @@ fn no_write_after_leaves_the_send_recv_hooks_out() {
     thread::sleep(Duration::from_millis(1200));
     let client = pair.reset_from_server();
     thread::sleep(Duration::from_millis(200));
-    call_in_thread("cw-query", client, write_then_read);
+    // A clone: the pool still holds the socket after the query (no hook sees the write,
+    // so only holding it past the grace makes the reset a finding).
+    call_in_thread("cw-query", client.try_clone().unwrap(), write_then_read);
     sync_with_sentinel(&listener, &watch);
     let events = watch.stop().events;
     assert_eq!(
@@ -92,6 +94,7 @@ fn no_write_after_leaves_the_send_recv_hooks_out() {
         0,
         "{events:#?}"
     );
+    drop(client);
 }
 
 /// A pooled connection idle for 2 s, closed by the server (FIN); `after` the FIN, a
@@ -220,6 +223,40 @@ fn close_wait_that_lingers() {
     assert_eq!(count(&events, "close_wait_lingering", tidy_port), 0);
 }
 
+/// A keep-alive client's connection: a thread blocked reading it (as the client's event
+/// loop is), which closes the socket as soon as the read ends (EOF or error).
+struct Healthy {
+    server: TcpStream,
+    port: u16,
+    reader: thread::JoinHandle<std::io::Result<usize>>,
+}
+
+impl Healthy {
+    /// A healthy client and a stale pool's connection, both idle past the threshold.
+    fn next_to_a_stale_pool(listener: &std::net::TcpListener) -> (Healthy, Pair) {
+        let healthy = Healthy::connect(listener);
+        let stale = Pair::connect(listener, "cw-stale-pool");
+        thread::sleep(Duration::from_millis(1500));
+        (healthy, stale)
+    }
+
+    fn connect(listener: &std::net::TcpListener) -> Healthy {
+        let pair = Pair::connect(listener, "cw-keepalive");
+        let port = pair.client_port();
+        let mut client = pair.client;
+        let reader = thread::spawn(move || {
+            let read = client.read_to_end(&mut Vec::new());
+            drop(client); // closed at once
+            read
+        });
+        Healthy {
+            server: pair.server,
+            port,
+            reader,
+        }
+    }
+}
+
 /// The core distinction: after a peer's FIN of an idle connection, a healthy client (here a
 /// thread blocked reading it, as a keep-alive client's event loop is) closes its end at
 /// once: counted, not reported. A pool that holds the dead socket past the grace is
@@ -227,19 +264,11 @@ fn close_wait_that_lingers() {
 #[test]
 fn a_fin_handled_at_once_is_healthy_and_one_held_is_flagged() {
     let (listener, _, watch) = watched_listener("127.0.0.1:0", &[]);
-    let healthy = Pair::connect(&listener, "cw-keepalive");
-    let stale = Pair::connect(&listener, "cw-stale-pool");
-    let (healthy_port, stale_port) = (healthy.client_port(), stale.client_port());
-    let mut reader = healthy.client;
-    let keepalive = thread::spawn(move || {
-        let mut rest = Vec::new();
-        reader.read_to_end(&mut rest).unwrap(); // EOF at the FIN...
-        drop(reader); // ...and closed at once
-    });
-    thread::sleep(Duration::from_millis(1500)); // both idle past the threshold
+    let (healthy, stale) = Healthy::next_to_a_stale_pool(&listener);
+    let (healthy_port, stale_port) = (healthy.port, stale.client_port());
     drop(healthy.server);
     drop(stale.server);
-    keepalive.join().unwrap();
+    healthy.reader.join().unwrap().unwrap(); // EOF
     watch.wait_for("peer_close_idle for the stale pool", |events| {
         count(events, "peer_close_idle", stale_port) == 1
     });
@@ -256,6 +285,52 @@ fn a_fin_handled_at_once_is_healthy_and_one_held_is_flagged() {
         "{events:#?}"
     );
     drop(stale.client);
+}
+
+/// The same for an RST: a healthy client (a thread blocked reading, woken by
+/// `ECONNRESET`) closes the reset socket at once; the kernel frees it (`tcp_destroy_sock`)
+/// within the grace: counted, no `peer_reset_idle`. A pool that holds the dead socket (no
+/// reader) is flagged after the grace, dated by the RST.
+#[test]
+fn an_idle_reset_handled_at_once_is_healthy_and_one_held_is_flagged() {
+    let (listener, _, watch) = watched_listener("127.0.0.1:0", &[]);
+    let (healthy, stale) = Healthy::next_to_a_stale_pool(&listener);
+    let (healthy_port, stale_port) = (healthy.port, stale.client_port());
+    abort(healthy.server); // ECONNRESET for the reader
+    let stale_client = stale.reset_from_server();
+    let read = healthy.reader.join().unwrap();
+    assert_eq!(
+        read.map_err(|e| e.kind()).err(),
+        Some(std::io::ErrorKind::ConnectionReset)
+    );
+    watch.wait_for("peer_reset_idle for the stale pool", |events| {
+        count(events, "peer_reset_idle", stale_port) == 1
+    });
+    sync_with_sentinel(&listener, &watch);
+    let stopped = watch.stop();
+    let events = stopped.events;
+    assert_eq!(
+        count(&events, "peer_reset_idle", healthy_port),
+        0,
+        "{events:#?}"
+    );
+    let flagged = of_kind(&events, "peer_reset_idle", stale_port);
+    assert_eq!(flagged.len(), 1, "{events:#?}");
+    assert_eq!(flagged[0]["comm"], "cw-stale-pool");
+    assert!(ms(flagged[0], "idle_ms") >= 1400, "{:?}", flagged[0]);
+    // The healthy one was counted: the stop summary's handled resets.
+    let summary = stopped
+        .stderr
+        .lines()
+        .find(|l| l.starts_with("connwatch: stopped:"))
+        .unwrap_or_else(|| panic!("no summary: {}", stopped.stderr));
+    let handled: u64 = summary
+        .split(" idle FINs and ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no handled resets in {summary}"));
+    assert!(handled >= 1, "{summary}");
+    drop(stale_client);
 }
 
 /// Leaks from before connwatch started: no event told of their FIN, the socket list does.

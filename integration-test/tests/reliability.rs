@@ -199,14 +199,17 @@ fn nothing_is_left_in_the_kernel_after_sigterm_or_kill_9() {
 #[test]
 fn a_process_that_exits_at_once_is_still_attributed() {
     let (listener, server_port, watch) = watched_listener("127.0.0.1:0", &[]);
-    // Connects, is reset, and exits before connwatch could look in /proc.
+    // Connects, is reset, and exits before connwatch could look in /proc. A child it leaves
+    // behind holds the socket past the grace (a process that closed it at once would have
+    // handled the reset: no finding).
     let child = Command::new("python3")
         .args([
             "-c",
-            "import socket, sys, time\n\
+            "import socket, subprocess, sys, time\n\
              s = socket.create_connection(('127.0.0.1', int(sys.argv[1])))\n\
              time.sleep(1.2)\n\
-             try:\n    s.recv(1)\nexcept OSError:\n    pass\n",
+             try:\n    s.recv(1)\nexcept OSError:\n    pass\n\
+             subprocess.Popen(['sleep', '3'], pass_fds=[s.fileno()])\n",
             &server_port.to_string(),
         ])
         .spawn()

@@ -15,6 +15,10 @@ pub mod hook {
     /// `sock:sock_send_length` / `sock:sock_recv_length` on a socket whose peer had ended
     /// the connection: the application ran into it.
     pub const IO_AFTER_PEER_END: u8 = 4;
+    /// `tcp:tcp_destroy_sock` of a socket the peer had reset: the application closed it
+    /// (or had already, and the kernel freed it at the RST). Sent only for such sockets, so
+    /// that userspace can tell an idle reset the application handled from one it still holds.
+    pub const DESTROY: u8 = 5;
 }
 
 /// How the peer ended a connection ([`PeerEnd::how`], [`ConnEvent::peer_end`]).

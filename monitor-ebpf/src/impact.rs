@@ -187,8 +187,19 @@ fn after_peer_end(sk: u64, ret: i32, op: u8, protocol: Protocol, origin: Sk) -> 
     set!(slot, since_peer_end_ms, (since_ns / 1_000_000) as u32);
     set!(slot, old_state, state);
     set!(slot, new_state, state);
+    copy_tuple(mark, &slot);
+    slot.submit();
+    0
+}
+
+/// Copies the tuple a peer-end mark kept (as it was at the RST or FIN) into the event.
+/// `mark` must be a pointer from a `PEER_ENDED` lookup.
+#[inline(always)]
+pub fn copy_tuple(mark: *const PeerEnd, slot: &Slot) {
     let event = slot.as_ptr();
-    // SAFETY: both are whole, 8-aligned tuples: the event's, and the map value's (see above).
+    // SAFETY: both are whole, 8-aligned tuples: the event's, and the map value's (a
+    // preallocated LRU map's element: valid memory, though possibly recycled meanwhile, see
+    // `after_peer_end`).
     unsafe {
         let from = (&raw const (*mark).tuple).cast::<u64>();
         let to = (&raw mut (*event).tuple).cast::<u64>();
@@ -196,8 +207,6 @@ fn after_peer_end(sk: u64, ret: i32, op: u8, protocol: Protocol, origin: Sk) -> 
             core::ptr::write_volatile(to.add(i), core::ptr::read_volatile(from.add(i)));
         }
     }
-    slot.submit();
-    0
 }
 
 /// Records the application's data call on `sk` in the socket's storage, created on first use.

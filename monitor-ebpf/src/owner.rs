@@ -1,10 +1,13 @@
-//! Ownership: who accepted a socket, and forgetting sockets the kernel destroyed.
+//! Ownership: who accepted a socket, and forgetting sockets the kernel destroyed (telling
+//! userspace of those its peer had reset).
 use core::mem::MaybeUninit;
 
 use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
-use monitor_common::SockOwner;
+use monitor_common::{PeerEnd, SockOwner, hook, peer_end, tcp_state};
 
 use crate::{
+    event::{Slot, Subject, set},
+    impact::copy_tuple,
     kernel::{Record, Tp, is_inet_tcp, layout, new_owner, set_owner_task, sock_of_fd},
     maps::{OWNERS, PEER_ENDED},
 };
@@ -60,12 +63,40 @@ pub fn tcp_destroy_sock(ctx: TracePointContext) -> u32 {
     if record.fill(&ctx, &tp)
         && let Some(sk) = record.get::<u64>(tp.skaddr)
     {
-        let _ = OWNERS.remove(sk);
         // Few sockets were ever ended by their peer: a lookup is cheaper than a delete,
         // which locks the hash bucket even when the key is absent.
-        if PEER_ENDED.get_ptr(sk).is_some() {
+        if let Some(mark) = PEER_ENDED.get_ptr(sk) {
+            // SAFETY: pointer from a lookup of a preallocated (LRU) map, read once.
+            if unsafe { (*mark).how } == peer_end::RESET {
+                destroyed_after_reset(sk, mark);
+            }
             let _ = PEER_ENDED.remove(sk);
         }
+        // After the event: its birth time, from this entry, tells this socket's life from a
+        // later one at the same address.
+        let _ = OWNERS.remove(sk);
     }
     0
+}
+
+/// The application let go of a socket its peer reset (closed it, or had before the RST):
+/// userspace counts an idle reset it was holding back as handled. Only after a reset: a
+/// FIN's handling shows in the state change its close makes (CLOSE_WAIT → LAST_ACK).
+#[inline(always)]
+fn destroyed_after_reset(sk: u64, mark: *const PeerEnd) {
+    // The ports saved at the RST: the socket has released its local port since.
+    // SAFETY: pointer from a lookup of a preallocated (LRU) map, as the caller's.
+    let ports = unsafe { [(*mark).tuple.sport, (*mark).tuple.dport] };
+    let subject = Subject {
+        ports: Some(ports),
+        caller: false,
+    };
+    let Some(slot) = Slot::begin_for(hook::DESTROY, sk, subject) else {
+        return;
+    };
+    set!(slot, old_state, tcp_state::CLOSE);
+    set!(slot, new_state, tcp_state::CLOSE);
+    set!(slot, peer_end, peer_end::RESET);
+    copy_tuple(mark, &slot);
+    slot.submit();
 }

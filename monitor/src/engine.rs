@@ -204,11 +204,15 @@ impl Engine {
                     flow
                 }
                 _ = poll.tick() => {
-                    let (flow, _) = drain(self.ring.get_mut(), &mut self.pipeline, &mut self.resolver, consumer, &mut self.warned_undecodable)?;
+                    // Read before the drain, and graces ended only once the ring is empty:
+                    // the events stamped before `now` that could settle a grace (the
+                    // application's close, its write) are in by then.
+                    let now = self.clock.mono_now_ns();
+                    let (flow, more) = drain(self.ring.get_mut(), &mut self.pipeline, &mut self.resolver, consumer, &mut self.warned_undecodable)?;
                     match flow {
                         Flow::Stop => Flow::Stop,
+                        Flow::Continue if more => consumer.poll(now)?,
                         Flow::Continue => {
-                            let now = self.clock.mono_now_ns();
                             match deliver(self.pipeline.due(now), &mut self.resolver, consumer)? {
                                 Flow::Stop => Flow::Stop,
                                 Flow::Continue => consumer.poll(now)?,
@@ -307,12 +311,15 @@ impl Engine {
         format!(
             "stopped: {} events read{filtered}, {reported} reported, {lost} lost, {} undecodable, \
              {} evicted from full tables, {} reported unattributed (resolver behind), \
-             {} output lines dropped (stdout not read)",
+             {} output lines dropped (stdout not read), {} idle FINs and {} idle resets \
+             handled within the grace (not reported)",
             self.pipeline.events,
             self.pipeline.undecodable,
             self.pipeline.evictions(),
             self.resolver.unattributed,
-            crate::output::stdout().dropped()
+            crate::output::stdout().dropped(),
+            self.pipeline.fins_handled(),
+            self.pipeline.resets_handled(),
         )
     }
 }

@@ -19,6 +19,8 @@ pub enum Hook {
     SendReset,
     /// A send/recv on a socket the peer had reset or closed.
     IoAfterPeerEnd,
+    /// The kernel freed a socket its peer had reset: the application closed it.
+    Destroy,
     /// Not a kernel event: a socket as a sock_diag snapshot listed it.
     Snapshot,
 }
@@ -214,6 +216,7 @@ pub fn from_raw(raw: &ConnEvent) -> Result<Event, DecodeError> {
         hook::RECEIVE_RESET => Hook::ReceiveReset,
         hook::SEND_RESET => Hook::SendReset,
         hook::IO_AFTER_PEER_END => Hook::IoAfterPeerEnd,
+        hook::DESTROY => Hook::Destroy,
         other => return Err(DecodeError::UnknownHook(other)),
     };
     let io = match hook {
@@ -504,9 +507,56 @@ pub(crate) mod tests {
         let mut bad_hook = raw_reset(5000);
         bad_hook.hook = 200;
         assert!(pipeline.record(&bytes(&bad_hook)).is_err());
-        let good = pipeline.record(&bytes(&raw_reset(5000))).unwrap();
+        // A busy socket's reset: reported at once (an idle one waits out its grace).
+        let good = pipeline.record(&bytes(&raw_reset(10))).unwrap();
         assert_eq!(good.findings.len(), 1, "decoding goes on after bad records");
         assert_eq!((pipeline.undecodable, pipeline.events), (2, 1));
+    }
+
+    /// Through the whole pipeline (table, pools, detectors): an idle reset whose socket is
+    /// destroyed within the grace is counted, never a finding; one written into is reported
+    /// at the write, ahead of the write's own finding.
+    #[test]
+    fn pipeline_holds_an_idle_reset_for_its_grace() {
+        let mut pipeline = crate::pipeline::Pipeline::for_tests();
+        assert!(
+            pipeline
+                .record(&bytes(&raw_reset(5000)))
+                .unwrap()
+                .findings
+                .is_empty()
+        );
+        let mut destroyed = raw_reset(0);
+        destroyed.hook = hook::DESTROY;
+        destroyed.peer_end = peer_end::RESET;
+        destroyed.ts_ns = 2_000_000;
+        let event = decode(&bytes(&destroyed)).unwrap();
+        assert_eq!(event.hook, Hook::Destroy);
+        assert!(
+            pipeline
+                .record(&bytes(&destroyed))
+                .unwrap()
+                .findings
+                .is_empty()
+        );
+        assert!(pipeline.due(u64::MAX).is_empty());
+        assert_eq!(pipeline.resets_handled(), 1);
+        let mut again = raw_reset(5000);
+        again.ts_ns = 10_000_000;
+        assert!(pipeline.record(&bytes(&again)).unwrap().findings.is_empty());
+        let mut write = raw_send_after_reset();
+        write.ts_ns = 20_000_000;
+        let kinds: Vec<_> = pipeline
+            .record(&bytes(&write))
+            .unwrap()
+            .findings
+            .iter()
+            .map(|f| f.kind)
+            .collect();
+        use crate::detect::Kind;
+        assert_eq!(kinds, [Kind::PeerResetIdle, Kind::WriteAfterReset]);
+        assert!(pipeline.due(u64::MAX).is_empty(), "once");
+        assert_eq!(pipeline.resets_handled(), 1);
     }
 
     #[test]

@@ -156,6 +156,11 @@ impl Pipeline {
         self.detectors.fins_handled()
     }
 
+    /// Idle resets the application closed within the grace.
+    pub fn resets_handled(&self) -> u64 {
+        self.detectors.resets_handled()
+    }
+
     /// Periodic upkeep: findings that come from time passing; forget old closed sockets.
     pub fn tick(&mut self, mono_now_ns: u64) -> &[Finding] {
         self.table.expire(mono_now_ns);

@@ -1,13 +1,13 @@
 //! The peer's FIN, and what the application does (or fails to do) after it.
 //!
 //! `peer_close_idle`: a proxy or server closed a connection the pool had left idle, and the
-//! application still holds it [`HANDLED_GRACE`] later (or writes into it sooner); the next
-//! query will read EOF. A client that closes its end within the grace handled the FIN: it
+//! application still holds it [`HANDLED_GRACE`](super::grace::HANDLED_GRACE) later (or
+//! writes into it sooner); the next query will read EOF. A client that closes its end within the grace handled the FIN: it
 //! is counted, not reported. `close_wait_lingering`: the application never closed its end
 //! after the peer's FIN, the leak that piles up CLOSE_WAIT behind proxies.
-use std::{collections::VecDeque, time::Duration};
+use std::time::Duration;
 
-use super::{Finding, Kind};
+use super::{Finding, Kind, grace::Grace};
 use crate::{
     FastMap, FastSet,
     events::{Event, Hook, Task, TcpState},
@@ -20,20 +20,6 @@ use crate::{
 struct Listed {
     first_listed_ns: u64,
     reported: bool,
-}
-
-/// How long the application has, after a peer's FIN of an idle connection, to close its end
-/// before the FIN is a finding. A healthy client closes within milliseconds (its event loop
-/// reads the EOF at once; a pool that checks its connections drops them); a stale pool holds
-/// the socket until its next checkout, seconds or minutes later. 200 ms is two orders above
-/// a loaded node's scheduling delay and below any pool's checkout interval, and keeps the
-/// finding ahead of the application's next write.
-pub const HANDLED_GRACE: Duration = Duration::from_millis(200);
-
-/// A `peer_close_idle` waiting out [`HANDLED_GRACE`].
-struct PendingFin {
-    finding: Finding,
-    due_ns: u64,
 }
 
 struct Waiting {
@@ -49,9 +35,8 @@ pub struct CloseDetector {
     waiting: FastMap<u64, Waiting>,
     /// Sockets in CLOSE_WAIT in the last socket list that no event told of, by cookie.
     listed: FastMap<u64, Listed>,
-    /// Idle FINs within their grace, by kernel address, and the order they fall due in.
-    pending: FastMap<u64, PendingFin>,
-    due: VecDeque<(u64, u64)>,
+    /// Idle FINs within their grace.
+    pending: Grace,
     /// Idle FINs the application handled within the grace: healthy, counted only.
     pub handled: u64,
     max: usize,
@@ -70,8 +55,7 @@ impl CloseDetector {
             close_wait_threshold_ns: close_wait_threshold.as_nanos() as u64,
             waiting: FastMap::default(),
             listed: FastMap::default(),
-            pending: FastMap::default(),
-            due: VecDeque::new(),
+            pending: Grace::new(max),
             handled: 0,
             max,
             evictions: 0,
@@ -85,9 +69,7 @@ impl CloseDetector {
         let skaddr = event.socket.skaddr;
         match event.hook {
             Hook::IoAfterPeerEnd => {
-                if let Some(pending) = self.pending.remove(&skaddr) {
-                    findings.push(pending.finding);
-                }
+                findings.extend(self.pending.take(skaddr));
                 return;
             }
             Hook::StateChange => {}
@@ -95,7 +77,7 @@ impl CloseDetector {
         }
         if event.new_state != TcpState::CLOSE_WAIT {
             if event.old_state == TcpState::CLOSE_WAIT
-                && let Some(pending) = self.pending.remove(&skaddr)
+                && let Some(pending) = self.pending.take(skaddr)
             {
                 if event.new_state == TcpState::LAST_ACK {
                     // The application's close() sent its FIN: handled.
@@ -104,7 +86,7 @@ impl CloseDetector {
                     // Straight to CLOSE: the peer reset it, because the application wrote
                     // into it (on loopback the RST is in before the send returns), or an
                     // abort. Either way it was still held: confirmed now.
-                    findings.push(pending.finding);
+                    findings.push(pending);
                 }
             }
             self.waiting.remove(&skaddr);
@@ -125,34 +107,13 @@ impl CloseDetector {
         if event.old_state != TcpState::ESTABLISHED || idle < self.idle_threshold_ms {
             return;
         }
-        let finding = Finding::new(Kind::PeerCloseIdle, event, owner);
-        if self.pending.len() >= self.max {
-            // No room to wait: reported at once, as before the grace existed.
-            findings.push(finding);
-            return;
-        }
-        let due_ns = event.mono_ns + HANDLED_GRACE.as_nanos() as u64;
-        self.due.push_back((due_ns, skaddr));
-        self.pending.insert(skaddr, PendingFin { finding, due_ns });
+        self.pending
+            .hold(Finding::new(Kind::PeerCloseIdle, event, owner), findings);
     }
 
     /// Idle FINs whose grace ended with the socket still held: findings now.
     pub fn due(&mut self, mono_now_ns: u64, findings: &mut Vec<Finding>) {
-        while let Some(&(due_ns, skaddr)) = self.due.front() {
-            if due_ns > mono_now_ns {
-                break;
-            }
-            self.due.pop_front();
-            // Handled, confirmed, or replaced by a later FIN of a reused address: skipped.
-            if self
-                .pending
-                .get(&skaddr)
-                .is_some_and(|p| p.due_ns == due_ns)
-                && let Some(pending) = self.pending.remove(&skaddr)
-            {
-                findings.push(pending.finding);
-            }
-        }
+        self.pending.due(mono_now_ns, findings);
     }
 
     /// Folds in a socket list: CLOSE_WAIT sockets no event told of are followed from their
@@ -218,7 +179,10 @@ impl CloseDetector {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::events::{from_raw, tests::raw_reset};
+    use crate::{
+        detect::grace::HANDLED_GRACE,
+        events::{from_raw, tests::raw_reset},
+    };
     use monitor_common::{hook, tcp_state};
 
     fn transition(old: u8, new: u8, idle_ms: u32, at_ns: u64) -> Event {

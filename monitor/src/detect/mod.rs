@@ -3,6 +3,7 @@
 pub mod close;
 pub mod death;
 pub mod exhausted;
+pub mod grace;
 pub mod idle_limit;
 pub mod impact;
 pub mod reset;
@@ -19,7 +20,8 @@ use crate::{
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]
 #[value(rename_all = "snake_case")]
 pub enum Kind {
-    /// The peer reset a socket that had been idle at least the idle threshold.
+    /// The peer reset a socket that had been idle at least the idle threshold, and the
+    /// application still held it after the grace (or wrote into it sooner).
     PeerResetIdle,
     /// The peer reset a socket in use.
     PeerReset,
@@ -145,7 +147,7 @@ pub struct Detectors {
 impl Detectors {
     pub fn new(config: &DetectConfig) -> Detectors {
         Detectors {
-            reset: reset::ResetDetector::new(config.idle_threshold),
+            reset: reset::ResetDetector::new(config.idle_threshold, config.max_sockets),
             rst_reasons: config.rst_reasons.clone(),
             close: close::CloseDetector::new(
                 config.idle_threshold,
@@ -160,13 +162,15 @@ impl Detectors {
         if let Some(kind) = self.reset.classify(event) {
             let mut finding = Finding::new(kind, event, owner);
             finding.cause = Some(reset::cause(event, &self.rst_reasons));
-            findings.push(finding);
+            self.reset.report(finding, findings);
         }
         if let Some(kind) = death::classify(event) {
             findings.push(Finding::new(kind, event, owner));
         }
-        // Before impact: a FIN still in its grace is reported ahead of the call that hit it.
+        // Before impact: a FIN or RST still in its grace is reported ahead of the call that
+        // hit it.
         self.close.observe(event, owner, findings);
+        self.reset.observe(event, findings);
         if let Some(kind) = impact::classify(event) {
             // The caller hit the ended connection; it is the process to name.
             findings.push(Finding::new(kind, event, Some(&event.current)));
@@ -186,10 +190,16 @@ impl Detectors {
         self.close.handled
     }
 
+    /// Idle resets the application closed within the grace (healthy; metrics only).
+    pub fn resets_handled(&self) -> u64 {
+        self.reset.handled
+    }
+
     /// Findings whose grace ended: checked often (every poll of the ring), so that a stale
     /// socket is flagged within milliseconds of its grace.
     pub fn due(&mut self, mono_now_ns: u64, findings: &mut Vec<Finding>) {
         self.close.due(mono_now_ns, findings);
+        self.reset.due(mono_now_ns, findings);
     }
 
     /// CLOSE_WAIT sockets of a socket list that no event told of, due for a report: each
@@ -204,7 +214,8 @@ impl Detectors {
 
     /// Findings that come from time passing rather than from an event.
     pub fn tick(&mut self, mono_now_ns: u64, findings: &mut Vec<Finding>) {
-        self.close.due(mono_now_ns, findings);
+        // Not `due`: graces end at the engine's poll, right after it drains the ring, so that
+        // no event that could settle one is still waiting there.
         self.close.tick(mono_now_ns, findings);
     }
 }

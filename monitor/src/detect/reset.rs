@@ -1,21 +1,32 @@
 //! Resets, in and out. The kernel half (`monitor-ebpf/src/reset.rs`) measures how long the
 //! socket had been idle; here that becomes "the pool handed out a connection the peer had
 //! already given up on" (`peer_reset_idle`) or an ordinary reset.
+//!
+//! An idle reset waits out [`HANDLED_GRACE`](super::grace::HANDLED_GRACE), like the FIN in
+//! `close.rs`: the application closing the socket within it (the kernel's destroy event)
+//! handled it, counted only; a write into it confirms it at once; still held at the end of
+//! the grace, it is reported, dated by the RST.
 use std::time::Duration;
 
-use super::Kind;
+use super::{Finding, Kind, grace::Grace};
 use std::collections::HashMap;
 
-use crate::events::{Event, Hook, TcpState};
+use crate::events::{Event, Hook, IoOp, TcpState};
 
 pub struct ResetDetector {
     idle_threshold_ms: u64,
+    /// Idle resets within their grace.
+    pending: Grace,
+    /// Idle resets the application closed within the grace: healthy, counted only.
+    pub handled: u64,
 }
 
 impl ResetDetector {
-    pub fn new(idle_threshold: Duration) -> ResetDetector {
+    pub fn new(idle_threshold: Duration, max: usize) -> ResetDetector {
         ResetDetector {
             idle_threshold_ms: idle_threshold.as_millis() as u64,
+            pending: Grace::new(max),
+            handled: 0,
         }
     }
 
@@ -26,8 +37,46 @@ impl ResetDetector {
                 _ => Kind::PeerReset,
             }),
             Hook::SendReset => Some(Kind::LocalReset),
-            Hook::StateChange | Hook::IoAfterPeerEnd | Hook::Snapshot => None,
+            Hook::StateChange | Hook::IoAfterPeerEnd | Hook::Destroy | Hook::Snapshot => None,
         }
+    }
+
+    /// Reports a reset finding: an idle reset after its grace, the others at once.
+    pub fn report(&mut self, finding: Finding, findings: &mut Vec<Finding>) {
+        if finding.kind == Kind::PeerResetIdle {
+            self.pending.hold(finding, findings);
+        } else {
+            findings.push(finding);
+        }
+    }
+
+    /// Settles an idle reset within its grace: the socket's destroy makes it handled (unless
+    /// it is an older life's at a reused address); the application's first write confirms
+    /// it at once, pushed ahead of the write's own finding. A read does not: a reader woken
+    /// by the RST, or a pool checking its connections, is how a healthy client finds out;
+    /// whether it then closes the socket decides.
+    pub fn observe(&mut self, event: &Event, findings: &mut Vec<Finding>) {
+        let skaddr = event.socket.skaddr;
+        match event.hook {
+            Hook::IoAfterPeerEnd if event.io.is_some_and(|io| io.op == IoOp::Send) => {
+                findings.extend(self.pending.take(skaddr));
+            }
+            Hook::Destroy => {
+                let same_life = |held: &Finding| {
+                    let (held, destroyed) = (held.event.socket.born_ns, event.socket.born_ns);
+                    held == 0 || destroyed == 0 || held == destroyed
+                };
+                if self.pending.take_if(skaddr, same_life).is_some() {
+                    self.handled += 1;
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Idle resets whose grace ended with the socket still held: findings now.
+    pub fn due(&mut self, mono_now_ns: u64, findings: &mut Vec<Finding>) {
+        self.pending.due(mono_now_ns, findings);
     }
 }
 
@@ -135,7 +184,7 @@ mod tests {
     use monitor_common::hook;
 
     fn detector() -> ResetDetector {
-        ResetDetector::new(Duration::from_secs(1))
+        ResetDetector::new(Duration::from_secs(1), 1000)
     }
 
     #[test]
@@ -238,6 +287,111 @@ mod tests {
         assert_eq!(received(CLOSE_WAIT), "reset_during_close");
     }
 
+    /// An idle reset at `at_ns`, through the detector as `Detectors::inspect` runs it.
+    fn idle_reset(reset: &mut ResetDetector, at_ns: u64, born_ns: u64) -> Vec<Finding> {
+        let mut raw = raw_reset(5000);
+        raw.ts_ns = at_ns;
+        raw.born_ns = born_ns;
+        let event = from_raw(&raw).unwrap();
+        let mut findings = Vec::new();
+        let kind = reset.classify(&event).unwrap();
+        reset.report(Finding::new(kind, &event, None), &mut findings);
+        reset.observe(&event, &mut findings);
+        findings
+    }
+
+    /// The kernel freeing the socket of `raw_reset`'s address (one life of it).
+    fn destroyed(at_ns: u64, born_ns: u64) -> Event {
+        let mut raw = raw_reset(0);
+        raw.hook = hook::DESTROY;
+        raw.flags = monitor_common::flags::OWNER_KNOWN;
+        raw.old_state = monitor_common::tcp_state::CLOSE;
+        raw.peer_end = monitor_common::peer_end::RESET;
+        raw.ts_ns = at_ns;
+        raw.born_ns = born_ns;
+        from_raw(&raw).unwrap()
+    }
+
+    const GRACE_NS: u64 = super::super::grace::HANDLED_GRACE.as_nanos() as u64;
+
+    #[test]
+    fn an_idle_reset_closed_within_the_grace_is_handled_not_reported() {
+        let mut reset = detector();
+        assert!(idle_reset(&mut reset, 1_000, 500).is_empty(), "held");
+        let mut findings = Vec::new();
+        reset.observe(&destroyed(3_000_000, 500), &mut findings);
+        reset.due(u64::MAX, &mut findings);
+        assert!(findings.is_empty(), "{findings:?}");
+        assert_eq!(reset.handled, 1);
+        // A busy socket's reset is not held: reported at once, as before.
+        let mut raw = raw_reset(10);
+        raw.ts_ns = 5_000_000;
+        let busy = from_raw(&raw).unwrap();
+        reset.report(Finding::new(Kind::PeerReset, &busy, None), &mut findings);
+        assert_eq!(findings.len(), 1);
+        reset.observe(&destroyed(6_000_000, 500), &mut findings);
+        assert_eq!((findings.len(), reset.handled), (1, 1), "nothing held");
+    }
+
+    #[test]
+    fn an_idle_reset_still_held_after_the_grace_is_reported_once_dated_by_the_rst() {
+        let mut reset = detector();
+        assert!(idle_reset(&mut reset, 1_000, 500).is_empty());
+        let mut findings = Vec::new();
+        reset.due(1_000 + GRACE_NS - 1, &mut findings);
+        assert!(findings.is_empty(), "within the grace");
+        reset.due(1_000 + GRACE_NS, &mut findings);
+        assert_eq!(findings.len(), 1);
+        assert_eq!(findings[0].kind, Kind::PeerResetIdle);
+        assert_eq!(findings[0].mono_ns, 1_000, "dated by the RST");
+        // The destroy after the grace, and later deadlines: nothing more.
+        reset.observe(&destroyed(1_000 + 2 * GRACE_NS, 500), &mut findings);
+        reset.due(u64::MAX, &mut findings);
+        assert_eq!((findings.len(), reset.handled), (1, 0));
+    }
+
+    #[test]
+    fn a_write_within_the_grace_confirms_the_reset_at_once_a_read_does_not() {
+        let mut reset = detector();
+        assert!(idle_reset(&mut reset, 1_000, 500).is_empty());
+        let mut findings = Vec::new();
+        // A reader woken by the RST (ECONNRESET from recv): the client found out.
+        let mut read = crate::events::tests::raw_send_after_reset();
+        read.io = monitor_common::io::RECV;
+        read.ts_ns = 2_000_000;
+        reset.observe(&from_raw(&read).unwrap(), &mut findings);
+        assert!(findings.is_empty(), "a read does not confirm");
+        let mut write = crate::events::tests::raw_send_after_reset();
+        write.ts_ns = 3_000_000;
+        reset.observe(&from_raw(&write).unwrap(), &mut findings);
+        assert_eq!(
+            findings.iter().map(|f| f.kind).collect::<Vec<_>>(),
+            [Kind::PeerResetIdle]
+        );
+        assert_eq!(findings[0].mono_ns, 1_000, "dated by the RST");
+        reset.observe(&destroyed(4_000_000, 500), &mut findings);
+        reset.due(u64::MAX, &mut findings);
+        assert_eq!((findings.len(), reset.handled), (1, 0), "once, not handled");
+    }
+
+    #[test]
+    fn an_older_lifes_destroy_does_not_cancel_a_new_one() {
+        let mut reset = detector();
+        // The address now holds a socket born at 900; a late destroy of the one born at 500.
+        assert!(idle_reset(&mut reset, 1_000, 900).is_empty());
+        let mut findings = Vec::new();
+        reset.observe(&destroyed(2_000, 500), &mut findings);
+        assert_eq!(reset.handled, 0);
+        reset.due(1_000 + GRACE_NS, &mut findings);
+        assert_eq!(findings.len(), 1, "still held: reported");
+        assert_eq!(findings[0].event.socket.born_ns, 900);
+        // Without a birth time on either side (a socket from before connwatch), the
+        // address decides.
+        assert!(idle_reset(&mut reset, 10_000, 0).is_empty());
+        reset.observe(&destroyed(20_000, 0), &mut findings);
+        assert_eq!(reset.handled, 1);
+    }
+
     #[test]
     fn sent_resets_and_state_changes() {
         let mut raw = raw_reset(5000);
@@ -247,6 +401,8 @@ mod tests {
             Some(Kind::LocalReset)
         );
         raw.hook = hook::STATE_CHANGE;
+        assert_eq!(detector().classify(&from_raw(&raw).unwrap()), None);
+        raw.hook = hook::DESTROY;
         assert_eq!(detector().classify(&from_raw(&raw).unwrap()), None);
     }
 }

@@ -276,6 +276,7 @@ pub struct Metrics {
     evictions: Counter,
     log_lines_dropped: Counter,
     fins_handled: Counter,
+    resets_handled: Counter,
     overflow: Family<MetricLabel, Counter>,
 }
 
@@ -323,6 +324,7 @@ impl Metrics {
             evictions: Counter::default(),
             log_lines_dropped: Counter::default(),
             fins_handled: Counter::default(),
+            resets_handled: Counter::default(),
             overflow: Family::default(),
         };
         registry.register(
@@ -428,6 +430,11 @@ impl Metrics {
                 &metrics.fins_handled,
                 "connwatch_peer_closes_handled",
                 "Idle connections the peer closed (FIN) whose application closed its end within the grace (200 ms): healthy, not reported",
+            ),
+            (
+                &metrics.resets_handled,
+                "connwatch_peer_resets_handled",
+                "Idle connections the peer reset (RST) whose application closed its socket within the grace (200 ms): healthy, not reported",
             ),
             (
                 &metrics.log_lines_dropped,
@@ -610,9 +617,12 @@ impl Metrics {
         self.undecodable.inc_by(undecodable);
         let evictions = pipeline.evictions().saturating_sub(self.evictions.get());
         self.evictions.inc_by(evictions);
-        let handled = pipeline.fins_handled();
-        self.fins_handled
-            .inc_by(handled.saturating_sub(self.fins_handled.get()));
+        for (counter, handled) in [
+            (&self.fins_handled, pipeline.fins_handled()),
+            (&self.resets_handled, pipeline.resets_handled()),
+        ] {
+            counter.inc_by(handled.saturating_sub(counter.get()));
+        }
         let dropped = crate::output::stdout().dropped();
         self.log_lines_dropped
             .inc_by(dropped.saturating_sub(self.log_lines_dropped.get()));
@@ -779,6 +789,7 @@ mod tests {
             "# TYPE connwatch_table_evictions counter",
             "# TYPE connwatch_log_lines_dropped counter",
             "# TYPE connwatch_peer_closes_handled counter",
+            "# TYPE connwatch_peer_resets_handled counter",
         ] {
             assert!(text.contains(family), "{family} missing:\n{text}");
         }

@@ -271,8 +271,7 @@ mod tests {
     #[test]
     fn report_fields() {
         let event = from_raw(&raw_reset(2100)).unwrap();
-        let owner = event.owner.clone();
-        let mut finding = Finding::new(Kind::PeerResetIdle, &event, owner.as_ref());
+        let mut finding = Finding::new(Kind::PeerResetIdle, &event, event.owner.as_ref());
         finding.mono_ns = 1_000;
         let report = Report::new(&finding, &WallClock::now());
         assert_eq!(report.kind, "peer_reset_idle");
