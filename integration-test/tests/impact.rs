@@ -309,11 +309,13 @@ fn an_idle_reset_handled_at_once_is_healthy_and_one_held_is_flagged() {
     sync_with_sentinel(&listener, &watch);
     let stopped = watch.stop();
     let events = stopped.events;
-    assert_eq!(
-        count(&events, "peer_reset_idle", healthy_port),
-        0,
-        "{events:#?}"
-    );
+    // Nothing at all: its reader woken by ECONNRESET is the client noticing, not a call
+    // into a dead connection.
+    let on_healthy: Vec<&Value> = events
+        .iter()
+        .filter(|e| port(&e["local"]) == healthy_port)
+        .collect();
+    assert!(on_healthy.is_empty(), "{on_healthy:#?}");
     let flagged = of_kind(&events, "peer_reset_idle", stale_port);
     assert_eq!(flagged.len(), 1, "{events:#?}");
     assert_eq!(flagged[0]["comm"], "cw-stale-pool");

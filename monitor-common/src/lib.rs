@@ -434,8 +434,9 @@ impl KernelLayout {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Settings {
-    /// An EOF read this soon after the peer's FIN is the application noticing the close
-    /// (a blocked reader woken by it), not running into a stale connection.
+    /// An EOF read this soon after the peer's FIN, or an ECONNRESET read this soon after
+    /// its RST, is the application noticing the end (a blocked reader woken by it), not
+    /// running into a stale connection.
     pub eof_grace_ns: u64,
     /// Wake the reader only once this much is waiting in the ring buffer; userspace also
     /// drains on a short timer. One wakeup per event costs more than handling the event.

@@ -23,6 +23,7 @@ use crate::{
 
 const EAGAIN: i32 = 11;
 const EINTR: i32 = 4;
+const ECONNRESET: i32 = 104;
 
 #[tracepoint(category = "sock", name = "sock_send_length")]
 pub fn sock_send_length(ctx: TracePointContext) -> u32 {
@@ -164,8 +165,13 @@ fn after_peer_end(sk: u64, ret: i32, op: u8, protocol: Protocol, origin: Sk) -> 
         return 0;
     }
     let since_ns = unsafe { bpf_ktime_get_ns() }.saturating_sub(at_ns);
-    if op == io::RECV && ret == 0 && how == peer_end::FIN && since_ns < settings().eof_grace_ns {
-        // A reader woken by the FIN: an ordinary close. Keep the mark for a later write.
+    let woken = match how {
+        peer_end::FIN => ret == 0,
+        _ => ret == -ECONNRESET,
+    };
+    if op == io::RECV && woken && since_ns < settings().eof_grace_ns {
+        // A reader woken by the FIN (EOF) or the RST (ECONNRESET): the application noticing
+        // the end, as a healthy client does. Keep the mark for a later write.
         return 0;
     }
     // SAFETY: as above.
