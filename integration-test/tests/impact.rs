@@ -477,3 +477,24 @@ fn eof_read_long_after_fin_is_reported() {
     assert!(ms(hit[0], "since_close_ms") >= 1400, "{:?}", hit[0]);
     assert_eq!(port(&hit[0]["remote"]), server_port);
 }
+
+/// A stop within an idle FIN's grace reports it: the application still held the socket at
+/// the end (on this host the stop comes about 50 ms into the 200 ms).
+#[test]
+fn an_idle_fin_still_in_its_grace_at_stop_is_reported() {
+    let (listener, _, watch) = watched_listener("127.0.0.1:0", &[]);
+    let pair = Pair::connect(&listener, "cw-held-at-stop");
+    let client_port = pair.client_port();
+    thread::sleep(Duration::from_millis(1500));
+    drop(pair.server);
+    thread::sleep(Duration::from_millis(50));
+    let stopped = watch.stop();
+    assert_eq!(
+        count(&stopped.events, "peer_close_idle", client_port),
+        1,
+        "{:#?}\n{}",
+        stopped.events,
+        stopped.stderr
+    );
+    drop(pair.client);
+}

@@ -224,7 +224,16 @@ impl Engine {
                 _ = upkeep.tick() => self.upkeep(consumer)?,
                 Some(snapshot) = self.snapshots.recv() => self.apply(snapshot, consumer)?,
                 () = &mut stop => {
-                    self.flush(consumer).await?;
+                    // What the ring holds (one batch: a stop stays prompt under a flood),
+                    // then idle FINs and resets still in their grace: the application held
+                    // them to the end. Reported, not dropped.
+                    let (flow, _) = drain(self.ring.get_mut(), &mut self.pipeline, &mut self.resolver, consumer, &mut self.warned_undecodable)?;
+                    if let Flow::Continue = flow
+                        && let Flow::Continue =
+                            deliver(self.pipeline.due(u64::MAX), &mut self.resolver, consumer)?
+                    {
+                        self.flush(consumer).await?;
+                    }
                     return consumer.finish();
                 }
             };
