@@ -105,6 +105,8 @@ pub const GUEST_TESTS: &[(&str, &[&str])] = &[
     ("http", &[]),
     // Real PostgreSQL incidents, end to end.
     ("incidents", &[]),
+    // Leaked pool connections on a real PostgreSQL: first listings and tcp_info idle times.
+    ("leaks", &[]),
     // Zombie connections behind a multiplexer: tcp_info's bytes each way (sock_diag).
     ("zombie", &[]),
     // Pods' network namespaces: setns and sock_diag in each, /proc/<pid>/net without.

@@ -539,3 +539,15 @@ pub fn as_nobody(caps: &str) -> Command {
         .arg(&*CONNWATCH);
     command
 }
+
+/// The Python with the pinned client libraries (SQLAlchemy, psycopg2) xtask installs under
+/// target/clients.
+pub fn python_clients() -> std::path::PathBuf {
+    let python =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/clients/venv/bin/python");
+    assert!(
+        python.exists(),
+        "SQLAlchemy missing: run `cargo xtask setup` (or `cargo xtask test`)"
+    );
+    python
+}

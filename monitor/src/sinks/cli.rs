@@ -87,6 +87,22 @@ pub fn format_ms(ms: u64) -> String {
     }
 }
 
+/// pool_leak and pool_leak_exhausted, in words.
+fn leak_detail(report: &Report) -> String {
+    let stranded = format!(
+        "{} connections stranded (idle since just after they opened while newer ones opened), \
+         {} more a minute, the oldest listed {} ago",
+        report.connections.unwrap_or(0),
+        report.per_min.unwrap_or(0),
+        format_ms(report.age_ms.unwrap_or(0))
+    );
+    if report.kind == Kind::PoolLeak.as_str() {
+        format!("{stranded}: connections checked out and never returned")
+    } else {
+        format!("{stranded}; no new connection since: pool likely exhausted by leaked connections")
+    }
+}
+
 /// What the kind-specific fields say, in words.
 fn detail(report: &Report) -> String {
     if let Some(cause) = &report.cause {
@@ -120,6 +136,9 @@ fn detail(report: &Report) -> String {
             report.connections.unwrap_or(0),
             format_ms(report.stalled_ms.unwrap_or(0))
         );
+    }
+    if report.kind == Kind::PoolLeak.as_str() || report.kind == Kind::PoolLeakExhausted.as_str() {
+        return leak_detail(report);
     }
     if report.kind == Kind::PoolRecovered.as_str() {
         return format!(
@@ -381,6 +400,9 @@ mod tests {
             Kind::PoolExhausted => vec![base(&|r| {
                 (r.connections, r.stalled_ms) = (Some(4), Some(2300));
             })],
+            Kind::PoolLeak | Kind::PoolLeakExhausted => vec![base(&|r| {
+                (r.connections, r.per_min, r.age_ms) = (Some(4), Some(12), Some(2100));
+            })],
             Kind::ZombieConnection => [1, 2]
                 .map(|n| {
                     base(&|r| {
@@ -396,7 +418,7 @@ mod tests {
         }
     }
 
-    const KINDS: [Kind; 13] = [
+    const KINDS: [Kind; 15] = [
         Kind::PeerResetIdle,
         Kind::PeerReset,
         Kind::LocalReset,
@@ -407,6 +429,8 @@ mod tests {
         Kind::RequestStalled,
         Kind::PoolExhausted,
         Kind::PoolRecovered,
+        Kind::PoolLeak,
+        Kind::PoolLeakExhausted,
         Kind::ZombieConnection,
         Kind::IdleTimeoutDeath,
         Kind::StateChange,
