@@ -236,11 +236,12 @@ mod tests {
     const REFRESH: u64 = 5 * S;
     const DUMP: u64 = S / 10;
 
-    /// A connection of process 10 to 10.0.0.9:5432: when it opens and closes, and when it
-    /// carries data.
+    /// A connection of process 10 to 10.0.0.9:5432 in network namespace `netns`: when it
+    /// opens and closes, and when it carries data.
     #[derive(Clone)]
     struct Conn {
         cookie: u64,
+        netns: u64,
         open: u64,
         close: Option<u64>,
         data: Vec<u64>,
@@ -254,6 +255,7 @@ mod tests {
                 let open = start + i * every;
                 Conn {
                     cookie: 100 + i,
+                    netns: 1,
                     open,
                     close: None,
                     data: vec![open + S / 10],
@@ -276,7 +278,7 @@ mod tests {
                     state: TcpState(monitor_common::tcp_state::ESTABLISHED),
                     inode: c.cookie,
                     cookie: c.cookie,
-                    netns: 1,
+                    netns: c.netns,
                     recv_queue: 0,
                     activity: Some(TcpActivity {
                         last_data_sent_ms: idle,
@@ -415,6 +417,7 @@ mod tests {
         }
         conns.push(Conn {
             cookie: 1,
+            netns: 1,
             open: 500_000_000,
             close: None,
             data: vec![600_000_000],
@@ -443,6 +446,32 @@ mod tests {
             "the ten of unknown age are never stranded"
         );
         assert_eq!(found.len(), 1, "all but the newest is not 90%: {found:#?}");
+    }
+
+    #[test]
+    fn pools_are_per_network_namespace() {
+        // Two pods' copies of one process image (the same pid in each pid namespace) to
+        // the same 10.0.0.9:5432: the first's three connections idle since they opened,
+        // the second's busy and opened later. Newer in another namespace is not newer.
+        let mut conns = opened(3, 2 * S, 6 * S);
+        conns.extend(opened(6, 20 * S, 4 * S).into_iter().map(|mut c| {
+            (c.cookie, c.netns) = (c.cookie + 100, 2);
+            c.data.extend((0..400).map(|s| s * S));
+            c
+        }));
+        let mut detector = detector();
+        let (found, most) = watch(&mut detector, &conns, 0, 400);
+        assert!(found.is_empty(), "{found:#?}");
+        assert_eq!(
+            most, 2,
+            "within its namespace, the first pool's newest is not stranded"
+        );
+        // Together, they would be a leak.
+        for conn in &mut conns {
+            conn.netns = 1;
+        }
+        let (found, _) = watch(&mut LeakDetector::new(THRESHOLD_MS, 1024), &conns, 0, 400);
+        assert_eq!(found.len(), 1, "{found:#?}");
     }
 
     #[test]
