@@ -225,21 +225,8 @@ mod tests {
     #[test]
     fn report_fields() {
         let event = from_raw(&raw_reset(2100)).unwrap();
-        let owner = event.owner.clone();
-        let finding = Finding {
-            kind: Kind::PeerResetIdle,
-            event,
-            owner,
-            mono_ns: 1_000,
-            age_ms: None,
-            age_at_least: false,
-            stalled_ms: None,
-            connections: None,
-            per_min: None,
-            siblings: None,
-            workload: Workload::default(),
-            cause: None,
-        };
+        let mut finding = Finding::new(Kind::PeerResetIdle, &event, event.owner.as_ref());
+        finding.mono_ns = 1_000;
         let report = Report::new(&finding, &WallClock::now());
         assert_eq!(report.kind, "peer_reset_idle");
         assert_eq!(report.pid, Some(42));
