@@ -307,13 +307,7 @@ fn sqlalchemy_pool_blocked_on_a_row_lock() {
     let Some(mut scene) = LockedRow::start() else {
         return;
     };
-    let python =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/clients/venv/bin/python");
-    assert!(
-        python.exists(),
-        "SQLAlchemy missing: run `cargo xtask setup` (or `cargo xtask test`)"
-    );
-    let mut app = Command::new(python)
+    let mut app = Command::new(python_clients())
         .arg(concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/tests/support/queuepool.py"

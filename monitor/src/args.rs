@@ -19,6 +19,11 @@ pub struct PipelineArgs {
     #[arg(long, value_name = "DURATION", default_value = "30s", env = "CONNWATCH_ZOMBIE_THRESHOLD",
           value_parser = parse_zombie_threshold)]
     pub zombie_threshold: Duration,
+    /// An outbound connection idle this long since shortly after it opened, while its
+    /// process opened newer ones to the same endpoint, is stranded (`pool_leak`).
+    #[arg(long, value_name = "DURATION", default_value = "30s", env = "CONNWATCH_LEAK_THRESHOLD",
+          value_parser = parse_leak_threshold)]
+    pub leak_threshold: Duration,
     /// Ports of long polls, streams and other connections that wait quietly by design: no
     /// `request_stalled`, `pool_exhausted` or `zombie_connection` on a socket with this
     /// local or remote port (repeatable or comma-separated; at most 64).
@@ -79,6 +84,7 @@ impl PipelineArgs {
             close_wait_threshold: self.close_wait_threshold,
             stall_threshold: self.stall_threshold,
             zombie_threshold: self.zombie_threshold,
+            leak_threshold: self.leak_threshold,
             max_sockets: self.max_tracked_sockets as usize,
             rst_reasons: Default::default(),
             state_changes,
@@ -187,6 +193,13 @@ fn parse_zombie_threshold(text: &str) -> Result<Duration, String> {
     )
 }
 
+fn parse_leak_threshold(text: &str) -> Result<Duration, String> {
+    parse_threshold(
+        text,
+        "use more than your application holds a connection between two queries, e.g. 30s",
+    )
+}
+
 fn parse_stall_threshold(text: &str) -> Result<Duration, String> {
     parse_threshold(
         text,
@@ -215,6 +228,9 @@ mod tests {
         assert!(parse_idle_threshold("600000years").is_err());
         assert!(parse_close_wait_threshold("0s").is_err());
         assert!(parse_close_wait_threshold("2days").is_err());
+        assert_eq!(parse_leak_threshold("3s"), Ok(Duration::from_secs(3)));
+        assert!(parse_leak_threshold("0s").is_err());
+        assert!(parse_leak_threshold("2days").is_err());
         assert_eq!(parse_refresh("1h"), Ok(Duration::from_secs(3600)));
         assert!(parse_refresh("1ms").unwrap_err().contains("100ms..1h"));
         assert!(parse_refresh("2h").is_err());

@@ -8,6 +8,7 @@ use crate::{
         DetectConfig, Detectors, Finding, Kind,
         exhausted::ExhaustionDetector,
         idle_limit::{IdleLimit, IdleLimits, Path},
+        leak::LeakDetector,
         stall::StallDetector,
         zombie::ZombieDetector,
     },
@@ -50,6 +51,7 @@ pub struct Pipeline {
     exhaustion: ExhaustionDetector,
     zombies: ZombieDetector,
     limits: IdleLimits,
+    leaks: LeakDetector,
     idle_threshold_ms: u64,
     /// `--ignore-port`: left out of the stall and zombie detectors.
     quiet_ports: Vec<u16>,
@@ -74,6 +76,7 @@ impl Pipeline {
                 config.max_sockets,
             ),
             limits: IdleLimits::new(config.idle_threshold.as_millis() as u64, config.max_sockets),
+            leaks: LeakDetector::new(config.leak_threshold.as_millis() as u64, config.max_sockets),
             idle_threshold_ms: config.idle_threshold.as_millis() as u64,
             quiet_ports: config.quiet_ports.clone(),
             snapshot_states: HashMap::new(),
@@ -238,12 +241,32 @@ impl Pipeline {
         }
         self.limits
             .refresh(&snapshot.sockets, self.pools.listeners(), mono_now_ns);
+        // The dump started about `took` before now: what it did not list opened after that.
+        let dump_ns = mono_now_ns.saturating_sub(snapshot.took.as_nanos() as u64);
+        for leak in self.leaks.refresh(
+            &snapshot.sockets,
+            |inode| snapshot.owners.get(&inode).map(|owner| owner.pid),
+            self.pools.listeners(),
+            dump_ns,
+            mono_now_ns,
+        ) {
+            let owner = owner_of(leak.socket.inode);
+            let event = snapshot_event(leak.socket, owner.clone(), mono_now_ns, None);
+            let mut finding = Finding::new(leak.kind, &event, owner.as_ref());
+            finding.connections = Some(leak.stranded);
+            finding.per_min = Some(leak.per_min);
+            // Since its first listing: it opened a refresh before at most.
+            finding.age_ms = Some(leak.oldest_ms);
+            finding.age_at_least = true;
+            self.findings.push(finding);
+        }
         self.pools.connects(&snapshot.connects, mono_now_ns);
         self.pools.refresh(
             &snapshot.sockets,
             owner_of,
             self.stalls.requests(),
             self.zombies.zombies(),
+            self.leaks.stranded(),
             self.idle_threshold_ms,
             mono_now_ns,
         );
@@ -270,11 +293,12 @@ impl Pipeline {
         &self.findings
     }
 
-    /// Entries dropped from full tables (socket table, CLOSE_WAIT and zombie tracking).
+    /// Entries dropped from full tables (socket table, CLOSE_WAIT, zombie and leak tracking).
     pub fn evictions(&self) -> u64 {
         self.table.evictions
             + self.detectors.evictions()
-            + self.zombies.evictions
+            + self.zombies.first_seen.evictions
+            + self.leaks.listed.evictions
             + self.limits.evictions
             + self.pools.uncounted
     }
@@ -303,6 +327,7 @@ impl Pipeline {
             close_wait_threshold: std::time::Duration::from_secs(30),
             stall_threshold: std::time::Duration::from_secs(10),
             zombie_threshold: std::time::Duration::from_secs(30),
+            leak_threshold: std::time::Duration::from_secs(30),
             max_sockets: 64,
             rst_reasons: Default::default(),
             quiet_ports: Vec::new(),

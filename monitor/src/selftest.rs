@@ -245,6 +245,7 @@ pub async fn run(args: SelftestArgs) -> Result<()> {
         close_wait_threshold: Duration::from_secs(30),
         stall_threshold: STALL_AFTER,
         zombie_threshold: Duration::from_secs(30),
+        leak_threshold: Duration::from_secs(30),
         refresh: STALL_AFTER / 4,
         host_proc: PathBuf::from("/proc"),
         host_root: PathBuf::from("/"),

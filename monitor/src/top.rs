@@ -30,6 +30,7 @@ pub enum Column {
     Other,
     Stalled,
     Zombie,
+    Stranded,
     MaxIdle,
     Connects,
     Resets,
@@ -47,6 +48,7 @@ impl Column {
             Column::Other => pool.other as u64,
             Column::Stalled => pool.stalled as u64,
             Column::Zombie => pool.zombie as u64,
+            Column::Stranded => pool.stranded as u64,
             // Unknown sorts last.
             Column::MaxIdle => pool.max_idle_ms.unwrap_or(0),
             Column::Connects => pool.connects_per_min as u64,
@@ -105,13 +107,13 @@ fn table(pools: &[Pool]) -> String {
         .unwrap_or(0)
         .max(ENDPOINT_WIDTH);
     let mut out = String::new();
-    let row = |out: &mut String, cells: [&str; 20]| {
+    let row = |out: &mut String, cells: [&str; 21]| {
         let [pid, comm, netns, dir, endpoint, rest @ ..] = cells;
         let _ = write!(
             out,
             "{pid:>8} {comm:<16} {netns:>10} {dir:<4} {endpoint:<endpoint_width$}"
         );
-        let widths = [5, 5, 5, 6, 7, 5, 7, 9, 6, 8, 10, 8, 7, 8];
+        let widths = [5, 5, 5, 6, 7, 5, 7, 9, 6, 8, 8, 10, 8, 7, 8];
         for (cell, width) in rest.iter().zip(widths) {
             let _ = write!(out, " {cell:>width$}");
         }
@@ -134,6 +136,7 @@ fn table(pools: &[Pool]) -> String {
             "STALLED",
             "EXHAUSTED",
             "ZOMBIE",
+            "STRANDED",
             "MAX_IDLE",
             "IDLE_LIMIT",
             "CONN/MIN",
@@ -155,6 +158,7 @@ fn table(pools: &[Pool]) -> String {
         .map(|n| n.to_string());
         let rates = [
             p.zombie,
+            p.stranded,
             p.connects_per_min,
             p.resets_per_min,
             p.deaths_per_min,
@@ -184,14 +188,15 @@ fn table(pools: &[Pool]) -> String {
                     .filter(|_| p.exhausted)
                     .map_or_else(|| "-".into(), format_ms),
                 &rates[0],
+                &rates[1],
                 // Unknown: no established connection with a known idle time.
                 &p.max_idle_ms.map_or_else(|| "-".into(), format_ms),
                 // Learned from kills on the path (README, "Idle limits"), `-` until then.
                 &p.idle_limit_ms
                     .map_or_else(|| "-".into(), |ms| format!("~{}", format_ms(ms))),
-                &rates[1],
                 &rates[2],
                 &rates[3],
+                &rates[4],
                 // namespace/pod, where the process runs in one.
                 &match (&p.workload.namespace, &p.workload.pod) {
                     (Some(namespace), Some(pod)) => format!("{namespace}/{pod}"),
@@ -318,7 +323,15 @@ mod tests {
         (server.max_idle_ms, server.connects_per_min) = (Some(721_000), 6);
         let mut churn = pool(5120, "churn", Direction::Outbound, "10.0.0.12:8080");
         (churn.connects_per_min, churn.resets_per_min) = (1180, 1180);
-        vec![exhausted, server, churn]
+        let mut leaking = pool(3131, "gunicorn", Direction::Outbound, "10.0.0.9:5432");
+        (
+            leaking.total,
+            leaking.established,
+            leaking.idle,
+            leaking.active,
+        ) = (15, 15, 14, 1);
+        (leaking.stranded, leaking.max_idle_ms) = (14, Some(552_000));
+        vec![exhausted, server, churn, leaking]
     }
 
     /// Each column of the header: its name, and where it starts and ends, in characters.

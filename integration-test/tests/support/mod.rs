@@ -627,3 +627,15 @@ pub fn summary_count(text: &str, label: &str) -> u64 {
         })
         .unwrap_or_else(|| panic!("no `N {label}` in a stop summary: {text}"))
 }
+
+/// The Python with the pinned client libraries (SQLAlchemy, psycopg2) xtask installs under
+/// target/clients.
+pub fn python_clients() -> std::path::PathBuf {
+    let python =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/clients/venv/bin/python");
+    assert!(
+        python.exists(),
+        "SQLAlchemy missing: run `cargo xtask setup` (or `cargo xtask test`)"
+    );
+    python
+}

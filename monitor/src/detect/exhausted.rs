@@ -79,6 +79,7 @@ mod tests {
             oldest_stall_ms: Some(12_000),
             oldest_stall: Some(1),
             zombie: 0,
+            stranded: 0,
             max_idle_ms: None,
             idle_limit_ms: None,
             connects_per_min: 0,

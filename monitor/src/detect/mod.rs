@@ -6,6 +6,8 @@ pub mod exhausted;
 pub mod grace;
 pub mod idle_limit;
 pub mod impact;
+pub mod leak;
+pub mod listed;
 pub mod reset;
 pub mod stall;
 pub mod zombie;
@@ -41,6 +43,12 @@ pub enum Kind {
     PoolExhausted,
     /// An exhausted pool has a connection free again (or is gone).
     PoolRecovered,
+    /// A pool's stranded connections (idle since shortly after they opened, while the
+    /// process opened newer ones to the same endpoint) keep growing: a connection leak.
+    PoolLeak,
+    /// A leaking pool stopped opening connections with nearly all of them stranded: its
+    /// limit is likely reached ("QueuePool limit reached").
+    PoolLeakExhausted,
     /// An accepted connection written to and acknowledged, silent inbound past the zombie
     /// threshold, while a newer one from the same peer is active: the client reconnected
     /// and a proxy keeps the old one open.
@@ -65,6 +73,8 @@ impl Kind {
             Kind::RequestStalled => "request_stalled",
             Kind::PoolExhausted => "pool_exhausted",
             Kind::PoolRecovered => "pool_recovered",
+            Kind::PoolLeak => "pool_leak",
+            Kind::PoolLeakExhausted => "pool_leak_exhausted",
             Kind::ZombieConnection => "zombie_connection",
             Kind::IdleTimeoutDeath => "idle_timeout_death",
             Kind::StateChange => "state_change",
@@ -82,7 +92,8 @@ pub struct Finding {
     /// When it was found (CLOCK_MONOTONIC ns): the event's time, or the tick's.
     pub mono_ns: u64,
     /// For `close_wait_lingering`: how long the socket has been in CLOSE_WAIT; for
-    /// `pool_recovered`: how long the pool was exhausted.
+    /// `pool_recovered`: how long the pool was exhausted; for `pool_leak*`: since the
+    /// oldest stranded connection was first listed.
     pub age_ms: Option<u64>,
     /// `age_ms` counts from when connwatch first listed the socket, not from when it
     /// entered the state (which no event told): the true age is longer.
@@ -90,8 +101,11 @@ pub struct Finding {
     /// For `request_stalled`: how long the request has waited for an answer; for
     /// `pool_exhausted`: the oldest stalled request's wait.
     pub stalled_ms: Option<u64>,
-    /// For `pool_exhausted`: the pool's established connections, all stalled.
+    /// For `pool_exhausted`: the pool's established connections, all stalled; for
+    /// `pool_leak*`: its stranded connections.
     pub connections: Option<u32>,
+    /// For `pool_leak*`: stranded connections added per minute.
+    pub per_min: Option<u32>,
     /// For `zombie_connection`: newer connections from the same peer, active both ways.
     pub siblings: Option<u32>,
     /// Container and pod of the process, filled in by the pipeline.
@@ -113,6 +127,7 @@ impl Finding {
             age_at_least: false,
             stalled_ms: None,
             connections: None,
+            per_min: None,
             siblings: None,
             workload: Workload::default(),
             cause: None,
@@ -127,6 +142,7 @@ pub struct DetectConfig {
     pub close_wait_threshold: Duration,
     pub stall_threshold: Duration,
     pub zombie_threshold: Duration,
+    pub leak_threshold: Duration,
     /// Bound on every per-socket table.
     pub max_sockets: usize,
     /// This kernel's `enum sk_rst_reason`, value → name.

@@ -26,6 +26,8 @@ use crate::{
     },
 };
 
+use super::listed::FirstListed;
+
 /// One socket that entered the zombie set at this refresh.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Zombie<'a> {
@@ -38,27 +40,23 @@ pub struct Zombie<'a> {
 
 pub struct ZombieDetector {
     threshold_ms: u64,
-    max_sockets: usize,
-    /// Accepted, ESTABLISHED sockets of the last snapshot → when first listed (monotonic
-    /// ns). "Newer" is a later first listing, not a larger cookie: sock_diag generates a
-    /// socket's cookie when it first lists it, so cookies order sockets by first listing
-    /// too, but the sockets new to one dump get theirs in hash-table order. The first
-    /// listing makes those a tie, and a tie is never "newer" (no finding on a guess).
-    first_seen: FastMap<u64, u64>,
+    /// Accepted, ESTABLISHED sockets of the last snapshot → when first listed. "Newer" is
+    /// a later first listing, not a larger cookie: sock_diag generates a socket's cookie
+    /// when it first lists it, so cookies order sockets by first listing too, but the
+    /// sockets new to one dump get theirs in hash-table order. The first listing makes
+    /// those a tie, and a tie is never "newer" (no finding on a guess). Its evictions are
+    /// the detector's.
+    pub first_seen: FirstListed,
     /// Cookies in a zombie episode: reported once, until data comes in or the socket goes.
     zombies: HashSet<u64>,
-    /// Sockets left untracked at a refresh because `first_seen` was full.
-    pub evictions: u64,
 }
 
 impl ZombieDetector {
     pub fn new(threshold_ms: u64, max_sockets: usize) -> ZombieDetector {
         ZombieDetector {
             threshold_ms,
-            max_sockets,
-            first_seen: FastMap::default(),
+            first_seen: FirstListed::new(max_sockets),
             zombies: HashSet::new(),
-            evictions: 0,
         }
     }
 
@@ -80,16 +78,17 @@ impl ZombieDetector {
             .filter(|s| listeners.is_inbound(Some(s.netns), s.local))
             .filter_map(|s| Some((s, s.activity?)))
             .collect();
-        self.remember(accepted.iter().map(|(s, _)| s.cookie), now_ns);
+        self.first_seen
+            .remember(accepted.iter().map(|(s, _)| s.cookie), now_ns, now_ns);
 
         // Per (endpoint, peer IP): when each connection active both ways was first listed,
         // sorted, so counting the newer ones is a binary search.
         let mut active: FastMap<(u64, SocketAddr, IpAddr), Vec<u64>> = FastMap::default();
         for (socket, activity) in &accepted {
-            if let Some(&seen) = self.first_seen.get(&socket.cookie)
+            if let Some(listed) = self.first_seen.get(socket.cookie)
                 && self.recently_both_ways(activity)
             {
-                active.entry(key(socket)).or_default().push(seen);
+                active.entry(key(socket)).or_default().push(listed.at_ns);
             }
         }
         active.values_mut().for_each(|times| times.sort_unstable());
@@ -97,7 +96,7 @@ impl ZombieDetector {
         let mut zombies = HashSet::new();
         let mut started = Vec::new();
         for (socket, activity) in accepted {
-            let Some(&seen) = self.first_seen.get(&socket.cookie) else {
+            let Some(seen) = self.first_seen.get(socket.cookie).map(|l| l.at_ns) else {
                 continue;
             };
             if u64::from(activity.last_data_recv_ms) < self.threshold_ms {
@@ -127,27 +126,6 @@ impl ZombieDetector {
         }
         self.zombies = zombies;
         started
-    }
-
-    /// Keeps the first listing of the sockets still there, adds the new ones while there is
-    /// room (known sockets first, so a full table never makes an old one look new).
-    fn remember(&mut self, cookies: impl Iterator<Item = u64> + Clone, now_ns: u64) {
-        let mut kept = FastMap::default();
-        for cookie in cookies.clone() {
-            if let Some(&seen) = self.first_seen.get(&cookie) {
-                kept.insert(cookie, seen);
-            }
-        }
-        for cookie in cookies {
-            if kept.len() >= self.max_sockets {
-                if !kept.contains_key(&cookie) {
-                    self.evictions += 1;
-                }
-                continue;
-            }
-            kept.entry(cookie).or_insert(now_ns);
-        }
-        self.first_seen = kept;
     }
 
     /// Carried data both ways, and both within the threshold: a client in conversation.
@@ -389,10 +367,10 @@ mod tests {
         run(&mut detector, crowd, S);
         assert_eq!(detector.first_seen.len(), 2);
         assert_eq!(
-            detector.first_seen.get(&1),
-            Some(&0),
+            detector.first_seen.get(1).map(|l| l.at_ns),
+            Some(0),
             "the known socket kept"
         );
-        assert_eq!(detector.evictions, 3);
+        assert_eq!(detector.first_seen.evictions, 3);
     }
 }

@@ -140,6 +140,22 @@ pub fn format_ms(ms: u64) -> String {
     }
 }
 
+/// pool_leak and pool_leak_exhausted, in words.
+fn leak_detail(report: &Report) -> String {
+    let stranded = format!(
+        "{} connections stranded (idle since just after they opened while newer ones opened), \
+         {} more a minute, the oldest listed {} ago",
+        report.connections.unwrap_or(0),
+        report.per_min.unwrap_or(0),
+        format_ms(report.age_ms.unwrap_or(0))
+    );
+    if report.kind == Kind::PoolLeak.as_str() {
+        format!("{stranded}: connections checked out and never returned")
+    } else {
+        format!("{stranded}; no new connection since: pool likely exhausted by leaked connections")
+    }
+}
+
 /// What the kind-specific fields say, in words.
 fn detail(report: &Report) -> String {
     let what = what_happened(report);
@@ -199,6 +215,9 @@ fn what_happened(report: &Report) -> String {
             report.connections.unwrap_or(0),
             format_ms(report.stalled_ms.unwrap_or(0))
         );
+    }
+    if report.kind == Kind::PoolLeak.as_str() || report.kind == Kind::PoolLeakExhausted.as_str() {
+        return leak_detail(report);
     }
     if report.kind == Kind::PoolRecovered.as_str() {
         return format!(
@@ -498,6 +517,9 @@ pub(super) mod tests {
             Kind::PoolExhausted => vec![base(&|r| {
                 (r.connections, r.stalled_ms) = (Some(4), Some(2300));
             })],
+            Kind::PoolLeak | Kind::PoolLeakExhausted => vec![base(&|r| {
+                (r.connections, r.per_min, r.age_ms) = (Some(4), Some(12), Some(2100));
+            })],
             Kind::ZombieConnection => [1, 2]
                 .map(|n| {
                     base(&|r| {
@@ -513,7 +535,7 @@ pub(super) mod tests {
         }
     }
 
-    const KINDS: [Kind; 13] = [
+    const KINDS: [Kind; 15] = [
         Kind::PeerResetIdle,
         Kind::PeerReset,
         Kind::LocalReset,
@@ -524,6 +546,8 @@ pub(super) mod tests {
         Kind::RequestStalled,
         Kind::PoolExhausted,
         Kind::PoolRecovered,
+        Kind::PoolLeak,
+        Kind::PoolLeakExhausted,
         Kind::ZombieConnection,
         Kind::IdleTimeoutDeath,
         Kind::StateChange,

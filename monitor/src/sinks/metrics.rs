@@ -75,7 +75,8 @@ pub struct ErrorWho {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PoolLabels {
     pub direction: String,
-    /// `established`, `idle`, `active`, `close_wait`, `stalled` or `zombie`.
+    /// `established`, `idle`, `active`, `close_wait`, `other`, `stalled`, `zombie` or
+    /// `stranded`.
     pub state: String,
     #[prometheus(flatten)]
     pub who: Who,
@@ -264,6 +265,7 @@ pub struct Metrics {
     pool_exhausted: Capped<PoolWho, Gauge>,
     pool_idle_limit: Capped<PoolWho, Gauge<f64, std::sync::atomic::AtomicU64>>,
     zombie_connections: Capped<Who, Counter>,
+    pool_leaks: Capped<Who, Counter>,
     deaths: Capped<ErrorWho, Counter>,
     pool_sockets: Capped<PoolLabels, Gauge>,
     kernel: Arc<KernelCollector>,
@@ -312,6 +314,7 @@ impl Metrics {
             pool_exhausted: Capped::new("connwatch_pool_exhausted", Family::default()),
             pool_idle_limit: Capped::new("connwatch_pool_idle_limit_seconds", Family::default()),
             zombie_connections: Capped::new("connwatch_zombie_connections", Family::default()),
+            pool_leaks: Capped::new("connwatch_pool_leaks", Family::default()),
             deaths: Capped::new("connwatch_idle_timeout_deaths", Family::default()),
             pool_sockets: Capped::new("connwatch_pool_sockets", Family::default()),
             kernel: Arc::new(KernelCollector::default()),
@@ -385,6 +388,11 @@ impl Metrics {
                 &metrics.zombie_connections.family,
                 "connwatch_zombie_connections",
                 "Accepted connections written to and acknowledged, silent inbound past the zombie threshold, while a newer one from the same peer is active",
+            ),
+            (
+                &metrics.pool_leaks.family,
+                "connwatch_pool_leaks",
+                "Episodes of pool_leak: a pool's stranded connections (idle since just after they opened, while newer ones opened) kept growing",
             ),
             (
                 &metrics.deaths.family,
@@ -515,6 +523,11 @@ impl Metrics {
             }
             // The gauge says it ended.
             Kind::PoolRecovered => {}
+            Kind::PoolLeak => {
+                self.pool_leaks.series(who, max, &self.overflow).inc();
+            }
+            // The stranded gauge shows the plateau.
+            Kind::PoolLeakExhausted => {}
             Kind::ZombieConnection => {
                 self.zombie_connections
                     .series(who, max, &self.overflow)
@@ -555,6 +568,7 @@ impl Metrics {
                 ("other", pool.other),
                 ("stalled", pool.stalled),
                 ("zombie", pool.zombie),
+                ("stranded", pool.stranded),
             ] {
                 let labels = PoolLabels {
                     direction: pool.direction.as_str().into(),
@@ -728,6 +742,7 @@ mod tests {
             Kind::CloseWaitLingering,
             Kind::RequestStalled,
             Kind::PoolExhausted,
+            Kind::PoolLeak,
             Kind::ZombieConnection,
         ] {
             let mut finding = idle_reset("app", 5000);
@@ -757,6 +772,7 @@ mod tests {
             oldest_stall_ms: Some(12_000),
             oldest_stall: Some(1),
             zombie: 0,
+            stranded: 0,
             max_idle_ms: Some(5000),
             idle_limit_ms: Some(300_000),
             connects_per_min: 0,
@@ -775,6 +791,7 @@ mod tests {
             "# TYPE connwatch_close_wait_lingering counter",
             "# TYPE connwatch_request_stalled counter",
             "# TYPE connwatch_zombie_connections counter",
+            "# TYPE connwatch_pool_leaks counter",
             "# TYPE connwatch_pool_sockets gauge",
             "# TYPE connwatch_pool_exhaustions counter",
             "connwatch_pool_exhausted{direction=\"outbound\",comm=\"app\"",

@@ -105,8 +105,8 @@ pub struct Report {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub since_close_ms: Option<u32>,
     /// close_wait_lingering: time in CLOSE_WAIT so far; pool_recovered: how long the pool
-    /// was exhausted; zombie_connection: time since connwatch first listed the connection
-    /// (its age, at least).
+    /// was exhausted; zombie_connection, pool_leak*: time since connwatch first listed the
+    /// (oldest stranded) connection (its age, at least).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub age_ms: Option<u64>,
     /// close_wait_lingering of a socket in CLOSE_WAIT before connwatch saw it enter the
@@ -117,9 +117,13 @@ pub struct Report {
     /// oldest stalled request's; a reset or FIN: the request it cut short, if one waited.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stalled_ms: Option<u64>,
-    /// pool_exhausted: the pool's established connections, every one stalled.
+    /// pool_exhausted: the pool's established connections, every one stalled; pool_leak,
+    /// pool_leak_exhausted: its stranded connections (with `age_ms`, the oldest's age).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub connections: Option<u32>,
+    /// pool_leak, pool_leak_exhausted: stranded connections added per minute.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub per_min: Option<u32>,
     /// The socket's network namespace (inode), for findings from the socket list: two pods'
     /// sockets can have the same addresses.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -193,6 +197,7 @@ impl Report {
             // A reset or FIN that ended a waiting request carries the wait too.
             stalled_ms: finding.stalled_ms.or(event.waiting_ms.map(u64::from)),
             connections: finding.connections,
+            per_min: finding.per_min,
             netns: event.netns,
             siblings: finding.siblings,
             cause: finding.cause.clone(),

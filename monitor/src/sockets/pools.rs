@@ -124,6 +124,9 @@ pub struct Pool {
     pub oldest_stall: Option<u64>,
     /// `zombie_connection` now.
     pub zombie: u32,
+    /// Stranded now (outbound): idle since shortly after it opened, while the process
+    /// opened newer connections here (see `pool_leak`).
+    pub stranded: u32,
     /// The longest-idle ESTABLISHED connection's idle time; absent when none has a known
     /// one (no established connection, or every one waiting on a request).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -257,6 +260,7 @@ impl Pool {
             oldest_stall_ms: None,
             oldest_stall: None,
             zombie: 0,
+            stranded: 0,
             max_idle_ms: None,
             idle_limit_ms: None,
             connects_per_min: 0,
@@ -365,13 +369,16 @@ impl PoolTracker {
     /// Rebuilds the pools from a fresh snapshot, whose listeners were set: one per
     /// (process, namespace, direction, endpoint) with sockets, and one for each process
     /// that connected, reset or died towards an endpoint within the last minute and holds no
-    /// socket there now (a process that churns connections between refreshes).
+    /// socket there now (a process that churns connections between refreshes). `zombie`
+    /// and `stranded`: the sockets the zombie and leak detectors hold so (cookies).
+    #[allow(clippy::too_many_arguments)]
     pub fn refresh(
         &mut self,
         snapshot: &[DiagSocket],
         mut owner_of: impl FnMut(u64) -> Option<Task>,
         requests: Requests,
         zombie: &HashSet<u64>,
+        stranded: &HashSet<u64>,
         idle_threshold_ms: u64,
         now_ns: u64,
     ) {
@@ -436,6 +443,9 @@ impl PoolTracker {
             }
             if zombie.contains(&socket.cookie) {
                 pool.zombie += 1;
+            }
+            if stranded.contains(&socket.cookie) {
+                pool.stranded += 1;
             }
         }
         self.add_churning(&mut pools, &listening, now_ns);
@@ -674,6 +684,7 @@ pub(crate) mod tests {
             owner,
             requests(&outstanding),
             &HashSet::new(),
+            &HashSet::new(),
             1000,
             0,
         );
@@ -690,6 +701,7 @@ pub(crate) mod tests {
             &snapshot,
             owner,
             requests(&outstanding),
+            &HashSet::new(),
             &HashSet::new(),
             1000,
             0,
@@ -716,7 +728,15 @@ pub(crate) mod tests {
             outstanding,
             stall_threshold_ms: 10_000,
         };
-        tracker.refresh(snapshot, owner, requests, &HashSet::new(), 1000, at);
+        tracker.refresh(
+            snapshot,
+            owner,
+            requests,
+            &HashSet::new(),
+            &HashSet::new(),
+            1000,
+            at,
+        );
         let mut pools = tracker.pools().to_vec();
         pools.sort_by_key(|p| p.pid);
         pools
@@ -884,7 +904,15 @@ pub(crate) mod tests {
         };
         let zombie = HashSet::from([202]);
         tracker.set_listeners(Listeners::from_snapshot(&snapshot));
-        tracker.refresh(&snapshot, owner, requests, &zombie, 1000, 0);
+        tracker.refresh(
+            &snapshot,
+            owner,
+            requests,
+            &zombie,
+            &HashSet::new(),
+            1000,
+            0,
+        );
         let mut pools = tracker.pools().to_vec();
         pools.sort_by_key(|p| p.pid);
         assert_eq!(pools.len(), 2, "{pools:#?}");
