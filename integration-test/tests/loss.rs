@@ -14,6 +14,11 @@ use nix::{
 };
 use support::*;
 
+/// The `events_lost` records among what `watch --json` printed.
+fn lost_records(events: &[serde_json::Value]) -> Vec<&serde_json::Value> {
+    events.iter().filter(|e| kind(e) == "events_lost").collect()
+}
+
 #[test]
 fn a_full_ring_buffer_is_reported() {
     // One page holds about 24 events; a stopped reader lets 100 connections overflow it.
@@ -33,11 +38,7 @@ fn a_full_ring_buffer_is_reported() {
     });
     thread::sleep(Duration::from_millis(100));
     let stopped = watch.stop();
-    let lost: Vec<_> = stopped
-        .events
-        .iter()
-        .filter(|e| kind(e) == "events_lost")
-        .collect();
+    let lost = lost_records(&stopped.events);
     let counted: u64 = lost.iter().map(|e| e["count"].as_u64().unwrap()).sum();
     assert!(counted > 0, "{lost:?}");
     assert_eq!(lost.last().unwrap()["total"].as_u64().unwrap(), counted);
@@ -85,11 +86,7 @@ fn nothing_lost_inside_the_filter(
         count(events, "peer_reset", client_port) >= 1
     });
     let stopped = watch.stop();
-    let lost: Vec<_> = stopped
-        .events
-        .iter()
-        .filter(|e| kind(e) == "events_lost")
-        .collect();
+    let lost = lost_records(&stopped.events);
     assert!(lost.is_empty(), "{lost:?}\n{}", stopped.stderr);
     assert_eq!(
         summary_count(&stopped.stderr, "lost"),
