@@ -145,6 +145,19 @@ impl Subject {
         ports: None,
         caller: false,
     };
+
+    /// With the ports a peer-end mark saved at the RST or FIN: a reset socket has released
+    /// its local port since. `mark` must be a pointer from a `PEER_ENDED` lookup.
+    #[inline(always)]
+    pub fn at_peer_end(mark: *const monitor_common::PeerEnd, caller: bool) -> Subject {
+        // SAFETY: a preallocated (LRU) map's element: valid memory, though possibly
+        // recycled for another socket meanwhile (then the ports are that socket's).
+        let ports = unsafe { [(*mark).tuple.sport, (*mark).tuple.dport] };
+        Subject {
+            ports: Some(ports),
+            caller,
+        }
+    }
 }
 
 /// Whether an event may match `watch`'s filters; only a sure mismatch keeps it out. A

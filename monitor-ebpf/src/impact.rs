@@ -176,13 +176,7 @@ fn after_peer_end(sk: u64, ret: i32, op: u8, protocol: Protocol, origin: Sk) -> 
     }
     // SAFETY: as above.
     unsafe { (*mark).reported = 1 };
-    // The tuple saved at the RST or FIN: a reset socket has released its port since.
-    // SAFETY: as above.
-    let ports = unsafe { [(*mark).tuple.sport, (*mark).tuple.dport] };
-    let subject = Subject {
-        ports: Some(ports),
-        caller: true,
-    };
+    let subject = Subject::at_peer_end(mark, true);
     let Some(slot) = Slot::begin_for(hook::IO_AFTER_PEER_END, sk, subject) else {
         return 0;
     };

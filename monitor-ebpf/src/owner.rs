@@ -84,14 +84,7 @@ pub fn tcp_destroy_sock(ctx: TracePointContext) -> u32 {
 /// FIN's handling shows in the state change its close makes (CLOSE_WAIT → LAST_ACK).
 #[inline(always)]
 fn destroyed_after_reset(sk: u64, mark: *const PeerEnd) {
-    // The ports saved at the RST: the socket has released its local port since.
-    // SAFETY: pointer from a lookup of a preallocated (LRU) map, as the caller's.
-    let ports = unsafe { [(*mark).tuple.sport, (*mark).tuple.dport] };
-    let subject = Subject {
-        ports: Some(ports),
-        caller: false,
-    };
-    let Some(slot) = Slot::begin_for(hook::DESTROY, sk, subject) else {
+    let Some(slot) = Slot::begin_for(hook::DESTROY, sk, Subject::at_peer_end(mark, false)) else {
         return;
     };
     set!(slot, old_state, tcp_state::CLOSE);
