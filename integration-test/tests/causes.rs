@@ -223,16 +223,7 @@ fn a_connection_the_network_dropped_dies_of_timeout() {
     let client_port = client.local_addr().unwrap().port();
     thread::sleep(Duration::from_millis(1200));
     // The path goes dark: every packet into the server host is dropped.
-    run(
-        "ip",
-        &[
-            "netns",
-            "exec",
-            &hosts.server,
-            "nft",
-            "add table inet cw; add chain inet cw in { type filter hook input priority 0; policy drop; }",
-        ],
-    );
+    hosts.drop_into_server();
     client.write_all(b"SELECT 1").unwrap();
     watch.wait_for("idle_timeout_death", |events| {
         count(events, "idle_timeout_death", client_port) >= 1

@@ -2,106 +2,15 @@
 mod support;
 
 use std::{
-    fs,
     io::Read,
     net::TcpListener,
-    path::PathBuf,
-    process::{Child, Command, Stdio},
+    process::Command,
     thread,
     time::{Duration, Instant},
 };
 
 use nix::sys::signal::Signal;
-use serde_json::Value;
-use support::*;
-
-/// A Prometheus server scraping `target` every second, in a temp dir; killed on drop.
-struct Prometheus {
-    child: Child,
-    url: String,
-    dir: PathBuf,
-}
-
-impl Prometheus {
-    /// Also evaluates the shipped alerting rules (every second).
-    fn start(target: &str) -> Prometheus {
-        let dir = std::env::temp_dir().join(format!("connwatch-prometheus-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).unwrap();
-        let config = dir.join("prometheus.yml");
-        fs::write(
-            &config,
-            format!(
-                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
-                 rule_files:\n  - {rules}\n\
-                 scrape_configs:\n  - job_name: connwatch\n    scrape_interval: 1s\n    \
-                 static_configs:\n      - targets: ['{target}']\n",
-                rules = shipped_rules().display(),
-            ),
-        )
-        .unwrap();
-        let listen = format!("127.0.0.1:{}", free_port());
-        let log = fs::File::create(dir.join("prometheus.log")).unwrap();
-        let child = Command::new("prometheus")
-            .arg(format!("--config.file={}", config.display()))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.join("data").display()
-            ))
-            .arg(format!("--web.listen-address={listen}"))
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("prometheus is installed (cargo xtask test installs it)");
-        Prometheus {
-            child,
-            url: format!("http://{listen}"),
-            dir,
-        }
-    }
-
-    /// The single value of an instant query, or None while it has no result.
-    fn query(&self, promql: &str) -> Option<f64> {
-        let response = agent()
-            .get(format!("{}/api/v1/query", self.url))
-            .query("query", promql)
-            .call()
-            .ok()?;
-        let body: Value =
-            serde_json::from_str(&response.into_body().read_to_string().ok()?).ok()?;
-        body["data"]["result"][0]["value"][1].as_str()?.parse().ok()
-    }
-
-    /// Polls `promql` until it equals `want`; panics with the last value and the log.
-    fn wait_for(&self, promql: &str, want: f64) {
-        let deadline = Instant::now() + Duration::from_secs(40);
-        let mut last = None;
-        while Instant::now() < deadline {
-            last = self.query(promql);
-            if last == Some(want) {
-                return;
-            }
-            thread::sleep(Duration::from_millis(250));
-        }
-        panic!(
-            "{promql} = {last:?}, want {want}; prometheus log:\n{}",
-            fs::read_to_string(self.dir.join("prometheus.log")).unwrap_or_default()
-        );
-    }
-}
-
-/// deploy/alerts/connwatch.rules.yaml.
-fn shipped_rules() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/alerts/connwatch.rules.yaml")
-}
-
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = fs::remove_dir_all(&self.dir);
-    }
-}
+use support::{prometheus::Prometheus, *};
 
 #[test]
 fn prometheus_counts_exactly_the_idle_resets() {

@@ -114,7 +114,6 @@ fn daemonset_matches_what_connwatch_needs() {
         "- DAC_READ_SEARCH ",
         "path: /sys/kernel/tracing",
         "path: /sys/kernel/btf",
-        "path: /sys/fs/bpf",
         "mountPath: /host/var/log/pods",
         "mountPath: /host/sys/fs/cgroup",
         "prometheus.io/scrape: \"true\"",
@@ -126,6 +125,50 @@ fn daemonset_matches_what_connwatch_needs() {
         );
     }
     assert!(!daemonset.contains("privileged: true"));
+    // connwatch pins nothing: a bpffs mount would be write access to the node's pinned
+    // programs and maps for no use.
+    assert!(
+        !daemonset.contains("/sys/fs/bpf"),
+        "connwatch.yaml mounts bpffs"
+    );
+}
+
+/// Each node is one target: the pods carry the scrape annotations and the Service does not
+/// (annotation-based configs would scrape both); the Operator monitors drop the agent's own
+/// namespace/pod/container target labels, which would rename the workload's to exported_*.
+#[test]
+fn every_node_is_scraped_once_with_the_workload_labels_intact() {
+    let manifest = fs::read_to_string(root().join("deploy/connwatch.yaml")).unwrap();
+    let annotated: Vec<&str> = manifest
+        .split("\n---\n")
+        .filter(|document| document.contains("prometheus.io/scrape"))
+        .collect();
+    assert_eq!(annotated.len(), 1, "annotated twice");
+    assert!(annotated[0].contains("kind: DaemonSet"), "{}", annotated[0]);
+    for monitor in ["deploy/podmonitor.yaml", "deploy/servicemonitor.yaml"] {
+        let text = fs::read_to_string(root().join(monitor)).unwrap();
+        assert!(
+            text.contains("action: labeldrop") && text.contains("regex: namespace|pod|container"),
+            "{monitor} keeps the agent's namespace/pod/container target labels"
+        );
+    }
+}
+
+/// Every manifest runs the release the workspace builds: a version tag, never `latest`.
+#[test]
+fn manifests_run_this_release() {
+    let tag = format!("ghcr.io/connwatch/connwatch:{}", env!("CARGO_PKG_VERSION"));
+    for manifest in ["deploy/connwatch.yaml", "deploy/privileged.yaml"] {
+        let text = fs::read_to_string(root().join(manifest)).unwrap();
+        let images: Vec<&str> = text
+            .lines()
+            .filter_map(|line| line.trim().strip_prefix("image: "))
+            .collect();
+        assert!(images.len() >= 2, "{manifest}: {images:?}");
+        for image in images {
+            assert_eq!(image, tag, "{manifest} runs another image");
+        }
+    }
 }
 
 /// /metrics has no authentication: under hostNetwork, 0.0.0.0 would serve it on every

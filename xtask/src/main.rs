@@ -9,6 +9,7 @@
 //!   kernel 5.10, 6.1 or 6.12 on this machine's filesystem (see vm.rs).
 //! - `cargo xtask setup`: only install the prerequisites.
 mod bench;
+mod manifests;
 mod reliability;
 mod vm;
 
@@ -61,6 +62,12 @@ enum Task {
         /// $XTASK_VM_OUT are kept on the host (the rest of the filesystem is read-only).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
         command: Vec<OsString>,
+    },
+    /// Write deploy/privileged.yaml from deploy/connwatch.yaml's DaemonSet.
+    Manifests {
+        /// Only check that the committed file is what would be written.
+        #[arg(long)]
+        check: bool,
     },
     /// (bench helper) hold N loopback connections until stdin closes.
     #[command(hide = true)]
@@ -190,6 +197,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 run.dir.display()
             ));
             Ok(exit_code(run.code))
+        }
+        Task::Manifests { check } => {
+            manifests::run(&root, check)?;
+            Ok(ExitCode::SUCCESS)
         }
         Task::HoldSockets { connections } => {
             bench::hold_sockets(connections)?;

@@ -4,6 +4,7 @@
 
 pub mod netns;
 pub mod postgres;
+pub mod prometheus;
 
 use std::{
     fs,

@@ -66,6 +66,21 @@ impl Hosts {
         })
     }
 
+    /// The path goes dark: every packet into the server host is dropped, silently (no RST,
+    /// no ICMP), as a NAT or firewall that forgot the connection does.
+    pub fn drop_into_server(&self) {
+        run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &self.server,
+                "nft",
+                "add table inet cw; add chain inet cw in { type filter hook input priority 0; policy drop; }",
+            ],
+        );
+    }
+
     /// Runs `body` on a thread that lives in namespace `ns`; sockets it creates live there.
     pub fn on<T: Send + 'static>(
         ns: &str,

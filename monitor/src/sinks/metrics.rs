@@ -564,6 +564,7 @@ impl Metrics {
             metric.register_in(&mut registry, name, help);
         }
         registry.register_collector(Box::new(metrics.kernel.clone()));
+        registry.register_collector(Box::<super::process_metrics::ProcessCollector>::default());
         (metrics, Arc::new(registry))
     }
 
