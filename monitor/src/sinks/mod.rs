@@ -4,6 +4,7 @@ pub mod cli;
 pub mod incident;
 pub mod json;
 pub mod metrics;
+pub mod ratelimit;
 
 use std::{
     io,
