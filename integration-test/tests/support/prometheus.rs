@@ -22,6 +22,14 @@ pub struct Prometheus {
 
 impl Prometheus {
     pub fn start(target: &str) -> Prometheus {
+        Prometheus::start_jobs(&format!(
+            "  - job_name: connwatch\n    scrape_interval: 1s\n    \
+             static_configs:\n      - targets: ['{target}']\n"
+        ))
+    }
+
+    /// A Prometheus server with these `scrape_configs` entries (YAML, indented two spaces).
+    pub fn start_jobs(jobs: &str) -> Prometheus {
         let dir = std::env::temp_dir().join(format!(
             "connwatch-prometheus-{}-{}",
             std::process::id(),
@@ -34,8 +42,7 @@ impl Prometheus {
             &config,
             format!(
                 "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
-                 scrape_configs:\n  - job_name: connwatch\n    scrape_interval: 1s\n    \
-                 static_configs:\n      - targets: ['{target}']\n"
+                 scrape_configs:\n{jobs}"
             ),
         )
         .unwrap();

@@ -101,6 +101,11 @@ struct StateLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct MetricLabel {
     metric: String,
 }
@@ -112,7 +117,7 @@ struct BuildLabels {
 }
 
 /// Label sets whose unbounded part can be folded into `other`.
-trait Fold {
+pub trait Fold {
     fn folded(&self) -> Self;
 }
 
@@ -277,6 +282,7 @@ pub struct Metrics {
     lost: Counter,
     evictions: Counter,
     log_lines_dropped: Counter,
+    log_lines_suppressed: Family<KindLabel, Counter>,
     fins_handled: Counter,
     resets_handled: Counter,
     overflow: Family<MetricLabel, Counter>,
@@ -326,6 +332,7 @@ impl Metrics {
             lost: Counter::default(),
             evictions: Counter::default(),
             log_lines_dropped: Counter::default(),
+            log_lines_suppressed: Family::default(),
             fins_handled: Counter::default(),
             resets_handled: Counter::default(),
             overflow: Family::default(),
@@ -448,6 +455,11 @@ impl Metrics {
                 &metrics.log_lines_dropped,
                 "connwatch_log_lines_dropped",
                 "Finding log lines dropped because stdout's reader did not keep up",
+            ),
+            (
+                &metrics.log_lines_suppressed,
+                "connwatch_log_lines_suppressed",
+                "Finding log lines not written by the log rate limits (--log-burst, --log-rate, --log-max-rate), by kind: counted in log_suppressed lines",
             ),
             (
                 &metrics.evictions,
@@ -610,6 +622,13 @@ impl Metrics {
         }
     }
 
+    /// A finding the log rate limits kept off stdout.
+    pub fn log_suppressed(&self, kind: &str) {
+        self.log_lines_suppressed
+            .get_or_create(&KindLabel { kind: kind.into() })
+            .inc();
+    }
+
     pub fn lost(&mut self, count: u64) {
         self.lost.inc_by(count);
     }
@@ -643,7 +662,7 @@ impl Metrics {
             .inc_by(dropped.saturating_sub(self.log_lines_dropped.get()));
     }
 
-    fn who(&self, finding: &Finding) -> Who {
+    pub fn who(&self, finding: &Finding) -> Who {
         Who {
             comm: finding
                 .owner
@@ -782,8 +801,10 @@ mod tests {
         }]);
         metrics.tick(&Pipeline::for_tests());
         metrics.lost(1);
+        metrics.log_suppressed("peer_reset");
         let text = encode(&registry);
         for family in [
+            "connwatch_log_lines_suppressed_total{kind=\"peer_reset\"} 1",
             "# TYPE connwatch_build info",
             "# TYPE connwatch_resets counter",
             "# TYPE connwatch_peer_reset_idle_seconds histogram",
