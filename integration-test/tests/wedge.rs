@@ -44,7 +44,18 @@ fn stop_timed(watch: Watch) -> (Duration, String) {
 #[test]
 fn a_stdout_nobody_reads_stops_neither_the_daemon_nor_its_signals() {
     let addr = format!("127.0.0.1:{}", free_port());
-    let daemon = Watch::spawn_unread(&["daemon", "--listen", &addr]);
+    // The log rate limits at their widest: lines enough to fill the pipe and the queue.
+    let daemon = Watch::spawn_unread(&[
+        "daemon",
+        "--listen",
+        &addr,
+        "--log-burst",
+        "100000",
+        "--log-rate",
+        "600000",
+        "--log-max-rate",
+        "1000000",
+    ]);
     let metrics = format!("http://{addr}/metrics");
     let (listener, _) = listen("127.0.0.1:0");
     let flood = ResetFlood::start(listener);

@@ -1,5 +1,6 @@
 //! `connwatch daemon`: the node agent. Serves `/metrics`, `/healthz` and `/readyz`, and logs
-//! every finding as one JSON line on stdout (the `watch --json` schema).
+//! findings as JSON lines on stdout (the `watch --json` schema), rate-limited per
+//! aggregation key with the suppressed ones counted (`log_suppressed` lines).
 use std::{
     io,
     net::SocketAddr,
@@ -19,6 +20,7 @@ use axum::{
     routing::get,
 };
 use prometheus_client::registry::Registry;
+use serde::Serialize;
 
 use crate::{
     args::PipelineArgs,
@@ -29,9 +31,10 @@ use crate::{
     pipeline::Pipeline,
     probes::ProbeOptions,
     sinks::{
-        Loss, Report, Sink, WallClock,
+        Loss, Report, WallClock,
         json::JsonSink,
-        metrics::{Metrics, ephemeral_ports},
+        metrics::{KindWho, Metrics, ephemeral_ports},
+        ratelimit::{LimitConfig, LogLimiter, Suppressed, Verdict},
     },
     sockets::pools::Pool,
     watch::output_closed,
@@ -42,6 +45,9 @@ pub const DEFAULT_LISTEN: &str = "0.0.0.0:9964";
 /// `/healthz` turns 503 when the event loop has not ticked for this long.
 const STALL_LIMIT: Duration = Duration::from_secs(5);
 
+/// Aggregation keys the log rate limits remember (a few hundred bytes each).
+const LOG_KEYS: usize = 4096;
+
 #[derive(Debug, clap::Args)]
 pub struct DaemonArgs {
     #[command(flatten)]
@@ -51,10 +57,24 @@ pub struct DaemonArgs {
     /// Address for /metrics, /healthz and /readyz.
     #[arg(long, env = "CONNWATCH_LISTEN", value_name = "ADDR", default_value = DEFAULT_LISTEN)]
     pub listen: SocketAddr,
-    /// Log every finding as a JSON line on stdout.
+    /// Log findings as JSON lines on stdout (within --log-burst, --log-rate, --log-max-rate).
     #[arg(long, env = "CONNWATCH_LOG_EVENTS", value_name = "BOOL", default_value_t = true,
           action = clap::ArgAction::Set)]
     pub log_events: bool,
+    /// Log lines per aggregation key (kind, cause, process, workload, peer port) before
+    /// --log-rate applies.
+    #[arg(long, env = "CONNWATCH_LOG_BURST", value_name = "N", default_value_t = 10,
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub log_burst: u32,
+    /// Log lines per aggregation key per minute after its burst; the rest are counted
+    /// into a `log_suppressed` line.
+    #[arg(long, env = "CONNWATCH_LOG_RATE", value_name = "PER_MIN", default_value_t = 6,
+          value_parser = clap::value_parser!(u32).range(1..=600_000))]
+    pub log_rate: u32,
+    /// Log lines per second in total, whatever their keys.
+    #[arg(long, env = "CONNWATCH_LOG_MAX_RATE", value_name = "PER_SEC", default_value_t = 100,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub log_max_rate: u32,
     /// At most this many label sets per metric family; more fold into comm="other".
     #[arg(long, env = "CONNWATCH_MAX_SERIES", value_name = "N", default_value_t = 2000,
           value_parser = clap::value_parser!(u32).range(1..))]
@@ -175,12 +195,78 @@ fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener> {
     })
 }
 
+/// The line standing for a key's findings the log rate limits held back.
+#[derive(Debug, Serialize)]
+struct SuppressedLine<'a> {
+    ts: String,
+    kind: &'static str,
+    /// The kind of the findings not logged.
+    finding: &'a str,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    cause: &'a str,
+    comm: &'a str,
+    namespace: &'a str,
+    pod: &'a str,
+    container: &'a str,
+    /// A server's findings: its listening port (and `remote_port` empty), as in the metrics.
+    #[serde(skip_serializing_if = "str::is_empty")]
+    local_port: &'a str,
+    remote_port: &'a str,
+    suppressed: u64,
+    /// When the first and the last of them were found.
+    since: String,
+    until: String,
+}
+
+impl<'a> SuppressedLine<'a> {
+    fn new(key: &'a KindWho, held: &Suppressed, clock: &WallClock) -> SuppressedLine<'a> {
+        let ts = |mono_ns| humantime::format_rfc3339_micros(clock.at(mono_ns)).to_string();
+        SuppressedLine {
+            ts: ts(clock.mono_now_ns()),
+            kind: "log_suppressed",
+            finding: &key.kind,
+            cause: &key.cause,
+            comm: &key.who.comm,
+            namespace: &key.who.namespace,
+            pod: &key.who.pod,
+            container: &key.who.container,
+            local_port: &key.who.local_port,
+            remote_port: &key.who.remote_port,
+            suppressed: held.count,
+            since: ts(held.first_ns),
+            until: ts(held.last_ns),
+        }
+    }
+}
+
 struct DaemonConsumer {
     metrics: Metrics,
     log: Option<JsonSink<crate::output::Queued>>,
+    limiter: LogLimiter<KindWho>,
+    suppressed: u64,
     health: Arc<Health>,
     clock: WallClock,
     findings: u64,
+}
+
+impl DaemonConsumer {
+    /// One log line; logs are optional, so a closed stdout stops them, not the metrics.
+    fn write(&mut self, record: &impl Serialize) -> Result<()> {
+        if let Some(log) = &mut self.log
+            && let Err(err) = log.record(record)
+            && let Flow::Stop = output_closed(err)?
+        {
+            self.log = None;
+        }
+        Ok(())
+    }
+
+    fn summaries(&mut self, summaries: Vec<(KindWho, Suppressed)>) -> Result<()> {
+        for (key, held) in &summaries {
+            self.write(&SuppressedLine::new(key, held, &self.clock))?;
+        }
+        Ok(())
+    }
 }
 
 impl Consumer for DaemonConsumer {
@@ -191,16 +277,37 @@ impl Consumer for DaemonConsumer {
     fn finding(&mut self, finding: &Finding) -> Result<Flow> {
         self.findings += 1;
         self.metrics.finding(finding);
-        if let Some(log) = &mut self.log
-            && finding.kind != Kind::StateChange
-            && let Err(err) = log.finding(&Report::new(finding, &self.clock))
-        {
-            // Logs are optional; a closed stdout must not stop the metrics.
-            if let Flow::Stop = output_closed(err)? {
-                self.log = None;
+        if self.log.is_none() || finding.kind == Kind::StateChange {
+            return Ok(Flow::Continue);
+        }
+        let key = KindWho {
+            kind: finding.kind.as_str().into(),
+            cause: finding.cause.clone().unwrap_or_default(),
+            who: self.metrics.who(finding),
+        };
+        // Limited by when lines are written, not by the findings' own (possibly older) time.
+        match self.limiter.admit(&key, self.clock.mono_now_ns()) {
+            Verdict::Suppress => {
+                self.suppressed += 1;
+                self.metrics.log_suppressed(&key.kind);
+            }
+            Verdict::Log(held) => {
+                self.summaries(held.map(|held| (key, held)).into_iter().collect())?;
+                self.write(&Report::new(finding, &self.clock))?;
             }
         }
         Ok(Flow::Continue)
+    }
+
+    fn poll(&mut self, mono_now_ns: u64) -> Result<Flow> {
+        let due = self.limiter.due(mono_now_ns);
+        self.summaries(due)?;
+        Ok(Flow::Continue)
+    }
+
+    fn finish(&mut self) -> Result<()> {
+        let held = self.limiter.drain();
+        self.summaries(held)
     }
 
     fn lost(&mut self, loss: &Loss) -> Result<Flow> {
@@ -260,6 +367,16 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
         log: args
             .log_events
             .then(|| JsonSink::new(crate::output::stdout().writer())),
+        limiter: LogLimiter::new(
+            LimitConfig {
+                burst: args.log_burst,
+                per_min: args.log_rate,
+                total_per_sec: args.log_max_rate,
+                max_keys: LOG_KEYS,
+            },
+            engine.clock.mono_now_ns(),
+        ),
+        suppressed: 0,
         health: health.clone(),
         clock: engine.clock,
         findings: 0,
@@ -268,6 +385,14 @@ pub async fn run(args: DaemonArgs) -> Result<()> {
     health.set_attached(false);
     server.abort();
     log::info!("{}", engine.summary(consumer.findings));
+    if consumer.suppressed > 0 {
+        log::info!(
+            "log rate limits: {} findings not logged (counted in log_suppressed lines), \
+             {} keys forgotten to stay bounded",
+            consumer.suppressed,
+            consumer.limiter.evictions
+        );
+    }
     if let Some(line) = http_metrics.summary() {
         log::info!("{line}");
     }

@@ -7,8 +7,9 @@ use std::{
     sync::Arc,
 };
 
+use bytes::{Buf, TryGetError};
 use monitor_common::{
-    AF_INET, AF_INET6, ConnEvent, TASK_COMM_LEN, UNKNOWN_MS, flags, hook, io, peer_end,
+    AF_INET, AF_INET6, ConnEvent, TASK_COMM_LEN, Tuple, UNKNOWN_MS, flags, hook, io, peer_end,
 };
 
 /// Which kernel hook saw it.
@@ -197,17 +198,63 @@ pub enum DecodeError {
 }
 
 pub fn decode(record: &[u8]) -> Result<Event, DecodeError> {
-    let want = size_of::<ConnEvent>();
-    if record.len() < want {
-        return Err(DecodeError::Truncated {
-            got: record.len(),
-            want,
-        });
-    }
-    // SAFETY: length checked above; ConnEvent is plain integers, valid for any bytes;
-    // read_unaligned because the slice carries no alignment guarantee.
-    let raw: ConnEvent = unsafe { std::ptr::read_unaligned(record.as_ptr().cast()) };
+    let truncated = |_| DecodeError::Truncated {
+        got: record.len(),
+        want: size_of::<ConnEvent>(),
+    };
+    let raw = read_event(&mut &record[..]).map_err(truncated)?;
     from_raw(&raw)
+}
+
+/// Reads a [`ConnEvent`] field by field in its `repr(C)` order (it has no implicit
+/// padding), in native byte order (the kernel wrote it on this machine). Every read is
+/// bounds-checked: a short record is an error, never a panic or an out-of-bounds read.
+/// The struct literal names every field, so a field added to `ConnEvent` fails to build
+/// here; struct fields are evaluated in the order written.
+fn read_event(buf: &mut impl Buf) -> Result<ConnEvent, TryGetError> {
+    Ok(ConnEvent {
+        ts_ns: buf.try_get_u64_ne()?,
+        skaddr: buf.try_get_u64_ne()?,
+        born_ns: buf.try_get_u64_ne()?,
+        cookie: buf.try_get_u64_ne()?,
+        inode: buf.try_get_u64_ne()?,
+        cgroup_id: buf.try_get_u64_ne()?,
+        since_send_ms: buf.try_get_u32_ne()?,
+        since_recv_ms: buf.try_get_u32_ne()?,
+        owner_tgid: buf.try_get_u32_ne()?,
+        owner_pid: buf.try_get_u32_ne()?,
+        ctx_tgid: buf.try_get_u32_ne()?,
+        ctx_pid: buf.try_get_u32_ne()?,
+        hook: buf.try_get_u8()?,
+        flags: buf.try_get_u8()?,
+        old_state: buf.try_get_u8()?,
+        new_state: buf.try_get_u8()?,
+        reason: buf.try_get_u16_ne()?,
+        io: buf.try_get_u8()?,
+        peer_end: buf.try_get_u8()?,
+        ret: buf.try_get_i32_ne()?,
+        since_peer_end_ms: buf.try_get_u32_ne()?,
+        sk_err: buf.try_get_i32_ne()?,
+        waited_ms: buf.try_get_u32_ne()?,
+        tuple: Tuple {
+            saddr: array(buf)?,
+            daddr: array(buf)?,
+            family: buf.try_get_u16_ne()?,
+            sport: buf.try_get_u16_ne()?,
+            dport: buf.try_get_u16_ne()?,
+            _pad: buf.try_get_u16_ne()?,
+        },
+        owner_comm: array(buf)?,
+        ctx_comm: array(buf)?,
+        netns: buf.try_get_u32_ne()?,
+        _pad: buf.try_get_u32_ne()?,
+    })
+}
+
+fn array<const N: usize>(buf: &mut impl Buf) -> Result<[u8; N], TryGetError> {
+    let mut out = [0u8; N];
+    buf.try_copy_to_slice(&mut out)?;
+    Ok(out)
 }
 
 pub fn from_raw(raw: &ConnEvent) -> Result<Event, DecodeError> {
@@ -434,6 +481,21 @@ pub(crate) mod tests {
         let mut raw = raw_reset(1);
         raw.tuple.family = 1;
         assert_eq!(decode(&bytes(&raw)), Err(DecodeError::UnknownFamily(1)));
+    }
+
+    #[test]
+    fn reads_every_field_at_its_offset() {
+        // Every byte distinct: a field read out of order or at the wrong offset changes
+        // the bytes of the struct it builds.
+        let record: Vec<u8> = (0..ConnEvent::SIZE).map(|i| i as u8).collect();
+        let raw = read_event(&mut &record[..]).unwrap();
+        assert_eq!(bytes(&raw), record);
+        // Every shorter record is an error, never a panic; a longer one is read.
+        for len in 0..ConnEvent::SIZE {
+            assert!(read_event(&mut &record[..len]).is_err(), "{len} bytes");
+        }
+        let longer = [record.as_slice(), &[0xff; 8]].concat();
+        assert_eq!(read_event(&mut &longer[..]).unwrap(), raw);
     }
 
     /// A send that got ECONNRESET 1.5 s after the peer's RST, by pid 42.

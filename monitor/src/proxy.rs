@@ -8,6 +8,7 @@
 use std::{io, net::SocketAddr, time::Duration};
 
 use anyhow::{Context as _, Result, anyhow};
+use bytes::BytesMut;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
@@ -15,6 +16,9 @@ use tokio::{
 };
 
 use crate::args::parse_positive_duration;
+
+/// Bytes each direction of a relayed connection reads at a time.
+const RELAY_BUFFER: usize = 16 * 1024;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct ProxyArgs {
@@ -111,8 +115,9 @@ async fn relay(
     let mut server = TcpStream::connect(upstream)
         .await
         .with_context(|| format!("connecting to upstream {upstream}"))?;
-    let mut from_client = vec![0u8; 16 * 1024];
-    let mut from_server = vec![0u8; 16 * 1024];
+    // Reused for every read (cleared after each write): no zeroing, no allocation per read.
+    let mut from_client = BytesMut::with_capacity(RELAY_BUFFER);
+    let mut from_server = BytesMut::with_capacity(RELAY_BUFFER);
     let mut last_data = Instant::now();
     let mut blackholed = false;
     let fault = faults.first();
@@ -121,25 +126,25 @@ async fn relay(
             .filter(|_| !blackholed)
             .map(|(after, _)| last_data + after);
         tokio::select! {
-            read = client.read(&mut from_client) => {
-                let n = read?;
-                if n == 0 {
+            read = client.read_buf(&mut from_client) => {
+                if read? == 0 {
                     return Ok(()); // client closed; dropping both closes upstream too
                 }
                 if !blackholed {
                     last_data = Instant::now();
-                    server.write_all(&from_client[..n]).await?;
+                    server.write_all(&from_client).await?;
                 }
+                from_client.clear();
             }
-            read = server.read(&mut from_server) => {
-                let n = read?;
-                if n == 0 {
+            read = server.read_buf(&mut from_server) => {
+                if read? == 0 {
                     return Ok(());
                 }
                 if !blackholed {
                     last_data = Instant::now();
-                    client.write_all(&from_server[..n]).await?;
+                    client.write_all(&from_server).await?;
                 }
+                from_server.clear();
             }
             () = sleep_until(fires_at.unwrap_or_else(Instant::now)), if fires_at.is_some() => {
                 let (after, kind) = fault.expect("timer armed only with a fault");

@@ -108,6 +108,8 @@ const NIGHTLY: &str = "nightly";
 const MUSL: &str = "x86_64-unknown-linux-musl";
 /// bpf-linker known to build against LLVM 22 with `--features llvm-22`.
 const BPF_LINKER_VERSION: &str = "0.13.0";
+/// Finds dependencies no crate uses (the lint step runs it).
+const CARGO_MACHETE_VERSION: &str = "0.9.2";
 /// Debian packages the tests drive: bpftool (BTF cross-check), ip/ss (netns, `ss -K`),
 /// setpriv (unprivileged run, running PostgreSQL), prometheus (scrapes the daemon; its
 /// promtool unit-tests the alerting rules),
@@ -146,6 +148,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Task::Setup => {
             setup_build()?;
+            setup_machete()?;
             setup_test_tools()?;
             setup_validators(&root)?;
             setup_python_clients(&root)?;
@@ -350,11 +353,29 @@ fn test(
     Ok(ExitCode::SUCCESS)
 }
 
-/// rustfmt and clippy on the host crates (integration-test included) and on the eBPF
-/// programs (bpf target, nightly).
+/// cargo-machete, from crates.io (a few minutes to build, once).
+fn setup_machete() -> Result<()> {
+    if which("cargo-machete").is_some() {
+        return Ok(());
+    }
+    step(&format!("installing cargo-machete {CARGO_MACHETE_VERSION}"));
+    check(cargo().args([
+        "install",
+        "--locked",
+        "cargo-machete",
+        "--version",
+        CARGO_MACHETE_VERSION,
+    ]))
+}
+
+/// rustfmt, unused dependencies (cargo-machete) and clippy on the host crates
+/// (integration-test included) and on the eBPF programs (bpf target, nightly).
 fn lint(root: &Path) -> Result<()> {
     step("cargo fmt --check");
     check(cargo().args(["fmt", "--all", "--", "--check"]))?;
+    setup_machete()?;
+    step("cargo machete (unused dependencies)");
+    check(cargo().arg("machete"))?;
     step("cargo clippy -D warnings");
     check(cargo().args([
         "clippy",

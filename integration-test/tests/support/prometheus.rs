@@ -27,6 +27,14 @@ fn shipped_rules() -> PathBuf {
 
 impl Prometheus {
     pub fn start(target: &str) -> Prometheus {
+        Prometheus::start_jobs(&format!(
+            "  - job_name: connwatch\n    scrape_interval: 1s\n    \
+             static_configs:\n      - targets: ['{target}']\n"
+        ))
+    }
+
+    /// A Prometheus server with these `scrape_configs` entries (YAML, indented two spaces).
+    pub fn start_jobs(jobs: &str) -> Prometheus {
         let dir = std::env::temp_dir().join(format!(
             "connwatch-prometheus-{}-{}",
             std::process::id(),
@@ -40,8 +48,7 @@ impl Prometheus {
             format!(
                 "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
                  rule_files:\n  - {rules}\n\
-                 scrape_configs:\n  - job_name: connwatch\n    scrape_interval: 1s\n    \
-                 static_configs:\n      - targets: ['{target}']\n",
+                 scrape_configs:\n{jobs}",
                 rules = shipped_rules().display(),
             ),
         )

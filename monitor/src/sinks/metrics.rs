@@ -121,6 +121,11 @@ struct StateLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct MetricLabel {
     metric: String,
 }
@@ -132,7 +137,7 @@ struct BuildLabels {
 }
 
 /// Label sets whose unbounded part can be folded into `other`.
-trait Fold {
+pub trait Fold {
     fn folded(&self) -> Self;
 }
 
@@ -362,6 +367,7 @@ pub struct Metrics {
     lost: Counter,
     evictions: Counter,
     log_lines_dropped: Counter,
+    log_lines_suppressed: Family<KindLabel, Counter>,
     fins_handled: Counter,
     resets_handled: Counter,
     overflow: Family<MetricLabel, Counter>,
@@ -421,6 +427,7 @@ impl Metrics {
             lost: Counter::default(),
             evictions: Counter::default(),
             log_lines_dropped: Counter::default(),
+            log_lines_suppressed: Family::default(),
             fins_handled: Counter::default(),
             resets_handled: Counter::default(),
             overflow,
@@ -548,6 +555,11 @@ impl Metrics {
                 &metrics.log_lines_dropped,
                 "connwatch_log_lines_dropped",
                 "Finding log lines dropped because stdout's reader did not keep up",
+            ),
+            (
+                &metrics.log_lines_suppressed,
+                "connwatch_log_lines_suppressed",
+                "Finding log lines not written by the log rate limits (--log-burst, --log-rate, --log-max-rate), by kind: counted in log_suppressed lines",
             ),
             (
                 &metrics.evictions,
@@ -725,6 +737,13 @@ impl Metrics {
         }
     }
 
+    /// A finding the log rate limits kept off stdout.
+    pub fn log_suppressed(&self, kind: &str) {
+        self.log_lines_suppressed
+            .get_or_create(&KindLabel { kind: kind.into() })
+            .inc();
+    }
+
     pub fn lost(&mut self, count: u64) {
         self.lost.inc_by(count);
     }
@@ -758,7 +777,7 @@ impl Metrics {
             .inc_by(dropped.saturating_sub(self.log_lines_dropped.get()));
     }
 
-    fn who(&self, finding: &Finding) -> Who {
+    pub fn who(&self, finding: &Finding) -> Who {
         let thread = finding
             .owner
             .as_ref()
@@ -906,6 +925,7 @@ mod tests {
             "# TYPE connwatch_ring_buffer_lost_events counter",
             "# TYPE connwatch_table_evictions counter",
             "# TYPE connwatch_log_lines_dropped counter",
+            "# TYPE connwatch_log_lines_suppressed counter",
             "# TYPE connwatch_peer_closes_handled counter",
             "# TYPE connwatch_peer_resets_handled counter",
             "# TYPE connwatch_label_overflow counter",
@@ -995,8 +1015,10 @@ mod tests {
         }]);
         metrics.tick(&Pipeline::for_tests());
         metrics.lost(1);
+        metrics.log_suppressed("peer_reset");
         let text = encode(&registry);
         for series in [
+            "connwatch_log_lines_suppressed_total{kind=\"peer_reset\"} 1",
             "connwatch_resets_total{",
             "connwatch_idle_timeout_deaths_total{",
             "connwatch_peer_reset_idle_seconds_count{",

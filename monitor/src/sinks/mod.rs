@@ -5,6 +5,7 @@ pub mod incident;
 pub mod json;
 pub mod metrics;
 pub mod process_metrics;
+pub mod ratelimit;
 
 use std::{
     io,
