@@ -127,7 +127,10 @@ fn daemonset_matches_what_connwatch_needs() {
     assert!(!daemonset.contains("privileged: true"));
     // connwatch pins nothing: a bpffs mount would be write access to the node's pinned
     // programs and maps for no use.
-    assert!(!daemonset.contains("/sys/fs/bpf"), "connwatch.yaml mounts bpffs");
+    assert!(
+        !daemonset.contains("/sys/fs/bpf"),
+        "connwatch.yaml mounts bpffs"
+    );
 }
 
 /// Each node is one target: the pods carry the scrape annotations and the Service does not

@@ -54,19 +54,18 @@ fn the_podmonitor_keeps_the_agents_pod_off_the_workloads_findings() {
 
     // A host process's idle connection reset by its peer: a finding with no workload.
     let (listener, _) = listen("127.0.0.1:0");
-    let pair = Pair::connect(&listener, "cw-scrape-client");
+    let pair = Pair::connect(&listener, "cw-scrape");
     thread::sleep(Duration::from_millis(1200));
     let _client = pair.reset_from_server();
-    let resets = |job: &str| {
-        format!(r#"sum(connwatch_resets_total{{job="{job}",comm="cw-scrape-client"}})"#)
-    };
+    let resets =
+        |job: &str| format!(r#"sum(connwatch_resets_total{{job="{job}",comm="cw-scrape"}})"#);
     prometheus.wait_for(&resets("podmonitor"), 1.0);
     prometheus.wait_for(&resets("bare"), 1.0);
 
     let series = |selector: &str| {
         prometheus
             .instant(&format!(
-                r#"connwatch_resets_total{{comm="cw-scrape-client",{selector}}}"#
+                r#"connwatch_resets_total{{comm="cw-scrape",{selector}}}"#
             ))
             .unwrap()
     };

@@ -34,7 +34,8 @@ const LAST_MOUNT: &str = "            - name: pod-logs
               mountPath: /host/var/log/pods
               readOnly: true
 ";
-const DEBUGFS_MOUNT: &str = "            # Kernels whose tracefs is only under debugfs: /sys/kernel/debug/tracing.
+const DEBUGFS_MOUNT: &str =
+    "            # Kernels whose tracefs is only under debugfs: /sys/kernel/debug/tracing.
             - name: debugfs
               mountPath: /sys/kernel/debug
 ";
@@ -75,7 +76,11 @@ pub fn privileged(source: &str) -> Result<String> {
 
 /// Where `needle` is, if it occurs exactly once: the generator edits known places only.
 fn unique(haystack: &str, needle: &str) -> Result<usize> {
-    match haystack.match_indices(needle).map(|(at, _)| at).collect::<Vec<_>>()[..] {
+    match haystack
+        .match_indices(needle)
+        .map(|(at, _)| at)
+        .collect::<Vec<_>>()[..]
+    {
         [at] => Ok(at),
         ref found => bail!(
             "connwatch.yaml changed shape: expected this exactly once, found it {} times; \
@@ -87,11 +92,13 @@ fn unique(haystack: &str, needle: &str) -> Result<usize> {
 
 /// `cargo xtask manifests [--check]`: write privileged.yaml, or fail if it is stale.
 pub fn run(root: &Path, check: bool) -> Result<()> {
-    let source = fs::read_to_string(root.join(SOURCE)).with_context(|| format!("reading {SOURCE}"))?;
+    let source =
+        fs::read_to_string(root.join(SOURCE)).with_context(|| format!("reading {SOURCE}"))?;
     let generated = privileged(&source)?;
     let path = root.join(PRIVILEGED);
     if check {
-        let committed = fs::read_to_string(&path).with_context(|| format!("reading {PRIVILEGED}"))?;
+        let committed =
+            fs::read_to_string(&path).with_context(|| format!("reading {PRIVILEGED}"))?;
         if committed != generated {
             bail!("{PRIVILEGED} is stale: run `cargo xtask manifests` and commit it");
         }
