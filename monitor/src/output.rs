@@ -5,7 +5,8 @@
 //! and no more.
 //!
 //! Diagnostics reach stderr through the `log` macros ([`install_logger`]), one line each:
-//! `connwatch: warning: …` for warnings, `connwatch: …` for information.
+//! `connwatch: warning: …` for warnings, `connwatch: …` for information, `connwatch:
+//! debug: …` at `--log-level debug` (which adds the kernel programs' own diagnostics).
 use std::{
     fs::File,
     io::{self, Write},
@@ -187,14 +188,29 @@ impl Write for Queued {
     }
 }
 
-/// Sends the `log` macros' records to stderr through its writer thread.
-struct StderrLog;
+/// Sends the `log` macros' records to stderr through its writer thread, up to its level.
+struct StderrLog {
+    level: log::Level,
+}
+
+impl StderrLog {
+    /// Ours (connwatch's modules, the kernel programs') up to the level; libraries' (aya,
+    /// hyper) only when they warn, or at trace.
+    fn shows(&self, metadata: &log::Metadata) -> bool {
+        let target = metadata.target();
+        let ours = target.starts_with("monitor") || target.starts_with("connwatch");
+        let limit = if ours || self.level == log::Level::Trace {
+            self.level
+        } else {
+            self.level.min(log::Level::Warn)
+        };
+        metadata.level() <= limit
+    }
+}
 
 impl log::Log for StderrLog {
     fn enabled(&self, metadata: &log::Metadata) -> bool {
-        // Ours from info; libraries' (aya, hyper) only when they warn.
-        metadata.level() <= log::Level::Warn
-            || (metadata.level() <= log::Level::Info && metadata.target().starts_with("monitor"))
+        self.shows(metadata)
     }
 
     fn log(&self, record: &log::Record) {
@@ -204,7 +220,9 @@ impl log::Log for StderrLog {
         let line = match record.level() {
             log::Level::Error => format!("connwatch: error: {}\n", record.args()),
             log::Level::Warn => format!("connwatch: warning: {}\n", record.args()),
-            _ => format!("connwatch: {}\n", record.args()),
+            log::Level::Info => format!("connwatch: {}\n", record.args()),
+            log::Level::Debug => format!("connwatch: debug: {}\n", record.args()),
+            log::Level::Trace => format!("connwatch: trace: {}\n", record.args()),
         };
         let _ = stderr().push(line.into_bytes());
     }
@@ -212,11 +230,22 @@ impl log::Log for StderrLog {
     fn flush(&self) {}
 }
 
-/// Routes `log` records to stderr (see the module's doc). Once per process; a second call
-/// is a no-op.
-pub fn install_logger() {
-    if log::set_logger(&StderrLog).is_ok() {
-        log::set_max_level(log::LevelFilter::Info);
+/// `--log-level` / `RUST_LOG`: one level for connwatch's own diagnostics.
+pub fn parse_log_level(text: &str) -> Result<log::Level, String> {
+    text.trim().parse().map_err(|_| {
+        format!(
+            "`{text}` is not a log level (from --log-level or RUST_LOG): use error, warn, \
+             info, debug or trace"
+        )
+    })
+}
+
+/// Routes `log` records up to `level` to stderr (see the module's doc). Once per process; a
+/// second call is a no-op.
+pub fn install_logger(level: log::Level) {
+    let logger: &'static StderrLog = Box::leak(Box::new(StderrLog { level }));
+    if log::set_logger(logger).is_ok() {
+        log::set_max_level(level.to_level_filter());
     }
 }
 
@@ -241,6 +270,32 @@ mod tests {
         )
         .unwrap();
         (Stream::spawn("test", writer, limit), reader)
+    }
+
+    #[test]
+    fn log_levels() {
+        assert_eq!(parse_log_level("debug"), Ok(log::Level::Debug));
+        assert_eq!(parse_log_level("WARN"), Ok(log::Level::Warn));
+        let err = parse_log_level("verbose").unwrap_err();
+        assert!(err.contains("`verbose` is not a log level"), "{err}");
+        let at = |level, target: &str, of| {
+            StderrLog { level }.shows(&log::Metadata::builder().level(of).target(target).build())
+        };
+        assert!(at(log::Level::Info, "monitor::engine", log::Level::Info));
+        assert!(!at(log::Level::Info, "monitor::engine", log::Level::Debug));
+        assert!(!at(
+            log::Level::Info,
+            "connwatch::kernel",
+            log::Level::Debug
+        ));
+        assert!(at(
+            log::Level::Debug,
+            "connwatch::kernel",
+            log::Level::Debug
+        ));
+        assert!(!at(log::Level::Debug, "aya::bpf", log::Level::Info));
+        assert!(at(log::Level::Trace, "aya::bpf", log::Level::Debug));
+        assert!(!at(log::Level::Error, "monitor::engine", log::Level::Warn));
     }
 
     #[test]
