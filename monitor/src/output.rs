@@ -230,14 +230,28 @@ impl log::Log for StderrLog {
     fn flush(&self) {}
 }
 
-/// `--log-level` / `RUST_LOG`: one level for connwatch's own diagnostics.
+/// `--log-level` / `RUST_LOG`: one level for connwatch's own diagnostics. `RUST_LOG` is often
+/// set for a whole pod in env_logger's syntax (`info,hyper=warn`): a bare level, or one for a
+/// `connwatch`/`monitor` target, sets connwatch's; directives for other crates are ignored
+/// (their messages show from warn up); a value that is not a level is an error either way.
 pub fn parse_log_level(text: &str) -> Result<log::Level, String> {
-    text.trim().parse().map_err(|_| {
-        format!(
-            "`{text}` is not a log level (from --log-level or RUST_LOG): use error, warn, \
-             info, debug or trace"
-        )
-    })
+    let mut level = log::Level::Info;
+    for directive in text.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        let (target, value) = match directive.split_once('=') {
+            Some((target, value)) => (Some(target.trim()), value.trim()),
+            None => (None, directive),
+        };
+        let parsed = value.parse().map_err(|_| {
+            format!(
+                "`{value}` is not a log level (from --log-level or RUST_LOG `{text}`): use \
+                 error, warn, info, debug or trace"
+            )
+        })?;
+        if target.is_none_or(|t| t.starts_with("connwatch") || t.starts_with("monitor")) {
+            level = parsed;
+        }
+    }
+    Ok(level)
 }
 
 /// Routes `log` records up to `level` to stderr (see the module's doc). Once per process; a
@@ -252,6 +266,20 @@ pub fn install_logger(level: log::Level) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn log_levels_read_env_logger_directives() {
+        assert_eq!(parse_log_level("debug"), Ok(log::Level::Debug));
+        assert_eq!(parse_log_level(" WARN "), Ok(log::Level::Warn));
+        assert_eq!(parse_log_level("debug,hyper=warn"), Ok(log::Level::Debug));
+        assert_eq!(parse_log_level("hyper=trace"), Ok(log::Level::Info));
+        assert_eq!(parse_log_level("connwatch=trace"), Ok(log::Level::Trace));
+        assert_eq!(parse_log_level("monitor::probes=debug"), Ok(log::Level::Debug));
+        for bad in ["bogus", "info,hyper=loud", "connwatch=verbose"] {
+            let err = parse_log_level(bad).unwrap_err();
+            assert!(err.contains("use error, warn, info, debug or trace"), "{err}");
+        }
+    }
 
     /// A stream into a pipe nobody reads, already full: its writer thread blocks at once.
     fn stalled(limit: usize) -> (&'static Stream, std::os::fd::OwnedFd) {
