@@ -274,10 +274,16 @@ mod tests {
         assert_eq!(parse_log_level("debug,hyper=warn"), Ok(log::Level::Debug));
         assert_eq!(parse_log_level("hyper=trace"), Ok(log::Level::Info));
         assert_eq!(parse_log_level("connwatch=trace"), Ok(log::Level::Trace));
-        assert_eq!(parse_log_level("monitor::probes=debug"), Ok(log::Level::Debug));
+        assert_eq!(
+            parse_log_level("monitor::probes=debug"),
+            Ok(log::Level::Debug)
+        );
         for bad in ["bogus", "info,hyper=loud", "connwatch=verbose"] {
             let err = parse_log_level(bad).unwrap_err();
-            assert!(err.contains("use error, warn, info, debug or trace"), "{err}");
+            assert!(
+                err.contains("use error, warn, info, debug or trace"),
+                "{err}"
+            );
         }
     }
 
