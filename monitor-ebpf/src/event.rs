@@ -8,6 +8,7 @@ use aya_ebpf::{
     helpers::{bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_ktime_get_ns, generated},
     maps::ring_buf::RingBufEntry,
 };
+use aya_log_ebpf::debug;
 use monitor_common::{ConnEvent, SockOwner, TASK_COMM_LEN, UNKNOWN_MS, filter, flags};
 
 use crate::{
@@ -62,6 +63,10 @@ impl Slot {
         }
         let Some(entry) = EVENTS.reserve::<ConnEvent>(0) else {
             count(&LOST);
+            debug!(
+                &(),
+                "ring buffer full: event of hook {} skipped (counted in events_lost)", hook
+            );
             return None;
         };
         let slot = Slot(entry);

@@ -14,6 +14,7 @@ use aya_ebpf::{
     },
     programs::TracePointContext,
 };
+use aya_log_ebpf::debug;
 use monitor_common::{
     ABSENT, AF_INET, AF_INET6, ConnEvent, KernelLayout, Settings, SockOwner, TpLayout, Tuple,
     UNKNOWN_MS, flags,
@@ -101,6 +102,11 @@ impl Record {
     pub fn fill(&mut self, ctx: &TracePointContext, tp: &TpLayout) -> bool {
         let len = tp.record_size as u32;
         if len == 0 || len > RECORD_BYTES as u32 {
+            // Userspace sets the layout of every tracepoint it attaches a program to.
+            debug!(
+                ctx,
+                "tracepoint record layout unset (size {}): hook skipped", len
+            );
             return false;
         }
         // SAFETY: writes `len` ≤ RECORD_BYTES bytes into our buffer; the source is the
@@ -108,6 +114,12 @@ impl Record {
         let ret = unsafe {
             generated::bpf_probe_read_kernel(self.0.as_mut_ptr().cast(), len, ctx.as_ptr())
         };
+        if ret != 0 {
+            debug!(
+                ctx,
+                "reading the tracepoint record ({} bytes) failed: {}; hook skipped", len, ret
+            );
+        }
         ret == 0
     }
 
@@ -349,7 +361,14 @@ pub fn read<T>(base: u64, offset: i64) -> Option<T> {
 /// `sk->__sk_common.skc_state`; valid for full, timewait and request sockets alike.
 #[inline(always)]
 pub fn sk_state(sk: u64) -> u8 {
-    read::<u8>(sk, kernel().sk_state as i64).unwrap_or(0)
+    let offset = kernel().sk_state;
+    read::<u8>(sk, offset as i64).unwrap_or_else(|| {
+        debug!(
+            &(),
+            "reading sk_state (offset {}) of a socket failed", offset
+        );
+        0
+    })
 }
 
 /// A full socket's local and remote port (host order), where its tuple has them:
@@ -426,6 +445,13 @@ pub fn read_full_socket(sk: u64, idle: bool, event: *mut ConnEvent) {
             since_send = ms(sent).min(UNKNOWN_MS - 1);
             since_recv = ms(received).min(UNKNOWN_MS - 1);
             bits |= flags::IDLE_KNOWN;
+        } else {
+            debug!(
+                &(),
+                "reading tcp_sock.lsndtime/lrcvtime (offsets {}, {}) failed: idle time unknown",
+                k.tcp_lsndtime,
+                k.tcp_lrcvtime
+            );
         }
     }
     // SAFETY: `event` points at a whole event being written (see `event::Slot`).

@@ -3,6 +3,7 @@
 use core::mem::MaybeUninit;
 
 use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
+use aya_log_ebpf::debug;
 use monitor_common::{PeerEnd, SockOwner, hook, peer_end, tcp_state};
 
 use crate::{
@@ -38,6 +39,11 @@ fn record_acceptor(ctx: &TracePointContext) -> u32 {
         return 0;
     }
     let Some(sk) = sock_of_fd(fd as u64) else {
+        // The fd table walk failed (or another thread closed the fd already).
+        debug!(
+            ctx,
+            "accept() returned fd {} but no socket was found behind it", fd
+        );
         return 0;
     };
     if !is_inet_tcp(sk) {

@@ -6,6 +6,7 @@ use aya_ebpf::{
     macros::{btf_tracepoint, tracepoint},
     programs::{BtfTracePointContext, TracePointContext},
 };
+use aya_log_ebpf::debug;
 use monitor_common::{ConnectKey, IPPROTO_TCP, SockOwner, Tuple, hook, peer_end, tcp_state};
 
 use crate::{
@@ -52,6 +53,14 @@ pub fn inet_sock_set_state_btf(ctx: BtfTracePointContext) -> i32 {
 /// FIN, and stream the few changes userspace acts on.
 #[inline(always)]
 fn state_changed<S: TupleSource>(sk: u64, old_state: u8, new_state: u8, source: &S) -> u32 {
+    if !known(old_state) || !known(new_state) {
+        // The transition counters' slots are 4 bits per state: an unknown one is counted
+        // as another change.
+        debug!(
+            &(),
+            "unexpected TCP state change {} -> {}", old_state, new_state
+        );
+    }
     if let Some(count) = TRANSITIONS.get_ptr_mut(tcp_state::index(old_state, new_state)) {
         // SAFETY: a valid slot of a per-CPU array: this CPU's copy. Only programs on this
         // CPU write it, and trace_call_bpf's per-CPU guard keeps them from nesting; were
@@ -90,6 +99,12 @@ fn state_changed<S: TupleSource>(sk: u64, old_state: u8, new_state: u8, source: 
     }
     slot.submit();
     0
+}
+
+/// A TCP state this kernel defines (`TCP_ESTABLISHED` 1 to `TCP_NEW_SYN_RECV` 12).
+#[inline(always)]
+fn known(state: u8) -> bool {
+    (tcp_state::ESTABLISHED..=tcp_state::NEW_SYN_RECV).contains(&state)
 }
 
 /// Starts the owner map entry, so that events name one socket's life, not its address.

@@ -159,7 +159,9 @@ fn run_checks(options: &ProbeOptions) -> Vec<Check> {
     // wherever doctor passes.
     let filter = KernelFilter::new(&[1], &["connwatch".into()], &[1])
         .expect("one value per filter, a 9-byte name: within every limit");
-    match Probes::attach(options, &settings, &filter, 1024) {
+    // Kernel diagnostics on likewise (off by default, they are dead code then), so that
+    // `--log-level debug` loads wherever doctor passes; a refusal shows as a degraded row.
+    match Probes::attach(options, &settings, &filter, 1024, Some(log::Level::Debug)) {
         Ok((mut probes, _events)) => {
             checks.push(Check {
                 name: "load and attach".into(),

@@ -133,6 +133,7 @@ impl Engine {
             &settings,
             filter,
             pipeline.max_tracked_sockets,
+            crate::probes::klog::wanted(),
         )?;
         let connects = probes.take_connects();
         let io_marks = probes.take_io_marks();

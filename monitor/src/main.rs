@@ -7,6 +7,11 @@ use clap::{Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "connwatch", version)]
 struct Cli {
+    /// What connwatch says on stderr: error, warn, info, debug or trace. Debug adds the
+    /// kernel programs' own diagnostics (`kernel:` lines), which are off, at no cost, below.
+    #[arg(long, global = true, env = "RUST_LOG", value_name = "LEVEL", default_value = "info",
+          value_parser = monitor::output::parse_log_level)]
+    log_level: log::Level,
     #[command(subcommand)]
     command: Command,
 }
@@ -29,7 +34,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    monitor::output::install_logger();
+    monitor::output::install_logger(cli.log_level);
     // Two workers: the daemon's HTTP endpoints stay responsive while the event loop works.
     let result = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

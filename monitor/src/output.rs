@@ -5,7 +5,8 @@
 //! and no more.
 //!
 //! Diagnostics reach stderr through the `log` macros ([`install_logger`]), one line each:
-//! `connwatch: warning: …` for warnings, `connwatch: …` for information.
+//! `connwatch: warning: …` for warnings, `connwatch: …` for information, `connwatch:
+//! debug: …` at `--log-level debug` (which adds the kernel programs' own diagnostics).
 use std::{
     fs::File,
     io::{self, Write},
@@ -187,14 +188,29 @@ impl Write for Queued {
     }
 }
 
-/// Sends the `log` macros' records to stderr through its writer thread.
-struct StderrLog;
+/// Sends the `log` macros' records to stderr through its writer thread, up to its level.
+struct StderrLog {
+    level: log::Level,
+}
+
+impl StderrLog {
+    /// Ours (connwatch's modules, the kernel programs') up to the level; libraries' (aya,
+    /// hyper) only when they warn, or at trace.
+    fn shows(&self, metadata: &log::Metadata) -> bool {
+        let target = metadata.target();
+        let ours = target.starts_with("monitor") || target.starts_with("connwatch");
+        let limit = if ours || self.level == log::Level::Trace {
+            self.level
+        } else {
+            self.level.min(log::Level::Warn)
+        };
+        metadata.level() <= limit
+    }
+}
 
 impl log::Log for StderrLog {
     fn enabled(&self, metadata: &log::Metadata) -> bool {
-        // Ours from info; libraries' (aya, hyper) only when they warn.
-        metadata.level() <= log::Level::Warn
-            || (metadata.level() <= log::Level::Info && metadata.target().starts_with("monitor"))
+        self.shows(metadata)
     }
 
     fn log(&self, record: &log::Record) {
@@ -204,7 +220,9 @@ impl log::Log for StderrLog {
         let line = match record.level() {
             log::Level::Error => format!("connwatch: error: {}\n", record.args()),
             log::Level::Warn => format!("connwatch: warning: {}\n", record.args()),
-            _ => format!("connwatch: {}\n", record.args()),
+            log::Level::Info => format!("connwatch: {}\n", record.args()),
+            log::Level::Debug => format!("connwatch: debug: {}\n", record.args()),
+            log::Level::Trace => format!("connwatch: trace: {}\n", record.args()),
         };
         let _ = stderr().push(line.into_bytes());
     }
@@ -212,17 +230,62 @@ impl log::Log for StderrLog {
     fn flush(&self) {}
 }
 
-/// Routes `log` records to stderr (see the module's doc). Once per process; a second call
-/// is a no-op.
-pub fn install_logger() {
-    if log::set_logger(&StderrLog).is_ok() {
-        log::set_max_level(log::LevelFilter::Info);
+/// `--log-level` / `RUST_LOG`: one level for connwatch's own diagnostics. `RUST_LOG` is often
+/// set for a whole pod in env_logger's syntax (`info,hyper=warn`): a bare level, or one for a
+/// `connwatch`/`monitor` target, sets connwatch's; directives for other crates are ignored
+/// (their messages show from warn up); a value that is not a level is an error either way.
+pub fn parse_log_level(text: &str) -> Result<log::Level, String> {
+    let mut level = log::Level::Info;
+    for directive in text.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        let (target, value) = match directive.split_once('=') {
+            Some((target, value)) => (Some(target.trim()), value.trim()),
+            None => (None, directive),
+        };
+        let parsed = value.parse().map_err(|_| {
+            format!(
+                "`{value}` is not a log level (from --log-level or RUST_LOG `{text}`): use \
+                 error, warn, info, debug or trace"
+            )
+        })?;
+        if target.is_none_or(|t| t.starts_with("connwatch") || t.starts_with("monitor")) {
+            level = parsed;
+        }
+    }
+    Ok(level)
+}
+
+/// Routes `log` records up to `level` to stderr (see the module's doc). Once per process; a
+/// second call is a no-op.
+pub fn install_logger(level: log::Level) {
+    let logger: &'static StderrLog = Box::leak(Box::new(StderrLog { level }));
+    if log::set_logger(logger).is_ok() {
+        log::set_max_level(level.to_level_filter());
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn log_levels_read_env_logger_directives() {
+        assert_eq!(parse_log_level("debug"), Ok(log::Level::Debug));
+        assert_eq!(parse_log_level(" WARN "), Ok(log::Level::Warn));
+        assert_eq!(parse_log_level("debug,hyper=warn"), Ok(log::Level::Debug));
+        assert_eq!(parse_log_level("hyper=trace"), Ok(log::Level::Info));
+        assert_eq!(parse_log_level("connwatch=trace"), Ok(log::Level::Trace));
+        assert_eq!(
+            parse_log_level("monitor::probes=debug"),
+            Ok(log::Level::Debug)
+        );
+        for bad in ["bogus", "info,hyper=loud", "connwatch=verbose"] {
+            let err = parse_log_level(bad).unwrap_err();
+            assert!(
+                err.contains("use error, warn, info, debug or trace"),
+                "{err}"
+            );
+        }
+    }
 
     /// A stream into a pipe nobody reads, already full: its writer thread blocks at once.
     fn stalled(limit: usize) -> (&'static Stream, std::os::fd::OwnedFd) {
@@ -241,6 +304,32 @@ mod tests {
         )
         .unwrap();
         (Stream::spawn("test", writer, limit), reader)
+    }
+
+    #[test]
+    fn log_levels() {
+        assert_eq!(parse_log_level("debug"), Ok(log::Level::Debug));
+        assert_eq!(parse_log_level("WARN"), Ok(log::Level::Warn));
+        let err = parse_log_level("verbose").unwrap_err();
+        assert!(err.contains("`verbose` is not a log level"), "{err}");
+        let at = |level, target: &str, of| {
+            StderrLog { level }.shows(&log::Metadata::builder().level(of).target(target).build())
+        };
+        assert!(at(log::Level::Info, "monitor::engine", log::Level::Info));
+        assert!(!at(log::Level::Info, "monitor::engine", log::Level::Debug));
+        assert!(!at(
+            log::Level::Info,
+            "connwatch::kernel",
+            log::Level::Debug
+        ));
+        assert!(at(
+            log::Level::Debug,
+            "connwatch::kernel",
+            log::Level::Debug
+        ));
+        assert!(!at(log::Level::Debug, "aya::bpf", log::Level::Info));
+        assert!(at(log::Level::Trace, "aya::bpf", log::Level::Debug));
+        assert!(!at(log::Level::Error, "monitor::engine", log::Level::Warn));
     }
 
     #[test]

@@ -129,6 +129,8 @@ enum Monitor {
     Connwatch,
     /// The daemon without the per-send/recv hooks (`--no-write-after`).
     ConnwatchLean,
+    /// The daemon with the kernel programs' diagnostics on (`--log-level debug`).
+    ConnwatchKernelLog,
     Bpftrace,
 }
 
@@ -430,14 +432,14 @@ pub(crate) fn free_port() -> Result<u16> {
 fn start(monitor: Monitor, connwatch: &Path) -> Result<Option<Running>> {
     match monitor {
         Monitor::None => Ok(None),
-        Monitor::Connwatch | Monitor::ConnwatchLean => {
+        Monitor::Connwatch | Monitor::ConnwatchLean | Monitor::ConnwatchKernelLog => {
             let addr = format!("127.0.0.1:{}", free_port()?);
             let child = Command::new(connwatch)
                 .args(["daemon", "--listen", &addr, "--log-events", "false"])
-                .args(if monitor == Monitor::ConnwatchLean {
-                    &["--no-write-after"][..]
-                } else {
-                    &[]
+                .args(match monitor {
+                    Monitor::ConnwatchLean => &["--no-write-after"][..],
+                    Monitor::ConnwatchKernelLog => &["--log-level", "debug"][..],
+                    _ => &[],
                 })
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
@@ -888,6 +890,9 @@ fn per_million(cpu: f64, events: u64) -> String {
 }
 
 pub fn run(root: &Path, connwatch: PathBuf) -> Result<()> {
+    if std::env::var("XTASK_BENCH_ONLY").as_deref() == Ok("kernel-log") {
+        return kernel_log_only(&connwatch);
+    }
     let mut report = String::new();
     let started = humantime_now();
     writeln!(report, "# Benchmarks\n")?;
@@ -932,13 +937,11 @@ pub fn run(root: &Path, connwatch: PathBuf) -> Result<()> {
             bt.add(&measure(workload, Monitor::Bpftrace, &connwatch)?);
         }
         unmonitored.push(measure(workload, Monitor::None, &connwatch)?.ops_per_sec);
-        // The programs' own cost from one more run with the kernel timing each program run:
+        // The programs' own cost from more runs with the kernel timing each program run:
         // that timing (two clock reads per run, a paravirtual clock on VMs) would slow the
-        // rates above, so they are measured without it.
-        let timed = {
-            let _stats = BpfStats::enable()?;
-            measure(workload, Monitor::Connwatch, &connwatch)?
-        };
+        // rates above, so they are measured without it. Kernel diagnostics off (the
+        // default), then on.
+        let (timed, timed_log) = timed_pair(workload, &connwatch)?;
         cw.ops_per_sec /= REPEATS as f64;
         lean.ops_per_sec /= REPEATS as f64;
         bt.ops_per_sec /= REPEATS as f64;
@@ -980,21 +983,11 @@ pub fn run(root: &Path, connwatch: PathBuf) -> Result<()> {
         }
         writeln!(
             costs,
-            "| {} ({:.0} ops) | | | |",
+            "| {} ({:.0} ops) | | | | |",
             workload.name(),
             timed.ops_per_sec * RUN.as_secs_f64()
         )?;
-        let ops = timed.ops_per_sec * RUN.as_secs_f64();
-        for (name, (ns, count)) in &timed.programs {
-            if *count > 0 {
-                writeln!(
-                    costs,
-                    "| | `{name}` | {} | {:.2} |",
-                    ns / count,
-                    *count as f64 / ops.max(1.0)
-                )?;
-            }
-        }
+        cost_rows(&mut costs, &timed, &timed_log)?;
         verdicts.push((workload, base, cw, bt, timed));
     }
     writeln!(report, "\n## In-kernel cost per hook hit\n")?;
@@ -1003,10 +996,11 @@ pub fn run(root: &Path, connwatch: PathBuf) -> Result<()> {
         "run_time_ns / run_cnt of each program the connwatch daemon (default flags) loaded, \
          from one more run of each workload with `kernel.bpf_stats_enabled=1` (kept off for \
          the rates above: the kernel's timing of every program run costs two clock reads, a \
-         paravirtual clock on a VM). Programs that did not run are left out.\n"
+         paravirtual clock on a VM), and from a run right after it with the kernel \
+         diagnostics on (`--log-level debug`; off by default, they are dead code the \
+         verifier removes). Programs that did not run are left out.\n"
     )?;
-    writeln!(report, "| workload | program | ns per hit | hits per op |")?;
-    writeln!(report, "| --- | --- | ---: | ---: |")?;
+    writeln!(report, "{COST_HEADER}")?;
     report.push_str(&costs);
     eprintln!("xtask bench: reset → flag latency");
     let latency = reset_to_flag_latency(&connwatch, 500)?;
@@ -1160,6 +1154,65 @@ pub fn run(root: &Path, connwatch: PathBuf) -> Result<()> {
     writeln!(report, "\n## Command\n\n```\ncargo xtask bench\n```")?;
     std::fs::write(root.join("BENCHMARKS.md"), &report)?;
     print!("{report}");
+    Ok(())
+}
+
+const COST_HEADER: &str = "| workload | program | ns per hit | ns per hit, kernel diagnostics on | hits per op |\n| --- | --- | ---: | ---: | ---: |";
+
+/// The daemon's per-hit costs under `workload` with `kernel.bpf_stats_enabled=1`: kernel
+/// diagnostics off (the default), then on, one run each, back to back.
+fn timed_pair(workload: Workload, connwatch: &Path) -> Result<(Measure, Measure)> {
+    let _stats = BpfStats::enable()?;
+    Ok((
+        measure(workload, Monitor::Connwatch, connwatch)?,
+        measure(workload, Monitor::ConnwatchKernelLog, connwatch)?,
+    ))
+}
+
+/// One row per program that ran: ns per hit with kernel diagnostics off and on.
+fn cost_rows(costs: &mut String, off: &Measure, on: &Measure) -> Result<()> {
+    let ops = off.ops_per_sec * RUN.as_secs_f64();
+    for (name, (ns, count)) in &off.programs {
+        if *count > 0 {
+            let with_log = match on.programs.get(name) {
+                Some((ns, count)) if *count > 0 => (ns / count).to_string(),
+                _ => "-".into(),
+            };
+            writeln!(
+                costs,
+                "| | `{name}` | {} | {with_log} | {:.2} |",
+                ns / count,
+                *count as f64 / ops.max(1.0)
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// `XTASK_BENCH_ONLY=kernel-log cargo xtask bench`: only the per-hit costs with kernel
+/// diagnostics off and on, printed (BENCHMARKS.md is left as it is).
+fn kernel_log_only(connwatch: &Path) -> Result<()> {
+    let mut costs = format!("{COST_HEADER}\n");
+    for workload in [
+        Workload::Churn,
+        Workload::RequestResponse,
+        Workload::ResetStorm,
+    ] {
+        eprintln!(
+            "xtask bench: {} (kernel diagnostics off, on)",
+            workload.name()
+        );
+        let (off, on) = timed_pair(workload, connwatch)?;
+        writeln!(
+            costs,
+            "| {} ({:.0} ops off, {:.0} on) | | | | |",
+            workload.name(),
+            off.ops_per_sec * RUN.as_secs_f64(),
+            on.ops_per_sec * RUN.as_secs_f64()
+        )?;
+        cost_rows(&mut costs, &off, &on)?;
+    }
+    print!("{costs}");
     Ok(())
 }
 

@@ -88,6 +88,8 @@ pub const GUEST_TESTS: &[(&str, &[&str])] = &[
     ("causes", &[]),
     // The ring buffer filling up.
     ("loss", &[]),
+    // The kernel programs' diagnostics (aya-log): verifier-clean with them on.
+    ("kernel_log", &[]),
     // Sockets opened before connwatch started: the sock_diag snapshot (inet_diag modules).
     ("pools", &[]),
     // Network namespaces and veth, sockets destroyed with `ss -K`.

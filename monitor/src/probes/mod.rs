@@ -2,6 +2,7 @@
 //! object with them and attaches one program per hook.
 pub mod btf;
 pub mod filter;
+pub mod klog;
 pub mod tracefs;
 
 use std::{
@@ -258,17 +259,52 @@ pub struct Probes {
     pub rst_reasons: std::collections::HashMap<u32, String>,
     /// What serves each capability on this kernel.
     pub capabilities: Vec<Capability>,
+    /// Forwards the kernel programs' diagnostics while it lives (`--log-level debug`).
+    _kernel_log: Option<klog::KernelLog>,
 }
 
 impl Probes {
     /// Returns the probes and, separately, the ring buffer they feed, so the event loop can
     /// own the ring buffer while the probes stay attached.
     /// `max_sockets` sizes the per-socket kernel maps (LRU: the oldest entries go first).
+    /// `kernel_log` is the level of the kernel programs' diagnostics ([`klog`]), `None` for
+    /// off. A kernel that refuses the programs with them on gets them without: connwatch
+    /// runs, and says so (a warning, a degraded capability).
     pub fn attach(
         options: &ProbeOptions,
         settings: &Settings,
         filter: &filter::KernelFilter,
         max_sockets: u32,
+        kernel_log: Option<log::Level>,
+    ) -> Result<(Probes, RingBuf<MapData>)> {
+        let Some(level) = kernel_log else {
+            return Probes::attach_with(options, settings, filter, max_sockets, None);
+        };
+        match Probes::attach_with(options, settings, filter, max_sockets, Some(level)) {
+            Ok(attached) => Ok(attached),
+            Err(err) => {
+                // Refused without them too: the cause is elsewhere, and this error says it.
+                let (mut probes, events) =
+                    Probes::attach_with(options, settings, filter, max_sockets, None)?;
+                let why = format!(
+                    "the kernel refused the programs with their diagnostics on ({err:#}); \
+                     running without them"
+                );
+                probes
+                    .warnings
+                    .push(format!("kernel diagnostics are off: {why}"));
+                probes.capabilities.push(kernel_log_capability(Err(why)));
+                Ok((probes, events))
+            }
+        }
+    }
+
+    fn attach_with(
+        options: &ProbeOptions,
+        settings: &Settings,
+        filter: &filter::KernelFilter,
+        max_sockets: u32,
+        kernel_log: Option<log::Level>,
     ) -> Result<(Probes, RingBuf<MapData>)> {
         check_privileges(read_effective_caps()?)?;
         let memlock_raised = raise_memlock_rlimit();
@@ -309,6 +345,7 @@ impl Probes {
             .map_max_entries("EVENTS", options.ring_buffer_size)
             .map_max_entries("OWNERS", max_sockets)
             .map_max_entries("PEER_ENDED", max_sockets);
+        klog::configure(&mut loader, kernel_log);
         let mut ebpf = loader
             .load(EBPF_OBJECT)
             .map_err(|err| {
@@ -485,13 +522,26 @@ impl Probes {
             },
         };
         let stalls_served = stalls.degraded.is_none();
-        let capabilities = vec![
+        let mut capabilities = vec![
             Capability::full("state changes", state_changes),
             resets,
             causes,
             io,
             stalls,
         ];
+        let kernel_log = match kernel_log.map(|_| klog::KernelLog::start(&mut ebpf)) {
+            None => None,
+            Some(Ok(kernel_log)) => {
+                capabilities.push(kernel_log_capability(Ok(())));
+                Some(kernel_log)
+            }
+            Some(Err(err)) => {
+                let why = format!("{err:#}");
+                warnings.push(format!("kernel diagnostics are off: {why}"));
+                capabilities.push(kernel_log_capability(Err(why)));
+                None
+            }
+        };
 
         let events = RingBuf::try_from(
             ebpf.take_map("EVENTS")
@@ -536,6 +586,7 @@ impl Probes {
             warnings,
             rst_reasons,
             capabilities,
+            _kernel_log: kernel_log,
         };
         drop(typed_btf);
         release_freed_memory();
@@ -614,6 +665,19 @@ impl Probes {
             .get(&0, 0)
             .context("reading the FILTERED map")?;
         Ok(per_cpu.iter().sum())
+    }
+}
+
+/// The kernel diagnostics' row, where they were asked for (`--log-level debug`, doctor).
+fn kernel_log_capability(started: Result<(), String>) -> Capability {
+    let name = "kernel diagnostics";
+    match started {
+        Ok(()) => Capability::full(name, "aya-log, as `kernel:` lines at debug level"),
+        Err(why) => Capability {
+            name,
+            served_by: "nothing".into(),
+            degraded: Some(why),
+        },
     }
 }
 
