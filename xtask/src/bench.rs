@@ -131,6 +131,8 @@ enum Monitor {
     ConnwatchLean,
     /// The daemon with the kernel programs' diagnostics on (`--log-level debug`).
     ConnwatchKernelLog,
+    /// `watch --port 1`: the kernel filter on, every event filtered out in the kernel.
+    WatchFiltered,
     Bpftrace,
 }
 
@@ -458,6 +460,15 @@ fn start(monitor: Monitor, connwatch: &Path) -> Result<Option<Running>> {
                 lines: None,
             }))
         }
+        Monitor::WatchFiltered => Ok(Some(Running {
+            child: Command::new(connwatch)
+                .args(["watch", "--json", "--port", "1"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()?,
+            metrics_url: None,
+            lines: None,
+        })),
         Monitor::Bpftrace => {
             let mut child = Command::new("bpftrace")
                 .args(["-e", BPFTRACE_SCRIPT])
@@ -509,7 +520,7 @@ fn measure(workload: Workload, monitor: Monitor, connwatch: &Path) -> Result<Mea
         result.cpu_seconds = cpu_seconds(running.child.id()) - cpu_before;
         result.peak_rss_kib = peak_rss_kib(running.child.id());
         result.rss_kib = status_kib(running.child.id(), "VmRSS:");
-        if running.metrics_url.is_some() {
+        if monitor != Monitor::Bpftrace {
             result.programs = program_costs(running.child.id())?;
         }
         running.stop();
@@ -890,8 +901,8 @@ fn per_million(cpu: f64, events: u64) -> String {
 }
 
 pub fn run(root: &Path, connwatch: PathBuf) -> Result<()> {
-    if std::env::var("XTASK_BENCH_ONLY").as_deref() == Ok("kernel-log") {
-        return kernel_log_only(&connwatch);
+    if std::env::var("XTASK_BENCH_ONLY").as_deref() == Ok("costs") {
+        return costs_only(&connwatch);
     }
     let mut report = String::new();
     let started = humantime_now();
@@ -941,7 +952,7 @@ pub fn run(root: &Path, connwatch: PathBuf) -> Result<()> {
         // that timing (two clock reads per run, a paravirtual clock on VMs) would slow the
         // rates above, so they are measured without it. Kernel diagnostics off (the
         // default), then on.
-        let (timed, timed_log) = timed_pair(workload, &connwatch)?;
+        let timed = timed(workload, &connwatch)?;
         cw.ops_per_sec /= REPEATS as f64;
         lean.ops_per_sec /= REPEATS as f64;
         bt.ops_per_sec /= REPEATS as f64;
@@ -983,12 +994,12 @@ pub fn run(root: &Path, connwatch: PathBuf) -> Result<()> {
         }
         writeln!(
             costs,
-            "| {} ({:.0} ops) | | | | |",
+            "| {} ({:.0} ops) | | | | | |",
             workload.name(),
-            timed.ops_per_sec * RUN.as_secs_f64()
+            timed.daemon.ops_per_sec * RUN.as_secs_f64()
         )?;
-        cost_rows(&mut costs, &timed, &timed_log)?;
-        verdicts.push((workload, base, cw, bt, timed));
+        cost_rows(&mut costs, &timed)?;
+        verdicts.push((workload, base, cw, bt, timed.daemon));
     }
     writeln!(report, "\n## In-kernel cost per hook hit\n")?;
     writeln!(
@@ -998,7 +1009,10 @@ pub fn run(root: &Path, connwatch: PathBuf) -> Result<()> {
          the rates above: the kernel's timing of every program run costs two clock reads, a \
          paravirtual clock on a VM), and from a run right after it with the kernel \
          diagnostics on (`--log-level debug`; off by default, they are dead code the \
-         verifier removes). Programs that did not run are left out.\n"
+         verifier removes), and from `connwatch watch --port 1`, whose kernel filter keeps \
+         every event out of the ring buffer (`Slot::begin_for`: a filtered-out event \
+         reserves nothing; with no filter the check is pruned, as in the daemon). Programs \
+         that did not run are left out.\n"
     )?;
     writeln!(report, "{COST_HEADER}")?;
     report.push_str(&costs);
@@ -1157,31 +1171,41 @@ pub fn run(root: &Path, connwatch: PathBuf) -> Result<()> {
     Ok(())
 }
 
-const COST_HEADER: &str = "| workload | program | ns per hit | ns per hit, kernel diagnostics on | hits per op |\n| --- | --- | ---: | ---: | ---: |";
+const COST_HEADER: &str = "| workload | program | ns per hit | ns per hit, kernel diagnostics on | ns per hit, `watch --port 1` (all filtered out) | hits per op |\n| --- | --- | ---: | ---: | ---: | ---: |";
 
-/// The daemon's per-hit costs under `workload` with `kernel.bpf_stats_enabled=1`: kernel
-/// diagnostics off (the default), then on, one run each, back to back.
-fn timed_pair(workload: Workload, connwatch: &Path) -> Result<(Measure, Measure)> {
-    let _stats = BpfStats::enable()?;
-    Ok((
-        measure(workload, Monitor::Connwatch, connwatch)?,
-        measure(workload, Monitor::ConnwatchKernelLog, connwatch)?,
-    ))
+/// Per-hit costs under `workload` with `kernel.bpf_stats_enabled=1`, one run each, back to
+/// back: the daemon as shipped, with kernel diagnostics on, and `watch` with a kernel filter
+/// that matches nothing.
+struct Timed {
+    daemon: Measure,
+    kernel_log: Measure,
+    filtered: Measure,
 }
 
-/// One row per program that ran: ns per hit with kernel diagnostics off and on.
-fn cost_rows(costs: &mut String, off: &Measure, on: &Measure) -> Result<()> {
-    let ops = off.ops_per_sec * RUN.as_secs_f64();
-    for (name, (ns, count)) in &off.programs {
+fn timed(workload: Workload, connwatch: &Path) -> Result<Timed> {
+    let _stats = BpfStats::enable()?;
+    Ok(Timed {
+        daemon: measure(workload, Monitor::Connwatch, connwatch)?,
+        kernel_log: measure(workload, Monitor::ConnwatchKernelLog, connwatch)?,
+        filtered: measure(workload, Monitor::WatchFiltered, connwatch)?,
+    })
+}
+
+/// One row per program the daemon ran: ns per hit as shipped, then in the other conditions.
+fn cost_rows(costs: &mut String, timed: &Timed) -> Result<()> {
+    let ops = timed.daemon.ops_per_sec * RUN.as_secs_f64();
+    let per_hit = |m: &Measure, name: &str| match m.programs.get(name) {
+        Some((ns, count)) if *count > 0 => (ns / count).to_string(),
+        _ => "-".into(),
+    };
+    for (name, (ns, count)) in &timed.daemon.programs {
         if *count > 0 {
-            let with_log = match on.programs.get(name) {
-                Some((ns, count)) if *count > 0 => (ns / count).to_string(),
-                _ => "-".into(),
-            };
             writeln!(
                 costs,
-                "| | `{name}` | {} | {with_log} | {:.2} |",
+                "| | `{name}` | {} | {} | {} | {:.2} |",
                 ns / count,
+                per_hit(&timed.kernel_log, name),
+                per_hit(&timed.filtered, name),
                 *count as f64 / ops.max(1.0)
             )?;
         }
@@ -1189,28 +1213,24 @@ fn cost_rows(costs: &mut String, off: &Measure, on: &Measure) -> Result<()> {
     Ok(())
 }
 
-/// `XTASK_BENCH_ONLY=kernel-log cargo xtask bench`: only the per-hit costs with kernel
-/// diagnostics off and on, printed (BENCHMARKS.md is left as it is).
-fn kernel_log_only(connwatch: &Path) -> Result<()> {
+/// `XTASK_BENCH_ONLY=costs cargo xtask bench`: only the per-hit costs table, printed
+/// (BENCHMARKS.md is left as it is): a quick check after a kernel-side change.
+fn costs_only(connwatch: &Path) -> Result<()> {
     let mut costs = format!("{COST_HEADER}\n");
     for workload in [
         Workload::Churn,
         Workload::RequestResponse,
         Workload::ResetStorm,
     ] {
-        eprintln!(
-            "xtask bench: {} (kernel diagnostics off, on)",
-            workload.name()
-        );
-        let (off, on) = timed_pair(workload, connwatch)?;
+        eprintln!("xtask bench: per-hit costs, {}", workload.name());
+        let timed = timed(workload, connwatch)?;
         writeln!(
             costs,
-            "| {} ({:.0} ops off, {:.0} on) | | | | |",
+            "| {} ({:.0} ops) | | | | | |",
             workload.name(),
-            off.ops_per_sec * RUN.as_secs_f64(),
-            on.ops_per_sec * RUN.as_secs_f64()
+            timed.daemon.ops_per_sec * RUN.as_secs_f64()
         )?;
-        cost_rows(&mut costs, &off, &on)?;
+        cost_rows(&mut costs, &timed)?;
     }
     print!("{costs}");
     Ok(())
