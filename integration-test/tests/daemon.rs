@@ -2,7 +2,6 @@
 mod support;
 
 use std::{
-    fs,
     io::Read,
     net::TcpListener,
     process::Command,
@@ -24,34 +23,56 @@ fn prometheus_counts_exactly_the_idle_resets() {
     let (status, body) = get(&format!("{base}/metrics")).unwrap();
     assert_eq!(status, 200);
     assert!(body.contains("connwatch_build_info{"), "{body}");
+    // Listed before anything happened: families whose first series is an incident, and
+    // each family's overflow count at 0.
+    for listed in [
+        "# TYPE connwatch_idle_timeout_deaths counter",
+        "# TYPE connwatch_pool_flagged_sockets gauge",
+        "# TYPE connwatch_peer_close_idle_seconds histogram",
+        r#"connwatch_label_overflow_total{metric="connwatch_resets"} 0"#,
+        r#"connwatch_label_overflow_total{metric="connwatch_idle_timeout_deaths"} 0"#,
+    ] {
+        assert!(
+            body.contains(listed),
+            "{listed} not in the first scrape:\n{body}"
+        );
+    }
 
     let prometheus = Prometheus::start(&addr);
     prometheus.wait_for(r#"up{job="connwatch"}"#, 1.0);
 
-    let (listener, _) = listen("127.0.0.1:0");
+    // A port of its own (below the ephemeral range): the series are this test's alone.
+    let (listener, port) = listen_below_ephemeral();
     let pairs: Vec<Pair> = (0..RESETS)
         .map(|_| Pair::connect(&listener, "cw-prom-client"))
         .collect();
     thread::sleep(Duration::from_millis(1500));
     let _clients: Vec<_> = pairs.into_iter().map(Pair::reset_from_server).collect();
 
-    let resets = r#"sum(connwatch_resets_total{kind="peer_reset_idle",comm="cw-prom-client"})"#;
-    prometheus.wait_for(resets, RESETS as f64);
+    // Labelled by the process, not the thread that connected.
+    let who = format!(r#"comm="{}",remote_port="{port}""#, process_comm());
+    let resets = format!(r#"sum(connwatch_resets_total{{kind="peer_reset_idle",{who}}})"#);
+    prometheus.wait_for(&resets, RESETS as f64);
     // Idle ~1.5 s: in the (1, 5] bucket, none at or below 1 s.
-    let bucket = |le: &str| {
-        format!(
-            r#"sum(connwatch_peer_reset_idle_seconds_bucket{{comm="cw-prom-client",le=~"{le}"}})"#
-        )
-    };
+    let bucket =
+        |le: &str| format!(r#"sum(connwatch_peer_reset_idle_seconds_bucket{{{who},le=~"{le}"}})"#);
     prometheus.wait_for(
-        r#"sum(connwatch_peer_reset_idle_seconds_count{comm="cw-prom-client"})"#,
+        &format!(r#"sum(connwatch_peer_reset_idle_seconds_count{{{who}}})"#),
         RESETS as f64,
     );
     prometheus.wait_for(&bucket(r"1(\\.0)?"), 0.0);
     prometheus.wait_for(&bucket(r"5(\\.0)?"), RESETS as f64);
+    // The shipped alert fires on this label set's first burst (`increase()` alone needs a
+    // sample before it).
+    prometheus.wait_for(
+        &format!(
+            r#"count(ALERTS{{alertname="ConnwatchIdleConnectionsReset",alertstate="firing",{who}}})"#
+        ),
+        1.0,
+    );
     // Exactly: two more scrapes later, still the same count.
     thread::sleep(Duration::from_millis(2500));
-    assert_eq!(prometheus.query(resets), Some(RESETS as f64));
+    assert_eq!(prometheus.query(&resets), Some(RESETS as f64));
 
     // SIGTERM: detach and exit 0 within 2 s.
     let stopped_at = Instant::now();
@@ -84,7 +105,10 @@ fn log_events_can_be_turned_off() {
     let deadline = Instant::now() + EVENT_TIMEOUT;
     loop {
         let (_, body) = get(&format!("http://{addr}/metrics")).unwrap();
-        if body.contains(r#"kind="peer_reset",cause="reset_while_established",comm="cw-quiet""#) {
+        if body.contains(&format!(
+            r#"kind="peer_reset",cause="reset_while_established",comm="{}""#,
+            process_comm()
+        )) {
             break;
         }
         assert!(Instant::now() < deadline, "reset never counted: {body}");
@@ -146,26 +170,136 @@ fn port_in_use_and_bad_flags() {
 fn pool_gauges_follow_the_sockets() {
     let addr = format!("127.0.0.1:{}", free_port());
     let daemon = Watch::spawn(&["daemon", "--listen", &addr, "--refresh", "1s"]);
-    let (listener, _) = listen("127.0.0.1:0");
+    let (listener, port) = listen_below_ephemeral();
     let pairs: Vec<Pair> = (0..3)
         .map(|_| Pair::connect(&listener, "cw-pool"))
         .collect();
     // Pools are attributed through /proc: the process name, not the thread's.
-    let comm = fs::read_to_string("/proc/self/comm").unwrap();
-    let series = format!(
-        r#"connwatch_pool_sockets{{direction="outbound",state="established",comm="{}",namespace="",pod="",container="",remote_port="ephemeral"}} 3"#,
-        comm.trim()
-    );
-    let deadline = Instant::now() + EVENT_TIMEOUT;
-    loop {
-        let (_, body) = get(&format!("http://{addr}/metrics")).unwrap();
-        if body.contains(&series) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "no {series} in:\n{body}");
-        thread::sleep(Duration::from_millis(200));
-    }
+    let pool = [
+        r#"direction="outbound""#.to_string(),
+        format!(
+            r#"comm="{}",namespace="",pod="",container="",local_port="",remote_port="{port}""#,
+            process_comm()
+        ),
+    ];
+    wait_for_pool_sockets(&format!("http://{addr}/metrics"), &pool, 3.0);
     drop(pairs);
+    daemon.stop_with(Signal::SIGTERM);
+}
+
+/// A multi-threaded client whose worker threads (named with PR_SET_NAME, as thread pools
+/// do) each hold an idle connection: process `cw-myapp`, threads `worker-0`…`worker-2`.
+/// Each worker holds its socket 3 s after the peer's reset (a stale pool, not a client
+/// that handles it).
+const THREADED_CLIENT: &str = r#"
+import ctypes, socket, sys, threading, time
+libc = ctypes.CDLL(None, use_errno=True)
+def name(n):
+    libc.prctl(15, n.encode(), 0, 0, 0)  # PR_SET_NAME
+name("cw-myapp")
+port = int(sys.argv[1])
+def worker(i):
+    name(f"worker-{i}")
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(b"ping")
+    s.recv(4)
+    try:
+        s.recv(1)
+    except OSError:
+        pass
+    time.sleep(3)
+    s.close()
+threads = [threading.Thread(target=worker, args=(i,), name=f"worker-{i}") for i in range(3)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+"#;
+
+/// Metrics as a platform engineer groups them: by process (not thread), by the server's
+/// port on both sides (`remote_port` for the client, `local_port` for the server), with
+/// pool states that add up to the pool's sockets.
+#[test]
+fn metrics_label_the_process_and_the_servers_port() {
+    let addr = format!("127.0.0.1:{}", free_port());
+    let url = format!("http://{addr}/metrics");
+    let daemon = Watch::spawn(&["daemon", "--listen", &addr, "--refresh", "1s"]);
+    let (listener, port) = listen_below_ephemeral();
+    let mut client = Command::new("python3")
+        .args(["-c", THREADED_CLIENT, &port.to_string()])
+        .spawn()
+        .expect("python3");
+    let mut servers: Vec<_> = (0..3)
+        .map(|_| {
+            let (mut server, _) = listener.accept().unwrap();
+            let mut ping = [0u8; 4];
+            server.read_exact(&mut ping).unwrap();
+            std::io::Write::write_all(&mut server, b"pong").unwrap();
+            server
+        })
+        .collect();
+    let server_pool = [
+        r#"direction="inbound""#.to_string(),
+        format!(
+            r#"comm="{}",namespace="",pod="",container="",local_port="{port}",remote_port="""#,
+            process_comm()
+        ),
+    ];
+    let client_pool = [
+        r#"direction="outbound""#.to_string(),
+        format!(
+            r#"comm="cw-myapp",namespace="",pod="",container="",local_port="",remote_port="{port}""#
+        ),
+    ];
+    // Both pools' states add up to their three sockets, and are a partition: each state
+    // once, no `established` (the sum of two of them) or flags among them.
+    for pool in [&server_pool, &client_pool] {
+        let body = wait_for_pool_sockets(&url, pool, 3.0);
+        let mut states: Vec<&str> = body
+            .lines()
+            .filter(|l| l.starts_with("connwatch_pool_sockets{"))
+            .filter(|l| pool.iter().all(|label| l.contains(label.as_str())))
+            .map(|l| {
+                l.split(r#"state=""#)
+                    .nth(1)
+                    .unwrap()
+                    .split('"')
+                    .next()
+                    .unwrap()
+            })
+            .collect();
+        states.sort_unstable();
+        assert_eq!(states, ["active", "close_wait", "idle", "other"], "{body}");
+        assert_eq!(
+            metric_sum_where(&body, "connwatch_pool_flagged_sockets", pool),
+            0.0,
+            "{body}"
+        );
+    }
+    thread::sleep(Duration::from_millis(1500));
+
+    // The server resets the idle connections the worker threads still hold.
+    servers.drain(..).for_each(abort);
+    let resets = [format!(
+        r#"kind="peer_reset_idle",cause="reset_while_established",comm="cw-myapp",namespace="",pod="",container="",local_port="",remote_port="{port}"}} 3"#
+    )];
+    let body = wait_for_body(&url, &resets[0]);
+    assert!(
+        !body.contains(r#"comm="worker-"#),
+        "a thread's name as a label:\n{body}"
+    );
+    assert!(client.wait().unwrap().success());
+
+    // A client resets a connection this process (the server) holds: the server's series
+    // name its listening port, and no client port.
+    let pair = Pair::connect(&listener, "cw-reset-client");
+    abort(pair.client);
+    let server_reset = format!(
+        r#"cause="reset_while_established",comm="{}",namespace="",pod="",container="",local_port="{port}",remote_port=""}} 1"#,
+        process_comm()
+    );
+    wait_for_body(&url, &server_reset);
+    drop(pair.server);
     daemon.stop_with(Signal::SIGTERM);
 }
 

@@ -8,7 +8,7 @@ use std::{
     collections::HashSet,
     fs,
     io::{ErrorKind, Read, Write},
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{SocketAddr, TcpStream},
     os::unix::process::CommandExt as _,
     process::Command,
     sync::{
@@ -62,19 +62,6 @@ fn daemon_with_few_files(addr: &str) -> Watch {
         });
     }
     Watch::spawn_command(command)
-}
-
-/// A listener on a port below the ephemeral range, so its pool has a `remote_port` label
-/// of its own (the daemon's port, and the flood's, are ephemeral).
-fn listen_below_ephemeral() -> (TcpListener, u16) {
-    let range = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap();
-    let low: u16 = range.split_whitespace().next().unwrap().parse().unwrap();
-    (low.saturating_sub(12_000).max(1024)..low)
-        .find_map(|port| {
-            let listener = TcpListener::bind(("127.0.0.1", port)).ok()?;
-            Some((listener, port))
-        })
-        .expect("a free port below the ephemeral range")
 }
 
 /// `GET url`, which must answer 200 within [`HEALTHZ_WITHIN`]; returns the body.
@@ -198,12 +185,12 @@ fn idle_and_slow_clients_do_not_exhaust_the_daemon() {
     let pairs: Vec<Pair> = (0..3)
         .map(|_| Pair::connect(&listener, "cw-http-pool"))
         .collect();
-    let comm = fs::read_to_string("/proc/self/comm").unwrap();
-    let series = format!(
-        r#"connwatch_pool_sockets{{direction="outbound",state="established",comm="{}",namespace="",pod="",container="",remote_port="{pool_port}"}} 3"#,
-        comm.trim()
-    );
-    wait_for_body(&format!("{base}/metrics"), &series);
+    let pool = [
+        r#"direction="outbound""#.to_string(),
+        format!(r#"comm="{}""#, process_comm()),
+        format!(r#"local_port="",remote_port="{pool_port}""#),
+    ];
+    wait_for_pool_sockets(&format!("{base}/metrics"), &pool, 3.0);
     eprintln!("pool gauge seen {:?} after the flood", flooded.elapsed());
 
     // The server closes every one of them: at once when shed at the cap, at the latest

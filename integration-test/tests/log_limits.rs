@@ -52,8 +52,9 @@ fn a_reset_flood_is_logged_as_samples_and_counts() {
     while flood.resets() < FLOOD / 2 {
         thread::sleep(Duration::from_millis(10));
     }
-    // Mid-flood, past every flood key's burst: a reset of another process is logged.
-    let (listener, _) = listen("127.0.0.1:0");
+    // Mid-flood, past every flood key's burst: a reset under another key is logged. Keys
+    // name the process (this one, as the flood's) and the server's port: a port of its own.
+    let (listener, _) = listen_below_ephemeral();
     let lone = Pair::connect(&listener, "cw-lone-client");
     let lone_port = lone.client_port();
     let _client = lone.reset_from_server();

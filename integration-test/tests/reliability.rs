@@ -86,9 +86,13 @@ fn flood_is_counted_and_the_daemon_recovers() {
     let pair = Pair::connect(&listener, "cw-after-flood");
     thread::sleep(Duration::from_millis(1200));
     let _client = pair.reset_from_server();
+    // Labelled by the process, not its thread.
     wait_for_body(
         &metrics,
-        r#"connwatch_resets_total{kind="peer_reset_idle",cause="reset_while_established",comm="cw-after-flood""#,
+        &format!(
+            r#"connwatch_resets_total{{kind="peer_reset_idle",cause="reset_while_established",comm="{}""#,
+            process_comm()
+        ),
     );
     daemon.stop_with(Signal::SIGTERM);
 }
@@ -107,7 +111,7 @@ fn after_kill_9_a_restart_knows_the_existing_sockets() {
     let second = Watch::spawn(&["daemon", "--listen", &addr, "--refresh", "1s"]);
     wait_for_body(
         &format!("http://{addr}/metrics"),
-        r#"connwatch_pool_sockets{direction="outbound",state="established",comm="python3""#,
+        r#"connwatch_pool_flagged_sockets{direction="outbound",flag="stalled",comm="python3""#,
     );
     thread::sleep(Duration::from_millis(1200));
     abort(server);

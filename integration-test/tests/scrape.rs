@@ -53,19 +53,23 @@ fn the_podmonitor_keeps_the_agents_pod_off_the_workloads_findings() {
     prometheus.wait_for(r#"count(up{job=~"podmonitor|bare"} == 1)"#, 2.0);
 
     // A host process's idle connection reset by its peer: a finding with no workload.
-    let (listener, _) = listen("127.0.0.1:0");
-    let pair = Pair::connect(&listener, "cw-scrape");
+    // Its own server port: `comm` is this process's name, which its other sockets share.
+    let (listener, port) = listen_below_ephemeral();
+    let pair = Pair::connect(&listener, "cw-scrape-client");
+    let finding = format!(
+        r#"kind="peer_reset_idle",comm="{}",remote_port="{port}""#,
+        process_comm()
+    );
     thread::sleep(Duration::from_millis(1200));
     let _client = pair.reset_from_server();
-    let resets =
-        |job: &str| format!(r#"sum(connwatch_resets_total{{job="{job}",comm="cw-scrape"}})"#);
+    let resets = |job: &str| format!(r#"sum(connwatch_resets_total{{job="{job}",{finding}}})"#);
     prometheus.wait_for(&resets("podmonitor"), 1.0);
     prometheus.wait_for(&resets("bare"), 1.0);
 
     let series = |selector: &str| {
         prometheus
             .instant(&format!(
-                r#"connwatch_resets_total{{comm="cw-scrape",{selector}}}"#
+                r#"connwatch_resets_total{{{finding},{selector}}}"#
             ))
             .unwrap()
     };

@@ -208,6 +208,9 @@ struct SuppressedLine<'a> {
     namespace: &'a str,
     pod: &'a str,
     container: &'a str,
+    /// A server's findings: its listening port (and `remote_port` empty), as in the metrics.
+    #[serde(skip_serializing_if = "str::is_empty")]
+    local_port: &'a str,
     remote_port: &'a str,
     suppressed: u64,
     /// When the first and the last of them were found.
@@ -227,6 +230,7 @@ impl<'a> SuppressedLine<'a> {
             namespace: &key.who.namespace,
             pod: &key.who.pod,
             container: &key.who.container,
+            local_port: &key.who.local_port,
             remote_port: &key.who.remote_port,
             suppressed: held.count,
             since: ts(held.first_ns),

@@ -130,6 +130,7 @@ impl Pipeline {
 
     /// Gives each `peer_*_idle` finding its path's learned idle limit.
     fn annotate_idle_limits(&mut self) {
+        self.annotate_sides();
         for finding in &mut self.findings {
             if matches!(finding.kind, Kind::PeerResetIdle | Kind::PeerCloseIdle) {
                 let event = &finding.event;
@@ -141,6 +142,14 @@ impl Pipeline {
                 );
                 finding.idle_limit = self.limits.estimate(&path);
             }
+        }
+    }
+
+    /// Marks the findings on a server's sockets (by the last refresh's listeners).
+    fn annotate_sides(&mut self) {
+        let listeners = self.pools.listeners();
+        for finding in &mut self.findings {
+            finding.inbound = listeners.is_inbound(finding.event.netns, finding.event.local);
         }
     }
 
@@ -169,6 +178,7 @@ impl Pipeline {
         self.table.expire(mono_now_ns);
         self.findings.clear();
         self.detectors.tick(mono_now_ns, &mut self.findings);
+        self.annotate_sides();
         &self.findings
     }
 
@@ -290,6 +300,7 @@ impl Pipeline {
             },
             &mut self.findings,
         );
+        self.annotate_sides();
         &self.findings
     }
 

@@ -7,6 +7,7 @@ pub mod postgres;
 pub mod prometheus;
 
 use std::{
+    fs,
     io::{BufRead, BufReader, Read, Write},
     net::{TcpListener, TcpStream},
     process::{Child, Command, ExitStatus, Stdio},
@@ -450,6 +451,54 @@ pub fn get(url: &str) -> Option<(u16, String)> {
     let response = agent().get(url).call().ok()?;
     let status = response.status().as_u16();
     Some((status, response.into_body().read_to_string().ok()?))
+}
+
+/// A listener on a port below the ephemeral range, so its pool has a `remote_port` label
+/// of its own (the daemon's port, and the flood's, are ephemeral).
+pub fn listen_below_ephemeral() -> (TcpListener, u16) {
+    let range = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap();
+    let low: u16 = range.split_whitespace().next().unwrap().parse().unwrap();
+    (low.saturating_sub(12_000).max(1024)..low)
+        .find_map(|port| {
+            let listener = TcpListener::bind(("127.0.0.1", port)).ok()?;
+            Some((listener, port))
+        })
+        .expect("a free port below the ephemeral range")
+}
+
+/// This process's name (its main thread's comm): what metrics label its sockets by.
+pub fn process_comm() -> String {
+    fs::read_to_string("/proc/self/comm")
+        .unwrap()
+        .trim_end()
+        .to_string()
+}
+
+/// The sum of `family`'s samples in `body` whose labels contain every one of `labels`.
+pub fn metric_sum_where(body: &str, family: &str, labels: &[String]) -> f64 {
+    let prefix = format!("{family}{{");
+    body.lines()
+        .filter(|line| line.starts_with(&prefix))
+        .filter(|line| labels.iter().all(|label| line.contains(label.as_str())))
+        .filter_map(|line| line.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
+/// Polls `url` until a pool's `connwatch_pool_sockets` (the states of the series carrying
+/// every one of `labels`) sum to `sockets`; returns that body.
+pub fn wait_for_pool_sockets(url: &str, labels: &[String], sockets: f64) -> String {
+    let deadline = Instant::now() + EVENT_TIMEOUT;
+    loop {
+        let body = get(url).map(|(_, body)| body).unwrap_or_default();
+        if metric_sum_where(&body, "connwatch_pool_sockets", labels) == sockets {
+            return body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no pool {labels:?} with {sockets} sockets in:\n{body}"
+        );
+        thread::sleep(Duration::from_millis(200));
+    }
 }
 
 pub fn free_port() -> u16 {

@@ -12,12 +12,17 @@ use serde_json::Value;
 
 use super::{agent, free_port};
 
-/// A Prometheus server scraping `target` every second, in a temp dir; killed on drop (a
-/// failing test too).
+/// A Prometheus server scraping `target` every second and evaluating the shipped alerting
+/// rules (deploy/alerts) every second, in a temp dir; killed on drop (a failing test too).
 pub struct Prometheus {
     child: Child,
     url: String,
     dir: PathBuf,
+}
+
+/// deploy/alerts/connwatch.rules.yaml: `ALERTS` shows what they fire on.
+fn shipped_rules() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/alerts/connwatch.rules.yaml")
 }
 
 impl Prometheus {
@@ -42,7 +47,9 @@ impl Prometheus {
             &config,
             format!(
                 "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
-                 scrape_configs:\n{jobs}"
+                 rule_files:\n  - {rules}\n\
+                 scrape_configs:\n{jobs}",
+                rules = shipped_rules().display(),
             ),
         )
         .unwrap();

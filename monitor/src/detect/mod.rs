@@ -114,6 +114,9 @@ pub struct Finding {
     pub cause: Option<String>,
     /// For `peer_*_idle`: the idle limit learned on the connection's path, if any.
     pub idle_limit: Option<idle_limit::IdleLimit>,
+    /// The socket is a server's (its local endpoint listens, as the last refresh listed):
+    /// its metrics name the listening port (`local_port`), not the client's.
+    pub inbound: bool,
 }
 
 impl Finding {
@@ -132,6 +135,7 @@ impl Finding {
             workload: Workload::default(),
             cause: None,
             idle_limit: None,
+            inbound: false,
         }
     }
 }

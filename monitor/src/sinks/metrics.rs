@@ -1,9 +1,11 @@
 //! Prometheus metrics for the daemon's `/metrics` (OpenMetrics text).
 //!
-//! Labels name what an SRE groups by: the process (`comm`) and the server port of the peer.
-//! Pids and ephemeral ports never become labels, and each family admits at most
-//! `--max-series` label sets; later ones fold into `comm="other"` and are counted in
-//! `connwatch_label_overflow_total`.
+//! Labels name what an SRE groups by: the process (`comm`, the process's name, not the
+//! thread's) and the server's port: `remote_port` on a client's sockets, `local_port` (the
+//! listening port) on a server's. Pids and ephemeral ports never become labels, and each
+//! family admits at most `--max-series` label sets; later ones fold into `comm="other"` and
+//! are counted in `connwatch_label_overflow_total`. Every family is listed (HELP, TYPE) from
+//! the first scrape, series or not.
 use std::{
     hash::Hash,
     ops::RangeInclusive,
@@ -12,7 +14,7 @@ use std::{
 
 use prometheus_client::{
     collector::Collector,
-    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric},
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric, MetricEncoder},
     metrics::{
         MetricType,
         counter::{ConstCounter, Counter},
@@ -30,7 +32,10 @@ use crate::{
     events::{Event, TcpState},
     pipeline::Pipeline,
     probes::KernelCounters,
-    sockets::pools::Pool,
+    sockets::{
+        pools::{Direction, Pool},
+        workload::Workload,
+    },
 };
 
 /// Idle-time buckets (seconds) at the timeouts that kill pooled connections in practice:
@@ -45,13 +50,18 @@ pub const OTHER: &str = "other";
 /// Who a series is about: bounded by the cap.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Who {
+    /// The process's name (its thread-group leader's comm), else the thread's.
     pub comm: String,
     /// Kubernetes namespace, pod and container (12-character id) when the process runs in
     /// one, else empty. Container ids change on every restart: the series cap bounds them.
     pub namespace: String,
     pub pod: String,
     pub container: String,
-    /// The peer's port when it is a server port; `ephemeral` or `none` otherwise.
+    /// A server's sockets: the listening port (`ephemeral` when it lies in that range);
+    /// empty on a client's.
+    pub local_port: String,
+    /// A client's sockets: the peer's port when it is a server port, `ephemeral` or `none`
+    /// otherwise; empty on a server's (the peers are its clients).
     pub remote_port: String,
 }
 
@@ -75,9 +85,19 @@ pub struct ErrorWho {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PoolLabels {
     pub direction: String,
-    /// `established`, `idle`, `active`, `close_wait`, `other`, `stalled`, `zombie` or
-    /// `stranded`.
+    /// `idle`, `active`, `close_wait` or `other`: a partition, so `sum` is the pool's
+    /// sockets.
     pub state: String,
+    #[prometheus(flatten)]
+    pub who: Who,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolFlag {
+    pub direction: String,
+    /// `stalled`, `zombie` or `stranded`: sockets the detectors hold so, which also count
+    /// in a state (and may carry two flags).
+    pub flag: String,
     #[prometheus(flatten)]
     pub who: Who,
 }
@@ -128,6 +148,7 @@ impl Fold for Who {
             namespace: OTHER.into(),
             pod: OTHER.into(),
             container: OTHER.into(),
+            local_port: OTHER.into(),
             remote_port: OTHER.into(),
         }
     }
@@ -148,6 +169,16 @@ impl Fold for PoolLabels {
         PoolLabels {
             direction: self.direction.clone(),
             state: self.state.clone(),
+            who: self.who.folded(),
+        }
+    }
+}
+
+impl Fold for PoolFlag {
+    fn folded(&self) -> Self {
+        PoolFlag {
+            direction: self.direction.clone(),
+            flag: self.flag.clone(),
             who: self.who.folded(),
         }
     }
@@ -182,7 +213,18 @@ struct Capped<L, M> {
 }
 
 impl<L: Clone + Hash + Eq + Fold, M: Clone> Capped<L, M> {
-    fn new(name: &'static str, family: Family<L, M>) -> Self {
+    /// Also starts the family's overflow count at 0: an alert on it needs the series before
+    /// the first fold.
+    fn new(
+        name: &'static str,
+        family: Family<L, M>,
+        overflow: &Family<MetricLabel, Counter>,
+    ) -> Self {
+        overflow
+            .get_or_create(&MetricLabel {
+                metric: name.into(),
+            })
+            .inc_by(0);
         Capped {
             name,
             family,
@@ -216,8 +258,28 @@ impl<L: Clone + Hash + Eq + Fold, M: Clone> Capped<L, M> {
     }
 }
 
-/// A metric handle that can register a clone of itself (families and counters share
-/// their storage between clones).
+impl<L: Clone + Hash + Eq + Fold> Capped<L, Gauge> {
+    /// Adds each part's count (a pool's states, or its flags) to its series.
+    fn add_each(
+        &mut self,
+        parts: &[(&str, u32)],
+        labels: impl Fn(&str) -> L,
+        max: usize,
+        overflow: &Family<MetricLabel, Counter>,
+    ) {
+        for &(part, count) in parts {
+            self.series(labels(part), max, overflow)
+                .inc_by(i64::from(count));
+        }
+    }
+}
+
+impl<L: Clone + Hash + Eq + Fold, M: Clone + Default> Capped<L, M> {
+    fn empty(name: &'static str, overflow: &Family<MetricLabel, Counter>) -> Self {
+        Capped::new(name, Family::default(), overflow)
+    }
+}
+
 /// Counters the kernel keeps (per-CPU maps), read and encoded at scrape time, as
 /// ebpf_exporter does: counting them costs no event and no userspace work per occurrence.
 #[derive(Debug, Default)]
@@ -247,13 +309,35 @@ impl Collector for KernelCollector {
     }
 }
 
+/// A metric listed from the first scrape: prometheus-client leaves out a family with no
+/// series, HELP and TYPE included, so a family whose first series is a first incident
+/// (a death, an overflow) was missing from dashboards, `absent()` and metadata until then.
+#[derive(Debug)]
+struct Listed<M>(M);
+
+impl<M: EncodeMetric> EncodeMetric for Listed<M> {
+    fn encode(&self, encoder: MetricEncoder) -> std::fmt::Result {
+        self.0.encode(encoder)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        self.0.metric_type()
+    }
+
+    fn is_empty(&self) -> bool {
+        false
+    }
+}
+
+/// A metric handle that can register a clone of itself (families and counters share
+/// their storage between clones).
 trait Registrable {
     fn register_in(&self, registry: &mut Registry, name: &str, help: &str);
 }
 
 impl<M: prometheus_client::registry::Metric + Clone> Registrable for M {
     fn register_in(&self, registry: &mut Registry, name: &str, help: &str) {
-        registry.register(name, help, self.clone());
+        registry.register(name, help, Listed(self.clone()));
     }
 }
 
@@ -273,6 +357,7 @@ pub struct Metrics {
     pool_leaks: Capped<Who, Counter>,
     deaths: Capped<ErrorWho, Counter>,
     pool_sockets: Capped<PoolLabels, Gauge>,
+    pool_flagged: Capped<PoolFlag, Gauge>,
     kernel: Arc<KernelCollector>,
     sockets: Family<StateLabel, Gauge>,
     namespaces: Gauge,
@@ -307,22 +392,32 @@ impl Metrics {
     ) -> (Metrics, Arc<Registry>) {
         let mut registry = Registry::default();
         let histograms = || Family::new_with_constructor(histogram as fn() -> Histogram);
+        let overflow = Family::default();
         let metrics = Metrics {
             max_series,
             ephemeral_ports,
-            resets: Capped::new("connwatch_resets", Family::default()),
-            peer_reset_idle: Capped::new("connwatch_peer_reset_idle_seconds", histograms()),
-            peer_close_idle: Capped::new("connwatch_peer_close_idle_seconds", histograms()),
-            write_after: Capped::new("connwatch_write_after_peer_end", Family::default()),
-            close_wait_lingering: Capped::new("connwatch_close_wait_lingering", Family::default()),
-            request_stalled: Capped::new("connwatch_request_stalled", Family::default()),
-            pool_exhaustions: Capped::new("connwatch_pool_exhaustions", Family::default()),
-            pool_exhausted: Capped::new("connwatch_pool_exhausted", Family::default()),
-            pool_idle_limit: Capped::new("connwatch_pool_idle_limit_seconds", Family::default()),
-            zombie_connections: Capped::new("connwatch_zombie_connections", Family::default()),
-            pool_leaks: Capped::new("connwatch_pool_leaks", Family::default()),
-            deaths: Capped::new("connwatch_idle_timeout_deaths", Family::default()),
-            pool_sockets: Capped::new("connwatch_pool_sockets", Family::default()),
+            resets: Capped::empty("connwatch_resets", &overflow),
+            peer_reset_idle: Capped::new(
+                "connwatch_peer_reset_idle_seconds",
+                histograms(),
+                &overflow,
+            ),
+            peer_close_idle: Capped::new(
+                "connwatch_peer_close_idle_seconds",
+                histograms(),
+                &overflow,
+            ),
+            write_after: Capped::empty("connwatch_write_after_peer_end", &overflow),
+            close_wait_lingering: Capped::empty("connwatch_close_wait_lingering", &overflow),
+            request_stalled: Capped::empty("connwatch_request_stalled", &overflow),
+            pool_exhaustions: Capped::empty("connwatch_pool_exhaustions", &overflow),
+            pool_exhausted: Capped::empty("connwatch_pool_exhausted", &overflow),
+            pool_idle_limit: Capped::empty("connwatch_pool_idle_limit_seconds", &overflow),
+            zombie_connections: Capped::empty("connwatch_zombie_connections", &overflow),
+            pool_leaks: Capped::empty("connwatch_pool_leaks", &overflow),
+            deaths: Capped::empty("connwatch_idle_timeout_deaths", &overflow),
+            pool_sockets: Capped::empty("connwatch_pool_sockets", &overflow),
+            pool_flagged: Capped::empty("connwatch_pool_flagged_sockets", &overflow),
             kernel: Arc::new(KernelCollector::default()),
             sockets: Family::default(),
             namespaces: Gauge::default(),
@@ -335,7 +430,7 @@ impl Metrics {
             log_lines_suppressed: Family::default(),
             fins_handled: Counter::default(),
             resets_handled: Counter::default(),
-            overflow: Family::default(),
+            overflow,
         };
         registry.register(
             "connwatch_build",
@@ -409,7 +504,12 @@ impl Metrics {
             (
                 &metrics.pool_sockets.family,
                 "connwatch_pool_sockets",
-                "Sockets per pool (process, direction, endpoint port) by pool state",
+                "Sockets per pool (process, direction, server port) by state: idle, active (a request outstanding included), close_wait, other; the states sum to the pool's sockets",
+            ),
+            (
+                &metrics.pool_flagged.family,
+                "connwatch_pool_flagged_sockets",
+                "A pool's sockets flagged stalled (request unanswered past the threshold), zombie or stranded (pool_leak); each also counts in connwatch_pool_sockets",
             ),
             (
                 &metrics.sockets,
@@ -561,37 +661,52 @@ impl Metrics {
     /// Pool gauges, rebuilt from each refresh (pools come and go).
     pub fn pools(&mut self, pools: &[Pool]) {
         self.pool_sockets.clear();
+        self.pool_flagged.clear();
         self.pool_exhausted.clear();
         self.pool_idle_limit.clear();
         // A pool with no socket (only recent connects, resets or deaths) has no gauge.
         for pool in pools.iter().filter(|pool| pool.total > 0) {
-            let workload = &pool.workload;
-            let who = Who {
-                comm: pool.comm.clone(),
-                namespace: workload.namespace.clone().unwrap_or_default(),
-                pod: workload.pod.clone().unwrap_or_default(),
-                container: container_label(workload.container.as_deref()),
-                remote_port: port_label(pool.endpoint.port(), &self.ephemeral_ports),
-            };
-            for (state, count) in [
-                ("established", pool.established),
+            // An inbound pool is named by its listening endpoint.
+            let who = self.who_of(
+                &pool.comm,
+                &pool.workload,
+                pool.direction == Direction::Inbound,
+                pool.endpoint.port(),
+                pool.endpoint.port(),
+            );
+            let direction = pool.direction.as_str();
+            // A stalled socket has a request outstanding: it is active.
+            let states = [
                 ("idle", pool.idle),
-                ("active", pool.active),
+                ("active", pool.active + pool.stalled),
                 ("close_wait", pool.close_wait),
                 ("other", pool.other),
+            ];
+            self.pool_sockets.add_each(
+                &states,
+                |state| PoolLabels {
+                    direction: direction.into(),
+                    state: state.into(),
+                    who: who.clone(),
+                },
+                self.max_series,
+                &self.overflow,
+            );
+            let flags = [
                 ("stalled", pool.stalled),
                 ("zombie", pool.zombie),
                 ("stranded", pool.stranded),
-            ] {
-                let labels = PoolLabels {
-                    direction: pool.direction.as_str().into(),
-                    state: state.into(),
+            ];
+            self.pool_flagged.add_each(
+                &flags,
+                |flag| PoolFlag {
+                    direction: direction.into(),
+                    flag: flag.into(),
                     who: who.clone(),
-                };
-                self.pool_sockets
-                    .series(labels, self.max_series, &self.overflow)
-                    .inc_by(count as i64);
-            }
+                },
+                self.max_series,
+                &self.overflow,
+            );
             if pool.exhausted {
                 let labels = PoolWho {
                     direction: pool.direction.as_str().into(),
@@ -663,15 +778,43 @@ impl Metrics {
     }
 
     pub fn who(&self, finding: &Finding) -> Who {
+        let thread = finding
+            .owner
+            .as_ref()
+            .map_or("unknown", |owner| &*owner.comm);
+        let event = &finding.event;
+        self.who_of(
+            thread,
+            &finding.workload,
+            finding.inbound,
+            event.local.port(),
+            event.remote.port(),
+        )
+    }
+
+    /// The labels of a process's sockets: its name (the thread's, `comm`, when the process
+    /// is gone), its workload, and the server's port on the side it is on.
+    fn who_of(
+        &self,
+        comm: &str,
+        workload: &Workload,
+        inbound: bool,
+        local_port: u16,
+        remote_port: u16,
+    ) -> Who {
+        let port = |port| port_label(port, &self.ephemeral_ports);
+        let (local_port, remote_port) = if inbound {
+            (port(local_port), String::new())
+        } else {
+            (String::new(), port(remote_port))
+        };
         Who {
-            comm: finding
-                .owner
-                .as_ref()
-                .map_or_else(|| "unknown".into(), |owner| owner.comm.to_string()),
-            namespace: finding.workload.namespace.clone().unwrap_or_default(),
-            pod: finding.workload.pod.clone().unwrap_or_default(),
-            container: container_label(finding.workload.container.as_deref()),
-            remote_port: port_label(finding.event.remote.port(), &self.ephemeral_ports),
+            comm: workload.process.as_deref().unwrap_or(comm).to_string(),
+            namespace: workload.namespace.clone().unwrap_or_default(),
+            pod: workload.pod.clone().unwrap_or_default(),
+            container: container_label(workload.container.as_deref()),
+            local_port,
+            remote_port,
         }
     }
 }
@@ -702,6 +845,7 @@ pub fn ephemeral_ports(proc_root: &std::path::Path) -> RangeInclusive<u16> {
 mod tests {
     use super::*;
     use crate::events::{from_raw, tests::raw_reset};
+    use crate::sockets::pools::Direction;
 
     fn encode(registry: &Registry) -> String {
         let mut text = String::new();
@@ -723,21 +867,21 @@ mod tests {
         let text = encode(&registry);
         assert!(
             text.contains(
-                r#"connwatch_resets_total{kind="peer_reset_idle",cause="",comm="psql",namespace="",pod="",container="",remote_port="5432"} 1"#
+                r#"connwatch_resets_total{kind="peer_reset_idle",cause="",comm="psql",namespace="",pod="",container="",local_port="",remote_port="5432"} 1"#
             ),
             "{text}"
         );
         assert!(
-            text.contains(r#"connwatch_peer_reset_idle_seconds_bucket{le="60.0",comm="psql",namespace="",pod="",container="",remote_port="5432"} 0"#),
+            text.contains(r#"connwatch_peer_reset_idle_seconds_bucket{le="60.0",comm="psql",namespace="",pod="",container="",local_port="",remote_port="5432"} 0"#),
             "{text}"
         );
         assert!(
-            text.contains(r#"connwatch_peer_reset_idle_seconds_bucket{le="120.0",comm="psql",namespace="",pod="",container="",remote_port="5432"} 1"#),
+            text.contains(r#"connwatch_peer_reset_idle_seconds_bucket{le="120.0",comm="psql",namespace="",pod="",container="",local_port="",remote_port="5432"} 1"#),
             "{text}"
         );
         assert!(
             text.contains(
-                r#"connwatch_peer_reset_idle_seconds_sum{comm="psql",namespace="",pod="",container="",remote_port="5432"} 90.0"#
+                r#"connwatch_peer_reset_idle_seconds_sum{comm="psql",namespace="",pod="",container="",local_port="",remote_port="5432"} 90.0"#
             ),
             "{text}"
         );
@@ -749,10 +893,79 @@ mod tests {
         assert!(!text.contains("pid"), "pids are never labels: {text}");
     }
 
-    /// Families without series are not printed, so every one is exercised before checking.
+    /// Every family the README lists, as a scrape sees it before connwatch has found
+    /// anything: dashboards, `absent()` and metadata need them from the start, and an alert
+    /// on overflow needs each family's count at 0.
+    #[test]
+    fn every_family_is_listed_from_the_first_scrape() {
+        let (_metrics, registry) = Metrics::new(100, 32768..=60999, "k");
+        let text = encode(&registry);
+        for family in [
+            "# TYPE connwatch_build info",
+            "# TYPE connwatch_resets counter",
+            "# TYPE connwatch_idle_timeout_deaths counter",
+            "# TYPE connwatch_peer_reset_idle_seconds histogram",
+            "# TYPE connwatch_peer_close_idle_seconds histogram",
+            "# TYPE connwatch_write_after_peer_end counter",
+            "# TYPE connwatch_close_wait_lingering counter",
+            "# TYPE connwatch_request_stalled counter",
+            "# TYPE connwatch_zombie_connections counter",
+            "# TYPE connwatch_pool_leaks counter",
+            "# TYPE connwatch_pool_sockets gauge",
+            "# TYPE connwatch_pool_flagged_sockets gauge",
+            "# TYPE connwatch_pool_exhaustions counter",
+            "# TYPE connwatch_pool_exhausted gauge",
+            "# TYPE connwatch_pool_idle_limit_seconds gauge",
+            "# TYPE connwatch_tcp_state_transitions counter",
+            "# TYPE connwatch_sockets gauge",
+            "# TYPE connwatch_network_namespaces gauge",
+            "# TYPE connwatch_refresh_duration_seconds gauge",
+            "# TYPE connwatch_events counter",
+            "# TYPE connwatch_undecodable_events counter",
+            "# TYPE connwatch_ring_buffer_lost_events counter",
+            "# TYPE connwatch_table_evictions counter",
+            "# TYPE connwatch_log_lines_dropped counter",
+            "# TYPE connwatch_log_lines_suppressed counter",
+            "# TYPE connwatch_peer_closes_handled counter",
+            "# TYPE connwatch_peer_resets_handled counter",
+            "# TYPE connwatch_label_overflow counter",
+            "# HELP connwatch_idle_timeout_deaths Connections the kernel killed",
+            "# HELP connwatch_pool_flagged_sockets A pool's sockets flagged",
+        ] {
+            assert!(text.contains(family), "{family} missing:\n{text}");
+        }
+        for metric in [
+            "connwatch_resets",
+            "connwatch_idle_timeout_deaths",
+            "connwatch_peer_reset_idle_seconds",
+            "connwatch_peer_close_idle_seconds",
+            "connwatch_write_after_peer_end",
+            "connwatch_close_wait_lingering",
+            "connwatch_request_stalled",
+            "connwatch_zombie_connections",
+            "connwatch_pool_leaks",
+            "connwatch_pool_sockets",
+            "connwatch_pool_flagged_sockets",
+            "connwatch_pool_exhaustions",
+            "connwatch_pool_exhausted",
+            "connwatch_pool_idle_limit_seconds",
+        ] {
+            let zero = format!(r#"connwatch_label_overflow_total{{metric="{metric}"}} 0"#);
+            assert!(text.contains(&zero), "{zero} missing:\n{text}");
+        }
+        // Each TYPE once: listed, not duplicated.
+        let types = text.lines().filter(|l| l.starts_with("# TYPE ")).count();
+        let names: std::collections::HashSet<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .collect();
+        assert_eq!(types, names.len(), "{text}");
+    }
+
+    /// Every family's series, each exercised once.
     #[test]
     fn every_family_is_exported() {
-        use crate::{events::tests::raw_send_after_reset, sockets::pools::Direction};
+        use crate::events::tests::raw_send_after_reset;
         let (mut metrics, registry) = Metrics::new(100, 32768..=60999, "k");
         for kind in [
             Kind::PeerResetIdle,
@@ -764,6 +977,7 @@ mod tests {
             Kind::PoolExhausted,
             Kind::PoolLeak,
             Kind::ZombieConnection,
+            Kind::IdleTimeoutDeath,
         ] {
             let mut finding = idle_reset("app", 5000);
             finding.kind = kind;
@@ -803,34 +1017,27 @@ mod tests {
         metrics.lost(1);
         metrics.log_suppressed("peer_reset");
         let text = encode(&registry);
-        for family in [
+        for series in [
             "connwatch_log_lines_suppressed_total{kind=\"peer_reset\"} 1",
-            "# TYPE connwatch_build info",
-            "# TYPE connwatch_resets counter",
-            "# TYPE connwatch_peer_reset_idle_seconds histogram",
-            "# TYPE connwatch_peer_close_idle_seconds histogram",
-            "# TYPE connwatch_write_after_peer_end counter",
-            "# TYPE connwatch_close_wait_lingering counter",
-            "# TYPE connwatch_request_stalled counter",
-            "# TYPE connwatch_zombie_connections counter",
-            "# TYPE connwatch_pool_leaks counter",
-            "# TYPE connwatch_pool_sockets gauge",
-            "# TYPE connwatch_pool_exhaustions counter",
+            "connwatch_resets_total{",
+            "connwatch_idle_timeout_deaths_total{",
+            "connwatch_peer_reset_idle_seconds_count{",
+            "connwatch_peer_close_idle_seconds_count{",
+            "connwatch_write_after_peer_end_total{",
+            "connwatch_close_wait_lingering_total{",
+            "connwatch_request_stalled_total{",
+            "connwatch_zombie_connections_total{",
+            "connwatch_pool_leaks_total{",
+            "connwatch_pool_sockets{",
+            "connwatch_pool_flagged_sockets{",
+            "connwatch_pool_exhaustions_total{",
             "connwatch_pool_exhausted{direction=\"outbound\",comm=\"app\"",
-            "connwatch_pool_idle_limit_seconds{direction=\"outbound\",comm=\"app\",namespace=\"\",pod=\"\",container=\"\",remote_port=\"5432\"} 300.0",
-            "# TYPE connwatch_tcp_state_transitions counter",
-            "# TYPE connwatch_sockets gauge",
-            "# TYPE connwatch_network_namespaces gauge",
-            "# TYPE connwatch_refresh_duration_seconds gauge",
-            "# TYPE connwatch_events counter",
-            "# TYPE connwatch_undecodable_events counter",
-            "# TYPE connwatch_ring_buffer_lost_events counter",
-            "# TYPE connwatch_table_evictions counter",
-            "# TYPE connwatch_log_lines_dropped counter",
-            "# TYPE connwatch_peer_closes_handled counter",
-            "# TYPE connwatch_peer_resets_handled counter",
+            r#"connwatch_pool_idle_limit_seconds{direction="outbound",comm="app",namespace="",pod="",container="",local_port="",remote_port="5432"} 300.0"#,
+            "connwatch_sockets{",
+            "connwatch_events_total 1",
+            "connwatch_ring_buffer_lost_events_total 1",
         ] {
-            assert!(text.contains(family), "{family} missing:\n{text}");
+            assert!(text.contains(series), "{series} missing:\n{text}");
         }
     }
 
@@ -845,14 +1052,13 @@ mod tests {
         metrics.finding(&finding);
         let text = encode(&registry);
         assert!(
-            text.contains(r#"comm="api",namespace="payments",pod="api-7d9f8b6c5-x2x9z",container="5e1f7c3a9b2d",remote_port="5432""#),
+            text.contains(r#"comm="api",namespace="payments",pod="api-7d9f8b6c5-x2x9z",container="5e1f7c3a9b2d",local_port="",remote_port="5432""#),
             "{text}"
         );
     }
 
     #[test]
     fn pool_gauges_count_sockets_and_a_pool_without_any_has_none() {
-        use crate::sockets::pools::Direction;
         let (mut metrics, registry) = Metrics::new(100, 32768..=60999, "k");
         let endpoint = "10.0.0.9:5432".parse().unwrap();
         let mut holding = Pool::new(1, "app", 1, Direction::Outbound, endpoint);
@@ -877,6 +1083,115 @@ mod tests {
         assert!(!text.contains(r#"comm="churn""#), "{text}");
     }
 
+    /// `sum(connwatch_pool_sockets)` is the pool's sockets: a stalled socket counts once,
+    /// as active, and is flagged in a family of its own.
+    #[test]
+    fn pool_states_partition_the_sockets_and_flags_are_apart() {
+        let (mut metrics, registry) = Metrics::new(100, 32768..=60999, "k");
+        let endpoint = "10.0.0.9:5432".parse().unwrap();
+        let mut pool = Pool::new(1, "app", 1, Direction::Outbound, endpoint);
+        (pool.idle, pool.active, pool.stalled) = (3, 2, 2);
+        (pool.close_wait, pool.other) = (2, 1);
+        pool.established = pool.idle + pool.active + pool.stalled;
+        pool.total = pool.established + pool.close_wait + pool.other;
+        (pool.zombie, pool.stranded) = (1, 2);
+        metrics.pools(&[pool]);
+        let text = encode(&registry);
+        // By label value: the family's own order is its hash map's.
+        let samples = |family: &str, label: &str| -> Vec<(String, f64)> {
+            let mut samples: Vec<(String, f64)> = text
+                .lines()
+                .filter(|l| l.starts_with(&format!("{family}{{")))
+                .map(|l| {
+                    let value = l.rsplit_once(' ').unwrap().1.parse().unwrap();
+                    let at = l.find(&format!(r#"{label}=""#)).unwrap() + label.len() + 2;
+                    let name = l[at..].split('"').next().unwrap().to_string();
+                    (name, value)
+                })
+                .collect();
+            samples.sort_by(|a, b| a.0.cmp(&b.0));
+            samples
+        };
+        let states = samples("connwatch_pool_sockets", "state");
+        assert_eq!(
+            states,
+            [
+                ("active".into(), 4.0),
+                ("close_wait".into(), 2.0),
+                ("idle".into(), 3.0),
+                ("other".into(), 1.0)
+            ],
+            "{text}"
+        );
+        assert_eq!(states.iter().map(|(_, v)| v).sum::<f64>(), 10.0);
+        let flags = samples("connwatch_pool_flagged_sockets", "flag");
+        assert_eq!(
+            flags,
+            [
+                ("stalled".into(), 2.0),
+                ("stranded".into(), 2.0),
+                ("zombie".into(), 1.0)
+            ],
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"connwatch_pool_flagged_sockets{direction="outbound",flag="stalled",comm="app",namespace="",pod="",container="",local_port="",remote_port="5432"} 2"#),
+            "{text}"
+        );
+    }
+
+    /// A server's series carry its listening port in `local_port`, and no client port.
+    #[test]
+    fn server_side_series_name_the_listening_port() {
+        let (mut metrics, registry) = Metrics::new(100, 32768..=60999, "k");
+        let listening = "10.0.0.1:8080".parse().unwrap();
+        let mut pool = Pool::new(1, "api", 1, Direction::Inbound, listening);
+        (pool.total, pool.established, pool.idle) = (1, 1, 1);
+        metrics.pools(&[pool]);
+        let mut finding = idle_reset("api", 90_000);
+        finding.event.local = listening;
+        finding.event.remote = "10.0.0.2:41000".parse().unwrap();
+        finding.inbound = true;
+        metrics.finding(&finding);
+        let text = encode(&registry);
+        assert!(
+            text.contains(r#"connwatch_pool_sockets{direction="inbound",state="idle",comm="api",namespace="",pod="",container="",local_port="8080",remote_port=""} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"connwatch_resets_total{kind="peer_reset_idle",cause="",comm="api",namespace="",pod="",container="",local_port="8080",remote_port=""} 1"#),
+            "{text}"
+        );
+        // A server listening in the ephemeral range: its port is no label either.
+        finding.event.local = "10.0.0.1:40000".parse().unwrap();
+        metrics.finding(&finding);
+        let text = encode(&registry);
+        assert!(
+            text.contains(r#"comm="api",namespace="",pod="",container="",local_port="ephemeral",remote_port=""} 1"#),
+            "{text}"
+        );
+    }
+
+    /// One process is one series, whichever of its threads made the call.
+    #[test]
+    fn comm_is_the_process_name_else_the_thread_name() {
+        let (mut metrics, registry) = Metrics::new(100, 32768..=60999, "k");
+        for thread in ["worker-0", "worker-1", "worker-2"] {
+            let mut finding = idle_reset(thread, 90_000);
+            finding.workload.process = Some("myapp".into());
+            metrics.finding(&finding);
+        }
+        // The process was gone by the time it was asked for: the thread's name.
+        metrics.finding(&idle_reset("worker-3", 90_000));
+        let text = encode(&registry);
+        assert!(
+            text.contains(r#"connwatch_resets_total{kind="peer_reset_idle",cause="",comm="myapp",namespace="",pod="",container="",local_port="",remote_port="5432"} 3"#),
+            "{text}"
+        );
+        assert!(text.contains(r#"comm="worker-3""#), "{text}");
+        assert!(!text.contains(r#"comm="worker-0""#), "{text}");
+    }
+
     #[test]
     fn cardinality_cap_folds_into_other() {
         let (mut metrics, registry) = Metrics::new(2, 32768..=60999, "k");
@@ -889,10 +1204,10 @@ mod tests {
             .filter(|l| l.starts_with("connwatch_resets_total"))
             .collect();
         assert_eq!(resets.len(), 3, "two admitted series and other: {resets:?}");
-        assert!(text.contains(r#"connwatch_resets_total{kind="peer_reset_idle",cause="",comm="other",namespace="other",pod="other",container="other",remote_port="other"} 2"#), "{text}");
+        assert!(text.contains(r#"connwatch_resets_total{kind="peer_reset_idle",cause="",comm="other",namespace="other",pod="other",container="other",local_port="other",remote_port="other"} 2"#), "{text}");
         assert!(
             text.contains(
-                r#"connwatch_resets_total{kind="peer_reset_idle",cause="",comm="a",namespace="",pod="",container="",remote_port="5432"} 2"#
+                r#"connwatch_resets_total{kind="peer_reset_idle",cause="",comm="a",namespace="",pod="",container="",local_port="",remote_port="5432"} 2"#
             ),
             "{text}"
         );

@@ -134,7 +134,8 @@ pub fn check_proc_root(root: &std::path::Path) -> Result<(), String> {
     Ok(())
 }
 
-fn read_comm(process_dir: &std::path::Path) -> String {
+/// A process's name (its thread-group leader's comm), empty once it is gone.
+pub fn read_comm(process_dir: &std::path::Path) -> String {
     fs::read_to_string(process_dir.join("comm"))
         .map(|comm| comm.trim_end().to_string())
         .unwrap_or_default()

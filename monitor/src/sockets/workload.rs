@@ -37,6 +37,12 @@ pub struct Workload {
     pub pod: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub namespace: Option<String>,
+    /// The process's name: its thread-group leader's comm (`/proc/<pid>/comm`), where
+    /// events carry the calling thread's (`worker-3`). Metrics label by it, so that one
+    /// process is one series; absent once the process is gone. Not serialized: JSON keeps
+    /// the thread (`comm`) and pid.
+    #[serde(skip)]
+    pub process: Option<String>,
 }
 
 /// Container id and pod UID from a cgroup path, for containerd, CRI-O, Docker and podman
@@ -219,7 +225,17 @@ impl WorkloadResolver {
             pod_uid,
             pod,
             namespace,
+            process: self.process_name(pid),
         }
+    }
+
+    /// `/proc/<pid>/comm`: the thread-group leader's name, i.e. the process's.
+    fn process_name(&self, pid: u32) -> Option<String> {
+        if pid == 0 {
+            return None;
+        }
+        let comm = super::process::read_comm(&self.host_proc.join(pid.to_string()));
+        (!comm.is_empty()).then_some(comm)
     }
 
     /// cgroup v2 ids are the inode numbers of the cgroup directories.
@@ -438,6 +454,26 @@ mod tests {
                 "{path}"
             );
         }
+    }
+
+    /// The process's name, not the asking thread's: /proc/<pid>/comm is its leader's.
+    #[test]
+    fn names_the_process_not_the_thread() {
+        let own = fs::read_to_string("/proc/self/comm").unwrap();
+        let workload = std::thread::Builder::new()
+            .name("worker-7".into())
+            .spawn(|| {
+                let nowhere = Path::new("/nonexistent");
+                let mut resolver = WorkloadResolver::new(nowhere, "/proc".into(), None);
+                resolver.resolve(0, std::process::id())
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+        assert_eq!(workload.process.as_deref(), Some(own.trim_end()));
+        assert_ne!(workload.process.as_deref(), Some("worker-7"));
+        let mut resolver = WorkloadResolver::new(Path::new("/nonexistent"), "/proc".into(), None);
+        assert_eq!(resolver.resolve(0, 0).process, None, "no pid, no name");
     }
 
     #[test]
