@@ -193,13 +193,19 @@ fn full_report() -> Report {
         cause: Some("reset_while_established".into()),
         idle_limit_ms: Some(1),
         path_kills: Some(1),
-        workload: Workload {
-            cgroup: Some("/".into()),
-            container: Some("5e1f".into()),
-            pod_uid: Some("7c9e".into()),
-            pod: Some("api".into()),
-            namespace: Some("payments".into()),
-        },
+        workload: full_workload(),
+    }
+}
+
+/// A process's container and pod with every field filled (see [`full_report`]).
+pub(crate) fn full_workload() -> Workload {
+    Workload {
+        cgroup: Some("/".into()),
+        container: Some("5e1f".into()),
+        pod_uid: Some("7c9e".into()),
+        pod: Some("api".into()),
+        namespace: Some("payments".into()),
+        process: Some("python3".into()),
     }
 }
 
