@@ -178,6 +178,45 @@ fn offsets_match_bpftool_for_this_kernel() {
         dump.offset("sock", &["__sk_common", "skc_net", "net"])
     );
     assert_eq!(layout.net_inum, dump.offset("net", &["ns", "inum"]));
+    // Following an accepted fd to its socket, and a socket to its inode number.
+    assert_eq!(
+        layout.file_private_data,
+        dump.offset("file", &["private_data"])
+    );
+    assert_eq!(
+        i64::from(layout.socket_ino),
+        i64::from(dump.offset("socket_alloc", &["vfs_inode", "i_ino"]))
+            - i64::from(dump.offset("socket_alloc", &["socket"]))
+    );
+    // Every offset is checked above: a field added to KernelLayout fails to compile here
+    // until it is checked too.
+    let monitor_common::KernelLayout {
+        hz: _,
+        sk_state: _,
+        sk_family: _,
+        sk_protocol: _,
+        sk_socket: _,
+        socket_ino: _,
+        tcp_lsndtime: _,
+        tcp_lrcvtime: _,
+        task_files: _,
+        files_fdt: _,
+        fdt_max_fds: _,
+        fdt_fd: _,
+        file_private_data: _,
+        socket_sk: _,
+        sk_err: _,
+        sk_flags: _,
+        sk_lingertime: _,
+        sk_daddr: _,
+        inet_saddr: _,
+        sk_dport: _,
+        inet_sport: _,
+        sk_v6_daddr: _,
+        sk_v6_rcv_saddr: _,
+        sk_net: _,
+        net_inum: _,
+    } = layout;
 }
 
 #[test]

@@ -11,6 +11,7 @@ pub type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomS
 /// See [`FastMap`].
 pub type FastSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
 
+pub mod cli;
 pub mod daemon;
 pub mod detect;
 pub mod doctor;
@@ -21,6 +22,8 @@ pub mod output;
 pub mod pipeline;
 pub mod probes;
 pub mod proxy;
+#[cfg(test)]
+mod readme_tests;
 pub mod resolver;
 pub mod selftest;
 pub mod sinks;

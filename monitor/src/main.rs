@@ -1,36 +1,7 @@
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
-
-/// Kernel-level TCP connection monitor: which process, which peer, how long idle, when a
-/// connection is reset or closed under an application.
-#[derive(Debug, Parser)]
-#[command(name = "connwatch", version)]
-struct Cli {
-    /// What connwatch says on stderr: error, warn, info, debug or trace. Debug adds the
-    /// kernel programs' own diagnostics (`kernel:` lines), which are off, at no cost, below.
-    #[arg(long, global = true, env = "RUST_LOG", value_name = "LEVEL", default_value = "info",
-          value_parser = monitor::output::parse_log_level)]
-    log_level: log::Level,
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Debug, Subcommand)]
-enum Command {
-    /// Print resets, closes and their impact live, as they happen.
-    Watch(monitor::watch::WatchArgs),
-    /// Pools (process × endpoint) live, like top: idle, active, CLOSE_WAIT, stalled.
-    Top(monitor::top::TopArgs),
-    /// Check that connwatch can run on this node: kernel, BTF, tracepoints, capabilities.
-    Doctor(monitor::doctor::DoctorArgs),
-    /// A TCP proxy that resets, closes or blackholes idle connections, to reproduce incidents.
-    Proxy(monitor::proxy::ProxyArgs),
-    /// Prove on this node that an idle reset is caught and attributed (exit 0 if so).
-    Selftest(monitor::selftest::SelftestArgs),
-    /// Run as the node agent: Prometheus /metrics, /healthz, /readyz and JSON event logs.
-    Daemon(monitor::daemon::DaemonArgs),
-}
+use clap::Parser;
+use monitor::cli::{Cli, Command};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();

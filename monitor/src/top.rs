@@ -403,6 +403,93 @@ mod tests {
         assert_eq!(cell.trim(), "-", "{text}");
     }
 
+    /// The `connwatch top` section of README.md without its code blocks.
+    fn readme_prose() -> String {
+        crate::readme_tests::section("## `connwatch top`")
+            .split("```")
+            .step_by(2)
+            .collect()
+    }
+
+    #[test]
+    fn the_readme_explains_every_column() {
+        let prose = readme_prose();
+        let header = table(&[]);
+        let missing: Vec<&str> = header
+            .split_whitespace()
+            .filter(|name| !prose.contains(name))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "README.md's `connwatch top` section does not explain columns {missing:?}"
+        );
+    }
+
+    #[test]
+    fn the_readme_lists_every_sort_key() {
+        use clap::ValueEnum as _;
+        let prose = readme_prose();
+        let list = prose
+            .split_once("`--sort COLUMN` (")
+            .and_then(|(_, rest)| rest.split_once(')'))
+            .expect("README.md's top section lists the sort keys after `--sort COLUMN` (")
+            .0;
+        let documented: Vec<&str> = crate::readme_tests::quoted(list, '`');
+        let keys: Vec<String> = Column::value_variants()
+            .iter()
+            .map(|c| c.to_possible_value().unwrap().get_name().to_string())
+            .collect();
+        assert_eq!(documented, keys, "README.md's `--sort` keys are not top's");
+    }
+
+    #[test]
+    fn the_readme_lists_every_json_field() {
+        // Every field filled: a field added to Pool fails to compile until given a value.
+        let full = Pool {
+            pid: 1,
+            comm: "app".into(),
+            netns: 1,
+            workload: crate::readme_tests::full_workload(),
+            direction: Direction::Outbound,
+            endpoint: "10.0.0.9:5432".parse().unwrap(),
+            total: 1,
+            established: 1,
+            idle: 1,
+            active: 0,
+            close_wait: 0,
+            other: 0,
+            stalled: 0,
+            exhausted: false,
+            oldest_stall_ms: Some(1),
+            oldest_stall: Some(1),
+            zombie: 0,
+            stranded: 0,
+            max_idle_ms: Some(1),
+            idle_limit_ms: Some(1),
+            connects_per_min: 0,
+            resets_per_min: 0,
+            deaths_per_min: 0,
+        };
+        let mut emitted = crate::readme_tests::keys(&Snapshot {
+            ts: String::new(),
+            pools: &[],
+        });
+        emitted.extend(crate::readme_tests::keys(&full));
+        let prose = readme_prose();
+        let paragraph = prose
+            .split_once("`connwatch top --once --json` prints")
+            .and_then(|(_, rest)| rest.split("\n\n").next())
+            .expect("README.md's top section describes `connwatch top --once --json`");
+        let documented = crate::readme_tests::quoted(paragraph, '"')
+            .into_iter()
+            .map(str::to_string)
+            .collect();
+        assert_eq!(
+            emitted, documented,
+            "README.md's `top --once --json` fields are not top's"
+        );
+    }
+
     #[test]
     fn the_readme_shows_the_table_as_printed() {
         let readme = include_str!("../../README.md");
