@@ -1,10 +1,14 @@
 //! Every manifest in deploy/ passes a real schema validator, and the validators catch a
 //! broken one. `cargo xtask test` installs them under target/validators.
+mod support;
+
 use std::{
     fs,
     path::{Path, PathBuf},
     process::Command,
 };
+
+use support::TempDir;
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -77,8 +81,7 @@ fn every_manifest_is_valid() {
 
 #[test]
 fn validators_reject_broken_manifests() {
-    let dir = std::env::temp_dir().join(format!("connwatch-deploy-{}", std::process::id()));
-    fs::create_dir_all(&dir).unwrap();
+    let dir = TempDir::new("deploy");
     for (file, from, to) in [
         ("connwatch.yaml", "hostPID: true", "hostPID: \"yes\""),
         (
@@ -95,7 +98,6 @@ fn validators_reject_broken_manifests() {
         let (passed, output) = validate(&broken);
         assert!(!passed, "{file} with {to:?} passed:\n{output}");
     }
-    fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
@@ -218,8 +220,7 @@ fn a_broken_rule_fails_its_unit_tests() {
     let alerts = root().join("deploy/alerts");
     let rules = fs::read_to_string(alerts.join("connwatch.rules.yaml")).unwrap();
     let tests = fs::read_to_string(alerts.join("connwatch.rules.test.yaml")).unwrap();
-    let dir = std::env::temp_dir().join(format!("connwatch-rules-{}", std::process::id()));
-    fs::create_dir_all(&dir).unwrap();
+    let dir = TempDir::new("rules");
     fs::write(dir.join("connwatch.rules.test.yaml"), tests).unwrap();
     let idle = rules.find("alert: ConnwatchIdleConnectionsReset").unwrap();
     let or = idle + rules[idle..].find("          or\n").unwrap();
@@ -236,10 +237,10 @@ fn a_broken_rule_fails_its_unit_tests() {
         ),
     ] {
         fs::write(dir.join("connwatch.rules.yaml"), &broken).unwrap();
-        let (passed, output) = promtool(&dir, &["test", "rules", "connwatch.rules.test.yaml"]);
+        let (passed, output) =
+            promtool(dir.path(), &["test", "rules", "connwatch.rules.test.yaml"]);
         assert!(!passed, "the rule tests pass with {what}:\n{output}");
     }
-    fs::remove_dir_all(&dir).unwrap();
 }
 
 /// deploy/prometheusrule.yaml is the plain rules file under `spec:`, word for word.

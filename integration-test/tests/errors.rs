@@ -54,25 +54,22 @@ fn duration_ends_the_watch_cleanly() {
 /// A FIFO would block the read forever: refused at once (`timeout` turns a hang into 124).
 #[test]
 fn a_fifo_as_btf_is_refused_at_once() {
-    let fifo = std::env::temp_dir().join(format!("connwatch-btf-fifo-{}", std::process::id()));
-    let _ = std::fs::remove_file(&fifo);
+    let dir = support::TempDir::new("btf-fifo");
+    let fifo = dir.join("vmlinux");
     nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
     let outcome = Outcome::of(
         Command::new("timeout")
             .args(["10", &*CONNWATCH, "watch", "--btf"])
             .arg(&fifo),
     );
-    std::fs::remove_file(&fifo).unwrap();
     outcome.assert_one_line_error("is a FIFO, not a file");
 }
 
 /// An empty or missing `--host-proc` would leave every existing socket unattributed.
 #[test]
 fn a_host_proc_that_is_not_proc_is_refused() {
-    let empty = std::env::temp_dir().join(format!("connwatch-empty-proc-{}", std::process::id()));
-    std::fs::create_dir_all(&empty).unwrap();
-    let outcome = connwatch(&["top", "--once", "--host-proc", empty.to_str().unwrap()]);
-    std::fs::remove_dir(&empty).unwrap();
+    let empty = support::TempDir::new("empty-proc");
+    let outcome = connwatch(&["top", "--once", "--host-proc", empty.to_str()]);
     outcome.assert_one_line_error("is not a proc filesystem");
     let outcome = connwatch(&["daemon", "--host-proc", "/nonexistent/proc"]);
     outcome.assert_one_line_error("--host-proc /nonexistent/proc: No such file");

@@ -12,16 +12,6 @@ use std::{
 use serde_json::Value;
 use support::*;
 
-/// Runs `call` on `stream` in a thread named `name`, so the caller's comm is known.
-fn call_in_thread(name: &str, stream: TcpStream, call: fn(TcpStream)) {
-    thread::Builder::new()
-        .name(name.to_string())
-        .spawn(move || call(stream))
-        .unwrap()
-        .join()
-        .unwrap();
-}
-
 fn write_then_read(mut stream: TcpStream) {
     let _ = stream.write_all(b"SELECT 1");
     let mut buf = [0u8; 16];
@@ -43,7 +33,7 @@ fn write_after_idle_reset() {
     thread::sleep(Duration::from_secs(2));
     let client = pair.reset_from_server();
     thread::sleep(Duration::from_millis(200));
-    call_in_thread("cw-query", client, write_then_read);
+    in_thread("cw-query", move || write_then_read(client));
     watch.wait_for("write_after_reset", |events| {
         count(events, "write_after_reset", client_port) >= 1
     });
@@ -81,7 +71,8 @@ fn no_write_after_leaves_the_send_recv_hooks_out() {
     thread::sleep(Duration::from_millis(200));
     // A clone: the pool still holds the socket after the query (no hook sees the write,
     // so only holding it past the grace makes the reset a finding).
-    call_in_thread("cw-query", client.try_clone().unwrap(), write_then_read);
+    let query = client.try_clone().unwrap();
+    in_thread("cw-query", move || write_then_read(query));
     sync_with_sentinel(&listener, &watch);
     let events = watch.stop().events;
     assert_eq!(
@@ -105,7 +96,7 @@ fn write_after_fin(listener: &std::net::TcpListener, after: Duration) -> u16 {
     thread::sleep(Duration::from_secs(2));
     drop(pair.server); // graceful close: FIN
     thread::sleep(after);
-    call_in_thread("cw-query", pair.client, write_then_read);
+    in_thread("cw-query", move || write_then_read(pair.client));
     client_port
 }
 
@@ -458,7 +449,8 @@ fn eof_read_long_after_fin_is_reported() {
     drop(pair.server);
     // The pool leaves the connection alone past the idle threshold, then reads from it.
     thread::sleep(Duration::from_millis(1500));
-    call_in_thread("cw-checkout", pair.client, |mut stream| {
+    let mut stream = pair.client;
+    in_thread("cw-checkout", move || {
         let mut buf = [0u8; 16];
         assert_eq!(stream.read(&mut buf).unwrap(), 0, "EOF");
     });

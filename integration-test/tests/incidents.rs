@@ -12,16 +12,6 @@ use std::{
 use serde_json::Value;
 use support::{postgres::Postgres, *};
 
-/// Runs `body` on a thread named `name` (the comm connwatch reports) and returns its result.
-fn as_thread<T: Send + 'static>(name: &str, body: impl FnOnce() -> T + Send + 'static) -> T {
-    thread::Builder::new()
-        .name(name.into())
-        .spawn(body)
-        .unwrap()
-        .join()
-        .unwrap()
-}
-
 fn client_url(port: u16) -> String {
     format!("host=127.0.0.1 port={port} user=postgres dbname=postgres")
 }
@@ -113,7 +103,7 @@ fn proxy_ends_idle_connections(fault: &str, peer_kind: &str, app_kind: &str) {
 
     // Rust client stack: the pool's connection, reused after idling.
     let url = client_url(proxy.port);
-    let mut rust_client = as_thread("cw-app", move || {
+    let mut rust_client = in_thread("cw-app", move || {
         let mut client = ::postgres::Client::connect(&url, ::postgres::NoTls).unwrap();
         client.simple_query("SELECT 1").unwrap();
         client
@@ -121,7 +111,7 @@ fn proxy_ends_idle_connections(fault: &str, peer_kind: &str, app_kind: &str) {
     // psql, the second stack.
     let mut psql = Psql::connect(proxy.port);
     thread::sleep(Duration::from_millis(2000));
-    let failed = as_thread("cw-app", move || {
+    let failed = in_thread("cw-app", move || {
         rust_client.simple_query("SELECT 2").is_err()
     });
     assert!(failed, "the query on the ended connection must fail");
@@ -375,7 +365,7 @@ fn clients_leak_connections_the_server_closed() {
         "2s",
     ]);
     let url = pg.url();
-    let leaked = as_thread("cw-leaky-pool", move || {
+    let leaked = in_thread("cw-leaky-pool", move || {
         let mut client = ::postgres::Client::connect(&url, ::postgres::NoTls).unwrap();
         client.simple_query("SELECT 1").unwrap();
         client

@@ -2,45 +2,23 @@
 //! PostgreSQL.
 mod support;
 
-use std::{
-    io::{BufRead, BufReader},
-    process::{Command, Stdio},
-    thread,
-    time::Duration,
-};
+use std::{process::Command, thread, time::Duration};
 
 use serde_json::Value;
 use support::{postgres::Postgres, *};
 
-/// A pool of `connections` held by another process (python3) until its stdin closes, and
-/// the server ends of them.
+/// A pool of `connections` held by another process (python3) until [`PyClient::finish`],
+/// and the server ends of them.
 fn python_pool(
     listener: &std::net::TcpListener,
     connections: usize,
-) -> (std::process::Child, Vec<std::net::TcpStream>) {
-    let mut client = Command::new("python3")
-        .args([
-            "-c",
-            "import socket, sys\n\
-             port, n = int(sys.argv[1]), int(sys.argv[2])\n\
-             pool = [socket.create_connection(('127.0.0.1', port)) for _ in range(n)]\n\
-             print('ready', flush=True)\n\
-             sys.stdin.read()\n",
-            &listener.local_addr().unwrap().port().to_string(),
-            &connections.to_string(),
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("python3");
+) -> (PyClient, Vec<std::net::TcpStream>) {
+    let port = listener.local_addr().unwrap().port().to_string();
+    let mut client = PyClient::start(&["pool", &port, &connections.to_string()]);
     let accepted = (0..connections)
         .map(|_| listener.accept().unwrap().0)
         .collect();
-    let mut ready = String::new();
-    BufReader::new(client.stdout.take().unwrap())
-        .read_line(&mut ready)
-        .unwrap();
-    assert_eq!(ready.trim(), "ready");
+    assert_eq!(client.line(), "ready");
     (client, accepted)
 }
 
@@ -49,7 +27,7 @@ fn top_once_shows_a_pool_opened_before_start() {
     const CONNECTIONS: usize = 20;
     let (listener, server_port) = listen("127.0.0.1:0");
     // Another process holds the pool, opened before connwatch exists.
-    let (mut client, _accepted) = python_pool(&listener, CONNECTIONS);
+    let (client, _accepted) = python_pool(&listener, CONNECTIONS);
 
     let (snapshot, _) = top_once(Command::new(&*CONNWATCH), &[]);
     let endpoint = format!("127.0.0.1:{server_port}");
@@ -60,7 +38,7 @@ fn top_once_shows_a_pool_opened_before_start() {
         .collect();
     assert_eq!(outbound.len(), 1, "one client pool: {pools:#?}");
     let pool = outbound[0];
-    assert_eq!(pool["pid"], client.id());
+    assert_eq!(pool["pid"], client.pid());
     assert_eq!(pool["comm"], "python3");
     assert_eq!(pool["total"], CONNECTIONS);
     assert_eq!(pool["established"], CONNECTIONS);
@@ -73,8 +51,7 @@ fn top_once_shows_a_pool_opened_before_start() {
     assert_eq!(inbound.len(), 1, "{pools:#?}");
     assert_eq!(inbound[0]["pid"], std::process::id());
     assert_eq!(inbound[0]["established"], CONNECTIONS);
-    drop(client.stdin.take());
-    client.wait().unwrap();
+    client.finish();
 }
 
 /// Connect rates come from the kernel's per-endpoint counters, not from an event per
@@ -84,7 +61,7 @@ fn top_counts_each_pools_connects_in_the_kernel() {
     const CONNECTIONS: usize = 30;
     let (listener, server_port) = listen("127.0.0.1:0");
     let top = Watch::spawn(&["top", "--json", "--refresh", "1s"]);
-    let (mut client, _accepted) = python_pool(&listener, CONNECTIONS);
+    let (client, _accepted) = python_pool(&listener, CONNECTIONS);
     let endpoint = format!("127.0.0.1:{server_port}");
     let pool = |refreshes: &[Value], direction: &str| -> Option<Value> {
         let pools = refreshes.last()?["pools"].as_array()?.clone();
@@ -93,7 +70,7 @@ fn top_counts_each_pools_connects_in_the_kernel() {
             .find(|p| p["endpoint"] == endpoint.as_str() && p["direction"] == direction)
     };
     let counted = |refreshes: &[Value]| {
-        [("outbound", client.id()), ("inbound", std::process::id())]
+        [("outbound", client.pid()), ("inbound", std::process::id())]
             .iter()
             .all(|&(direction, pid)| {
                 pool(refreshes, direction)
@@ -101,8 +78,7 @@ fn top_counts_each_pools_connects_in_the_kernel() {
             })
     };
     top.wait_for("both pools with their 30 connects", counted);
-    drop(client.stdin.take());
-    client.wait().unwrap();
+    client.finish();
     let stopped = top.stop();
     assert!(stopped.status.success(), "{}", stopped.stderr);
 }
@@ -318,35 +294,8 @@ fn top_shows_a_process_that_is_reset_and_holds_no_socket() {
     // --once prints the second refresh: the resets happen between the two (10 s: python
     // takes seconds to start in a guest without KVM).
     let top = Watch::spawn(&["top", "--once", "--json", "--refresh", "10s"]);
-    let mut client = Command::new("python3")
-        .args([
-            "-c",
-            "import socket, sys\n\
-             port, n = int(sys.argv[1]), int(sys.argv[2])\n\
-             for _ in range(n):\n\
-             \x20   try:\n\
-             \x20       s = socket.create_connection(('127.0.0.1', port))\n\
-             \x20   except ConnectionResetError:\n\
-             \x20       continue\n\
-             \x20   try:\n\
-             \x20       s.recv(1)\n\
-             \x20   except ConnectionResetError:\n\
-             \x20       pass\n\
-             \x20   s.close()\n\
-             print('done', flush=True)\n\
-             sys.stdin.read()\n",
-            &port.to_string(),
-            &CONNECTIONS.to_string(),
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("python3");
-    let mut done = String::new();
-    BufReader::new(client.stdout.take().unwrap())
-        .read_line(&mut done)
-        .unwrap();
-    assert_eq!(done.trim(), "done");
+    let mut client = PyClient::start(&["resets", &port.to_string(), &CONNECTIONS.to_string()]);
+    assert_eq!(client.line(), "done");
     let _listener = server.join().unwrap();
     let stopped = top.wait_exit();
     assert!(stopped.status.success(), "{}", stopped.stderr);
@@ -358,7 +307,7 @@ fn top_shows_a_process_that_is_reset_and_holds_no_socket() {
     );
     let snapshot = &stopped.events[0];
     let endpoint = format!("127.0.0.1:{port}");
-    let reset = pool_in(snapshot, client.id(), "outbound", &endpoint);
+    let reset = pool_in(snapshot, client.pid(), "outbound", &endpoint);
     assert_eq!(reset["comm"], "python3", "{reset:#}");
     assert_eq!(
         ["total", "connects_per_min", "resets_per_min"].map(|f| number(reset, f)),
@@ -372,6 +321,5 @@ fn top_shows_a_process_that_is_reset_and_holds_no_socket() {
         [0, CONNECTIONS as u64, CONNECTIONS as u64],
         "total, connects_per_min, resets_per_min: {resetting:#}"
     );
-    drop(client.stdin.take());
-    client.wait().unwrap();
+    client.finish();
 }

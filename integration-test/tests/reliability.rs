@@ -2,9 +2,8 @@
 mod support;
 
 use std::{
-    io::{BufRead, BufReader},
     net::TcpStream,
-    process::{Child, Command, Stdio},
+    process::Command,
     thread,
     time::{Duration, Instant},
 };
@@ -16,31 +15,12 @@ use nix::{
 use serde_json::Value;
 use support::*;
 
-/// A client in another process holding one connection to `port`, idle until stdin closes;
-/// and its local port.
-fn python_client(port: u16) -> (Child, u16) {
-    let mut child = Command::new("python3")
-        .args([
-            "-c",
-            "import socket, sys\n\
-             s = socket.create_connection(('127.0.0.1', int(sys.argv[1])))\n\
-             print(s.getsockname()[1], flush=True)\n\
-             sys.stdin.read()\n\
-             try:\n    s.send(b'again')\nexcept OSError:\n    pass\n",
-            &port.to_string(),
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("python3");
-    let mut ready = String::new();
-    BufReader::new(child.stdout.as_mut().unwrap())
-        .read_line(&mut ready)
-        .unwrap();
-    (
-        child,
-        ready.trim().parse().expect("the client's local port"),
-    )
+/// A client in another process holding one connection to `port` until
+/// [`PyClient::finish`] (then it writes into it); and its local port.
+fn python_client(port: u16) -> (PyClient, u16) {
+    let mut client = PyClient::start(&["one", &port.to_string()]);
+    let local_port = client.line().parse().expect("the client's local port");
+    (client, local_port)
 }
 
 #[test]
@@ -101,7 +81,7 @@ fn flood_is_counted_and_the_daemon_recovers() {
 fn after_kill_9_a_restart_knows_the_existing_sockets() {
     let (listener, server_port) = listen("127.0.0.1:0");
     let first = Watch::spawn(&["daemon", "--listen", &format!("127.0.0.1:{}", free_port())]);
-    let (mut client, client_port) = python_client(server_port);
+    let (client, client_port) = python_client(server_port);
     let (server, _) = listener.accept().unwrap();
     kill(Pid::from_raw(first.pid() as i32), Signal::SIGKILL).unwrap();
     drop(first);
@@ -127,11 +107,10 @@ fn after_kill_9_a_restart_knows_the_existing_sockets() {
     });
     let events = second.stop_with(Signal::SIGTERM).events;
     let reset = events.iter().find(|e| ours(e)).unwrap();
-    assert_eq!(reset["pid"], client.id(), "{reset:?}");
+    assert_eq!(reset["pid"], client.pid(), "{reset:?}");
     assert_eq!(reset["comm"], "python3");
     assert!(ms(reset, "idle_ms") >= 1000, "{reset:?}");
-    drop(client.stdin.take());
-    client.wait().unwrap();
+    client.finish();
 }
 
 /// Ids of the BPF programs process `pid` holds, from its fds' fdinfo.
@@ -206,24 +185,12 @@ fn a_process_that_exits_at_once_is_still_attributed() {
     // Connects, is reset, and exits before connwatch could look in /proc. A child it leaves
     // behind holds the socket past the grace (a process that closed it at once would have
     // handled the reset: no finding).
-    let child = Command::new("python3")
-        .args([
-            "-c",
-            "import socket, subprocess, sys, time\n\
-             s = socket.create_connection(('127.0.0.1', int(sys.argv[1])))\n\
-             time.sleep(1.2)\n\
-             try:\n    s.recv(1)\nexcept OSError:\n    pass\n\
-             subprocess.Popen(['sleep', '3'], pass_fds=[s.fileno()])\n",
-            &server_port.to_string(),
-        ])
-        .spawn()
-        .unwrap();
+    let child = PyClient::start(&["exits-early", &server_port.to_string()]);
     let (server, _) = listener.accept().unwrap();
     thread::sleep(Duration::from_millis(1100));
     abort(server);
-    let child_pid = child.id();
-    let status = { child }.wait().unwrap();
-    assert!(status.success());
+    let child_pid = child.pid();
+    child.finish();
     watch.wait_for("peer_reset_idle", |events| {
         events.iter().any(|e| kind(e) == "peer_reset_idle")
     });

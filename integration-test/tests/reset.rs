@@ -206,8 +206,9 @@ fn graceful_close_with_classic_tracepoints() {
 fn filters_and_count() {
     let (listener, server_port) = listen("127.0.0.1:0");
     let server = server_port.to_string();
-    // pid 1 owns none of these sockets: everything is filtered out.
-    let by_pid = Watch::start(&["--port", &server, "--pid", "1"]);
+    // Another process, which connects on cue: the only pid the first watch lets through.
+    let mut other = PyClient::start(&["one", &server, "cued"]);
+    let by_pid = Watch::start(&["--port", &server, "--pid", &other.pid().to_string()]);
     // Only the client's thread name passes, and --count 1 ends the watch after it.
     let by_comm = Watch::start(&["--port", &server, "--comm", "cw-filter-cli", "--count", "1"]);
     let pair = Pair::connect(&listener, "cw-filter-cli");
@@ -220,7 +221,21 @@ fn filters_and_count() {
     assert_eq!(by_comm.events[0]["comm"], "cw-filter-cli");
     assert_eq!(port(&by_comm.events[0]["local"]), client_port);
 
-    thread::sleep(Duration::from_millis(300));
-    let by_pid = by_pid.stop();
-    assert!(by_pid.events.is_empty(), "{:#?}", by_pid.events);
+    // The sentinel: the other process's connection, reset after ours. connwatch handles
+    // events in order, so once its reset is shown, ours has been seen and filtered out.
+    other.cue();
+    let other_port: u16 = other.line().parse().expect("the other client's local port");
+    abort(listener.accept().unwrap().0);
+    by_pid.wait_for("the other process's reset", |events| {
+        RESET_KINDS
+            .iter()
+            .any(|kind_name| count(events, kind_name, other_port) >= 1)
+    });
+    let other_pid = other.pid();
+    other.finish();
+    let events = by_pid.stop().events;
+    assert!(
+        events.iter().all(|e| e["pid"] == other_pid),
+        "only the other process's: {events:#?}"
+    );
 }

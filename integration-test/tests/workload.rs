@@ -64,11 +64,11 @@ fn python_in(cgroup: &Cgroup, script: &str, port: u16) -> Command {
 #[test]
 fn idle_reset_names_cgroup_container_and_pod() {
     let (cgroup, relative) = pod_cgroup("burstable", POD_UID);
-    let pod_logs = std::env::temp_dir().join(format!("connwatch-pod-logs-{}", std::process::id()));
+    let pod_logs = TempDir::new("pod-logs");
     fs::create_dir_all(pod_logs.join(format!("payments_api-7d9f8b6c5-x2x9z_{POD_UID}"))).unwrap();
 
     let (listener, server_port, watch) =
-        watched_listener("127.0.0.1:0", &["--pod-logs", pod_logs.to_str().unwrap()]);
+        watched_listener("127.0.0.1:0", &["--pod-logs", pod_logs.to_str()]);
     // The client moves itself into the pod's cgroup, then becomes python.
     let mut client = python_in(
         &cgroup,
@@ -91,7 +91,7 @@ fn idle_reset_names_cgroup_container_and_pod() {
     // The pod's pool, named by `top` as findings are.
     let (top, _) = top_once(
         Command::new(&*CONNWATCH),
-        &["--pod-logs", pod_logs.to_str().unwrap()],
+        &["--pod-logs", pod_logs.to_str()],
     );
     let pool = top["pools"]
         .as_array()
@@ -116,7 +116,6 @@ fn idle_reset_names_cgroup_container_and_pod() {
     let events = watch.stop().events;
     drop(client.stdin.take());
     client.wait().unwrap();
-    fs::remove_dir_all(&pod_logs).unwrap();
 
     let reset = events
         .iter()
@@ -141,8 +140,7 @@ fn a_kubelet_that_never_answers_costs_no_events() {
     const UNNAMED_POD: &str = "0b5e7a9c-2d4f-4e6a-8b1c-3d5f7a9b1c2d";
     let (cgroup, _) = pod_cgroup("besteffort", UNNAMED_POD);
     // No log directory names the pod: the kubelet is asked.
-    let pod_logs = std::env::temp_dir().join(format!("connwatch-no-pods-{}", std::process::id()));
-    fs::create_dir_all(&pod_logs).unwrap();
+    let pod_logs = TempDir::new("no-pods");
     let kubelet = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let kubelet_url = format!("http://{}", kubelet.local_addr().unwrap());
     let asked = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -168,7 +166,7 @@ fn a_kubelet_that_never_answers_costs_no_events() {
             "--ring-buffer-size",
             "262144",
             "--pod-logs",
-            pod_logs.to_str().unwrap(),
+            pod_logs.to_str(),
         ];
         args.extend_from_slice(extra);
         let daemon = Watch::spawn(&args);
@@ -222,7 +220,6 @@ fn a_kubelet_that_never_answers_costs_no_events() {
     };
     let without = churn(&[]);
     let with = churn(&["--kubelet-url", &kubelet_url]);
-    fs::remove_dir_all(&pod_logs).unwrap();
     eprintln!("without a kubelet: {without}\nwith one that hangs: {with}");
     assert!(
         asked.load(std::sync::atomic::Ordering::Relaxed) > 0,

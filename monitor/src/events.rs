@@ -547,19 +547,114 @@ pub(crate) mod tests {
             let _ = decode(&bytes);
         }
 
-        /// Event-sized garbage either decodes to a well-formed event or is rejected.
+        /// A structurally valid record (a known hook, AF_INET or AF_INET6, a known send/recv
+        /// and peer end, a NUL-terminated comm), every other byte random, maybe followed by
+        /// more bytes: it decodes, and every field comes out as written.
         #[test]
-        fn event_sized_garbage_is_decoded_or_rejected(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), size_of::<ConnEvent>())) {
-            if let Ok(event) = decode(&bytes) {
-                proptest::prop_assert_eq!(event.local.is_ipv6(), event.remote.is_ipv6());
-                if let Some(io) = event.io {
-                    proptest::prop_assert!(io.errno() >= 0);
-                    let _ = io.outcome();
-                }
-                let _ = event.idle_ms();
-                let _ = event.old_state.name();
-            }
+        fn valid_records_decode_to_what_was_written(
+            raw in valid_record(),
+            trailing in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64),
+        ) {
+            use proptest::prop_assert_eq as eq;
+            let record = [bytes(&raw), trailing].concat();
+            let event = decode(&record).map_err(|err| {
+                proptest::test_runner::TestCaseError::fail(format!("{err}: {raw:?}"))
+            })?;
+            let hook = [
+                (hook::STATE_CHANGE, Hook::StateChange),
+                (hook::RECEIVE_RESET, Hook::ReceiveReset),
+                (hook::SEND_RESET, Hook::SendReset),
+                (hook::IO_AFTER_PEER_END, Hook::IoAfterPeerEnd),
+                (hook::DESTROY, Hook::Destroy),
+            ]
+            .into_iter()
+            .find_map(|(id, hook)| (id == raw.hook).then_some(hook));
+            eq!(Some(event.hook), hook);
+            eq!(event.mono_ns, raw.ts_ns);
+            eq!(event.socket, SocketId { skaddr: raw.skaddr, born_ns: raw.born_ns });
+            eq!((event.cookie, event.inode, event.cgroup_id), (raw.cookie, raw.inode, raw.cgroup_id));
+            let t = &raw.tuple;
+            let (local, remote): (IpAddr, IpAddr) = if t.family == AF_INET {
+                // The last four bytes, where an IPv4-mapped IPv6 address has them.
+                let v4 = |a: [u8; 16]| Ipv4Addr::new(a[12], a[13], a[14], a[15]).into();
+                (v4(t.saddr), v4(t.daddr))
+            } else {
+                (Ipv6Addr::from(t.saddr).into(), Ipv6Addr::from(t.daddr).into())
+            };
+            eq!(event.local, SocketAddr::new(local, t.sport));
+            eq!(event.remote, SocketAddr::new(remote, t.dport));
+            eq!((event.old_state.0, event.new_state.0), (raw.old_state, raw.new_state));
+            let owner = (raw.flags & flags::OWNER_KNOWN != 0).then(|| {
+                (raw.owner_tgid, raw.owner_pid, comm_text(&raw.owner_comm))
+            });
+            eq!(event.owner.map(|o| (o.pid, o.tid, o.comm.to_string())), owner);
+            eq!(
+                (event.current.pid, event.current.tid, event.current.comm.to_string()),
+                (raw.ctx_tgid, raw.ctx_pid, comm_text(&raw.ctx_comm))
+            );
+            let idle_known = raw.flags & flags::IDLE_KNOWN != 0;
+            let known = |ms: u32| (idle_known && ms != UNKNOWN_MS).then_some(ms);
+            eq!(event.since_send_ms, known(raw.since_send_ms));
+            eq!(event.since_recv_ms, known(raw.since_recv_ms));
+            eq!(event.rst_reason, raw.reason);
+            eq!(event.full_socket, raw.flags & flags::FULL_SOCKET != 0);
+            eq!(event.linger_zero, raw.flags & flags::LINGER_ZERO != 0);
+            let io = (raw.hook == hook::IO_AFTER_PEER_END).then(|| {
+                let op = if raw.io == io::SEND { IoOp::Send } else { IoOp::Recv };
+                let end = if raw.peer_end == peer_end::RESET { PeerEnd::Reset } else { PeerEnd::Fin };
+                (op, raw.ret, end, raw.since_peer_end_ms)
+            });
+            eq!(event.io.map(|io| (io.op, io.ret, io.peer_end, io.since_peer_end_ms)), io);
+            eq!(event.sk_err, raw.sk_err);
+            let waiting = (raw.flags & flags::AWAITING_ANSWER != 0).then_some(raw.waited_ms);
+            eq!(event.waiting_ms, waiting);
+            eq!(event.netns, (raw.netns != 0).then_some(u64::from(raw.netns)));
         }
+    }
+
+    /// The text a NUL-terminated comm of printable ASCII stands for.
+    fn comm_text(bytes: &[u8; TASK_COMM_LEN]) -> String {
+        bytes
+            .iter()
+            .take_while(|&&b| b != 0)
+            .map(|&b| b as char)
+            .collect()
+    }
+
+    /// Records a kernel program could write: random bytes, with the fields the decoder
+    /// checks (hook, family, send/recv, peer end) set to values it knows, and comms of
+    /// printable ASCII ending in NUL (random bytes would almost never pass the checks).
+    fn valid_record() -> impl proptest::strategy::Strategy<Value = ConnEvent> {
+        use proptest::{prelude::*, sample::select};
+        let hooks = select(vec![
+            hook::STATE_CHANGE,
+            hook::RECEIVE_RESET,
+            hook::SEND_RESET,
+            hook::IO_AFTER_PEER_END,
+            hook::DESTROY,
+        ]);
+        let comm = || "[ -~]{0,15}";
+        (
+            proptest::collection::vec(any::<u8>(), ConnEvent::SIZE),
+            hooks,
+            select(vec![AF_INET, AF_INET6]),
+            select(vec![io::SEND, io::RECV]),
+            select(vec![peer_end::RESET, peer_end::FIN]),
+            comm(),
+            comm(),
+        )
+            .prop_map(|(random, hook, family, io, end, owner, ctx)| {
+                let mut raw = read_event(&mut &random[..]).unwrap();
+                raw.hook = hook;
+                raw.tuple.family = family;
+                raw.io = io;
+                raw.peer_end = end;
+                for (field, text) in [(&mut raw.owner_comm, owner), (&mut raw.ctx_comm, ctx)] {
+                    *field = [0; TASK_COMM_LEN];
+                    field[..text.len()].copy_from_slice(text.as_bytes());
+                }
+                raw
+            })
     }
 
     #[test]

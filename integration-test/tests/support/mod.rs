@@ -10,7 +10,8 @@ use std::{
     fs,
     io::{BufRead, BufReader, Read, Write},
     net::{TcpListener, TcpStream},
-    process::{Child, Command, ExitStatus, Stdio},
+    path::{Path, PathBuf},
+    process::{Child, ChildStdout, Command, ExitStatus, Stdio},
     sync::{
         Arc, LazyLock, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -292,12 +293,7 @@ impl Pair {
     /// Connects from a thread named `thread_name` and exchanges one request/response.
     pub fn connect(listener: &TcpListener, thread_name: &str) -> Pair {
         let target = listener.local_addr().unwrap();
-        let client = thread::Builder::new()
-            .name(thread_name.to_string())
-            .spawn(move || TcpStream::connect(target).unwrap())
-            .unwrap()
-            .join()
-            .unwrap();
+        let client = in_thread(thread_name, move || TcpStream::connect(target).unwrap());
         let (server, _) = listener.accept().unwrap();
         let mut pair = Pair { client, server };
         pair.round_trip();
@@ -321,6 +317,16 @@ impl Pair {
         abort(self.server);
         self.client
     }
+}
+
+/// Runs `body` on a thread named `name` (the comm connwatch reports) and returns its result.
+pub fn in_thread<T: Send + 'static>(name: &str, body: impl FnOnce() -> T + Send + 'static) -> T {
+    thread::Builder::new()
+        .name(name.to_string())
+        .spawn(body)
+        .unwrap()
+        .join()
+        .unwrap()
 }
 
 /// Resets a fresh connection to `listener` and waits until `watch` reports it: connwatch
@@ -399,16 +405,12 @@ impl Drop for Proxy {
 
 /// A copy of the real tracefs's socket tracepoint formats, without `missing`
 /// (e.g. "tcp/tcp_receive_reset"): an old kernel, as connwatch sees it. Removed on drop.
-pub struct FakeTracefs(pub std::path::PathBuf);
+pub struct FakeTracefs(pub TempDir);
 
 impl FakeTracefs {
     pub fn without(missing: &str) -> FakeTracefs {
         let real = monitor::probes::tracefs::locate(None).unwrap();
-        let fake = std::env::temp_dir().join(format!(
-            "connwatch-tracefs-{}-{}",
-            std::process::id(),
-            missing.replace('/', "-")
-        ));
+        let fake = TempDir::new(&format!("tracefs-{}", missing.replace('/', "-")));
         for tracepoint in [
             "sock/inet_sock_set_state",
             "tcp/tcp_receive_reset",
@@ -418,7 +420,7 @@ impl FakeTracefs {
             if tracepoint == missing {
                 continue;
             }
-            let dir = fake.join("events").join(tracepoint);
+            let dir = fake.path().join("events").join(tracepoint);
             std::fs::create_dir_all(&dir).unwrap();
             let format = real.join("events").join(tracepoint).join("format");
             std::fs::write(dir.join("format"), std::fs::read(&format).unwrap()).unwrap();
@@ -427,11 +429,40 @@ impl FakeTracefs {
     }
 
     pub fn path(&self) -> &str {
-        self.0.to_str().unwrap()
+        self.0.to_str()
     }
 }
 
-impl Drop for FakeTracefs {
+/// A fresh directory `connwatch-<name>-<pid>-<n>` under the system's temp dir, removed on
+/// drop: also when the test panics.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(name: &str) -> TempDir {
+        static MADE: AtomicU64 = AtomicU64::new(0);
+        let n = MADE.fetch_add(1, Ordering::Relaxed);
+        let path =
+            std::env::temp_dir().join(format!("connwatch-{name}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path)
+            .unwrap_or_else(|err| panic!("creating {}: {err}", path.display()));
+        TempDir(path)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    pub fn join(&self, path: impl AsRef<Path>) -> PathBuf {
+        self.0.join(path)
+    }
+
+    pub fn to_str(&self) -> &str {
+        self.0.to_str().expect("temp dir paths are UTF-8")
+    }
+}
+
+impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
@@ -688,4 +719,61 @@ pub fn python_clients() -> std::path::PathBuf {
         "SQLAlchemy missing: run `cargo xtask setup` (or `cargo xtask test`)"
     );
     python
+}
+
+/// `support/client.py <args>`: a client in another process (its comm is `python3`), with
+/// stdin and stdout piped. Killed on drop.
+pub struct PyClient {
+    child: Child,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl PyClient {
+    pub fn start(args: &[&str]) -> PyClient {
+        let mut child = Command::new("python3")
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/support/client.py"
+            ))
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("python3");
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        PyClient { child, stdout }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The next line it prints, trimmed; panics if it exits first.
+    pub fn line(&mut self) -> String {
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).unwrap();
+        assert!(!line.is_empty(), "client.py exited without a line");
+        line.trim().to_string()
+    }
+
+    /// A line to its stdin (`one PORT cued` connects on it).
+    pub fn cue(&mut self) {
+        let stdin = self.child.stdin.as_mut().unwrap();
+        stdin.write_all(b"go\n").unwrap();
+        stdin.flush().unwrap();
+    }
+
+    /// Closes its stdin (which ends every mode) and waits for a clean exit.
+    pub fn finish(mut self) {
+        drop(self.child.stdin.take());
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "client.py exited {status}");
+    }
+}
+
+impl Drop for PyClient {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

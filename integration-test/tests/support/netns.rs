@@ -1,5 +1,5 @@
 //! Test hosts: two network namespaces joined by veth, made and removed by the test.
-use std::{fs::File, thread};
+use std::fs::File;
 
 use super::run;
 
@@ -88,16 +88,11 @@ impl Hosts {
         body: impl FnOnce() -> T + Send + 'static,
     ) -> T {
         let path = format!("/run/netns/{ns}");
-        thread::Builder::new()
-            .name(name.to_string())
-            .spawn(move || {
-                let netns = File::open(&path).unwrap();
-                nix::sched::setns(netns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-                body()
-            })
-            .unwrap()
-            .join()
-            .unwrap()
+        super::in_thread(name, move || {
+            let netns = File::open(&path).unwrap();
+            nix::sched::setns(netns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            body()
+        })
     }
 }
 

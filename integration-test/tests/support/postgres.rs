@@ -12,7 +12,8 @@ use std::{
 
 pub struct Postgres {
     child: Child,
-    dir: PathBuf,
+    /// Removed on drop, after the server has stopped (fields drop after `drop` runs).
+    dir: super::TempDir,
     pub port: u16,
 }
 
@@ -50,11 +51,8 @@ impl Postgres {
             .expect("the postgres user (created by the Debian package)");
         static INSTANCES: AtomicUsize = AtomicUsize::new(0);
         let instance = INSTANCES.fetch_add(1, Ordering::SeqCst);
-        let dir =
-            std::env::temp_dir().join(format!("connwatch-pg-{}-{instance}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).unwrap();
-        chown(&dir, Some(user.uid.as_raw()), Some(user.gid.as_raw())).unwrap();
+        let dir = super::TempDir::new(&format!("pg-{instance}"));
+        chown(dir.path(), Some(user.uid.as_raw()), Some(user.gid.as_raw())).unwrap();
         let bin = bin_dir();
         let data = dir.join("data");
         let initdb = as_postgres(&bin.join("initdb"))
@@ -73,7 +71,7 @@ impl Postgres {
             .arg("-D")
             .arg(&data)
             .arg("-k")
-            .arg(&dir)
+            .arg(dir.path())
             .args(["-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-p"])
             .arg(port.to_string())
             .stdout(Stdio::null())
@@ -116,6 +114,5 @@ impl Drop for Postgres {
             nix::sys::signal::Signal::SIGINT,
         );
         let _ = self.child.wait();
-        let _ = fs::remove_dir_all(&self.dir);
     }
 }

@@ -2,7 +2,6 @@
 //! read the daemon's metrics the way users do: through PromQL.
 use std::{
     fs,
-    path::PathBuf,
     process::{Child, Command, Stdio},
     thread,
     time::{Duration, Instant},
@@ -17,7 +16,8 @@ use super::{agent, free_port};
 pub struct Prometheus {
     child: Child,
     url: String,
-    dir: PathBuf,
+    /// Removed on drop, after the server has stopped (fields drop after `drop` runs).
+    dir: super::TempDir,
 }
 
 /// deploy/alerts/connwatch.rules.yaml: `ALERTS` shows what they fire on.
@@ -35,13 +35,7 @@ impl Prometheus {
 
     /// A Prometheus server with these `scrape_configs` entries (YAML, indented two spaces).
     pub fn start_jobs(jobs: &str) -> Prometheus {
-        let dir = std::env::temp_dir().join(format!(
-            "connwatch-prometheus-{}-{}",
-            std::process::id(),
-            free_port()
-        ));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).unwrap();
+        let dir = super::TempDir::new("prometheus");
         let config = dir.join("prometheus.yml");
         fs::write(
             &config,
@@ -129,6 +123,5 @@ impl Drop for Prometheus {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = fs::remove_dir_all(&self.dir);
     }
 }
