@@ -2,6 +2,7 @@
 //! read the daemon's metrics the way users do: through PromQL.
 use std::{
     fs,
+    path::PathBuf,
     process::{Child, Command, Stdio},
     thread,
     time::{Duration, Instant},
