@@ -375,7 +375,9 @@ fn lint(root: &Path) -> Result<()> {
     check(cargo().args(["fmt", "--all", "--", "--check"]))?;
     setup_machete()?;
     step("cargo machete (unused dependencies)");
-    check(cargo().arg("machete"))?;
+    // cargo-machete takes itself for a `cargo run` child (not `cargo machete`) when it
+    // inherits CARGO_PKG_NAME, as it does from `cargo xtask`, and then reads "machete" as a path.
+    check(cargo().arg("machete").env_remove("CARGO_PKG_NAME"))?;
     step("cargo clippy -D warnings");
     check(cargo().args([
         "clippy",
