@@ -322,6 +322,19 @@ fn out_of_files_the_server_backs_off_and_sheds() {
     let target: SocketAddr = addr.parse().unwrap();
     let base = format!("http://{addr}");
     answers_quickly(&format!("{base}/healthz"));
+    // The start-up refresh (every namespace's sockets, /proc) holds descriptors while it
+    // runs: let it finish, so the count below is the daemon's at rest.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while metric(
+        &answers_quickly(&format!("{base}/metrics")),
+        "connwatch_network_namespaces",
+    )
+    .unwrap_or(0.0)
+        < 1.0
+    {
+        assert!(Instant::now() < deadline, "no refresh in 30 s");
+        thread::sleep(Duration::from_millis(50));
+    }
     // The soft limit at which three descriptor numbers are free below it (the daemon may
     // have inherited a high one; those above the limit stay open). Lowering the soft limit
     // and raising it back up to the hard one needs no privilege.

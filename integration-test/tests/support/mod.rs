@@ -479,7 +479,11 @@ pub fn agent() -> ureq::Agent {
 
 /// (status, body) of a GET.
 pub fn get(url: &str) -> Option<(u16, String)> {
-    let response = agent().get(url).call().ok()?;
+    let response = agent()
+        .get(url)
+        .call()
+        .inspect_err(|err| eprintln!("GET {url}: {err}"))
+        .ok()?;
     let status = response.status().as_u16();
     Some((status, response.into_body().read_to_string().ok()?))
 }
