@@ -992,13 +992,7 @@ pub fn run(root: &Path, connwatch: PathBuf) -> Result<()> {
                 }
             )?;
         }
-        writeln!(
-            costs,
-            "| {} ({:.0} ops) | | | | | |",
-            workload.name(),
-            timed.daemon.ops_per_sec * RUN.as_secs_f64()
-        )?;
-        cost_rows(&mut costs, &timed)?;
+        cost_rows(&mut costs, workload, &timed)?;
         verdicts.push((workload, base, cw, bt, timed.daemon));
     }
     writeln!(report, "\n## In-kernel cost per hook hit\n")?;
@@ -1191,9 +1185,11 @@ fn timed(workload: Workload, connwatch: &Path) -> Result<Timed> {
     })
 }
 
-/// One row per program the daemon ran: ns per hit as shipped, then in the other conditions.
-fn cost_rows(costs: &mut String, timed: &Timed) -> Result<()> {
+/// The workload's heading, then one row per program the daemon ran: ns per hit as shipped,
+/// then in the other conditions.
+fn cost_rows(costs: &mut String, workload: Workload, timed: &Timed) -> Result<()> {
     let ops = timed.daemon.ops_per_sec * RUN.as_secs_f64();
+    writeln!(costs, "| {} ({ops:.0} ops) | | | | | |", workload.name())?;
     let per_hit = |m: &Measure, name: &str| match m.programs.get(name) {
         Some((ns, count)) if *count > 0 => (ns / count).to_string(),
         _ => "-".into(),
@@ -1224,13 +1220,7 @@ fn costs_only(connwatch: &Path) -> Result<()> {
     ] {
         eprintln!("xtask bench: per-hit costs, {}", workload.name());
         let timed = timed(workload, connwatch)?;
-        writeln!(
-            costs,
-            "| {} ({:.0} ops) | | | | | |",
-            workload.name(),
-            timed.daemon.ops_per_sec * RUN.as_secs_f64()
-        )?;
-        cost_rows(&mut costs, &timed)?;
+        cost_rows(&mut costs, workload, &timed)?;
     }
     print!("{costs}");
     Ok(())
