@@ -26,11 +26,11 @@ fn prometheus_counts_exactly_the_idle_resets() {
     // Listed before anything happened: families whose first series is an incident, and
     // each family's overflow count at 0.
     for listed in [
-        "# TYPE connwatch_idle_timeout_deaths counter",
+        "# TYPE connwatch_silent_deaths counter",
         "# TYPE connwatch_pool_flagged_sockets gauge",
         "# TYPE connwatch_peer_close_idle_seconds histogram",
         r#"connwatch_label_overflow_total{metric="connwatch_resets"} 0"#,
-        r#"connwatch_label_overflow_total{metric="connwatch_idle_timeout_deaths"} 0"#,
+        r#"connwatch_label_overflow_total{metric="connwatch_silent_deaths"} 0"#,
     ] {
         assert!(
             body.contains(listed),

@@ -262,7 +262,7 @@ fn every_panel_shows_what_the_scenarios_made() {
     thread::sleep(IDLE);
     let mut reset_client = reset.reset_from_server();
     thread::sleep(Duration::from_millis(50)); // the RST in, well within the grace (200 ms)
-    let _ = reset_client.write_all(b"SELECT 1"); // ECONNRESET: write_after_reset
+    let _ = reset_client.write_all(b"SELECT 1"); // ECONNRESET: used_after_reset
     drop(closed.server);
     let _close_wait = closed.client;
     hosts.drop_into_server();

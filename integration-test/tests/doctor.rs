@@ -42,7 +42,7 @@ fn this_machine_can_run_connwatch() {
         "load and attach",
         "capability state changes",
         // Tracepoints from Linux 6.3, fexit before: every kernel of the matrix serves it.
-        "capability write_after_*",
+        "capability used_after_*",
     ] {
         let line = row(&table, check);
         assert!(line.contains(" ok "), "{line}");

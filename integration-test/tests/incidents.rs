@@ -131,7 +131,7 @@ fn proxy_ends_idle_connections(fault: &str, peer_kind: &str, app_kind: &str) {
         assert_eq!(hit[0]["pid"], pid, "{comm}");
         assert!(index_of(&events, peer_kind, comm) < index_of(&events, app_kind, comm));
     }
-    if app_kind == "write_after_reset" {
+    if app_kind == "used_after_reset" {
         let hit = of(&events, app_kind, "cw-app", proxy.port);
         assert!(
             ["ECONNRESET", "EPIPE"].contains(&hit[0]["error"].as_str().unwrap()),
@@ -144,13 +144,13 @@ fn proxy_ends_idle_connections(fault: &str, peer_kind: &str, app_kind: &str) {
 /// (a) A proxy resets idle pooled connections; the next query fails.
 #[test]
 fn proxy_resets_idle_connections() {
-    proxy_ends_idle_connections("--reset-idle-after", "peer_reset_idle", "write_after_reset");
+    proxy_ends_idle_connections("--reset-idle-after", "peer_reset_idle", "used_after_reset");
 }
 
 /// (b) A proxy closes idle connections with FIN; the next query reads EOF.
 #[test]
 fn proxy_closes_idle_connections() {
-    proxy_ends_idle_connections("--fin-idle-after", "peer_close_idle", "write_after_close");
+    proxy_ends_idle_connections("--fin-idle-after", "peer_close_idle", "used_after_close");
 }
 
 /// `watch` and `top` for a stalled pool: stalls, exhaustion and recovery, at a 2 s threshold.
@@ -412,7 +412,7 @@ fn selftest_passes() {
         "{stdout}"
     );
     assert!(
-        stdout.contains("ok: write_after_reset attributed to pid"),
+        stdout.contains("ok: used_after_reset attributed to pid"),
         "{stdout}"
     );
     assert!(

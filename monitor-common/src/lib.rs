@@ -14,14 +14,14 @@ pub mod hook {
     pub const SEND_RESET: u8 = 3;
     /// `sock:sock_send_length` / `sock:sock_recv_length` on a socket whose peer had ended
     /// the connection: the application ran into it.
-    pub const IO_AFTER_PEER_END: u8 = 4;
+    pub const USED_AFTER_PEER_END: u8 = 4;
     /// `tcp:tcp_destroy_sock` of a socket the peer had reset: the application closed it
     /// (or had already, and the kernel freed it at the RST). Sent only for such sockets, so
     /// that userspace can tell an idle reset the application handled from one it still holds.
     pub const DESTROY: u8 = 5;
 }
 
-/// How the peer ended a connection ([`PeerEnd::how`], [`ConnEvent::peer_end`]).
+/// How the peer ended a connection ([`PeerEnded::how`], [`ConnEvent::peer_end`]).
 pub mod peer_end {
     pub const RESET: u8 = 1;
     pub const FIN: u8 = 2;
@@ -238,7 +238,7 @@ impl ConnEvent {
 /// socket has already released its local port.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PeerEnd {
+pub struct PeerEnded {
     pub at_ns: u64,
     /// One of [`peer_end`].
     pub how: u8,
@@ -490,14 +490,14 @@ const _: () = {
     assert!(offset_of!(ConnEvent, ctx_comm) == 152);
     assert!(offset_of!(ConnEvent, netns) == 168);
     assert!(offset_of!(ConnEvent, sk_err) == 88);
-    assert!(size_of::<PeerEnd>() == 56);
+    assert!(size_of::<PeerEnded>() == 56);
     assert!(size_of::<Settings>() == 40);
     assert!(offset_of!(Settings, io_marks) == 24);
     assert!(offset_of!(Settings, filters) == 32);
     assert!(size_of::<IoMark>() == IoMark::SIZE);
     assert!(offset_of!(IoMark, io) == 8);
     assert!(offset_of!(Settings, all_state_changes) == 16);
-    assert!(offset_of!(PeerEnd, tuple) == 16);
+    assert!(offset_of!(PeerEnded, tuple) == 16);
     assert!(size_of::<SockOwner>() == 40);
     assert!(offset_of!(SockOwner, comm) == 24);
     assert!(size_of::<ConnectKey>() == 24);
@@ -513,7 +513,7 @@ mod pod {
     // explicit padding, so every bit pattern is valid.
     unsafe impl aya::Pod for super::ConnEvent {}
     unsafe impl aya::Pod for super::SockOwner {}
-    unsafe impl aya::Pod for super::PeerEnd {}
+    unsafe impl aya::Pod for super::PeerEnded {}
     unsafe impl aya::Pod for super::ConnectKey {}
     unsafe impl aya::Pod for super::Settings {}
     unsafe impl aya::Pod for super::IoMark {}
@@ -539,7 +539,7 @@ mod tests {
             "ring buffer records are 8-aligned"
         );
         assert_eq!(size_of::<SockOwner>(), 8 + 8 + 4 + 4 + 16);
-        assert_eq!(size_of::<PeerEnd>(), 8 + 1 + 1 + 2 + 4 + 40);
+        assert_eq!(size_of::<PeerEnded>(), 8 + 1 + 1 + 2 + 4 + 40);
     }
 
     #[test]

@@ -154,7 +154,7 @@ impl Subject {
     /// With the ports a peer-end mark saved at the RST or FIN: a reset socket has released
     /// its local port since. `mark` must be a pointer from a `PEER_ENDED` lookup.
     #[inline(always)]
-    pub fn at_peer_end(mark: *const monitor_common::PeerEnd, caller: bool) -> Subject {
+    pub fn at_peer_end(mark: *const monitor_common::PeerEnded, caller: bool) -> Subject {
         // SAFETY: a preallocated (LRU) map's element: valid memory, though possibly
         // recycled for another socket meanwhile (then the ports are that socket's).
         let ports = unsafe { [(*mark).tuple.sport, (*mark).tuple.dport] };

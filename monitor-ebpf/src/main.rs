@@ -10,12 +10,12 @@
 
 mod doctor;
 mod event;
-mod impact;
 mod kernel;
 mod maps;
 mod owner;
 mod reset;
 mod state;
+mod used_after;
 
 #[cfg(not(test))]
 #[panic_handler]

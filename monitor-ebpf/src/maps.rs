@@ -4,7 +4,7 @@ use aya_ebpf::{
     macros::{btf_map, map},
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
-use monitor_common::{ConnectKey, IoMark, PeerEnd, SockOwner, TASK_COMM_LEN, filter};
+use monitor_common::{ConnectKey, IoMark, PeerEnded, SockOwner, TASK_COMM_LEN, filter};
 
 /// Every observation, in order per CPU.
 #[map]
@@ -43,7 +43,7 @@ pub static OWNERS: LruHashMap<u64, SockOwner> = LruHashMap::with_max_entries(655
 
 /// Sockets the peer reset or closed (FIN): the only sockets the send/recv hooks look at.
 #[map]
-pub static PEER_ENDED: LruHashMap<u64, PeerEnd> = LruHashMap::with_max_entries(65536, 0);
+pub static PEER_ENDED: LruHashMap<u64, PeerEnded> = LruHashMap::with_max_entries(65536, 0);
 
 /// Connects per process and endpoint (`ConnectKey`), read at each refresh: pools' connect
 /// rates. LRU, so endpoints no longer used make room for new ones.

@@ -4,13 +4,13 @@ use core::mem::MaybeUninit;
 
 use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
 use aya_log_ebpf::debug;
-use monitor_common::{PeerEnd, SockOwner, hook, peer_end, tcp_state};
+use monitor_common::{PeerEnded, SockOwner, hook, peer_end, tcp_state};
 
 use crate::{
     event::{Slot, Subject, set},
-    impact::copy_tuple,
     kernel::{Record, Tp, is_inet_tcp, layout, new_owner, set_owner_task, sock_of_fd},
     maps::{OWNERS, PEER_ENDED},
+    used_after::copy_tuple,
 };
 
 #[tracepoint(category = "syscalls", name = "sys_exit_accept4")]
@@ -89,7 +89,7 @@ pub fn tcp_destroy_sock(ctx: TracePointContext) -> u32 {
 /// userspace counts an idle reset it was holding back as handled. Only after a reset: a
 /// FIN's handling shows in the state change its close makes (CLOSE_WAIT → LAST_ACK).
 #[inline(always)]
-fn destroyed_after_reset(sk: u64, mark: *const PeerEnd) {
+fn destroyed_after_reset(sk: u64, mark: *const PeerEnded) {
     let Some(slot) = Slot::begin_for(hook::DESTROY, sk, Subject::at_peer_end(mark, false)) else {
         return;
     };

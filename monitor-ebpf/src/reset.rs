@@ -8,11 +8,11 @@ use monitor_common::{hook, peer_end, tcp_state};
 
 use crate::{
     event::{Slot, Subject, set},
-    impact::{mark_peer_end, note_waiting_request},
     kernel::{
         FromRecord, FromSock, Record, Tp, TupleSource, layout, linger_zero, read_full_socket,
         sk_err, sk_state,
     },
+    used_after::{mark_peer_end, note_waiting_request},
 };
 
 /// Fires in softirq: the current task is not the owner (on loopback it is the RST sender).

@@ -11,12 +11,12 @@ use monitor_common::{ConnectKey, IPPROTO_TCP, SockOwner, Tuple, hook, peer_end, 
 
 use crate::{
     event::{Slot, set},
-    impact::{mark_peer_end, note_waiting_request},
     kernel::{
         FromRecord, FromSock, Record, Tp, TupleSource, is_tcp, layout, new_owner, read_full_socket,
         settings, sk_err,
     },
     maps::{CONNECTS, OWNERS, TRANSITIONS},
+    used_after::{mark_peer_end, note_waiting_request},
 };
 
 #[tracepoint(category = "sock", name = "inet_sock_set_state")]

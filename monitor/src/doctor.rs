@@ -5,8 +5,8 @@ use std::{fmt::Write as _, path::Path};
 use anyhow::{Context as _, Result, bail};
 
 use crate::probes::{
-    HOOKS, ProbeOptions, Probes, btf, check_privileges, filter::KernelFilter, read_effective_caps,
-    tracefs,
+    ProbeOptions, Probes, TRACEPOINTS, btf, check_privileges, filter::KernelFilter,
+    read_effective_caps, tracefs,
 };
 use monitor_common::Settings;
 
@@ -144,7 +144,7 @@ fn run_checks(options: &ProbeOptions) -> Vec<Check> {
         "",
     ));
     if let Ok(root) = &tracefs {
-        checks.extend(HOOKS.iter().map(|hook| tracepoint_check(root, hook)));
+        checks.extend(TRACEPOINTS.iter().map(|hook| tracepoint_check(root, hook)));
     }
     checks.push(ring_buffer_check());
     let settings = Settings {
@@ -264,7 +264,7 @@ fn namespace_capabilities() -> Check {
     }
 }
 
-fn tracepoint_check(root: &Path, hook: &crate::probes::Hook) -> Check {
+fn tracepoint_check(root: &Path, hook: &crate::probes::Tracepoint) -> Check {
     let name = format!("tracepoint {}:{}", hook.category, hook.name);
     let present = root
         .join("events")

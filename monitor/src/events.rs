@@ -19,7 +19,7 @@ pub enum Hook {
     ReceiveReset,
     SendReset,
     /// A send/recv on a socket the peer had reset or closed.
-    IoAfterPeerEnd,
+    UsedAfterPeerEnd,
     /// The kernel freed a socket its peer had reset: the application closed it.
     Destroy,
     /// Not a kernel event: a socket as a sock_diag snapshot listed it.
@@ -41,7 +41,7 @@ pub enum IoOp {
 
 /// The application's first call into a connection its peer had ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct IoAfterPeerEnd {
+pub struct UsedAfterPeerEnd {
     pub op: IoOp,
     /// What the call returned: bytes, or a negative errno.
     pub ret: i32,
@@ -49,7 +49,7 @@ pub struct IoAfterPeerEnd {
     pub since_peer_end_ms: u32,
 }
 
-impl IoAfterPeerEnd {
+impl UsedAfterPeerEnd {
     /// The errno the call failed with, 0 when it did not fail (EOF, or a write accepted).
     pub fn errno(&self) -> i32 {
         (-self.ret).max(0)
@@ -159,8 +159,8 @@ pub struct Event {
     pub full_socket: bool,
     /// An RST's socket had SO_LINGER on with a zero timeout.
     pub linger_zero: bool,
-    /// Set for [`Hook::IoAfterPeerEnd`].
-    pub io: Option<IoAfterPeerEnd>,
+    /// Set for [`Hook::UsedAfterPeerEnd`].
+    pub io: Option<UsedAfterPeerEnd>,
     /// `sk->sk_err` on a death (change to CLOSE) or a sent RST; 0 otherwise.
     pub sk_err: i32,
     /// A request was waiting for its answer (the application's last data call was a send,
@@ -262,12 +262,12 @@ pub fn from_raw(raw: &ConnEvent) -> Result<Event, DecodeError> {
         hook::STATE_CHANGE => Hook::StateChange,
         hook::RECEIVE_RESET => Hook::ReceiveReset,
         hook::SEND_RESET => Hook::SendReset,
-        hook::IO_AFTER_PEER_END => Hook::IoAfterPeerEnd,
+        hook::USED_AFTER_PEER_END => Hook::UsedAfterPeerEnd,
         hook::DESTROY => Hook::Destroy,
         other => return Err(DecodeError::UnknownHook(other)),
     };
     let io = match hook {
-        Hook::IoAfterPeerEnd => Some(decode_io(raw)?),
+        Hook::UsedAfterPeerEnd => Some(decode_io(raw)?),
         _ => None,
     };
     let tuple = &raw.tuple;
@@ -322,7 +322,7 @@ pub fn from_raw(raw: &ConnEvent) -> Result<Event, DecodeError> {
     })
 }
 
-fn decode_io(raw: &ConnEvent) -> Result<IoAfterPeerEnd, DecodeError> {
+fn decode_io(raw: &ConnEvent) -> Result<UsedAfterPeerEnd, DecodeError> {
     let op = match raw.io {
         io::SEND => IoOp::Send,
         io::RECV => IoOp::Recv,
@@ -333,7 +333,7 @@ fn decode_io(raw: &ConnEvent) -> Result<IoAfterPeerEnd, DecodeError> {
         peer_end::FIN => PeerEnd::Fin,
         _ => return Err(DecodeError::UnknownIo(raw.io, raw.peer_end)),
     };
-    Ok(IoAfterPeerEnd {
+    Ok(UsedAfterPeerEnd {
         op,
         ret: raw.ret,
         peer_end,
@@ -501,7 +501,7 @@ pub(crate) mod tests {
     /// A send that got ECONNRESET 1.5 s after the peer's RST, by pid 42.
     pub(crate) fn raw_send_after_reset() -> ConnEvent {
         let mut raw = raw_reset(0);
-        raw.hook = hook::IO_AFTER_PEER_END;
+        raw.hook = hook::USED_AFTER_PEER_END;
         raw.flags = flags::OWNER_KNOWN;
         raw.io = io::SEND;
         raw.ret = -libc::ECONNRESET;
@@ -527,7 +527,7 @@ pub(crate) mod tests {
 
     #[test]
     fn io_outcomes() {
-        let io = |op, ret| IoAfterPeerEnd {
+        let io = |op, ret| UsedAfterPeerEnd {
             op,
             ret,
             peer_end: PeerEnd::Fin,
@@ -564,7 +564,7 @@ pub(crate) mod tests {
                 (hook::STATE_CHANGE, Hook::StateChange),
                 (hook::RECEIVE_RESET, Hook::ReceiveReset),
                 (hook::SEND_RESET, Hook::SendReset),
-                (hook::IO_AFTER_PEER_END, Hook::IoAfterPeerEnd),
+                (hook::USED_AFTER_PEER_END, Hook::UsedAfterPeerEnd),
                 (hook::DESTROY, Hook::Destroy),
             ]
             .into_iter()
@@ -599,7 +599,7 @@ pub(crate) mod tests {
             eq!(event.rst_reason, raw.reason);
             eq!(event.full_socket, raw.flags & flags::FULL_SOCKET != 0);
             eq!(event.linger_zero, raw.flags & flags::LINGER_ZERO != 0);
-            let io = (raw.hook == hook::IO_AFTER_PEER_END).then(|| {
+            let io = (raw.hook == hook::USED_AFTER_PEER_END).then(|| {
                 let op = if raw.io == io::SEND { IoOp::Send } else { IoOp::Recv };
                 let end = if raw.peer_end == peer_end::RESET { PeerEnd::Reset } else { PeerEnd::Fin };
                 (op, raw.ret, end, raw.since_peer_end_ms)
@@ -630,7 +630,7 @@ pub(crate) mod tests {
             hook::STATE_CHANGE,
             hook::RECEIVE_RESET,
             hook::SEND_RESET,
-            hook::IO_AFTER_PEER_END,
+            hook::USED_AFTER_PEER_END,
             hook::DESTROY,
         ]);
         let comm = || "[ -~]{0,15}";
@@ -711,7 +711,7 @@ pub(crate) mod tests {
             .map(|f| f.kind)
             .collect();
         use crate::detect::Kind;
-        assert_eq!(kinds, [Kind::PeerResetIdle, Kind::WriteAfterReset]);
+        assert_eq!(kinds, [Kind::PeerResetIdle, Kind::UsedAfterReset]);
         assert!(pipeline.due(u64::MAX).is_empty(), "once");
         assert_eq!(pipeline.resets_handled(), 1);
     }

@@ -134,7 +134,7 @@ fn workload_key(finding: &Finding) -> (u64, u32) {
     let event = &finding.event;
     // In softirq the kernel's cgroup id is the interrupted task's; trust it only when it
     // came from the owner map or a call in the owner's own context.
-    let trusted = event.owner.is_some() || event.hook == Hook::IoAfterPeerEnd;
+    let trusted = event.owner.is_some() || event.hook == Hook::UsedAfterPeerEnd;
     let cgroup_id = if trusted { event.cgroup_id } else { 0 };
     (cgroup_id, finding.owner.as_ref().map_or(0, |o| o.pid))
 }

@@ -2,7 +2,7 @@
 //! attributed, and a pool stuck on unanswered requests is found exhausted. A server, a
 //! resetting proxy and a client run on loopback inside this process, and a server that
 //! never answers with a pool of two connections; it passes only if `peer_reset_idle` and
-//! `write_after_reset` name the client thread and `pool_exhausted` names this process with
+//! `used_after_reset` name the client thread and `pool_exhausted` names this process with
 //! both connections, and none of its own sockets' findings names another process.
 use std::{
     io::{Read, Write},
@@ -52,7 +52,7 @@ struct Expect {
     netns: Option<u64>,
     pid: u32,
     idle_reset: Option<String>,
-    write_after: Option<String>,
+    used_after: Option<String>,
     /// The stuck pool's endpoint, its connections' local addresses, and what was found.
     stuck_server: SocketAddr,
     pool: Vec<SocketAddr>,
@@ -120,14 +120,14 @@ impl Expect {
         );
         match (finding.kind, right_process) {
             (Kind::PeerResetIdle, true) => self.idle_reset = Some(line),
-            (Kind::WriteAfterReset, true) => self.write_after = Some(line),
-            (Kind::PeerResetIdle | Kind::WriteAfterReset, false) => self.wrong.push(line),
+            (Kind::UsedAfterReset, true) => self.used_after = Some(line),
+            (Kind::PeerResetIdle | Kind::UsedAfterReset, false) => self.wrong.push(line),
             _ => {}
         }
     }
 
     fn flow(&self) -> Flow {
-        if self.idle_reset.is_some() && self.write_after.is_some() && self.exhausted.is_some() {
+        if self.idle_reset.is_some() && self.used_after.is_some() && self.exhausted.is_some() {
             Flow::Stop
         } else {
             Flow::Continue
@@ -139,7 +139,7 @@ impl Expect {
     fn failure(&self) -> Option<String> {
         let missing: Vec<&str> = [
             (self.idle_reset.is_none(), "peer_reset_idle"),
-            (self.write_after.is_none(), "write_after_reset"),
+            (self.used_after.is_none(), "used_after_reset"),
             (self.exhausted.is_none(), "pool_exhausted"),
         ]
         .into_iter()
@@ -277,7 +277,7 @@ pub async fn run(args: SelftestArgs) -> Result<()> {
         netns: crate::sockets::diag::own_namespace().ok(),
         pid: std::process::id(),
         idle_reset: None,
-        write_after: None,
+        used_after: None,
         stuck_server: stuck_addr,
         pool: pool
             .iter()
@@ -298,7 +298,7 @@ pub async fn run(args: SelftestArgs) -> Result<()> {
     for line in expect
         .idle_reset
         .iter()
-        .chain(&expect.write_after)
+        .chain(&expect.used_after)
         .chain(&expect.exhausted)
     {
         println!("connwatch selftest: ok: {line}");
@@ -332,7 +332,7 @@ mod tests {
             netns: Some(4026531840),
             pid: 42,
             idle_reset: None,
-            write_after: None,
+            used_after: None,
             stuck_server: "127.0.0.1:6000".parse().unwrap(),
             pool: vec!["127.0.0.1:50001".parse().unwrap()],
             exhausted: None,
@@ -365,7 +365,7 @@ mod tests {
             CLIENT_THREAD,
         ));
         expect.check(&finding(
-            Kind::WriteAfterReset,
+            Kind::UsedAfterReset,
             CLIENT,
             PROXY,
             42,
@@ -388,7 +388,7 @@ mod tests {
         // The client's port number, on another connection of another process ("churn"
         // connected from the same port to somewhere else), and in another namespace.
         expect.check(&finding(
-            Kind::WriteAfterReset,
+            Kind::UsedAfterReset,
             CLIENT,
             "10.0.0.9:80",
             30257,
@@ -405,7 +405,7 @@ mod tests {
             "churn",
         ));
         assert!(expect.wrong.is_empty(), "{:?}", expect.wrong);
-        assert!(expect.idle_reset.is_none() && expect.write_after.is_none());
+        assert!(expect.idle_reset.is_none() && expect.used_after.is_none());
     }
 
     #[test]
@@ -419,14 +419,14 @@ mod tests {
             CLIENT_THREAD,
         ));
         expect.check(&finding(
-            Kind::WriteAfterReset,
+            Kind::UsedAfterReset,
             CLIENT,
             PROXY,
             30257,
             "churn",
         ));
         expect.check(&finding(
-            Kind::WriteAfterReset,
+            Kind::UsedAfterReset,
             CLIENT,
             PROXY,
             42,
@@ -441,7 +441,7 @@ mod tests {
         ));
         let failure = expect.failure().expect("a failure, not a pass");
         assert!(
-            failure.contains("write_after_reset attributed to pid 30257 (churn)"),
+            failure.contains("used_after_reset attributed to pid 30257 (churn)"),
             "{failure}"
         );
     }

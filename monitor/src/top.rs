@@ -80,7 +80,7 @@ pub struct TopArgs {
 }
 
 #[derive(Serialize)]
-struct Snapshot<'a> {
+struct Frame<'a> {
     ts: String,
     pools: &'a [Pool],
 }
@@ -234,7 +234,7 @@ impl Screen {
         let mut out = crate::output::stdout().writer();
         let ts = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
         if self.json {
-            serde_json::to_writer(&mut out, &Snapshot { ts, pools: &sorted })?;
+            serde_json::to_writer(&mut out, &Frame { ts, pools: &sorted })?;
             writeln!(out)?;
             return out.flush();
         }
@@ -470,7 +470,7 @@ mod tests {
             resets_per_min: 0,
             deaths_per_min: 0,
         };
-        let mut emitted = crate::readme_tests::keys(&Snapshot {
+        let mut emitted = crate::readme_tests::keys(&Frame {
             ts: String::new(),
             pools: &[],
         });

@@ -74,7 +74,7 @@ const ANALYSIS: &str = "### Notes on the targets
   2%), so about 98% is what this machine's round trip allows: 99.5% would need under
   20 ns per call, about what the tracepoint dispatch alone costs. The measured runs scatter
   far wider than that (one monitored run at 187k and the other at 280k round trips/s in
-  the same run; 81-109% across the day's runs, bpftrace likewise); `--no-write-after`
+  the same run; 81-109% across the day's runs, bpftrace likewise); `--no-used-after`
   removes the per-call hooks for nodes where the last percent matters.
 - **CPU per event 5x below bpftrace.** The kernel now streams under 2 events per churned
   connection where bpftrace prints 10, so the daemon's fixed costs per drain are spread over
@@ -127,7 +127,7 @@ impl Workload {
 enum Monitor {
     None,
     Connwatch,
-    /// The daemon without the per-send/recv hooks (`--no-write-after`).
+    /// The daemon without the per-send/recv hooks (`--no-used-after`).
     ConnwatchLean,
     /// The daemon with the kernel programs' diagnostics on (`--log-level debug`).
     ConnwatchKernelLog,
@@ -439,7 +439,7 @@ fn start(monitor: Monitor, connwatch: &Path) -> Result<Option<Running>> {
             let child = Command::new(connwatch)
                 .args(["daemon", "--listen", &addr, "--log-events", "false"])
                 .args(match monitor {
-                    Monitor::ConnwatchLean => &["--no-write-after"][..],
+                    Monitor::ConnwatchLean => &["--no-used-after"][..],
                     Monitor::ConnwatchKernelLog => &["--log-level", "debug"][..],
                     _ => &[],
                 })
@@ -916,7 +916,7 @@ pub fn run(root: &Path, connwatch: PathBuf) -> Result<()> {
         report,
         "Each workload ran {}s per condition on loopback, {CLIENTS} client threads, the \
          conditions interleaved in one run: unmonitored, connwatch daemon, the bpftrace script \
-         below (and the daemon with `--no-write-after`), twice, then unmonitored again (the baseline is the mean of the unmonitored \
+         below (and the daemon with `--no-used-after`), twice, then unmonitored again (the baseline is the mean of the unmonitored \
          runs; monitored rates are means). CPU is the monitor process's user+system time; the in-kernel cost of the \
          programs is in the rate column, paid by the load generator's threads.\n",
         RUN.as_secs()
@@ -967,7 +967,7 @@ pub fn run(root: &Path, connwatch: PathBuf) -> Result<()> {
         )?;
         for (name, m) in [
             ("connwatch daemon", &cw),
-            ("connwatch daemon --no-write-after", &lean),
+            ("connwatch daemon --no-used-after", &lean),
             ("bpftrace", &bt),
         ] {
             writeln!(

@@ -83,7 +83,7 @@ pub const GUEST_TESTS: &[(&str, &[&str])] = &[
     // tcp_receive_reset / tcp_send_reset, whose formats and firing changed in 6.10.
     ("reset", &[]),
     // Write/read after reset and FIN: tcp_sendmsg/tcp_recvmsg signatures, sock_*_length.
-    ("impact", &[]),
+    ("used_after", &[]),
     // Reset reasons (`enum sk_rst_reason`, 6.10+) and the fallbacks without them.
     ("causes", &[]),
     // The ring buffer filling up.

@@ -68,7 +68,7 @@ impl CloseDetector {
     pub fn observe(&mut self, event: &Event, owner: Option<&Task>, findings: &mut Vec<Finding>) {
         let skaddr = event.socket.skaddr;
         match event.hook {
-            Hook::IoAfterPeerEnd => {
+            Hook::UsedAfterPeerEnd => {
                 findings.extend(self.pending.take(skaddr));
                 return;
             }

@@ -1,4 +1,4 @@
-//! `idle_timeout_death`: a connection the kernel killed without an RST or FIN ever arriving:
+//! `silent_death`: a connection the kernel killed without an RST or FIN ever arriving:
 //! the network dropped it silently (a NAT or firewall forgot the flow, a peer vanished), and
 //! retransmission, keepalive or TCP_USER_TIMEOUT gave up. The next write fails at once with
 //! `connection timed out`. The kernel half (`state.rs`) reads `sk_err` as the socket closes.
@@ -15,7 +15,7 @@ pub fn classify(event: &Event) -> Option<Kind> {
         event.sk_err,
         0 | libc::ECONNRESET | libc::EPIPE | libc::ECONNABORTED
     );
-    (died && silent).then_some(Kind::IdleTimeoutDeath)
+    (died && silent).then_some(Kind::SilentDeath)
 }
 
 #[cfg(test)]
@@ -35,7 +35,7 @@ mod tests {
 
     #[test]
     fn silent_deaths_only() {
-        let kind = Some(Kind::IdleTimeoutDeath);
+        let kind = Some(Kind::SilentDeath);
         assert_eq!(
             classify(&death(tcp_state::ESTABLISHED, libc::ETIMEDOUT)),
             kind

@@ -5,11 +5,11 @@ pub mod death;
 pub mod exhausted;
 pub mod grace;
 pub mod idle_limit;
-pub mod impact;
 pub mod leak;
 pub mod listed;
 pub mod reset;
 pub mod stall;
+pub mod used_after;
 pub mod zombie;
 
 use std::{collections::HashMap, time::Duration};
@@ -32,9 +32,9 @@ pub enum Kind {
     /// The peer closed (FIN) a socket that had been idle at least the idle threshold.
     PeerCloseIdle,
     /// The application sent on, or read from, a socket its peer had reset.
-    WriteAfterReset,
+    UsedAfterReset,
     /// The application wrote to, or read EOF from, a socket its peer had closed.
-    WriteAfterClose,
+    UsedAfterClose,
     /// A socket stayed in CLOSE_WAIT past the threshold: the application never closed it.
     CloseWaitLingering,
     /// A request was sent and acknowledged, and no answer came for the stall threshold.
@@ -55,7 +55,7 @@ pub enum Kind {
     ZombieConnection,
     /// The kernel killed a connection with no RST or FIN (retransmission, keepalive or user
     /// timeout; unreachable): the network dropped it silently.
-    IdleTimeoutDeath,
+    SilentDeath,
     /// Any TCP state change (`watch --all`).
     StateChange,
 }
@@ -67,8 +67,8 @@ impl Kind {
             Kind::PeerReset => "peer_reset",
             Kind::LocalReset => "local_reset",
             Kind::PeerCloseIdle => "peer_close_idle",
-            Kind::WriteAfterReset => "write_after_reset",
-            Kind::WriteAfterClose => "write_after_close",
+            Kind::UsedAfterReset => "used_after_reset",
+            Kind::UsedAfterClose => "used_after_close",
             Kind::CloseWaitLingering => "close_wait_lingering",
             Kind::RequestStalled => "request_stalled",
             Kind::PoolExhausted => "pool_exhausted",
@@ -76,7 +76,7 @@ impl Kind {
             Kind::PoolLeak => "pool_leak",
             Kind::PoolLeakExhausted => "pool_leak_exhausted",
             Kind::ZombieConnection => "zombie_connection",
-            Kind::IdleTimeoutDeath => "idle_timeout_death",
+            Kind::SilentDeath => "silent_death",
             Kind::StateChange => "state_change",
         }
     }
@@ -187,11 +187,11 @@ impl Detectors {
         if let Some(kind) = death::classify(event) {
             findings.push(Finding::new(kind, event, owner));
         }
-        // Before impact: a FIN or RST still in its grace is reported ahead of the call that
+        // Before used_after: a FIN or RST still in its grace is reported ahead of the call that
         // hit it.
         self.close.observe(event, owner, findings);
         self.reset.observe(event, findings);
-        if let Some(kind) = impact::classify(event) {
+        if let Some(kind) = used_after::classify(event) {
             // The caller hit the ended connection; it is the process to name.
             findings.push(Finding::new(kind, event, Some(&event.current)));
         }

@@ -37,7 +37,7 @@ impl ResetDetector {
                 _ => Kind::PeerReset,
             }),
             Hook::SendReset => Some(Kind::LocalReset),
-            Hook::StateChange | Hook::IoAfterPeerEnd | Hook::Destroy | Hook::Snapshot => None,
+            Hook::StateChange | Hook::UsedAfterPeerEnd | Hook::Destroy | Hook::Snapshot => None,
         }
     }
 
@@ -58,7 +58,7 @@ impl ResetDetector {
     pub fn observe(&mut self, event: &Event, findings: &mut Vec<Finding>) {
         let skaddr = event.socket.skaddr;
         match event.hook {
-            Hook::IoAfterPeerEnd if event.io.is_some_and(|io| io.op == IoOp::Send) => {
+            Hook::UsedAfterPeerEnd if event.io.is_some_and(|io| io.op == IoOp::Send) => {
                 findings.extend(self.pending.take(skaddr));
             }
             Hook::Destroy => {

@@ -30,10 +30,10 @@ pub struct ProbeOptions {
     /// tracefs mount to read tracepoint formats from (found or mounted when not given).
     #[arg(long, env = "CONNWATCH_TRACEFS", value_name = "PATH")]
     pub tracefs: Option<PathBuf>,
-    /// Do not hook every send/recv (no write_after_reset / write_after_close): for nodes
+    /// Do not hook every send/recv (no used_after_reset / used_after_close): for nodes
     /// where that per-call cost matters more (see BENCHMARKS.md).
-    #[arg(long, env = "CONNWATCH_NO_WRITE_AFTER")]
-    pub no_write_after: bool,
+    #[arg(long, env = "CONNWATCH_NO_USED_AFTER")]
+    pub no_used_after: bool,
     /// Use classic tracepoints even where the kernel takes typed raw tracepoints (tp_btf),
     /// which cost less per hit: for a kernel whose tp_btf misbehaves, or to compare.
     #[arg(long, env = "CONNWATCH_CLASSIC_TRACEPOINTS")]
@@ -68,7 +68,7 @@ fn parse_ring_size(text: &str) -> Result<u32, String> {
 }
 
 /// A hook and, when connwatch can run without it, what is lost.
-pub struct Hook {
+pub struct Tracepoint {
     pub program: &'static str,
     pub category: &'static str,
     pub name: &'static str,
@@ -83,57 +83,57 @@ const ACCEPT_LOSS: &str = "kernel without CONFIG_FTRACE_SYSCALLS?): accepted soc
 const IO_LOSS: &str = "added in Linux 6.3): fexit on tcp_sendmsg/tcp_recvmsg serves instead \
     where the kernel allows it";
 
-pub const HOOKS: &[Hook] = &[
-    Hook {
+pub const TRACEPOINTS: &[Tracepoint] = &[
+    Tracepoint {
         program: "inet_sock_set_state",
         category: "sock",
         name: "inet_sock_set_state",
         optional: None,
         typed: true,
     },
-    Hook {
+    Tracepoint {
         program: "tcp_receive_reset",
         category: "tcp",
         name: "tcp_receive_reset",
         optional: None,
         typed: true,
     },
-    Hook {
+    Tracepoint {
         program: "tcp_send_reset",
         category: "tcp",
         name: "tcp_send_reset",
         optional: None,
         typed: false,
     },
-    Hook {
+    Tracepoint {
         program: "tcp_destroy_sock",
         category: "tcp",
         name: "tcp_destroy_sock",
         optional: None,
         typed: false,
     },
-    Hook {
+    Tracepoint {
         program: "sys_exit_accept4",
         category: "syscalls",
         name: "sys_exit_accept4",
         optional: Some(ACCEPT_LOSS),
         typed: false,
     },
-    Hook {
+    Tracepoint {
         program: "sys_exit_accept",
         category: "syscalls",
         name: "sys_exit_accept",
         optional: Some(ACCEPT_LOSS),
         typed: false,
     },
-    Hook {
+    Tracepoint {
         program: "sock_send_length",
         category: "sock",
         name: "sock_send_length",
         optional: Some(IO_LOSS),
         typed: true,
     },
-    Hook {
+    Tracepoint {
         program: "sock_recv_length",
         category: "sock",
         name: "sock_recv_length",
@@ -142,8 +142,8 @@ pub const HOOKS: &[Hook] = &[
     },
 ];
 
-impl Hook {
-    /// The per-send/recv tracepoints behind `write_after_*`.
+impl Tracepoint {
+    /// The per-send/recv tracepoints behind `used_after_*`.
     pub fn is_io(&self) -> bool {
         self.category == "sock" && self.name.ends_with("_length")
     }
@@ -374,8 +374,8 @@ impl Probes {
         let mut io_typed: Result<(), String> = Ok(());
         let mut state_typed: Result<(), String> = Ok(());
         let mut reset_typed: Result<(), String> = Ok(());
-        for hook in HOOKS {
-            if options.no_write_after && hook.is_io() {
+        for hook in TRACEPOINTS {
+            if options.no_used_after && hook.is_io() {
                 // Opted out: these fire on every send/recv on the host.
                 continue;
             }
@@ -423,8 +423,8 @@ impl Probes {
         // where they run typed and the kernel allows it; else tcp_info's jiffy stamps.
         let mut io_marking: Result<&str, String> = if !storage_for_tracing {
             Err("socket storage for tracing programs needs Linux 5.11".into())
-        } else if options.no_write_after {
-            Err("--no-write-after turned the send/recv hooks off".into())
+        } else if options.no_used_after {
+            Err("--no-used-after turned the send/recv hooks off".into())
         } else if !io_tracepoints {
             Ok("fexit tcp_sendmsg, tcp_recvmsg")
         } else {
@@ -436,34 +436,34 @@ impl Probes {
                 )),
             }
         };
-        let io = if options.no_write_after {
+        let io = if options.no_used_after {
             Capability {
-                name: "write_after_*",
+                name: "used_after_*",
                 served_by: "nothing".into(),
-                degraded: Some("turned off by --no-write-after".into()),
+                degraded: Some("turned off by --no-used-after".into()),
             }
         } else if io_tracepoints {
             let hooks = "sock:sock_send_length, sock:sock_recv_length";
             match io_typed {
-                Ok(()) => Capability::full("write_after_*", format!("tp_btf {hooks}")),
+                Ok(()) => Capability::full("used_after_*", format!("tp_btf {hooks}")),
                 // Served all the same, at the classic tracepoints' cost per call.
                 Err(why) => Capability::full(
-                    "write_after_*",
+                    "used_after_*",
                     format!("tracepoints {hooks} (tp_btf not used: {why})"),
                 ),
             }
         } else {
             match attach_io_fexit(&mut ebpf, &mut typed_btf, recvmsg_args) {
-                Ok(()) => Capability::full("write_after_*", "fexit tcp_sendmsg, tcp_recvmsg"),
+                Ok(()) => Capability::full("used_after_*", "fexit tcp_sendmsg, tcp_recvmsg"),
                 Err(err) => {
                     let why = format!(
                         "sock:sock_send_length needs Linux 6.3, and fexit on tcp_sendmsg \
                          failed: {err:#}"
                     );
-                    warnings.push(format!("write_after_reset/close are not reported: {why}"));
+                    warnings.push(format!("used_after_reset/close are not reported: {why}"));
                     io_marking = Err(why.clone());
                     Capability {
-                        name: "write_after_*",
+                        name: "used_after_*",
                         served_by: "nothing".into(),
                         degraded: Some(why),
                     }
@@ -681,7 +681,7 @@ fn kernel_log_capability(started: Result<(), String>) -> Capability {
     }
 }
 
-/// `write_after_*` where the send/recv tracepoints are missing (before Linux 6.3): fexit on
+/// `used_after_*` where the send/recv tracepoints are missing (before Linux 6.3): fexit on
 /// the TCP send and receive functions, whose return value is the call's result.
 fn attach_io_fexit(
     ebpf: &mut Ebpf,
@@ -753,7 +753,11 @@ impl<'a> TypedBtf<'a> {
 
 /// Attaches `hook`'s typed raw tracepoint (program `<program>_btf`): raw_tracepoint_open,
 /// not perf_event_open, and the arguments straight from the context.
-fn attach_btf_tracepoint(ebpf: &mut Ebpf, hook: &Hook, typed_btf: &mut TypedBtf<'_>) -> Result<()> {
+fn attach_btf_tracepoint(
+    ebpf: &mut Ebpf,
+    hook: &Tracepoint,
+    typed_btf: &mut TypedBtf<'_>,
+) -> Result<()> {
     let name = format!("{}_btf", hook.program);
     let btf = typed_btf.get()?;
     let program: &mut BtfTracePoint = ebpf
@@ -771,7 +775,7 @@ fn attach_btf_tracepoint(ebpf: &mut Ebpf, hook: &Hook, typed_btf: &mut TypedBtf<
     Ok(())
 }
 
-fn attach_tracepoint(ebpf: &mut Ebpf, hook: &Hook) -> Result<()> {
+fn attach_tracepoint(ebpf: &mut Ebpf, hook: &Tracepoint) -> Result<()> {
     let tracepoint = format!("{}:{}", hook.category, hook.name);
     let program: &mut TracePoint = ebpf
         .program_mut(hook.program)

@@ -321,7 +321,7 @@ pub(super) mod tests {
         use crate::events::{from_raw, tests::raw_send_after_reset};
         let event = from_raw(&raw_send_after_reset()).unwrap();
         let mut finding = crate::detect::Finding::new(kind, &event, None);
-        if kind != Kind::WriteAfterReset {
+        if kind != Kind::UsedAfterReset {
             finding.event.io = None;
         }
         edit(&mut finding);
@@ -358,7 +358,7 @@ pub(super) mod tests {
     #[test]
     fn details_say_what_happened() {
         assert_eq!(
-            detail(&report(Kind::WriteAfterReset, |_| {})),
+            detail(&report(Kind::UsedAfterReset, |_| {})),
             "send → ECONNRESET, 1.5s after the peer's reset"
         );
         assert_eq!(
@@ -401,7 +401,7 @@ pub(super) mod tests {
     #[test]
     fn calls_say_what_they_got() {
         let call = |op, error| {
-            let mut report = report(Kind::WriteAfterClose, |_| {});
+            let mut report = report(Kind::UsedAfterClose, |_| {});
             (report.op, report.error) = (Some(op), Some(error));
             report.since_close_ms = Some(300);
             detail(&report)
@@ -433,7 +433,7 @@ pub(super) mod tests {
 
     #[test]
     fn columns_stay_aligned_with_a_long_ipv6_address() {
-        let v4 = report(Kind::WriteAfterReset, |_| {});
+        let v4 = report(Kind::UsedAfterReset, |_| {});
         let mut v6 = v4.clone();
         v6.sock_id = "another socket".into();
         v6.local = "[2001:db8:85a3:1234:5678:8a2e:370:7334]:50432".into();
@@ -508,8 +508,8 @@ pub(super) mod tests {
                 vec![base(&|r| r.cause = Some("linger_zero_abort".into()))]
             }
             Kind::PeerCloseIdle => vec![base(&|_| {}), base(&|r| r.stalled_ms = Some(1500))],
-            Kind::WriteAfterReset => calls(|r| r.since_reset_ms = Some(300)),
-            Kind::WriteAfterClose => calls(|r| r.since_close_ms = Some(300)),
+            Kind::UsedAfterReset => calls(|r| r.since_reset_ms = Some(300)),
+            Kind::UsedAfterClose => calls(|r| r.since_close_ms = Some(300)),
             Kind::CloseWaitLingering | Kind::PoolRecovered => {
                 vec![base(&|r| r.age_ms = Some(2100))]
             }
@@ -527,7 +527,7 @@ pub(super) mod tests {
                     })
                 })
                 .to_vec(),
-            Kind::IdleTimeoutDeath => vec![
+            Kind::SilentDeath => vec![
                 base(&|r| r.error = Some("ETIMEDOUT")),
                 base(&|r| (r.error, r.since_recv_ms) = (Some("ETIMEDOUT"), Some(5000))),
             ],
@@ -540,8 +540,8 @@ pub(super) mod tests {
         Kind::PeerReset,
         Kind::LocalReset,
         Kind::PeerCloseIdle,
-        Kind::WriteAfterReset,
-        Kind::WriteAfterClose,
+        Kind::UsedAfterReset,
+        Kind::UsedAfterClose,
         Kind::CloseWaitLingering,
         Kind::RequestStalled,
         Kind::PoolExhausted,
@@ -549,7 +549,7 @@ pub(super) mod tests {
         Kind::PoolLeak,
         Kind::PoolLeakExhausted,
         Kind::ZombieConnection,
-        Kind::IdleTimeoutDeath,
+        Kind::SilentDeath,
         Kind::StateChange,
     ];
 
@@ -656,7 +656,7 @@ pub(super) mod tests {
 
     #[test]
     fn a_lone_finding_prints_as_before_grouping() {
-        let report = report(Kind::WriteAfterReset, |_| {});
+        let report = report(Kind::UsedAfterReset, |_| {});
         let mut sink = CliSink::new(Vec::new());
         sink.finding_row(&report, &detail(&report)).unwrap();
         let before = String::from_utf8(sink.out).unwrap();

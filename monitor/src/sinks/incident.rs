@@ -90,7 +90,7 @@ impl Incident {
     }
 
     /// The steps in the order they happened: by event time, except that a call into a
-    /// socket the peer had closed (`write_after_close`) comes before the reset it
+    /// socket the peer had closed (`used_after_close`) comes before the reset it
     /// provoked: the call returns, and is stamped, after the RST it drew back.
     pub fn steps(&self) -> Vec<&Report> {
         let mut steps: Vec<&Report> = self.reports.iter().collect();
@@ -98,7 +98,7 @@ impl Incident {
         if let Some(first_close) = steps.iter().position(|r| closes(r)) {
             let (calls, rest): (Vec<&Report>, Vec<&Report>) = steps[first_close..]
                 .iter()
-                .partition(|r| r.kind == Kind::WriteAfterClose.as_str());
+                .partition(|r| r.kind == Kind::UsedAfterClose.as_str());
             steps.truncate(first_close);
             steps.extend(calls);
             steps.extend(rest);
@@ -158,7 +158,7 @@ fn closes(report: &Report) -> bool {
         Kind::PeerReset,
         Kind::PeerResetIdle,
         Kind::LocalReset,
-        Kind::IdleTimeoutDeath,
+        Kind::SilentDeath,
     ]
     .iter()
     .any(|k| k.as_str() == report.kind)
@@ -192,7 +192,7 @@ fn step(report: &Report, gap_ms: u64) -> String {
             "RST sent{later} ({})",
             report.cause.as_deref().unwrap_or("unknown")
         ),
-        Some(Kind::WriteAfterClose | Kind::WriteAfterReset) => {
+        Some(Kind::UsedAfterClose | Kind::UsedAfterReset) => {
             let (verb, op) = match report.op {
                 Some("recv") => ("read", "recv"),
                 _ => ("wrote", "send"),
@@ -330,7 +330,7 @@ pub(super) mod tests {
         timewait.cause = Some("timewait_socket".into());
         let mut rst = finding(Kind::PeerReset, sock, 300);
         (rst.idle_ms, rst.cause) = (Some(0), Some("reset_during_close".into()));
-        let mut write = finding(Kind::WriteAfterClose, sock, 301);
+        let mut write = finding(Kind::UsedAfterClose, sock, 301);
         (write.op, write.error, write.since_close_ms) = (Some("send"), Some("none"), Some(300));
         [(fin, 200), (timewait, 300), (rst, 300), (write, 301)]
     }
@@ -481,7 +481,7 @@ pub(super) mod tests {
         let mut incidents = Incidents::default();
         let mut rst = finding(Kind::PeerResetIdle, "a", 0);
         rst.idle_ms = Some(30_000);
-        let mut write = finding(Kind::WriteAfterReset, "a", 120);
+        let mut write = finding(Kind::UsedAfterReset, "a", 120);
         (write.op, write.error) = (Some("send"), Some("ECONNRESET"));
         add_all(&mut incidents, [(rst, 0), (write, 120)]);
         let incident = one(incidents.due(120 * MS + SETTLE.as_nanos() as u64));

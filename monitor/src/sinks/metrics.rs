@@ -347,7 +347,7 @@ pub struct Metrics {
     resets: Capped<KindWho, Counter>,
     peer_reset_idle: Capped<Who, Histogram>,
     peer_close_idle: Capped<Who, Histogram>,
-    write_after: Capped<ErrorWho, Counter>,
+    used_after: Capped<ErrorWho, Counter>,
     close_wait_lingering: Capped<Who, Counter>,
     request_stalled: Capped<Who, Counter>,
     pool_exhaustions: Capped<Who, Counter>,
@@ -407,7 +407,7 @@ impl Metrics {
                 histograms(),
                 &overflow,
             ),
-            write_after: Capped::empty("connwatch_write_after_peer_end", &overflow),
+            used_after: Capped::empty("connwatch_used_after_peer_end", &overflow),
             close_wait_lingering: Capped::empty("connwatch_close_wait_lingering", &overflow),
             request_stalled: Capped::empty("connwatch_request_stalled", &overflow),
             pool_exhaustions: Capped::empty("connwatch_pool_exhaustions", &overflow),
@@ -415,7 +415,7 @@ impl Metrics {
             pool_idle_limit: Capped::empty("connwatch_pool_idle_limit_seconds", &overflow),
             zombie_connections: Capped::empty("connwatch_zombie_connections", &overflow),
             pool_leaks: Capped::empty("connwatch_pool_leaks", &overflow),
-            deaths: Capped::empty("connwatch_idle_timeout_deaths", &overflow),
+            deaths: Capped::empty("connwatch_silent_deaths", &overflow),
             pool_sockets: Capped::empty("connwatch_pool_sockets", &overflow),
             pool_flagged: Capped::empty("connwatch_pool_flagged_sockets", &overflow),
             kernel: Arc::new(KernelCollector::default()),
@@ -457,8 +457,8 @@ impl Metrics {
                 "How long sockets closed by their peer (FIN) had been idle (peer_close_idle)",
             ),
             (
-                &metrics.write_after.family,
-                "connwatch_write_after_peer_end",
+                &metrics.used_after.family,
+                "connwatch_used_after_peer_end",
                 "Application sends/reads on sockets the peer had reset or closed, by what they got",
             ),
             (
@@ -498,7 +498,7 @@ impl Metrics {
             ),
             (
                 &metrics.deaths.family,
-                "connwatch_idle_timeout_deaths",
+                "connwatch_silent_deaths",
                 "Connections the kernel killed with no RST or FIN (timeouts, unreachable), by error",
             ),
             (
@@ -614,14 +614,14 @@ impl Metrics {
                         .observe(idle);
                 }
             }
-            Kind::WriteAfterReset | Kind::WriteAfterClose => {
+            Kind::UsedAfterReset | Kind::UsedAfterClose => {
                 let error = finding.event.io.map_or("none", |io| io.outcome());
                 let labels = ErrorWho {
                     kind: finding.kind.as_str().into(),
                     error: error.into(),
                     who,
                 };
-                self.write_after.series(labels, max, &self.overflow).inc();
+                self.used_after.series(labels, max, &self.overflow).inc();
             }
             Kind::CloseWaitLingering => {
                 self.close_wait_lingering
@@ -646,7 +646,7 @@ impl Metrics {
                     .series(who, max, &self.overflow)
                     .inc();
             }
-            Kind::IdleTimeoutDeath => {
+            Kind::SilentDeath => {
                 let labels = ErrorWho {
                     kind: finding.kind.as_str().into(),
                     error: crate::events::errno_name(finding.event.sk_err).into(),
@@ -903,10 +903,10 @@ mod tests {
         for family in [
             "# TYPE connwatch_build info",
             "# TYPE connwatch_resets counter",
-            "# TYPE connwatch_idle_timeout_deaths counter",
+            "# TYPE connwatch_silent_deaths counter",
             "# TYPE connwatch_peer_reset_idle_seconds histogram",
             "# TYPE connwatch_peer_close_idle_seconds histogram",
-            "# TYPE connwatch_write_after_peer_end counter",
+            "# TYPE connwatch_used_after_peer_end counter",
             "# TYPE connwatch_close_wait_lingering counter",
             "# TYPE connwatch_request_stalled counter",
             "# TYPE connwatch_zombie_connections counter",
@@ -929,17 +929,17 @@ mod tests {
             "# TYPE connwatch_peer_closes_handled counter",
             "# TYPE connwatch_peer_resets_handled counter",
             "# TYPE connwatch_label_overflow counter",
-            "# HELP connwatch_idle_timeout_deaths Connections the kernel killed",
+            "# HELP connwatch_silent_deaths Connections the kernel killed",
             "# HELP connwatch_pool_flagged_sockets A pool's sockets flagged",
         ] {
             assert!(text.contains(family), "{family} missing:\n{text}");
         }
         for metric in [
             "connwatch_resets",
-            "connwatch_idle_timeout_deaths",
+            "connwatch_silent_deaths",
             "connwatch_peer_reset_idle_seconds",
             "connwatch_peer_close_idle_seconds",
-            "connwatch_write_after_peer_end",
+            "connwatch_used_after_peer_end",
             "connwatch_close_wait_lingering",
             "connwatch_request_stalled",
             "connwatch_zombie_connections",
@@ -977,14 +977,14 @@ mod tests {
             Kind::PoolExhausted,
             Kind::PoolLeak,
             Kind::ZombieConnection,
-            Kind::IdleTimeoutDeath,
+            Kind::SilentDeath,
         ] {
             let mut finding = idle_reset("app", 5000);
             finding.kind = kind;
             metrics.finding(&finding);
         }
         let io = from_raw(&raw_send_after_reset()).unwrap();
-        metrics.finding(&Finding::new(Kind::WriteAfterReset, &io, io.owner.as_ref()));
+        metrics.finding(&Finding::new(Kind::UsedAfterReset, &io, io.owner.as_ref()));
         let mut change = raw_reset(0);
         change.hook = monitor_common::hook::STATE_CHANGE;
         metrics.event(&from_raw(&change).unwrap());
@@ -1020,10 +1020,10 @@ mod tests {
         for series in [
             "connwatch_log_lines_suppressed_total{kind=\"peer_reset\"} 1",
             "connwatch_resets_total{",
-            "connwatch_idle_timeout_deaths_total{",
+            "connwatch_silent_deaths_total{",
             "connwatch_peer_reset_idle_seconds_count{",
             "connwatch_peer_close_idle_seconds_count{",
-            "connwatch_write_after_peer_end_total{",
+            "connwatch_used_after_peer_end_total{",
             "connwatch_close_wait_lingering_total{",
             "connwatch_request_stalled_total{",
             "connwatch_zombie_connections_total{",

@@ -71,7 +71,7 @@ pub struct Report {
     pub remote: String,
     pub family: &'static str,
     /// The socket's state when it happened: before the RST/FIN for resets and closes,
-    /// at the call for write_after_*, CLOSE_WAIT for lingering; for state changes the new
+    /// at the call for used_after_*, CLOSE_WAIT for lingering; for state changes the new
     /// state.
     pub state: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -93,7 +93,7 @@ pub struct Report {
     /// `cgroup` still names it).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cgroup_id: Option<u64>,
-    /// write_after_*: the call (`send` or `recv`) and what it got.
+    /// used_after_*: the call (`send` or `recv`) and what it got.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub op: Option<&'static str>,
     /// The errno the call failed with; 0 for EOF or an accepted write.
@@ -188,10 +188,10 @@ impl Report {
             }),
             errno: io
                 .map(|io| io.errno())
-                .or((finding.kind == Kind::IdleTimeoutDeath).then_some(event.sk_err)),
+                .or((finding.kind == Kind::SilentDeath).then_some(event.sk_err)),
             error: io
                 .map(|io| io.outcome())
-                .or((finding.kind == Kind::IdleTimeoutDeath).then(|| errno_name(event.sk_err))),
+                .or((finding.kind == Kind::SilentDeath).then(|| errno_name(event.sk_err))),
             since_reset_ms: since(PeerEnd::Reset),
             since_close_ms: since(PeerEnd::Fin),
             age_ms: finding.age_ms,
@@ -304,11 +304,11 @@ mod tests {
     }
 
     #[test]
-    fn write_after_reset_fields() {
+    fn used_after_reset_fields() {
         let event = from_raw(&crate::events::tests::raw_send_after_reset()).unwrap();
-        let finding = Finding::new(Kind::WriteAfterReset, &event, Some(&event.current));
+        let finding = Finding::new(Kind::UsedAfterReset, &event, Some(&event.current));
         let report = Report::new(&finding, &WallClock::now());
-        assert_eq!(report.kind, "write_after_reset");
+        assert_eq!(report.kind, "used_after_reset");
         assert_eq!(report.pid, Some(42));
         assert_eq!(report.op, Some("send"));
         assert_eq!(

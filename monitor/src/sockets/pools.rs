@@ -136,7 +136,7 @@ pub struct Pool {
     pub idle_limit_ms: Option<u64>,
     pub connects_per_min: u32,
     pub resets_per_min: u32,
-    /// idle_timeout_death over the last minute.
+    /// silent_death over the last minute.
     pub deaths_per_min: u32,
 }
 

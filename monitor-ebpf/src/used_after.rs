@@ -13,7 +13,7 @@ use aya_ebpf::{
     macros::{btf_tracepoint, fexit, tracepoint},
     programs::{BtfTracePointContext, FExitContext, TracePointContext},
 };
-use monitor_common::{ConnEvent, IPPROTO_TCP, IoMark, PeerEnd, hook, io, peer_end, tcp_state};
+use monitor_common::{ConnEvent, IPPROTO_TCP, IoMark, PeerEnded, hook, io, peer_end, tcp_state};
 
 use crate::{
     event::{Slot, Subject, set},
@@ -177,7 +177,7 @@ fn after_peer_end(sk: u64, ret: i32, op: u8, protocol: Protocol, origin: Sk) -> 
     // SAFETY: as above.
     unsafe { (*mark).reported = 1 };
     let subject = Subject::at_peer_end(mark, true);
-    let Some(slot) = Slot::begin_for(hook::IO_AFTER_PEER_END, sk, subject) else {
+    let Some(slot) = Slot::begin_for(hook::USED_AFTER_PEER_END, sk, subject) else {
         return 0;
     };
     let state = sk_state(sk);
@@ -195,7 +195,7 @@ fn after_peer_end(sk: u64, ret: i32, op: u8, protocol: Protocol, origin: Sk) -> 
 /// Copies the tuple a peer-end mark kept (as it was at the RST or FIN) into the event.
 /// `mark` must be a pointer from a `PEER_ENDED` lookup.
 #[inline(always)]
-pub fn copy_tuple(mark: *const PeerEnd, slot: &Slot) {
+pub fn copy_tuple(mark: *const PeerEnded, slot: &Slot) {
     let event = slot.as_ptr();
     // SAFETY: both are whole, 8-aligned tuples: the event's, and the map value's (a
     // preallocated LRU map's element: valid memory, though possibly recycled meanwhile, see
@@ -286,7 +286,7 @@ pub fn mark_peer_end(how: u8, source: &impl TupleSource, sk: u64) {
         // RST before the write's own hook runs).
         return;
     }
-    let mut mark = MaybeUninit::<PeerEnd>::uninit();
+    let mut mark = MaybeUninit::<PeerEnded>::uninit();
     let ptr = mark.as_mut_ptr();
     // SAFETY: every field of the stack value is written here or by `tuple`.
     unsafe {

@@ -26,7 +26,7 @@ fn position(events: &[Value], kind_name: &str, local_port: u16) -> usize {
 }
 
 #[test]
-fn write_after_idle_reset() {
+fn used_after_idle_reset() {
     let (listener, server_port, watch) = watched_listener("127.0.0.1:0", &[]);
     let pair = Pair::connect(&listener, "cw-pool-conn");
     let client_port = pair.client_port();
@@ -34,15 +34,15 @@ fn write_after_idle_reset() {
     let client = pair.reset_from_server();
     thread::sleep(Duration::from_millis(200));
     in_thread("cw-query", move || write_then_read(client));
-    watch.wait_for("write_after_reset", |events| {
-        count(events, "write_after_reset", client_port) >= 1
+    watch.wait_for("used_after_reset", |events| {
+        count(events, "used_after_reset", client_port) >= 1
     });
     let events = watch.stop().events;
     assert!(
         position(&events, "peer_reset_idle", client_port)
-            < position(&events, "write_after_reset", client_port)
+            < position(&events, "used_after_reset", client_port)
     );
-    let hit = of_kind(&events, "write_after_reset", client_port);
+    let hit = of_kind(&events, "used_after_reset", client_port);
     assert_eq!(hit.len(), 1, "one per socket: {events:#?}");
     let hit = hit[0];
     assert_eq!(hit["pid"], std::process::id());
@@ -58,12 +58,12 @@ fn write_after_idle_reset() {
     assert_eq!(port(&hit["remote"]), server_port);
     let since = ms(hit, "since_reset_ms");
     assert!((150..5000).contains(&since), "since_reset_ms={since}");
-    assert_eq!(count(&events, "write_after_close", client_port), 0);
+    assert_eq!(count(&events, "used_after_close", client_port), 0);
 }
 
 #[test]
-fn no_write_after_leaves_the_send_recv_hooks_out() {
-    let (listener, _, watch) = watched_listener("127.0.0.1:0", &["--no-write-after"]);
+fn no_used_after_leaves_the_send_recv_hooks_out() {
+    let (listener, _, watch) = watched_listener("127.0.0.1:0", &["--no-used-after"]);
     let pair = Pair::connect(&listener, "cw-pool-conn");
     let client_port = pair.client_port();
     thread::sleep(Duration::from_millis(1200));
@@ -81,7 +81,7 @@ fn no_write_after_leaves_the_send_recv_hooks_out() {
         "{events:#?}"
     );
     assert_eq!(
-        count(&events, "write_after_reset", client_port),
+        count(&events, "used_after_reset", client_port),
         0,
         "{events:#?}"
     );
@@ -90,7 +90,7 @@ fn no_write_after_leaves_the_send_recv_hooks_out() {
 
 /// A pooled connection idle for 2 s, closed by the server (FIN); `after` the FIN, a
 /// `cw-query` thread writes into it and reads. Returns the client's port.
-fn write_after_fin(listener: &std::net::TcpListener, after: Duration) -> u16 {
+fn used_after_fin(listener: &std::net::TcpListener, after: Duration) -> u16 {
     let pair = Pair::connect(listener, "cw-pool-conn");
     let client_port = pair.client_port();
     thread::sleep(Duration::from_secs(2));
@@ -101,11 +101,11 @@ fn write_after_fin(listener: &std::net::TcpListener, after: Duration) -> u16 {
 }
 
 #[test]
-fn write_after_idle_fin() {
+fn used_after_idle_fin() {
     let (listener, _, watch) = watched_listener("127.0.0.1:0", &[]);
-    let client_port = write_after_fin(&listener, Duration::from_millis(200));
-    watch.wait_for("write_after_close", |events| {
-        count(events, "write_after_close", client_port) >= 1
+    let client_port = used_after_fin(&listener, Duration::from_millis(200));
+    watch.wait_for("used_after_close", |events| {
+        count(events, "used_after_close", client_port) >= 1
     });
     let events = watch.stop().events;
     let fin = of_kind(&events, "peer_close_idle", client_port);
@@ -115,14 +115,14 @@ fn write_after_idle_fin() {
     assert!(ms(fin[0], "idle_ms") >= 1900, "{:?}", fin[0]);
     assert!(
         position(&events, "peer_close_idle", client_port)
-            < position(&events, "write_after_close", client_port)
+            < position(&events, "used_after_close", client_port)
     );
-    let hit = of_kind(&events, "write_after_close", client_port);
+    let hit = of_kind(&events, "used_after_close", client_port);
     assert_eq!(hit.len(), 1, "{events:#?}");
     assert_eq!(hit[0]["comm"], "cw-query");
     assert_eq!(hit[0]["op"], "send");
     assert!(ms(hit[0], "since_close_ms") >= 150, "{:?}", hit[0]);
-    assert_eq!(count(&events, "write_after_reset", client_port), 0);
+    assert_eq!(count(&events, "used_after_reset", client_port), 0);
 }
 
 /// Acceptance: one incident line for the FIN → write → RST sequence. The table prints
@@ -134,7 +134,7 @@ fn fin_write_rst_is_one_incident_line() {
     let (listener, server_port, json) = watched_listener("127.0.0.1:0", &[]);
     let table = Watch::start_table(&["--port", &server_port.to_string()]);
     // Past the FIN's 200 ms grace: the idle FIN is its own finding first.
-    let client_port = write_after_fin(&listener, Duration::from_millis(300));
+    let client_port = used_after_fin(&listener, Duration::from_millis(300));
     let client = format!(":{client_port} ");
     let sequence = |line: &str| {
         line.contains(" peer FIN after ")
@@ -179,7 +179,7 @@ fn fin_write_rst_is_one_incident_line() {
     assert_eq!(
         [
             of_kinds(&["peer_close_idle"]),
-            of_kinds(&["write_after_close"]),
+            of_kinds(&["used_after_close"]),
             of_kinds(&RESET_KINDS)
         ],
         [1, 1, 1],
@@ -271,7 +271,7 @@ fn a_fin_handled_at_once_is_healthy_and_one_held_is_flagged() {
         "{events:#?}"
     );
     assert_eq!(
-        count(&events, "write_after_close", healthy_port),
+        count(&events, "used_after_close", healthy_port),
         0,
         "{events:#?}"
     );
@@ -399,8 +399,8 @@ fn busy_healthy_connection_is_quiet() {
     sync_with_sentinel(&listener, &watch);
     let events = watch.stop().events;
     for kind_name in [
-        "write_after_reset",
-        "write_after_close",
+        "used_after_reset",
+        "used_after_close",
         "peer_close_idle",
         "close_wait_lingering",
         "peer_reset_idle",
@@ -435,7 +435,7 @@ fn eof_read_right_after_fin_is_an_ordinary_close() {
     sync_with_sentinel(&listener, &watch);
     let events = watch.stop().events;
     assert_eq!(
-        count(&events, "write_after_close", server_port),
+        count(&events, "used_after_close", server_port),
         0,
         "{events:#?}"
     );
@@ -454,11 +454,11 @@ fn eof_read_long_after_fin_is_reported() {
         let mut buf = [0u8; 16];
         assert_eq!(stream.read(&mut buf).unwrap(), 0, "EOF");
     });
-    watch.wait_for("write_after_close", |events| {
-        count(events, "write_after_close", client_port) >= 1
+    watch.wait_for("used_after_close", |events| {
+        count(events, "used_after_close", client_port) >= 1
     });
     let events = watch.stop().events;
-    let hit = of_kind(&events, "write_after_close", client_port);
+    let hit = of_kind(&events, "used_after_close", client_port);
     assert_eq!(hit.len(), 1, "{events:#?}");
     assert_eq!(hit[0]["comm"], "cw-checkout");
     assert_eq!(
