@@ -57,7 +57,7 @@ fn prometheus_counts_exactly_the_idle_resets() {
     let bucket =
         |le: &str| format!(r#"sum(connwatch_peer_reset_idle_seconds_bucket{{{who},le=~"{le}"}})"#);
     prometheus.wait_for(
-        &format!(r#"sum(connwatch_peer_reset_idle_seconds_count{{{who}}})"#),
+        &format!(r"sum(connwatch_peer_reset_idle_seconds_count{{{who}}})"),
         RESETS as f64,
     );
     prometheus.wait_for(&bucket(r"1(\\.0)?"), 0.0);

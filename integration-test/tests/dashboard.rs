@@ -288,7 +288,7 @@ fn every_panel_shows_what_the_scenarios_made() {
         .into_iter()
         .filter(|(title, _, _)| !ALLOWED_EMPTY.iter().any(|(allowed, _)| allowed == title))
         .collect();
-    let deadline = Instant::now() + Duration::from_secs(120);
+    let deadline = Instant::now() + Duration::from_mins(2);
     let mut empty = empty_targets(&prometheus, &targets);
     while !empty.is_empty() && Instant::now() < deadline {
         thread::sleep(Duration::from_secs(1));

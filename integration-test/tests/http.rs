@@ -55,7 +55,7 @@ fn daemon_with_few_files(addr: &str) -> Watch {
                 rlim_cur: NOFILE,
                 rlim_max: NOFILE,
             };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raw const limit) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
@@ -244,7 +244,9 @@ fn idle_and_slow_clients_do_not_exhaust_the_daemon() {
     assert!(answer.starts_with(b"HTTP/1.1 200 "));
     let started = Instant::now();
     let mut quiet: Vec<&mut TcpStream> = slow.iter_mut().chain([&mut kept]).collect();
-    let early = started + HEADER_READ_TIMEOUT - Duration::from_secs(1);
+    let early = (started + HEADER_READ_TIMEOUT)
+        .checked_sub(Duration::from_secs(1))
+        .unwrap();
     for (i, stream) in quiet.iter_mut().enumerate() {
         assert!(
             closed_by(stream, early).is_err(),
@@ -304,9 +306,9 @@ fn set_nofile(pid: u32, limit: Option<libc::rlimit>) -> libc::rlimit {
     };
     let new = limit
         .as_ref()
-        .map_or(std::ptr::null(), |limit| limit as *const _);
+        .map_or(std::ptr::null(), |limit| std::ptr::from_ref(limit));
     // SAFETY: `new` is null or points to a live rlimit, `old` is a live rlimit.
-    let rc = unsafe { libc::prlimit(pid as libc::pid_t, libc::RLIMIT_NOFILE, new, &mut old) };
+    let rc = unsafe { libc::prlimit(pid as libc::pid_t, libc::RLIMIT_NOFILE, new, &raw mut old) };
     assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
     old
 }

@@ -120,8 +120,7 @@ fn a_dynamically_linked_binary_is_refused() {
 /// `$CONNWATCH_STATIC_BIN`, else the workspace's musl release build.
 fn static_binary() -> PathBuf {
     let path = std::env::var_os("CONNWATCH_STATIC_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace().join(DEFAULT_STATIC_BIN));
+        .map_or_else(|| workspace().join(DEFAULT_STATIC_BIN), PathBuf::from);
     assert!(
         path.is_file(),
         "no static connwatch at {}: build it with `rustup target add x86_64-unknown-linux-musl \
@@ -281,14 +280,13 @@ impl Buildah {
         );
         let root = workspace().canonicalize().unwrap();
         let binary = binary.canonicalize().unwrap();
-        let (context, relative) = match binary.strip_prefix(&root) {
-            Ok(relative) => (root.clone(), relative.to_str().unwrap().to_string()),
-            Err(_) => {
-                let context = self.store.join("context");
-                fs::create_dir(&context).unwrap();
-                fs::copy(&binary, context.join("connwatch")).unwrap();
-                (context, "connwatch".to_string())
-            }
+        let (context, relative) = if let Ok(relative) = binary.strip_prefix(&root) {
+            (root.clone(), relative.to_str().unwrap().to_string())
+        } else {
+            let context = self.store.join("context");
+            fs::create_dir(&context).unwrap();
+            fs::copy(&binary, context.join("connwatch")).unwrap();
+            (context, "connwatch".to_string())
         };
         let containerfile = root.join("deploy/Containerfile");
         let build_arg = format!("CONNWATCH_BIN={relative}");

@@ -110,7 +110,7 @@ fn proxy_ends_idle_connections(fault: &str, peer_kind: &str, app_kind: &str) {
     });
     // psql, the second stack.
     let mut psql = Psql::connect(proxy.port);
-    thread::sleep(Duration::from_millis(2000));
+    thread::sleep(Duration::from_secs(2));
     let failed = in_thread("cw-app", move || {
         rust_client.simple_query("SELECT 2").is_err()
     });

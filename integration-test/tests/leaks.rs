@@ -68,7 +68,7 @@ impl App {
         loop {
             let line = self
                 .lines
-                .recv_timeout(Duration::from_secs(240))
+                .recv_timeout(Duration::from_mins(4))
                 .unwrap_or_else(|err| panic!("leakpool.py never printed {prefix:?}: {err}"));
             if line.starts_with(prefix) {
                 return line;

@@ -150,9 +150,9 @@ fn without_cap_sys_admin_pools_are_listed_and_the_gap_is_said() {
     let (top, stderr) = top_once(as_nobody(FOUR), &[]);
     let pools = outbound_pools(&top, PORT_NOBODY);
     let mut pids: Vec<u64> = pools.iter().map(|p| p["pid"].as_u64().unwrap()).collect();
-    pids.sort();
+    pids.sort_unstable();
     let mut expected = vec![u64::from(stuck.pid()), u64::from(fine.pid())];
-    expected.sort();
+    expected.sort_unstable();
     assert_eq!(pids, expected, "{top:#}");
     assert!(
         stderr.contains("takes CAP_SYS_ADMIN") && stderr.contains("/proc/<pid>/net/tcp"),

@@ -126,7 +126,7 @@ fn program_ids_of(pid: u32) -> Vec<u64> {
                 .collect::<Vec<u64>>()
         })
         .collect();
-    ids.sort();
+    ids.sort_unstable();
     ids.dedup();
     ids
 }

@@ -68,9 +68,7 @@ fn the_podmonitor_keeps_the_agents_pod_off_the_workloads_findings() {
 
     let series = |selector: &str| {
         prometheus
-            .instant(&format!(
-                r#"connwatch_resets_total{{{finding},{selector}}}"#
-            ))
+            .instant(&format!(r"connwatch_resets_total{{{finding},{selector}}}"))
             .unwrap()
     };
     // Without the relabelings the host process's finding is put in the agent's namespace.

@@ -138,7 +138,7 @@ pub fn parse_positive_duration(text: &str) -> Result<Duration, String> {
 
 /// The longest threshold of the detectors that wait: past a day, a wait is not told apart
 /// from a deliberate long pause (a batch job's query, a client that left).
-const MAX_THRESHOLD: Duration = Duration::from_secs(24 * 60 * 60);
+const MAX_THRESHOLD: Duration = Duration::from_hours(24);
 
 /// A threshold between zero and a day; `advice` says what to set instead.
 fn parse_threshold(text: &str, advice: &str) -> Result<Duration, String> {
@@ -171,7 +171,7 @@ fn parse_close_wait_threshold(text: &str) -> Result<Duration, String> {
 
 /// Faster would spend a core on sock_diag and /proc walks; slower leaves pools stale.
 const REFRESH: std::ops::RangeInclusive<Duration> =
-    Duration::from_millis(100)..=Duration::from_secs(60 * 60);
+    Duration::from_millis(100)..=Duration::from_hours(1);
 
 fn parse_refresh(text: &str) -> Result<Duration, String> {
     let every = parse_duration(text)?;
@@ -231,7 +231,7 @@ mod tests {
         assert_eq!(parse_leak_threshold("3s"), Ok(Duration::from_secs(3)));
         assert!(parse_leak_threshold("0s").is_err());
         assert!(parse_leak_threshold("2days").is_err());
-        assert_eq!(parse_refresh("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_refresh("1h"), Ok(Duration::from_hours(1)));
         assert!(parse_refresh("1ms").unwrap_err().contains("100ms..1h"));
         assert!(parse_refresh("2h").is_err());
     }

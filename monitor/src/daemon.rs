@@ -414,7 +414,7 @@ mod tests {
         assert!(health.ready());
         // A loop that stopped ticking is unhealthy while still attached.
         health.last_tick_ms.store(0, Ordering::SeqCst);
-        let started = Instant::now() - STALL_LIMIT - Duration::from_secs(1);
+        let started = Instant::now().checked_sub(STALL_LIMIT).unwrap() - Duration::from_secs(1);
         let stalled = Health {
             started,
             attached: AtomicBool::new(true),

@@ -380,8 +380,10 @@ fn spawn_refresher(
                             log::warn!("{why}");
                             warned_namespaces = true;
                         }
-                        snapshot.connects =
-                            connects.as_ref().map(|c| c.totals()).unwrap_or_default();
+                        snapshot.connects = connects
+                            .as_ref()
+                            .map(super::probes::ConnectCounts::totals)
+                            .unwrap_or_default();
                         snapshot
                     })
                     .map_err(|err| format!("{err:#}"));

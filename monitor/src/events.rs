@@ -93,7 +93,10 @@ impl TcpState {
     pub const TIME_WAIT: TcpState = TcpState(monitor_common::tcp_state::TIME_WAIT);
 
     pub fn name(self) -> &'static str {
-        use monitor_common::tcp_state::*;
+        use monitor_common::tcp_state::{
+            CLOSE, CLOSE_WAIT, CLOSING, ESTABLISHED, FIN_WAIT1, FIN_WAIT2, LAST_ACK, LISTEN,
+            NEW_SYN_RECV, SYN_RECV, SYN_SENT, TIME_WAIT,
+        };
         match self.0 {
             0 => "UNKNOWN",
             ESTABLISHED => "ESTABLISHED",
@@ -177,7 +180,7 @@ impl Event {
         if self.waiting_ms.is_some() {
             return None;
         }
-        Some(self.since_send_ms?.min(self.since_recv_ms?) as u64)
+        Some(u64::from(self.since_send_ms?.min(self.since_recv_ms?)))
     }
 
     pub fn is_ipv6(&self) -> bool {
@@ -411,7 +414,7 @@ pub(crate) mod tests {
         // SAFETY: ConnEvent is repr(C) plain data without implicit padding.
         unsafe {
             std::slice::from_raw_parts(
-                (raw as *const ConnEvent).cast::<u8>(),
+                std::ptr::from_ref::<ConnEvent>(raw).cast::<u8>(),
                 size_of::<ConnEvent>(),
             )
         }
@@ -735,7 +738,7 @@ pub(crate) mod tests {
         for n in 0..3 * INTERNED_COMMS {
             comm(&name(n));
         }
-        let kept = COMMS.with_borrow(|interned| interned.len());
+        let kept = COMMS.with_borrow(std::collections::HashMap::len);
         assert!(kept > 0 && kept <= INTERNED_COMMS, "{kept} names kept");
     }
 }

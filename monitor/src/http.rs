@@ -69,7 +69,7 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// the response in flight is finished with `connection: close`, or an idle connection is
 /// closed; the client reconnects for its next request. Five minutes: a reconnect every 300 s
 /// costs nothing, and is far apart enough that no scrape interval notices it.
-pub const MAX_CONNECTION_AGE: Duration = Duration::from_secs(5 * 60);
+pub const MAX_CONNECTION_AGE: Duration = Duration::from_mins(5);
 
 /// After [`MAX_CONNECTION_AGE`], how long a response in flight may still take before the
 /// connection is dropped anyway (a client that stopped reading its `/metrics` body). A
@@ -255,7 +255,7 @@ impl Accept for TcpListener {
 
 /// Serves `router` on `listener` until dropped (the daemon aborts its task at exit).
 pub async fn serve(listener: TcpListener, router: Router, limits: Limits, metrics: HttpMetrics) {
-    serve_from(listener, router, limits, metrics).await
+    serve_from(listener, router, limits, metrics).await;
 }
 
 /// What the accept loop knows of an open connection.
@@ -572,7 +572,7 @@ mod tests {
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
         for reason in Reason::ALL {
-            let value = if reason == Reason::Idle { 1 } else { 0 };
+            let value = i32::from(reason == Reason::Idle);
             let sample = format!(
                 "connwatch_http_connections_closed_total{{reason=\"{}\"}} {value}\n",
                 reason.as_str()
@@ -590,7 +590,7 @@ mod tests {
     fn quick() -> Limits {
         Limits {
             header_read_timeout: Duration::from_millis(300),
-            max_connection_age: Duration::from_secs(60),
+            max_connection_age: Duration::from_mins(1),
             close_grace: Duration::from_secs(1),
             max_connections: 2,
             accept_backoff: Duration::from_millis(100),
@@ -657,7 +657,7 @@ mod tests {
     async fn closed_within(stream: &mut TcpStream, within: Duration) -> bool {
         let mut buf = [0u8; 64];
         match tokio::time::timeout(within, stream.read(&mut buf)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => true,
+            Ok(Ok(0) | Err(_)) => true,
             Ok(Ok(n)) => panic!("unexpected {:?}", String::from_utf8_lossy(&buf[..n])),
             Err(_) => false,
         }

@@ -126,7 +126,11 @@ impl Stream {
             self.dropped.fetch_add(1, Ordering::Relaxed);
             return Ok(());
         }
-        let sent = match &*self.sender.lock().unwrap_or_else(|e| e.into_inner()) {
+        let sent = match &*self
+            .sender
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        {
             Some(sender) => sender.send(bytes).is_ok(),
             None => false,
         };
@@ -152,8 +156,18 @@ impl Stream {
 
     /// Closes the queue and waits until `deadline` for the thread to write what is in it.
     fn close(&self, deadline: Instant) -> bool {
-        drop(self.sender.lock().unwrap_or_else(|e| e.into_inner()).take());
-        let Some(done) = self.done.lock().unwrap_or_else(|e| e.into_inner()).take() else {
+        drop(
+            self.sender
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take(),
+        );
+        let Some(done) = self
+            .done
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+        else {
             return true;
         };
         done.recv_timeout(deadline.saturating_duration_since(Instant::now()))

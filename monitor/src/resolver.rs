@@ -122,7 +122,7 @@ fn attribute(finding: &mut Finding, processes: &SharedProcIndex, workloads: &mut
         // A poisoned lock only means another thread panicked mid-scan: it is a cache.
         let mut index = processes
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         finding.owner = index.owner_of(event.inode);
     }
     let (cgroup_id, pid) = workload_key(finding);

@@ -26,10 +26,10 @@ use crate::{
 };
 
 const CLIENT_THREAD: &str = "cw-selftest";
-const RESET_AFTER: Duration = Duration::from_millis(1000);
+const RESET_AFTER: Duration = Duration::from_secs(1);
 /// The stuck pool: its size, and how long a request waits before it counts as stalled.
 const POOL_SIZE: u32 = 2;
-const STALL_AFTER: Duration = Duration::from_millis(1000);
+const STALL_AFTER: Duration = Duration::from_secs(1);
 
 #[derive(Debug, clap::Args)]
 pub struct SelftestArgs {
@@ -281,7 +281,7 @@ pub async fn run(args: SelftestArgs) -> Result<()> {
         stuck_server: stuck_addr,
         pool: pool
             .iter()
-            .map(|stream| stream.local_addr())
+            .map(std::net::TcpStream::local_addr)
             .collect::<std::io::Result<_>>()?,
         exhausted: None,
         wrong: Vec::new(),

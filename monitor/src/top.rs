@@ -40,20 +40,20 @@ pub enum Column {
 impl Column {
     fn key(self, pool: &Pool) -> u64 {
         match self {
-            Column::Total => pool.total as u64,
-            Column::Established => pool.established as u64,
-            Column::Idle => pool.idle as u64,
-            Column::Active => pool.active as u64,
-            Column::CloseWait => pool.close_wait as u64,
-            Column::Other => pool.other as u64,
-            Column::Stalled => pool.stalled as u64,
-            Column::Zombie => pool.zombie as u64,
-            Column::Stranded => pool.stranded as u64,
+            Column::Total => u64::from(pool.total),
+            Column::Established => u64::from(pool.established),
+            Column::Idle => u64::from(pool.idle),
+            Column::Active => u64::from(pool.active),
+            Column::CloseWait => u64::from(pool.close_wait),
+            Column::Other => u64::from(pool.other),
+            Column::Stalled => u64::from(pool.stalled),
+            Column::Zombie => u64::from(pool.zombie),
+            Column::Stranded => u64::from(pool.stranded),
             // Unknown sorts last.
             Column::MaxIdle => pool.max_idle_ms.unwrap_or(0),
-            Column::Connects => pool.connects_per_min as u64,
-            Column::Resets => pool.resets_per_min as u64,
-            Column::Deaths => pool.deaths_per_min as u64,
+            Column::Connects => u64::from(pool.connects_per_min),
+            Column::Resets => u64::from(pool.resets_per_min),
+            Column::Deaths => u64::from(pool.deaths_per_min),
         }
     }
 }
@@ -378,7 +378,7 @@ mod tests {
                         assert!(
                             filled(start) && !filled(start - 1),
                             "{name}:\n{text}\n{row}"
-                        )
+                        );
                     }
                     // Right-aligned: ends where its header does.
                     _ => assert!(filled(end - 1) && !filled(end), "{name}:\n{text}\n{row}"),

@@ -286,13 +286,12 @@ fn client(workload: Workload, addr: SocketAddr, stop: Arc<AtomicBool>, ops: Arc<
                 let _ = s.read(&mut buf);
             }),
             Workload::RequestResponse => {
-                let stream = match persistent.as_mut() {
-                    Some(s) => s,
-                    None => {
-                        let stream = TcpStream::connect(addr).expect("connect");
-                        let _ = stream.set_read_timeout(timeout);
-                        persistent.insert(stream)
-                    }
+                let stream = if let Some(s) = persistent.as_mut() {
+                    s
+                } else {
+                    let stream = TcpStream::connect(addr).expect("connect");
+                    let _ = stream.set_read_timeout(timeout);
+                    persistent.insert(stream)
                 };
                 stream.write_all(&[2u8; 64]).and_then(|()| {
                     let mut buf = [0u8; 64];
@@ -321,7 +320,7 @@ pub(crate) fn drive(workload: Workload) -> Result<f64> {
             let listener = listener.try_clone()?;
             let (stop, servers_stop) = (stop.clone(), servers_stop.clone());
             Ok(thread::spawn(move || {
-                server(workload, listener, &stop, &servers_stop)
+                server(workload, listener, &stop, &servers_stop);
             }))
         })
         .collect::<Result<Vec<_>>>()?;
@@ -490,7 +489,7 @@ fn start(monitor: Monitor, connwatch: &Path) -> Result<Option<Running>> {
                 }
             });
             ready_rx
-                .recv_timeout(Duration::from_secs(60))
+                .recv_timeout(Duration::from_mins(1))
                 .context("bpftrace did not attach")?;
             thread::sleep(Duration::from_millis(500));
             Ok(Some(Running {
@@ -870,7 +869,7 @@ pub(crate) fn machine() -> String {
         .lines()
         .find_map(|l| l.strip_prefix("model name\t: ").map(str::to_string))
         .unwrap_or_default();
-    let cores = thread::available_parallelism().map_or(0, |n| n.get());
+    let cores = thread::available_parallelism().map_or(0, std::num::NonZero::get);
     let memory = std::fs::read_to_string("/proc/meminfo")
         .unwrap_or_default()
         .lines()

@@ -672,8 +672,7 @@ fn is_installed(tool: &str) -> bool {
         };
     };
     std::fs::read_dir(dir)
-        .map(|entries| entries.flatten().any(|e| e.path().join(rest).exists()))
-        .unwrap_or(false)
+        .is_ok_and(|entries| entries.flatten().any(|e| e.path().join(rest).exists()))
 }
 
 /// `tool` on PATH, or in /usr/sbin and /sbin (ip, ss, bpftool live there; some PATHs, such

@@ -130,7 +130,7 @@ pub const GUEST_TESTS: &[(&str, &[&str])] = &[
 const GUEST_TEST_THREADS: &str = "2";
 /// A guest that has not finished by then is stopped and fails: a hang must not eat the
 /// CI's 90 minutes.
-pub const GUEST_TIMEOUT: Duration = Duration::from_secs(25 * 60);
+pub const GUEST_TIMEOUT: Duration = Duration::from_mins(25);
 
 /// virtme-ng, pinned: its guest init and command-line options are what this file relies on.
 const VIRTME_NG: &str = "virtme-ng==1.42";
@@ -153,7 +153,7 @@ pub const SHARED_ENV: &str = "XTASK_VM_OUT";
 /// Debian's keyring, which holds the keys of every release above.
 const DEBIAN_KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
 /// The private apt index is refreshed when older than this.
-const INDEX_MAX_AGE: Duration = Duration::from_secs(12 * 3600);
+const INDEX_MAX_AGE: Duration = Duration::from_hours(12);
 
 /// Where everything of this module lives: `target/vm/`.
 pub struct Vm {
@@ -774,7 +774,7 @@ fn last_lines(text: &str) -> Vec<String> {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(8)..]
         .iter()
-        .map(|l| l.to_string())
+        .map(std::string::ToString::to_string)
         .collect()
 }
 
@@ -983,7 +983,7 @@ impl HostArchives {
                 _ if file.file_name() == Some(OsStr::new("sources.list"))
                     || file.extension() == Some(OsStr::new("list")) =>
                 {
-                    entries.extend(parse_one_line(&text))
+                    entries.extend(parse_one_line(&text));
                 }
                 _ => {}
             }

@@ -38,7 +38,7 @@ pub static CONNWATCH: LazyLock<String> = LazyLock::new(|| {
 });
 
 /// How long connwatch may take to load and attach (the verifier, BTF parsing).
-const START_TIMEOUT: Duration = Duration::from_secs(60);
+const START_TIMEOUT: Duration = Duration::from_mins(1);
 /// How long an expected event may take to show up: an upper bound for a loaded machine
 /// (tests move on as soon as their events arrive).
 pub const EVENT_TIMEOUT: Duration = Duration::from_secs(30);

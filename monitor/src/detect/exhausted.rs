@@ -29,18 +29,17 @@ impl ExhaustionDetector {
         let mut now = HashMap::new();
         for pool in pools.iter().filter(|pool| pool.exhausted) {
             let key = (pool.pid, pool.netns, pool.direction, pool.endpoint);
-            let opened = match self.episodes.remove(&key) {
-                Some(opened) => opened,
-                None => {
-                    let Some(mut finding) = exhausted(pool) else {
-                        continue;
-                    };
-                    finding.kind = Kind::PoolExhausted;
-                    finding.connections = Some(pool.established);
-                    finding.stalled_ms = pool.oldest_stall_ms;
-                    findings.push(finding.clone());
-                    finding
-                }
+            let opened = if let Some(opened) = self.episodes.remove(&key) {
+                opened
+            } else {
+                let Some(mut finding) = exhausted(pool) else {
+                    continue;
+                };
+                finding.kind = Kind::PoolExhausted;
+                finding.connections = Some(pool.established);
+                finding.stalled_ms = pool.oldest_stall_ms;
+                findings.push(finding.clone());
+                finding
             };
             now.insert(key, opened);
         }

@@ -106,7 +106,7 @@ fn sent_cause(event: &Event, reasons: &HashMap<u32, String>) -> String {
         Some("TCP_ABORT_ON_MEMORY") => "out_of_memory".into(),
         Some("TCP_KEEPALIVE_TIMEOUT") => "keepalive_timeout".into(),
         Some("TCP_TIMEWAIT_SOCKET") => "timewait_socket".into(),
-        Some("TCP_STATE") | Some("NOT_SPECIFIED") => abort_cause(event).into(),
+        Some("TCP_STATE" | "NOT_SPECIFIED") => abort_cause(event).into(),
         Some(other) => other.to_ascii_lowercase(),
         None if reasons.is_empty() => socket_cause(event).into(),
         None => abort_cause(event).into(),
@@ -167,7 +167,9 @@ fn abort_cause(event: &Event) -> &'static str {
 }
 
 fn received_cause(state: TcpState) -> &'static str {
-    use monitor_common::tcp_state::*;
+    use monitor_common::tcp_state::{
+        CLOSE_WAIT, CLOSING, ESTABLISHED, FIN_WAIT1, FIN_WAIT2, LAST_ACK, SYN_RECV, SYN_SENT,
+    };
     match state.0 {
         SYN_SENT => "connection_refused",
         SYN_RECV => "reset_during_handshake",

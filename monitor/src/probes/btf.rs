@@ -184,9 +184,9 @@ impl KernelBtf {
 
     /// Every offset the eBPF programs read, from this kernel.
     pub fn kernel_layout(&self, hz: u32) -> Result<KernelLayout> {
-        let socket_alloc_socket = self.field("socket_alloc", &["socket"])?.offset as i64;
-        let socket_alloc_inode = self.field("socket_alloc", &["vfs_inode"])?.offset as i64;
-        let inode_ino = self.scalar("inode", &["i_ino"], 8)? as i64;
+        let socket_alloc_socket = i64::from(self.field("socket_alloc", &["socket"])?.offset);
+        let socket_alloc_inode = i64::from(self.field("socket_alloc", &["vfs_inode"])?.offset);
+        let inode_ino = i64::from(self.scalar("inode", &["i_ino"], 8)?);
         let socket_ino = i32::try_from(socket_alloc_inode - socket_alloc_socket + inode_ino)
             .context("socket inode offset out of range")?;
         Ok(KernelLayout {

@@ -128,7 +128,7 @@ fn wait_readable(fd: std::os::fd::RawFd, timeout: Duration) {
     };
     // SAFETY: one valid pollfd, for the length given; `fd` stays open (the logger owns it)
     // for the call.
-    unsafe { libc::poll(&mut poll, 1, timeout.as_millis() as libc::c_int) };
+    unsafe { libc::poll(&raw mut poll, 1, timeout.as_millis() as libc::c_int) };
 }
 
 /// Hands aya-log's records to the process's logger under [`TARGET`], within the budget.
@@ -164,7 +164,7 @@ impl log::Log for Shared {
     }
 
     fn log(&self, record: &log::Record<'_>) {
-        self.0.log(record)
+        self.0.log(record);
     }
 
     fn flush(&self) {}

@@ -922,7 +922,7 @@ fn raise_memlock_rlimit() -> bool {
         rlim_max: libc::RLIM_INFINITY,
     };
     // SAFETY: setrlimit reads a valid, initialised struct.
-    unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) == 0 }
+    unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &raw const unlimited) == 0 }
 }
 
 #[cfg(test)]

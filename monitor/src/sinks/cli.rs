@@ -190,7 +190,7 @@ fn what_happened(report: &Report) -> String {
     if let (None, Some(error)) = (report.op, report.error) {
         // What matters for a silent death is how long the peer had been silent.
         let silent = report.since_recv_ms.map_or_else(String::new, |ms| {
-            format!(", nothing from the peer for {}", format_ms(ms as u64))
+            format!(", nothing from the peer for {}", format_ms(u64::from(ms)))
         });
         return format!("killed by the kernel: {error}{silent}; no RST or FIN arrived");
     }
@@ -206,7 +206,10 @@ fn what_happened(report: &Report) -> String {
             (_, Some(ms)) => (ms, "FIN"),
             _ => return call,
         };
-        return format!("{call}, {} after the peer's {end}", format_ms(since as u64));
+        return format!(
+            "{call}, {} after the peer's {end}",
+            format_ms(u64::from(since))
+        );
     }
     if report.kind == Kind::PoolExhausted.as_str() {
         return format!(
@@ -228,7 +231,7 @@ fn what_happened(report: &Report) -> String {
     if let Some(siblings) = report.siblings {
         let silent = report
             .since_recv_ms
-            .map_or_else(String::new, |ms| format_ms(ms as u64));
+            .map_or_else(String::new, |ms| format_ms(u64::from(ms)));
         let connections = if siblings == 1 {
             "connection"
         } else {

@@ -187,10 +187,10 @@ impl Report {
                 IoOp::Recv => "recv",
             }),
             errno: io
-                .map(|io| io.errno())
+                .map(super::events::UsedAfterPeerEnd::errno)
                 .or((finding.kind == Kind::SilentDeath).then_some(event.sk_err)),
             error: io
-                .map(|io| io.outcome())
+                .map(super::events::UsedAfterPeerEnd::outcome)
                 .or((finding.kind == Kind::SilentDeath).then(|| errno_name(event.sk_err))),
             since_reset_ms: since(PeerEnd::Reset),
             since_close_ms: since(PeerEnd::Fin),

@@ -333,7 +333,7 @@ mod tests {
         let mut limiter = LogLimiter::new(config, 0);
         // 10 000 distinct keys within one second: each has a burst, the total does not.
         let verdicts: Vec<Verdict> = (0..10_000)
-            .map(|i| limiter.admit(&Key("peer_reset", i), i as u64 * 100_000))
+            .map(|i| limiter.admit(&Key("peer_reset", i), u64::from(i) * 100_000))
             .collect();
         let logged = logged(&verdicts);
         // One second's burst, and one second's refill.

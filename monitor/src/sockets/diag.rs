@@ -106,7 +106,7 @@ impl DiagSocket {
     /// Milliseconds since data last moved either way.
     pub fn idle_ms(&self) -> Option<u64> {
         let a = self.activity?;
-        Some(a.last_data_sent_ms.min(a.last_data_recv_ms) as u64)
+        Some(u64::from(a.last_data_sent_ms.min(a.last_data_recv_ms)))
     }
 }
 
@@ -149,7 +149,7 @@ pub fn take_snapshot(
     let lock = || {
         processes
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     };
     let (namespaces, proc_root) = {
         let mut processes = lock();
@@ -172,7 +172,7 @@ pub fn take_snapshot(
             .spawn_scoped(scope, || {
                 dump_namespaces(&proc_root, &others, io_marks, &mut sockets)
             })
-            .map(|thread| thread.join())
+            .map(std::thread::ScopedJoinHandle::join)
     })
     .context("starting the namespace reader")?
     .map_err(|_| anyhow::anyhow!("the namespace reader panicked"))?;
@@ -249,7 +249,7 @@ fn dump_namespaces(
                          their sockets come from /proc/<pid>/net/tcp, without tcp_info: no \
                          stalls, zombies or idle times there"
                             .into(),
-                    )
+                    );
                 }
                 // The process exited meanwhile: the next refresh lists what exists then.
                 Err(nix::Error::ENOENT | nix::Error::ESRCH) => continue,
@@ -409,7 +409,7 @@ fn dump_family(
                             h.socket_id.destination_port,
                         ),
                         state: TcpState(h.state),
-                        inode: h.inode as u64,
+                        inode: u64::from(h.inode),
                         cookie: u64::from_ne_bytes(h.socket_id.cookie),
                         // Filled in by the caller, which knows where it dumped.
                         netns: 0,

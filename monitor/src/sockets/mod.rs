@@ -194,7 +194,7 @@ mod tests {
 
     #[test]
     fn throttle_runs_once_per_interval() {
-        let mut throttle = Throttle::new(std::time::Duration::from_secs(3600));
+        let mut throttle = Throttle::new(std::time::Duration::from_hours(1));
         assert!(throttle.ready());
         assert!(!throttle.ready());
         let mut always = Throttle::new(std::time::Duration::ZERO);

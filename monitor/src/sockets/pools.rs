@@ -352,7 +352,7 @@ impl PoolTracker {
                 total
             };
             if new > 0 {
-                let times = new.min(u32::MAX as u64) as u32;
+                let times = new.min(u64::from(u32::MAX)) as u32;
                 self.count(rate_key(&key), now_ns, Happened::Connect, times);
             }
             seen.insert(key, total);
@@ -449,7 +449,7 @@ impl PoolTracker {
             }
         }
         self.add_churning(&mut pools, &listening, now_ns);
-        for (key, pool) in pools.iter_mut() {
+        for (key, pool) in &mut pools {
             let (pid, _, direction, endpoint) = *key;
             pool.exhausted = pool.established > 0 && pool.stalled == pool.established;
             let count = |rate_pid, what| {

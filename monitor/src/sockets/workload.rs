@@ -146,7 +146,7 @@ impl Remembered {
         let table = self
             .0
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         fresh(&table, cgroup_id, pid)
     }
 
@@ -154,7 +154,7 @@ impl Remembered {
         let mut table = self
             .0
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if table.len() >= CACHE_LIMIT {
             table.clear();
         }
