@@ -22,7 +22,8 @@ fn main() -> anyhow::Result<()> {
             root_dir: ebpf_dir,
             ..Default::default()
         }],
-        // "nightly": the bpf target needs -Z build-std=core; xtask installs rust-src for it.
+        // "nightly": the bpf target needs -Z build-std=core; xtask installs rust-src for it and
+        // refuses a nightly other than the pinned one (NIGHTLY_DATE in xtask/src/main.rs).
         Toolchain::Custom("nightly"),
     )
 }

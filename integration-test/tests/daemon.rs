@@ -52,16 +52,16 @@ fn prometheus_counts_exactly_the_idle_resets() {
     // Labelled by the process, not the thread that connected.
     let who = format!(r#"comm="{}",remote_port="{port}""#, process_comm());
     let resets = format!(r#"sum(connwatch_resets_total{{kind="peer_reset_idle",{who}}})"#);
-    prometheus.wait_for(&resets, RESETS as f64);
+    prometheus.wait_for(&resets, sample(RESETS));
     // Idle ~1.5 s: in the (1, 5] bucket, none at or below 1 s.
     let bucket =
         |le: &str| format!(r#"sum(connwatch_peer_reset_idle_seconds_bucket{{{who},le=~"{le}"}})"#);
     prometheus.wait_for(
         &format!(r"sum(connwatch_peer_reset_idle_seconds_count{{{who}}})"),
-        RESETS as f64,
+        sample(RESETS),
     );
     prometheus.wait_for(&bucket(r"1(\\.0)?"), 0.0);
-    prometheus.wait_for(&bucket(r"5(\\.0)?"), RESETS as f64);
+    prometheus.wait_for(&bucket(r"5(\\.0)?"), sample(RESETS));
     // The shipped alert fires on this label set's first burst (`increase()` alone needs a
     // sample before it).
     prometheus.wait_for(
@@ -72,7 +72,7 @@ fn prometheus_counts_exactly_the_idle_resets() {
     );
     // Exactly: two more scrapes later, still the same count.
     thread::sleep(Duration::from_millis(2500));
-    assert_eq!(prometheus.query(&resets), Some(RESETS as f64));
+    assert_eq!(prometheus.query(&resets), Some(sample(RESETS)));
 
     // SIGTERM: detach and exit 0 within 2 s.
     let stopped_at = Instant::now();
@@ -270,11 +270,8 @@ fn metrics_label_the_process_and_the_servers_port() {
             .collect();
         states.sort_unstable();
         assert_eq!(states, ["active", "close_wait", "idle", "other"], "{body}");
-        assert_eq!(
-            metric_sum_where(&body, "connwatch_pool_flagged_sockets", pool),
-            0.0,
-            "{body}"
-        );
+        let flagged = metric_sum_where(&body, "connwatch_pool_flagged_sockets", pool);
+        assert!(flagged < 0.5, "{flagged} flagged: {body}");
     }
     thread::sleep(Duration::from_millis(1500));
 
@@ -332,7 +329,7 @@ fn state_changes_are_counted_in_the_kernel_and_few_are_streamed() {
             |series| metric(&body, series).unwrap_or(0.0) - metric(&before, series).unwrap_or(0.0);
         let (counted, events) = (delta(active_close), delta("connwatch_events_total"));
         // Two streamed per connection: the peer's FIN and the application's close after it.
-        if counted >= CONNECTIONS as f64 && events >= 2.0 * CONNECTIONS as f64 {
+        if counted >= sample(CONNECTIONS) && events >= 2.0 * sample(CONNECTIONS) {
             break body;
         }
         assert!(
@@ -347,7 +344,7 @@ fn state_changes_are_counted_in_the_kernel_and_few_are_streamed() {
     // 10 state changes per connection, 2 of them streamed (the connects are counted per
     // endpoint, the orderly ends only counted).
     assert!(
-        changes >= 10.0 * CONNECTIONS as f64,
+        changes >= 10.0 * sample(CONNECTIONS),
         "{changes} state changes counted"
     );
     assert!(

@@ -116,12 +116,12 @@ struct Looping {
 }
 
 impl Looping {
-    fn start(mut step: impl FnMut() + Send + 'static) -> Looping {
+    fn start(mut body: impl FnMut() + Send + 'static) -> Looping {
         let stop = Arc::new(AtomicBool::new(false));
         let stopped = stop.clone();
         let thread = thread::spawn(move || {
             while !stopped.load(Ordering::Relaxed) {
-                step();
+                body();
             }
         });
         Looping {
@@ -182,6 +182,10 @@ fn push_service() -> (Killed, u16) {
 }
 
 #[test]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one incident after another, in the order of the dashboard's rows"
+)]
 fn every_panel_shows_what_the_scenarios_made() {
     let addr = format!("127.0.0.1:{}", free_port());
     let mut args = vec!["daemon", "--listen", &addr];

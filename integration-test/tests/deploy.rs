@@ -252,7 +252,7 @@ fn the_prometheusrule_is_the_rules_file() {
     let spec = &resource[resource.find("\nspec:\n").unwrap() + "\nspec:\n".len()..];
     let unindented: String = spec
         .lines()
-        .map(|line| format!("{}\n", line.strip_prefix("  ").unwrap_or(line)))
+        .flat_map(|line| [line.strip_prefix("  ").unwrap_or(line), "\n"])
         .collect();
     assert_eq!(
         unindented, groups,

@@ -146,7 +146,8 @@ fn idle_limits_are_learned_per_path_and_only_from_idle_kills() {
             kills <= MAX_KILLS,
             "learned only after {kills} kills: {estimate}"
         );
-        let error = (ms as f64 - f64::from(limit_ms)).abs() / f64::from(limit_ms);
+        let error = (f64::from(u32::try_from(ms).unwrap()) - f64::from(limit_ms)).abs()
+            / f64::from(limit_ms);
         assert!(
             error <= TOLERANCE,
             "{ms} ms learned for {limit_ms} ms: {estimate}"

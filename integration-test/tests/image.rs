@@ -5,6 +5,7 @@
 //! `CONNWATCH_STATIC_BIN`.
 
 use std::{
+    fmt::Write as _,
     fs,
     path::{Path, PathBuf},
     process::{Command, Output},
@@ -215,7 +216,7 @@ fn describe(output: &Output) -> String {
     let mut text = String::from_utf8_lossy(&output.stdout).into_owned();
     text.push_str(&String::from_utf8_lossy(&output.stderr));
     if !output.status.success() {
-        text.push_str(&format!("({})", output.status));
+        let _ = write!(text, "({})", output.status);
     }
     text
 }

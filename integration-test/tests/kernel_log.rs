@@ -4,10 +4,7 @@ mod support;
 
 use std::{process::Command, thread, time::Duration};
 
-use nix::{
-    sys::signal::{Signal, kill},
-    unistd::Pid,
-};
+use nix::sys::signal::{Signal, kill};
 use support::*;
 
 /// What the kernel says when a record finds the ring buffer full (`monitor-ebpf/src/event.rs`).
@@ -25,7 +22,7 @@ fn overflow(extra: &[&str]) -> String {
     let mut flags = vec!["--port", &port, "--ring-buffer-size", "4096"];
     flags.extend_from_slice(extra);
     let watch = Watch::start(&flags);
-    let connwatch = Pid::from_raw(watch.pid() as i32);
+    let connwatch = support::pid(watch.pid());
     kill(connwatch, Signal::SIGSTOP).unwrap();
     let flood = ResetFlood::start(listener);
     while flood.resets() < FLOOD {

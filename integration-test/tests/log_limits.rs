@@ -34,7 +34,7 @@ fn metric_suppressed(body: &str) -> BTreeMap<String, u64> {
         .filter_map(|line| line.strip_prefix(prefix))
         .filter_map(|rest| {
             let (kind, value) = rest.split_once("\"} ")?;
-            Some((kind.to_string(), value.parse::<f64>().ok()? as u64))
+            Some((kind.to_string(), value.parse::<u64>().ok()?))
         })
         .collect()
 }

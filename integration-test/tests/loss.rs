@@ -8,10 +8,7 @@ use std::{
     time::Duration,
 };
 
-use nix::{
-    sys::signal::{Signal, kill},
-    unistd::Pid,
-};
+use nix::sys::signal::{Signal, kill};
 use support::*;
 
 /// The `events_lost` records among what `watch --json` printed.
@@ -24,7 +21,7 @@ fn a_full_ring_buffer_is_reported() {
     // One page holds about 24 events; a stopped reader lets 100 connections overflow it.
     let (listener, server_port, watch) =
         watched_listener("127.0.0.1:0", &["--all", "--ring-buffer-size", "4096"]);
-    let connwatch = Pid::from_raw(watch.pid() as i32);
+    let connwatch = support::pid(watch.pid());
     kill(connwatch, Signal::SIGSTOP).unwrap();
     let mut streams = Vec::new();
     for _ in 0..100 {
@@ -66,7 +63,7 @@ const FLOOD: u64 = 300;
 /// the watched client connects from a thread named `client` (each test its own: they run
 /// side by side in one process).
 fn nothing_lost_inside_the_filter(
-    listener: TcpListener,
+    listener: &TcpListener,
     client: &str,
     filter: &[&str],
     flood: impl FnOnce(),
@@ -74,11 +71,11 @@ fn nothing_lost_inside_the_filter(
     let mut args = vec!["--ring-buffer-size", "4096"];
     args.extend_from_slice(filter);
     let watch = Watch::start(&args);
-    let connwatch = Pid::from_raw(watch.pid() as i32);
+    let connwatch = support::pid(watch.pid());
     kill(connwatch, Signal::SIGSTOP).unwrap();
     flood();
     // The watched connection, reset by its server while connwatch is still stopped.
-    let watched = Pair::connect(&listener, client);
+    let watched = Pair::connect(listener, client);
     let client_port = watched.client_port();
     let _client = watched.reset_from_server();
     kill(connwatch, Signal::SIGCONT).unwrap();
@@ -109,7 +106,7 @@ fn nothing_lost_inside_the_filter(
 fn a_flood_on_another_port_costs_the_watched_port_nothing() {
     let (listener, port) = listen("127.0.0.1:0");
     let port = port.to_string();
-    nothing_lost_inside_the_filter(listener, "cw-by-port", &["--port", &port], || {
+    nothing_lost_inside_the_filter(&listener, "cw-by-port", &["--port", &port], || {
         let (neighbour, _) = listen("127.0.0.1:0");
         let flood = ResetFlood::start(neighbour);
         while flood.resets() < FLOOD {
@@ -126,7 +123,7 @@ fn a_flood_by_another_process_costs_the_watched_process_nothing() {
     let (listener, _) = listen("127.0.0.1:0");
     let pid = std::process::id().to_string();
     let filter = ["--pid", &pid, "--comm", "cw-by-process"];
-    nothing_lost_inside_the_filter(listener, "cw-by-process", &filter, || {
+    nothing_lost_inside_the_filter(&listener, "cw-by-process", &filter, || {
         // The neighbour owns both ends: it connects, accepts and resets.
         let flood = format!(
             r#"

@@ -8,10 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use nix::{
-    sys::signal::{Signal, kill},
-    unistd::Pid,
-};
+use nix::sys::signal::{Signal, kill};
 use serde_json::Value;
 use support::*;
 
@@ -36,7 +33,7 @@ fn flood_is_counted_and_the_daemon_recovers() {
         "false",
     ]);
     // The reader is stopped while a loopback generator resets thousands of connections.
-    kill(Pid::from_raw(daemon.pid() as i32), Signal::SIGSTOP).unwrap();
+    kill(support::pid(daemon.pid()), Signal::SIGSTOP).unwrap();
     let (listener, port) = listen("127.0.0.1:0");
     let started = Instant::now();
     for _ in 0..2000 {
@@ -45,7 +42,7 @@ fn flood_is_counted_and_the_daemon_recovers() {
         drop(client);
     }
     let rate = 2000.0 / started.elapsed().as_secs_f64();
-    kill(Pid::from_raw(daemon.pid() as i32), Signal::SIGCONT).unwrap();
+    kill(support::pid(daemon.pid()), Signal::SIGCONT).unwrap();
     eprintln!("flood: 2000 resets at {rate:.0}/s");
 
     let metrics = format!("http://{addr}/metrics");
@@ -83,7 +80,7 @@ fn after_kill_9_a_restart_knows_the_existing_sockets() {
     let first = Watch::spawn(&["daemon", "--listen", &format!("127.0.0.1:{}", free_port())]);
     let (client, client_port) = python_client(server_port);
     let (server, _) = listener.accept().unwrap();
-    kill(Pid::from_raw(first.pid() as i32), Signal::SIGKILL).unwrap();
+    kill(support::pid(first.pid()), Signal::SIGKILL).unwrap();
     drop(first);
 
     // The second daemon starts after the connection exists: only sock_diag and /proc know it.
@@ -152,7 +149,7 @@ fn nothing_is_left_in_the_kernel_after_sigterm_or_kill_9() {
             "attached programs visible while running: {held:?}"
         );
         assert!(held.iter().all(|id| loaded_programs().contains(id)));
-        kill(Pid::from_raw(pid as i32), signal).unwrap();
+        kill(support::pid(pid), signal).unwrap();
         drop(daemon); // waits for the exit
         // Program teardown is deferred (RCU): give it a moment.
         let deadline = Instant::now() + Duration::from_secs(5);

@@ -3,7 +3,7 @@
 //! PodMonitor target) must not land on the workloads' findings, and the series say `node`.
 mod support;
 
-use std::{fs, path::Path, thread, time::Duration};
+use std::{fmt::Write as _, fs, path::Path, thread, time::Duration};
 
 use support::{prometheus::Prometheus, *};
 
@@ -18,13 +18,13 @@ fn podmonitor_relabel_configs() -> String {
     relabelings
         .lines()
         .filter(|line| !line.trim().is_empty())
-        .map(|line| {
+        .fold(String::new(), |mut job, line| {
             let line = line
                 .replace("sourceLabels:", "source_labels:")
                 .replace("targetLabel:", "target_label:");
-            format!("      {}\n", &line[base..])
+            let _ = writeln!(job, "      {}", &line[base..]);
+            job
         })
-        .collect()
 }
 
 /// A job scraping `target` with the target labels the Operator gives a PodMonitor target

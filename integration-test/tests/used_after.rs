@@ -52,7 +52,8 @@ fn used_after_idle_reset() {
     );
     assert_eq!(hit["op"], "send");
     assert!(
-        [libc::ECONNRESET, libc::EPIPE].contains(&(hit["errno"].as_i64().unwrap() as i32)),
+        [libc::ECONNRESET, libc::EPIPE]
+            .contains(&i32::try_from(hit["errno"].as_i64().unwrap()).unwrap()),
         "{hit:?}"
     );
     assert_eq!(port(&hit["remote"]), server_port);

@@ -7,7 +7,7 @@ use std::{
     fmt::Write as _,
     io::{BufRead, BufReader, Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
-    path::{Path, PathBuf},
+    path::Path,
     process::{Child, Command, Stdio},
     sync::{
         Arc,
@@ -22,7 +22,7 @@ use anyhow::{Context as _, Result, bail};
 pub(crate) const RUN: Duration = Duration::from_secs(4);
 const CLIENTS: usize = 2;
 /// Runs of each monitored condition per workload (unmonitored runs once more).
-const REPEATS: usize = 2;
+const REPEATS: u64 = 2;
 const BPFTRACE_SCRIPT: &str = r#"tracepoint:sock:inet_sock_set_state { printf("state %d %d %d\n", pid, args->oldstate, args->newstate); }
 tracepoint:tcp:tcp_receive_reset { printf("rst-in %d %d\n", pid, args->sport); }
 tracepoint:tcp:tcp_send_reset { printf("rst-out %d\n", pid); }"#;
@@ -232,7 +232,7 @@ fn program_costs(pid: u32) -> Result<std::collections::BTreeMap<String, (u64, u6
 /// connect; `stop` ends the persistent connections' threads.
 fn server(
     workload: Workload,
-    listener: TcpListener,
+    listener: &TcpListener,
     stop: &Arc<AtomicBool>,
     servers_stop: &AtomicBool,
 ) {
@@ -268,7 +268,7 @@ fn server(
     }
 }
 
-fn client(workload: Workload, addr: SocketAddr, stop: Arc<AtomicBool>, ops: Arc<AtomicU64>) {
+fn client(workload: Workload, addr: SocketAddr, stop: &AtomicBool, ops: &AtomicU64) {
     let mut persistent = None;
     // No read may hang the run, whatever the server threads do.
     let timeout = Some(Duration::from_secs(2));
@@ -320,14 +320,14 @@ pub(crate) fn drive(workload: Workload) -> Result<f64> {
             let listener = listener.try_clone()?;
             let (stop, servers_stop) = (stop.clone(), servers_stop.clone());
             Ok(thread::spawn(move || {
-                server(workload, listener, &stop, &servers_stop);
+                server(workload, &listener, &stop, &servers_stop);
             }))
         })
         .collect::<Result<Vec<_>>>()?;
     let clients: Vec<_> = (0..CLIENTS)
         .map(|_| {
             let (stop, ops) = (stop.clone(), ops.clone());
-            thread::spawn(move || client(workload, addr, stop, ops))
+            thread::spawn(move || client(workload, addr, &stop, &ops))
         })
         .collect();
     let started = Instant::now();
@@ -345,7 +345,7 @@ pub(crate) fn drive(workload: Workload) -> Result<f64> {
         let _ = server.join();
     }
     drop(wakers);
-    Ok(done as f64 / elapsed)
+    Ok(float(done) / elapsed)
 }
 
 /// utime + stime of `pid`, in seconds.
@@ -383,6 +383,12 @@ pub(crate) fn http_get(url: &str) -> Result<String> {
         .read_to_string()?)
 }
 
+/// A sample of `name` in a scrape, 0 when absent.
+#[expect(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    reason = "the samples read are counters and gauges of counts: non-negative integers"
+)]
 pub(crate) fn metric(body: &str, name: &str) -> u64 {
     body.lines()
         .find(|l| l.starts_with(name))
@@ -418,12 +424,30 @@ impl Running {
     }
 }
 
+/// SIGTERM to a child we spawned (`Child::kill` would send SIGKILL: no clean exit).
+/// A count as a float, for rates and ratios.
+#[expect(
+    clippy::cast_precision_loss,
+    reason = "the bench's counts stay far below 2^52, below which f64 holds integers exactly"
+)]
+pub(crate) fn float(count: u64) -> f64 {
+    count as f64
+}
+
+/// The index of quantile `q` (0..=1) of `len` sorted samples, by nearest rank.
+#[expect(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    reason = "the product is between 0 and len - 1, rounded: a valid index"
+)]
+pub(crate) fn nearest_rank(len: usize, q: f64) -> usize {
+    (float(len.saturating_sub(1) as u64) * q.clamp(0.0, 1.0)).round() as usize
+}
+
 pub(crate) fn nix_kill(pid: u32) -> std::io::Result<()> {
-    // SAFETY: kill(2) on a child we spawned.
-    if unsafe { libc::kill(pid as i32, libc::SIGTERM) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
+    let pid = i32::try_from(pid).map_err(std::io::Error::other)?;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGTERM)
+        .map_err(std::io::Error::from)
 }
 
 pub(crate) fn free_port() -> Result<u16> {
@@ -598,7 +622,7 @@ fn reset_to_flag_latency(connwatch: &Path, resets: usize) -> Result<Latency> {
     if latencies.is_empty() {
         bail!("no reset reached connwatch watch");
     }
-    let pick = |q: f64| latencies[((latencies.len() - 1) as f64 * q).round() as usize];
+    let pick = |q: f64| latencies[nearest_rank(latencies.len(), q)];
     let slow = latencies.iter().filter(|&&ms| ms > 10.0).count();
     Ok(Latency {
         p50: pick(0.5),
@@ -684,7 +708,7 @@ fn rss_with_sockets(connwatch: &Path, connections: usize) -> Result<(u64, usize)
     // Two refreshes over the full socket list.
     thread::sleep(Duration::from_secs(5));
     let body = http_get(&format!("http://{addr}/metrics"))?;
-    let established = metric(&body, "connwatch_sockets{state=\"ESTABLISHED\"}") as usize;
+    let established = usize::try_from(metric(&body, "connwatch_sockets{state=\"ESTABLISHED\"}"))?;
     let rss = peak_rss_kib(daemon.id());
     nix_kill(daemon.id())?;
     let _ = daemon.wait();
@@ -896,12 +920,16 @@ fn per_million(cpu: f64, events: u64) -> String {
     if events < 10_000 {
         return "-".into();
     }
-    format!("{:.2}", cpu / events as f64 * 1e6)
+    format!("{:.2}", cpu / float(events) * 1e6)
 }
 
-pub fn run(root: &Path, connwatch: PathBuf) -> Result<()> {
+#[expect(
+    clippy::too_many_lines,
+    reason = "the bench's sequence, workload after workload, writing BENCHMARKS.md as it goes"
+)]
+pub fn run(root: &Path, connwatch: &Path) -> Result<()> {
     if std::env::var("XTASK_BENCH_ONLY").as_deref() == Ok("costs") {
-        return costs_only(&connwatch);
+        return costs_only(connwatch);
     }
     let mut report = String::new();
     let started = humantime_now();
@@ -941,21 +969,21 @@ pub fn run(root: &Path, connwatch: PathBuf) -> Result<()> {
         let (mut cw, mut lean, mut bt) =
             (Measure::default(), Measure::default(), Measure::default());
         for _ in 0..REPEATS {
-            unmonitored.push(measure(workload, Monitor::None, &connwatch)?.ops_per_sec);
-            cw.add(&measure(workload, Monitor::Connwatch, &connwatch)?);
-            lean.add(&measure(workload, Monitor::ConnwatchLean, &connwatch)?);
-            bt.add(&measure(workload, Monitor::Bpftrace, &connwatch)?);
+            unmonitored.push(measure(workload, Monitor::None, connwatch)?.ops_per_sec);
+            cw.add(&measure(workload, Monitor::Connwatch, connwatch)?);
+            lean.add(&measure(workload, Monitor::ConnwatchLean, connwatch)?);
+            bt.add(&measure(workload, Monitor::Bpftrace, connwatch)?);
         }
-        unmonitored.push(measure(workload, Monitor::None, &connwatch)?.ops_per_sec);
+        unmonitored.push(measure(workload, Monitor::None, connwatch)?.ops_per_sec);
         // The programs' own cost from more runs with the kernel timing each program run:
         // that timing (two clock reads per run, a paravirtual clock on VMs) would slow the
         // rates above, so they are measured without it. Kernel diagnostics off (the
         // default), then on.
-        let timed = timed(workload, &connwatch)?;
-        cw.ops_per_sec /= REPEATS as f64;
-        lean.ops_per_sec /= REPEATS as f64;
-        bt.ops_per_sec /= REPEATS as f64;
-        let base = unmonitored.iter().sum::<f64>() / unmonitored.len() as f64;
+        let timed = timed(workload, connwatch)?;
+        cw.ops_per_sec /= float(REPEATS);
+        lean.ops_per_sec /= float(REPEATS);
+        bt.ops_per_sec /= float(REPEATS);
+        let base = unmonitored.iter().sum::<f64>() / float(unmonitored.len() as u64);
         let runs: Vec<String> = unmonitored.iter().map(|r| format!("{r:.0}")).collect();
         writeln!(
             report,
@@ -981,7 +1009,7 @@ pub fn run(root: &Path, connwatch: PathBuf) -> Result<()> {
                 pct(m.ops_per_sec, base),
                 m.events,
                 per_million(m.cpu_seconds, m.events),
-                m.cpu_seconds * 1e6 / (m.ops_per_sec * RUN.as_secs_f64() * REPEATS as f64).max(1.0),
+                m.cpu_seconds * 1e6 / (m.ops_per_sec * RUN.as_secs_f64() * float(REPEATS)).max(1.0),
                 m.peak_rss_kib / 1024,
                 m.rss_kib / 1024,
                 if name == "bpftrace" {
@@ -1010,12 +1038,12 @@ pub fn run(root: &Path, connwatch: PathBuf) -> Result<()> {
     writeln!(report, "{COST_HEADER}")?;
     report.push_str(&costs);
     eprintln!("xtask bench: reset → flag latency");
-    let latency = reset_to_flag_latency(&connwatch, 500)?;
+    let latency = reset_to_flag_latency(connwatch, 500)?;
     let (p50, p99, samples) = (latency.p50, latency.p99, latency.samples);
     eprintln!("xtask bench: RSS with 100,000 sockets");
-    let (rss, established) = rss_with_sockets(&connwatch, 50_000)?;
+    let (rss, established) = rss_with_sockets(connwatch, 50_000)?;
     eprintln!("xtask bench: a refresh across 200 network namespaces");
-    let pods = namespace_refresh(&connwatch, 200, 25)?;
+    let pods = namespace_refresh(connwatch, 200, 25)?;
     writeln!(report, "\n## Reset → flag latency\n")?;
     writeln!(
         report,
@@ -1071,8 +1099,8 @@ pub fn run(root: &Path, connwatch: PathBuf) -> Result<()> {
             )?;
         }
         if cw.events >= 10_000 && bt.events >= 10_000 {
-            let cw_cost = cw.cpu_seconds / cw.events as f64;
-            let bt_cost = bt.cpu_seconds / bt.events as f64;
+            let cw_cost = cw.cpu_seconds / float(cw.events);
+            let bt_cost = bt.cpu_seconds / float(bt.events);
             // Per op too: the kernel filter sends the daemon fewer events than bpftrace
             // prints, which raises its fixed costs per event, not per connection.
             let per_op = |m: &Measure| m.cpu_seconds / (m.ops_per_sec * RUN.as_secs_f64());
@@ -1134,7 +1162,7 @@ pub fn run(root: &Path, connwatch: PathBuf) -> Result<()> {
             "xtask bench: profile of the daemon under {}",
             workload.name()
         );
-        let daemon_profile = profile(root, &connwatch, Scope::Daemon, workload)?;
+        let daemon_profile = profile(root, connwatch, Scope::Daemon, workload)?;
         writeln!(
             report,
             "\n## Where the daemon's time goes ({})\n\n`perf record -F 999 -g -p <daemon>` \
@@ -1144,7 +1172,7 @@ pub fn run(root: &Path, connwatch: PathBuf) -> Result<()> {
         )?;
     }
     eprintln!("xtask bench: profile of the kernel programs under churn");
-    let kernel_profile = profile(root, &connwatch, Scope::System, Workload::Churn)?;
+    let kernel_profile = profile(root, connwatch, Scope::System, Workload::Churn)?;
     writeln!(
         report,
         "\n## Where the programs' time goes (connection churn)\n\n`perf record -F 999 -g -a` for \
@@ -1201,7 +1229,7 @@ fn cost_rows(costs: &mut String, workload: Workload, timed: &Timed) -> Result<()
                 ns / count,
                 per_hit(&timed.kernel_log, name),
                 per_hit(&timed.filtered, name),
-                *count as f64 / ops.max(1.0)
+                float(*count) / ops.max(1.0)
             )?;
         }
     }

@@ -104,6 +104,9 @@ enum Task {
 /// The toolchain that builds the eBPF programs: needs nightly for `-Z build-std`.
 /// Never updated by xtask: a new nightly would bring an LLVM bpf-linker was not built for.
 const NIGHTLY: &str = "nightly";
+/// The nightly (its commit date) that the aya pins in Cargo.toml, bpf-linker
+/// [`BPF_LINKER_VERSION`] and LLVM 22 were verified with: another one is refused, naming it.
+const NIGHTLY_DATE: &str = "2026-05-19";
 /// The target of the static connwatch build.
 const MUSL: &str = "x86_64-unknown-linux-musl";
 /// bpf-linker known to build against LLVM 22 with `--features llvm-22`.
@@ -141,6 +144,7 @@ fn main() -> ExitCode {
     }
 }
 
+#[expect(clippy::too_many_lines, reason = "one arm per xtask command")]
 fn run(cli: Cli) -> Result<ExitCode> {
     let root = workspace_root()?;
     env::set_current_dir(&root)?;
@@ -217,7 +221,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             step("building connwatch (release)");
             check(cargo().args(["build", "--release", "--package", "monitor"]))?;
-            bench::run(&root, root.join("target/release/connwatch"))?;
+            bench::run(&root, &root.join("target/release/connwatch"))?;
             Ok(ExitCode::SUCCESS)
         }
         Task::Reliability => {
@@ -474,6 +478,20 @@ fn setup_build() -> Result<()> {
              {NIGHTLY}` (its LLVM major version decides which bpf-linker is built)"
         );
     }
+    let version = output(Command::new("rustup").args(["run", NIGHTLY, "rustc", "-vV"]))?;
+    let date = version
+        .lines()
+        .find_map(|line| line.strip_prefix("commit-date: "))
+        .unwrap_or("unknown");
+    if date != NIGHTLY_DATE {
+        bail!(
+            "the `{NIGHTLY}` toolchain is from {date}, but connwatch's eBPF build is pinned to \
+             the nightly of {NIGHTLY_DATE} (aya =0.14.0, bpf-linker {BPF_LINKER_VERSION} and \
+             LLVM 22 build together with it): install that nightly as the `{NIGHTLY}` \
+             toolchain, or move the pins together (NIGHTLY_DATE in xtask/src/main.rs, the aya \
+             versions in Cargo.toml, BPF_LINKER_VERSION)"
+        );
+    }
     let installed = output(Command::new("rustup").args([
         "component",
         "list",
@@ -616,8 +634,7 @@ fn apt_install(packages: &[&str]) -> Result<()> {
 }
 
 fn require_root(why: &str) -> Result<()> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if !nix::unistd::geteuid().is_root() {
         bail!("{why} needs root: run `sudo -E cargo xtask ...`");
     }
     Ok(())
@@ -711,5 +728,5 @@ fn workspace_root() -> Result<PathBuf> {
 }
 
 fn exit_code(code: Option<i32>) -> ExitCode {
-    ExitCode::from(code.unwrap_or(1).clamp(0, 255) as u8)
+    ExitCode::from(u8::try_from(code.unwrap_or(1).clamp(0, 255)).unwrap_or(1))
 }

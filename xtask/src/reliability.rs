@@ -2,6 +2,7 @@
 //! build under the conditions that wedged or grew earlier versions: a reset flood with its
 //! stdout read and never read, floods with the refresh off, idle HTTP clients at a low fd
 //! limit. Figures, not assertions: the integration tests assert the behaviour.
+use crate::bench::float;
 use std::{
     fmt::Write as _,
     io::Read as _,
@@ -74,7 +75,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
     }
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+    sorted[crate::bench::nearest_rank(sorted.len(), p)]
 }
 
 /// SIGTERM, and how long the daemon took to exit (gives up after 30 s).
@@ -98,7 +99,7 @@ fn flood_row(out: &mut String, scenario: &str, flood: &Flood, rss_mib: f64, stop
         flood.resets_per_s,
         flood.events,
         flood.lost,
-        100.0 * flood.lost as f64 / (flood.events + flood.lost).max(1) as f64,
+        100.0 * float(flood.lost) / float((flood.events + flood.lost).max(1)),
         flood.lines_dropped,
         percentile(&flood.scrapes_ms, 0.5),
         percentile(&flood.scrapes_ms, 0.99),
@@ -128,11 +129,11 @@ pub fn run(root: &Path, connwatch: &Path) -> Result<()> {
     let (mut daemon, addr) = ready(Command::new(connwatch), &[], Stdio::piped())?;
     let mut stdout = daemon.stdout.take().context("daemon stdout")?;
     let reader = thread::spawn(move || {
-        let mut sink = [0u8; 64 << 10];
+        let mut sink = vec![0u8; 64 << 10];
         while matches!(stdout.read(&mut sink), Ok(n) if n > 0) {}
     });
     let read = flood(&addr)?;
-    let rss = peak_rss_kib(daemon.id()) as f64 / 1024.0;
+    let rss = float(peak_rss_kib(daemon.id())) / 1024.0;
     let stop = stop_timed(daemon)?;
     let _ = reader.join();
     flood_row(&mut out, "stdout read", &read, rss, &stop);
@@ -142,7 +143,7 @@ pub fn run(root: &Path, connwatch: &Path) -> Result<()> {
     let (mut daemon, addr) = ready(Command::new(connwatch), &[], Stdio::piped())?;
     let held = daemon.stdout.take();
     let blocked = flood(&addr)?;
-    let rss = peak_rss_kib(daemon.id()) as f64 / 1024.0;
+    let rss = float(peak_rss_kib(daemon.id())) / 1024.0;
     let stop = stop_timed(daemon)?;
     drop(held);
     flood_row(&mut out, "stdout never read", &blocked, rss, &stop);
@@ -154,7 +155,7 @@ pub fn run(root: &Path, connwatch: &Path) -> Result<()> {
         &["--log-events", "false", "--refresh", "1h"],
         Stdio::null(),
     )?;
-    let rss_now = |pid| crate::bench::status_kib(pid, "VmRSS:") as f64 / 1024.0;
+    let rss_now = |pid| float(crate::bench::status_kib(pid, "VmRSS:")) / 1024.0;
     let start_rss = rss_now(daemon.id());
     let first = flood(&addr)?;
     let after_first = rss_now(daemon.id());
@@ -163,7 +164,7 @@ pub fn run(root: &Path, connwatch: &Path) -> Result<()> {
     second.events = second.events.saturating_sub(first.events);
     second.lost = second.lost.saturating_sub(first.lost);
     let after_second = rss_now(daemon.id());
-    let peak = peak_rss_kib(daemon.id()) as f64 / 1024.0;
+    let peak = float(peak_rss_kib(daemon.id())) / 1024.0;
     let stop = stop_timed(daemon)?;
     flood_row(&mut out, "refresh off, 1st flood", &first, peak, "");
     flood_row(&mut out, "refresh off, 2nd flood", &second, peak, &stop);

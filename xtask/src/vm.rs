@@ -342,7 +342,7 @@ impl Vm {
             .process_group(0);
         let started = Instant::now();
         let mut child = vng.spawn().context("starting vng")?;
-        GUEST_GROUP.store(child.id() as i32, Ordering::SeqCst);
+        GUEST_GROUP.store(i32::try_from(child.id()).unwrap_or(0), Ordering::SeqCst);
         let mut tail = Tail::new(&output_path);
         let mut timed_out = false;
         let status = loop {
@@ -446,8 +446,9 @@ static GUEST_GROUP: AtomicI32 = AtomicI32::new(0);
 fn kill_guest() {
     let group = GUEST_GROUP.load(Ordering::SeqCst);
     if group > 0 {
-        // SAFETY: kill is async-signal-safe and has no memory-safety preconditions.
-        unsafe { libc::kill(-group, libc::SIGKILL) };
+        // killpg(2) is async-signal-safe; nix's wrapper only converts its arguments.
+        let _ =
+            nix::sys::signal::killpg(nix::unistd::Pid::from_raw(group), nix::sys::signal::SIGKILL);
     }
 }
 
@@ -459,9 +460,11 @@ extern "C" fn on_signal(signal: libc::c_int) {
 
 /// End the guest when we are interrupted or terminated, instead of leaving QEMU running.
 pub fn end_guest_on_signals() {
-    for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-        // SAFETY: on_signal only calls async-signal-safe functions.
-        unsafe { libc::signal(signal, on_signal as *const () as libc::sighandler_t) };
+    use nix::sys::signal::{SigHandler, Signal};
+    for signal in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        // SAFETY: on_signal only calls async-signal-safe functions (killpg, _exit) and
+        // touches no state but an atomic.
+        let _ = unsafe { nix::sys::signal::signal(signal, SigHandler::Handler(on_signal)) };
     }
 }
 
@@ -749,18 +752,18 @@ const PANIC_LINES: usize = 3;
 fn cargo_test_failures(text: &str) -> Vec<String> {
     let mut detail = Vec::new();
     let mut lines = text.lines();
-    let mut test = "";
+    let mut failing = "";
     while let Some(line) = lines.next() {
         if let Some(name) = line
             .strip_prefix("---- ")
             .and_then(|l| l.strip_suffix(" stdout ----"))
         {
-            test = name;
+            failing = name;
         } else if line.contains("panicked at") {
             // The message's first lines: the assertion, and often the value it looked at.
             let message: Vec<&str> = lines.by_ref().take(PANIC_LINES).map(str::trim).collect();
             let message: String = message.join(" ").chars().take(300).collect();
-            detail.push(format!("{test}: {message}"));
+            detail.push(format!("{failing}: {message}"));
         }
     }
     if detail.is_empty() {

@@ -202,7 +202,7 @@ impl Watch {
     }
 
     pub fn stop_with(mut self, signal: nix::sys::signal::Signal) -> Stopped {
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), signal).unwrap();
+        nix::sys::signal::kill(pid(self.child.id()), signal).unwrap();
         let stopped = self.finish();
         assert!(
             stopped.status.success(),
@@ -525,7 +525,7 @@ pub fn wait_for_pool_sockets(url: &str, labels: &[String], sockets: f64) -> Stri
     let deadline = Instant::now() + EVENT_TIMEOUT;
     loop {
         let body = get(url).map(|(_, body)| body).unwrap_or_default();
-        if metric_sum_where(&body, "connwatch_pool_sockets", labels) == sockets {
+        if (metric_sum_where(&body, "connwatch_pool_sockets", labels) - sockets).abs() < 0.5 {
             return body;
         }
         assert!(
@@ -534,6 +534,20 @@ pub fn wait_for_pool_sockets(url: &str, labels: &[String], sockets: f64) -> Stri
         );
         thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// A child's process id as nix takes it (`pid_max` is at most 2^22, so it always fits).
+pub fn pid(id: u32) -> nix::unistd::Pid {
+    nix::unistd::Pid::from_raw(i32::try_from(id).expect("a process id fits in i32"))
+}
+
+/// A count as a Prometheus sample (which are floats), to compare with one.
+#[expect(
+    clippy::cast_precision_loss,
+    reason = "the tests' counts stay far below 2^52, below which f64 holds integers exactly"
+)]
+pub fn sample(count: usize) -> f64 {
+    count as f64
 }
 
 pub fn free_port() -> u16 {

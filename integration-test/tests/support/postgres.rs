@@ -46,10 +46,10 @@ fn as_postgres(program: &Path) -> Command {
 
 impl Postgres {
     pub fn start() -> Postgres {
+        static INSTANCES: AtomicUsize = AtomicUsize::new(0);
         let user = nix::unistd::User::from_name("postgres")
             .unwrap()
             .expect("the postgres user (created by the Debian package)");
-        static INSTANCES: AtomicUsize = AtomicUsize::new(0);
         let instance = INSTANCES.fetch_add(1, Ordering::SeqCst);
         let dir = super::TempDir::new(&format!("pg-{instance}"));
         chown(dir.path(), Some(user.uid.as_raw()), Some(user.gid.as_raw())).unwrap();
@@ -110,7 +110,7 @@ impl Drop for Postgres {
     fn drop(&mut self) {
         // SIGINT: fast shutdown, clients are disconnected.
         let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            super::pid(self.child.id()),
             nix::sys::signal::Signal::SIGINT,
         );
         let _ = self.child.wait();
