@@ -24,20 +24,20 @@ use serde::Serialize;
 
 use crate::{
     args::PipelineArgs,
+    bounds::millis,
+    common::{Shutdown, output_closed},
     detect::{Finding, Kind},
-    engine::{Consumer, Engine, Flow, Shutdown, Streams},
+    engine::{Consumer, Engine, Flow, Streams},
     events::Event,
     http::{self, HttpMetrics, Limits},
-    pipeline::Pipeline,
     probes::ProbeOptions,
     sinks::{
         Loss, Report, WallClock,
         json::JsonSink,
-        metrics::{KindWho, Metrics, ephemeral_ports},
+        metrics::{KindWho, Metrics, Stats, ephemeral_ports},
         ratelimit::{LimitConfig, LogLimiter, Suppressed, Verdict},
     },
     sockets::pools::Pool,
-    watch::output_closed,
 };
 
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:9964";
@@ -105,7 +105,7 @@ impl Health {
     }
 
     pub fn tick(&self) {
-        let now = self.started.elapsed().as_millis() as u64;
+        let now = millis(self.started.elapsed());
         self.last_tick_ms.store(now, Ordering::SeqCst);
     }
 
@@ -114,9 +114,9 @@ impl Health {
         if !self.attached.load(Ordering::SeqCst) {
             return Err("probes not attached");
         }
-        let now = self.started.elapsed().as_millis() as u64;
+        let now = millis(self.started.elapsed());
         let since = now.saturating_sub(self.last_tick_ms.load(Ordering::SeqCst));
-        if since > STALL_LIMIT.as_millis() as u64 {
+        if since > millis(STALL_LIMIT) {
             return Err("event loop stalled");
         }
         Ok(())
@@ -261,8 +261,8 @@ impl DaemonConsumer {
         Ok(())
     }
 
-    fn summaries(&mut self, summaries: Vec<(KindWho, Suppressed)>) -> Result<()> {
-        for (key, held) in &summaries {
+    fn summaries(&mut self, summaries: &[(KindWho, Suppressed)]) -> Result<()> {
+        for (key, held) in summaries {
             self.write(&SuppressedLine::new(key, held, &self.clock))?;
         }
         Ok(())
@@ -276,14 +276,14 @@ impl Consumer for DaemonConsumer {
 
     fn finding(&mut self, finding: &Finding) -> Result<Flow> {
         self.findings += 1;
-        self.metrics.finding(finding);
+        let who = self.metrics.finding(finding);
         if self.log.is_none() || finding.kind == Kind::StateChange {
             return Ok(Flow::Continue);
         }
         let key = KindWho {
             kind: finding.kind.as_str().into(),
             cause: finding.cause.clone().unwrap_or_default(),
-            who: self.metrics.who(finding),
+            who,
         };
         // Limited by when lines are written, not by the findings' own (possibly older) time.
         match self.limiter.admit(&key, self.clock.mono_now_ns()) {
@@ -292,7 +292,7 @@ impl Consumer for DaemonConsumer {
                 self.metrics.log_suppressed(&key.kind);
             }
             Verdict::Log(held) => {
-                self.summaries(held.map(|held| (key, held)).into_iter().collect())?;
+                self.summaries(&held.map(|held| (key, held)).into_iter().collect::<Vec<_>>())?;
                 self.write(&Report::new(finding, &self.clock))?;
             }
         }
@@ -301,13 +301,13 @@ impl Consumer for DaemonConsumer {
 
     fn poll(&mut self, mono_now_ns: u64) -> Result<Flow> {
         let due = self.limiter.due(mono_now_ns);
-        self.summaries(due)?;
+        self.summaries(&due)?;
         Ok(Flow::Continue)
     }
 
     fn finish(&mut self) -> Result<()> {
         let held = self.limiter.drain();
-        self.summaries(held)
+        self.summaries(&held)
     }
 
     fn lost(&mut self, loss: &Loss) -> Result<Flow> {
@@ -315,8 +315,8 @@ impl Consumer for DaemonConsumer {
         Ok(Flow::Continue)
     }
 
-    fn tick(&mut self, pipeline: &Pipeline) {
-        self.metrics.tick(pipeline);
+    fn tick(&mut self, stats: &Stats) {
+        self.metrics.tick(stats);
         self.health.tick();
     }
 
@@ -414,7 +414,9 @@ mod tests {
         assert!(health.ready());
         // A loop that stopped ticking is unhealthy while still attached.
         health.last_tick_ms.store(0, Ordering::SeqCst);
-        let started = Instant::now().checked_sub(STALL_LIMIT).unwrap() - Duration::from_secs(1);
+        let started = Instant::now()
+            .checked_sub(STALL_LIMIT + Duration::from_secs(1))
+            .unwrap();
         let stalled = Health {
             started,
             attached: AtomicBool::new(true),

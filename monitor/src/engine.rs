@@ -12,7 +12,6 @@ use aya::maps::{MapData, RingBuf};
 use monitor_common::Settings;
 use tokio::{
     io::{Interest, unix::AsyncFd},
-    signal::unix::{Signal, SignalKind, signal},
     sync::mpsc,
     time::{MissedTickBehavior, interval},
 };
@@ -24,7 +23,10 @@ use crate::{
     pipeline::Pipeline,
     probes::{ProbeOptions, Probes, filter::KernelFilter},
     resolver::{Resolver, SharedProcIndex},
-    sinks::{Loss, WallClock},
+    sinks::{
+        Loss, WallClock,
+        metrics::{RefreshErrors, Stats},
+    },
     sockets::{
         diag::{self, Snapshot},
         pools::Pool,
@@ -55,8 +57,8 @@ pub trait Consumer {
     fn finding(&mut self, finding: &Finding) -> Result<Flow>;
     /// The kernel dropped more events.
     fn lost(&mut self, loss: &Loss) -> Result<Flow>;
-    /// Once a second: the loop is alive.
-    fn tick(&mut self, _pipeline: &Pipeline) {}
+    /// Once a second: the loop is alive, and what it counted.
+    fn tick(&mut self, _stats: &Stats) {}
     /// After each sock_diag refresh.
     fn pools(&mut self, _pools: &[Pool]) -> Result<Flow> {
         Ok(Flow::Continue)
@@ -95,7 +97,8 @@ pub struct Engine {
     warned_undecodable: bool,
     /// Socket lists taken by the refresher thread.
     snapshots: mpsc::Receiver<Result<Snapshot, String>>,
-    warned_refresh: bool,
+    /// Socket lists the refresher could not take (`connwatch_refresh_errors_total`).
+    refresh_errors: u64,
 }
 
 impl Engine {
@@ -121,7 +124,7 @@ impl Engine {
             );
         }
         let settings = Settings {
-            eof_grace_ns: pipeline.idle_threshold.as_nanos() as u64,
+            eof_grace_ns: crate::bounds::nanos(pipeline.idle_threshold),
             wakeup_bytes: u64::from(probe_options.ring_buffer_size / 16),
             all_state_changes: u64::from(state_changes),
             // Probes::attach decides these two: from what the kernel allows, from `filter`.
@@ -151,7 +154,7 @@ impl Engine {
             .map_err(|err| err.into_parts().1)
             .context("registering the ring buffer with the event loop")?;
         let mut detect = pipeline.detect_config(state_changes);
-        detect.rst_reasons = probes.rst_reasons.clone();
+        detect.rst_reasons.clone_from(&probes.rst_reasons);
         let processes: SharedProcIndex = std::sync::Arc::new(std::sync::Mutex::new(
             ProcIndex::new(pipeline.host_proc.clone()),
         ));
@@ -171,7 +174,7 @@ impl Engine {
                 connects,
                 io_marks,
             )?,
-            warned_refresh: false,
+            refresh_errors: 0,
         })
     }
 
@@ -266,15 +269,15 @@ impl Engine {
         if let Flow::Stop = deliver(self.pipeline.tick(now), &mut self.resolver, consumer)? {
             return Ok(Flow::Stop);
         }
-        consumer.tick(&self.pipeline);
-        let lost = self.probes.lost_events()?;
-        if lost > self.lost_total {
-            let count = lost - self.lost_total;
-            self.lost_total = lost;
+        consumer.tick(&self.stats());
+        let dropped = self.probes.lost_events()?;
+        if dropped > self.lost_total {
+            let count = dropped - self.lost_total;
+            self.lost_total = dropped;
             let loss = Loss {
                 at: SystemTime::now(),
                 count,
-                total: lost,
+                total: dropped,
                 within: self.filter.as_deref(),
             };
             log::warn!(
@@ -302,12 +305,27 @@ impl Engine {
                 consumer.pools(self.pipeline.pools())
             }
             Err(err) => {
-                if !self.warned_refresh {
-                    self.warned_refresh = true;
-                    log::warn!("cannot list sockets (pools and stalls unavailable): {err}");
+                if self.refresh_errors == 0 {
+                    log::warn!(
+                        "cannot list sockets (pools and stalls unavailable): {err} (said once; \
+                         connwatch_refresh_errors_total{{source=\"sock_diag\"}} counts them)"
+                    );
                 }
+                self.refresh_errors += 1;
                 Ok(Flow::Continue)
             }
+        }
+    }
+
+    /// The counts the metrics mirror: the pipeline's, and the engine's own.
+    fn stats(&self) -> Stats {
+        Stats {
+            log_lines_dropped: crate::output::stdout().dropped(),
+            refresh_errors: RefreshErrors {
+                sock_diag: self.refresh_errors,
+                kubelet: crate::sockets::workload::kubelet_errors(),
+            },
+            ..self.pipeline.stats()
         }
     }
 
@@ -454,30 +472,4 @@ fn attribution_warning() -> Option<String> {
             missing.join(" and ")
         )
     })
-}
-
-/// Resolves on SIGTERM or SIGINT.
-/// SIGTERM and SIGINT, caught from the moment this is made: commands install it before
-/// they say they are ready, so a signal sent right after never meets the default action
-/// (which would kill the process with a non-zero status and leave no summary).
-pub struct Shutdown {
-    sigterm: Signal,
-    sigint: Signal,
-}
-
-impl Shutdown {
-    pub fn install() -> Result<Shutdown> {
-        Ok(Shutdown {
-            sigterm: signal(SignalKind::terminate()).context("installing SIGTERM handler")?,
-            sigint: signal(SignalKind::interrupt()).context("installing SIGINT handler")?,
-        })
-    }
-
-    /// Resolves at the first SIGTERM or SIGINT.
-    pub async fn received(mut self) {
-        tokio::select! {
-            _ = self.sigterm.recv() => {}
-            _ = self.sigint.recv() => {}
-        }
-    }
 }

@@ -91,6 +91,13 @@ impl TcpState {
     pub const CLOSE_WAIT: TcpState = TcpState(monitor_common::tcp_state::CLOSE_WAIT);
     pub const LAST_ACK: TcpState = TcpState(monitor_common::tcp_state::LAST_ACK);
     pub const TIME_WAIT: TcpState = TcpState(monitor_common::tcp_state::TIME_WAIT);
+    pub const LISTEN: TcpState = TcpState(monitor_common::tcp_state::LISTEN);
+
+    /// Every state the kernel's TCP sockets can be in, ESTABLISHED to NEW_SYN_RECV.
+    pub fn known() -> impl Iterator<Item = TcpState> {
+        (monitor_common::tcp_state::ESTABLISHED..=monitor_common::tcp_state::NEW_SYN_RECV)
+            .map(TcpState)
+    }
 
     pub fn name(self) -> &'static str {
         use monitor_common::tcp_state::{

@@ -280,7 +280,7 @@ async fn serve_from(listener: impl Accept, router: Router, limits: Limits, metri
                     Err(err) => err.id(),
                 };
                 open.remove(&id);
-                metrics.open.set(open.len() as i64);
+                metrics.open.set(i64::try_from(open.len()).unwrap_or(i64::MAX));
                 continue;
             }
             accepted = listener.accept() => accepted,
@@ -338,7 +338,9 @@ async fn serve_from(listener: impl Accept, router: Router, limits: Limits, metri
             },
         );
         seq += 1;
-        metrics.open.set(open.len() as i64);
+        metrics
+            .open
+            .set(i64::try_from(open.len()).unwrap_or(i64::MAX));
     }
 }
 
@@ -352,7 +354,9 @@ fn shed(open: &mut HashMap<tokio::task::Id, Tracked>, metrics: &HttpMetrics) -> 
         // Dropping the connection's task closes its socket.
         tracked.abort.abort();
     }
-    metrics.open.set(open.len() as i64);
+    metrics
+        .open
+        .set(i64::try_from(open.len()).unwrap_or(i64::MAX));
     metrics.close(Reason::Shed);
     true
 }
@@ -378,7 +382,7 @@ struct Clock(Instant);
 
 impl Clock {
     fn now(self) -> u64 {
-        self.0.elapsed().as_millis() as u64
+        crate::bounds::millis(self.0.elapsed())
     }
 }
 
@@ -767,25 +771,25 @@ mod tests {
         eventually(1, || metrics.closed(Reason::MaxAge)).await;
     }
 
-    /// A listener out of file descriptors while `failing`: accept fails with EMFILE, and a
+    /// A listener out of file descriptors while `out_of_fds`: accept fails with EMFILE, and a
     /// connection that arrives meanwhile stays queued, as in the kernel.
     struct Failing {
         listener: TcpListener,
-        failing: Arc<AtomicBool>,
+        out_of_fds: Arc<AtomicBool>,
         queued: std::sync::Mutex<Option<TcpStream>>,
     }
 
     impl Accept for Failing {
         async fn accept(&self) -> io::Result<TcpStream> {
             let emfile = || io::Error::from_raw_os_error(libc::EMFILE);
-            if self.failing.load(Ordering::SeqCst) {
+            if self.out_of_fds.load(Ordering::SeqCst) {
                 return Err(emfile());
             }
             if let Some(stream) = self.queued.lock().unwrap().take() {
                 return Ok(stream);
             }
             let stream = Accept::accept(&self.listener).await?;
-            if self.failing.load(Ordering::SeqCst) {
+            if self.out_of_fds.load(Ordering::SeqCst) {
                 *self.queued.lock().unwrap() = Some(stream);
                 return Err(emfile());
             }
@@ -797,20 +801,20 @@ mod tests {
     async fn out_of_files_the_server_backs_off_sheds_and_carries_on() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let failing = Arc::new(AtomicBool::new(false));
+        let out_of_fds = Arc::new(AtomicBool::new(false));
         let metrics = spawn_server(
             Failing {
                 listener,
-                failing: failing.clone(),
-                queued: Default::default(),
+                out_of_fds: out_of_fds.clone(),
+                queued: std::sync::Mutex::default(),
             },
             quick(),
         );
         let mut idle = TcpStream::connect(addr).await.unwrap();
-        eventually(1, || metrics.open.get() as u64).await;
+        eventually(1, || u64::try_from(metrics.open.get()).unwrap_or(0)).await;
         // The server can take no more descriptors (its cap is 2): it sheds the idle one for
         // the connection that waits, and tries again after each back-off, not in a loop.
-        failing.store(true, Ordering::SeqCst);
+        out_of_fds.store(true, Ordering::SeqCst);
         let mut waiting = TcpStream::connect(addr).await.unwrap();
         assert!(closed_within(&mut idle, Duration::from_millis(300)).await);
         assert_eq!(metrics.closed(Reason::Shed), 1);
@@ -819,7 +823,7 @@ mod tests {
         assert!((3..=8).contains(&errors), "{errors} accept errors");
         // Nothing else to shed.
         assert_eq!(metrics.closed(Reason::Shed), 1);
-        failing.store(false, Ordering::SeqCst);
+        out_of_fds.store(false, Ordering::SeqCst);
         assert!(request(&mut waiting, "/healthz").await.ends_with("ok\n"));
     }
 

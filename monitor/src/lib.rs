@@ -11,19 +11,24 @@ pub type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomS
 /// See [`FastMap`].
 pub type FastSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
 
+pub mod bounds;
 pub mod cli;
+pub mod common;
 pub mod daemon;
 pub mod detect;
 pub mod doctor;
 pub mod engine;
 pub mod events;
 pub mod http;
+#[cfg(test)]
+mod layers_tests;
 pub mod output;
 pub mod pipeline;
 pub mod probes;
 pub mod proxy;
 #[cfg(test)]
 mod readme_tests;
+pub mod relay;
 pub mod resolver;
 pub mod selftest;
 pub mod sinks;

@@ -4,29 +4,23 @@
 use std::{collections::HashMap, path::PathBuf};
 
 use crate::{
+    bounds::{millis, nanos},
     detect::{
         DetectConfig, Detectors, Finding, Kind,
         exhausted::ExhaustionDetector,
         idle_limit::{IdleLimit, IdleLimits, Path},
         leak::LeakDetector,
-        stall::StallDetector,
         zombie::ZombieDetector,
     },
     events::{self, DecodeError, Event, Hook, SocketId, Task, TcpState},
     resolver::SharedProcIndex,
+    sinks::metrics::Stats,
     sockets::{
         SocketTable,
         diag::{DiagSocket, Snapshot},
         pools::{Pool, PoolTracker},
     },
 };
-
-/// What the last refresh cost: its time, and the network namespaces it read.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct RefreshStats {
-    pub took: std::time::Duration,
-    pub namespaces: usize,
-}
 
 /// One record's decoded event and what the detectors made of it.
 pub struct Processed<'a> {
@@ -47,7 +41,6 @@ pub struct Pipeline {
     table: SocketTable,
     detectors: Detectors,
     pools: PoolTracker,
-    stalls: StallDetector,
     exhaustion: ExhaustionDetector,
     zombies: ZombieDetector,
     limits: IdleLimits,
@@ -57,7 +50,9 @@ pub struct Pipeline {
     quiet_ports: Vec<u16>,
     /// Sockets by state in the last snapshot.
     snapshot_states: HashMap<TcpState, usize>,
-    last_refresh: RefreshStats,
+    /// The last refresh's network namespaces, and how long it took.
+    last_namespaces: usize,
+    last_took: std::time::Duration,
     findings: Vec<Finding>,
     pub events: u64,
     pub undecodable: u64,
@@ -69,18 +64,15 @@ impl Pipeline {
             table: SocketTable::new(processes, config.max_sockets),
             detectors: Detectors::new(config),
             pools: PoolTracker::default(),
-            stalls: StallDetector::new(config.stall_threshold.as_millis() as u64),
             exhaustion: ExhaustionDetector::default(),
-            zombies: ZombieDetector::new(
-                config.zombie_threshold.as_millis() as u64,
-                config.max_sockets,
-            ),
-            limits: IdleLimits::new(config.idle_threshold.as_millis() as u64, config.max_sockets),
-            leaks: LeakDetector::new(config.leak_threshold.as_millis() as u64, config.max_sockets),
-            idle_threshold_ms: config.idle_threshold.as_millis() as u64,
+            zombies: ZombieDetector::new(millis(config.zombie_threshold), config.max_sockets),
+            limits: IdleLimits::new(millis(config.idle_threshold), config.max_sockets),
+            leaks: LeakDetector::new(millis(config.leak_threshold), config.max_sockets),
+            idle_threshold_ms: millis(config.idle_threshold),
             quiet_ports: config.quiet_ports.clone(),
             snapshot_states: HashMap::new(),
-            last_refresh: RefreshStats::default(),
+            last_namespaces: 0,
+            last_took: std::time::Duration::ZERO,
             findings: Vec::new(),
             events: 0,
             undecodable: 0,
@@ -186,40 +178,17 @@ impl Pipeline {
     /// they exhausted, and connections that became zombies.
     pub fn refresh(&mut self, snapshot: &Snapshot, mono_now_ns: u64) -> &[Finding] {
         self.findings.clear();
-        self.snapshot_states.clear();
-        self.last_refresh = RefreshStats {
-            took: snapshot.took,
-            namespaces: snapshot.namespaces,
-        };
-        for socket in &snapshot.sockets {
-            *self.snapshot_states.entry(socket.state).or_insert(0) += 1;
-        }
+        self.count_states(snapshot);
         let owner_of = |inode: u64| snapshot.owners.get(&inode).cloned();
         // Built once per refresh: stalls, zombies and pools all classify by it.
         self.pools
             .set_listeners(crate::sockets::pools::Listeners::from_snapshot(
                 &snapshot.sockets,
             ));
-        // Long polls and streams wait by design: not judged for stalls or zombies.
-        let judged: std::borrow::Cow<'_, [DiagSocket]> = if self.quiet_ports.is_empty() {
-            std::borrow::Cow::Borrowed(&snapshot.sockets)
-        } else {
-            let quiet = |s: &&DiagSocket| {
-                self.quiet_ports.contains(&s.local.port())
-                    || self.quiet_ports.contains(&s.remote.port())
-            };
-            std::borrow::Cow::Owned(
-                snapshot
-                    .sockets
-                    .iter()
-                    .filter(|s| !quiet(s))
-                    .cloned()
-                    .collect(),
-            )
-        };
+        let judged = self.judged(&snapshot.sockets);
         for (socket, stalled_ms) in
-            self.stalls
-                .refresh(&judged, self.pools.listeners(), mono_now_ns)
+            self.detectors
+                .stalled(&judged, self.pools.listeners(), mono_now_ns)
         {
             let owner = owner_of(socket.inode);
             let event = snapshot_event(socket, owner.clone(), mono_now_ns, Some(stalled_ms));
@@ -252,7 +221,7 @@ impl Pipeline {
         self.limits
             .refresh(&snapshot.sockets, self.pools.listeners(), mono_now_ns);
         // The dump started about `took` before now: what it did not list opened after that.
-        let dump_ns = mono_now_ns.saturating_sub(snapshot.took.as_nanos() as u64);
+        let dump_ns = mono_now_ns.saturating_sub(nanos(snapshot.took));
         for leak in self.leaks.refresh(
             &snapshot.sockets,
             |inode| snapshot.owners.get(&inode).map(|owner| owner.pid),
@@ -274,7 +243,7 @@ impl Pipeline {
         self.pools.refresh(
             &snapshot.sockets,
             owner_of,
-            self.stalls.requests(),
+            self.detectors.requests(),
             self.zombies.zombies(),
             self.leaks.stranded(),
             self.idle_threshold_ms,
@@ -304,6 +273,29 @@ impl Pipeline {
         &self.findings
     }
 
+    /// Sockets by state, the namespaces listed and the time taken, for the metrics.
+    fn count_states(&mut self, snapshot: &Snapshot) {
+        self.snapshot_states.clear();
+        self.last_namespaces = snapshot.namespaces;
+        self.last_took = snapshot.took;
+        for socket in &snapshot.sockets {
+            *self.snapshot_states.entry(socket.state).or_insert(0) += 1;
+        }
+    }
+
+    /// The sockets judged for stalls and zombies: long polls and streams (`--ignore-port`)
+    /// wait by design.
+    fn judged<'a>(&self, sockets: &'a [DiagSocket]) -> std::borrow::Cow<'a, [DiagSocket]> {
+        if self.quiet_ports.is_empty() {
+            return std::borrow::Cow::Borrowed(sockets);
+        }
+        let quiet = |s: &&DiagSocket| {
+            self.quiet_ports.contains(&s.local.port())
+                || self.quiet_ports.contains(&s.remote.port())
+        };
+        std::borrow::Cow::Owned(sockets.iter().filter(|s| !quiet(s)).cloned().collect())
+    }
+
     /// Entries dropped from full tables (socket table, CLOSE_WAIT, zombie and leak tracking).
     pub fn evictions(&self) -> u64 {
         self.table.evictions
@@ -318,14 +310,20 @@ impl Pipeline {
         self.pools.pools()
     }
 
-    /// Sockets by state, from the last snapshot (every network namespace).
-    pub fn last_refresh(&self) -> RefreshStats {
-        self.last_refresh
-    }
-
-    /// Events cannot tell: only the state changes connwatch acts on cross the ring buffer.
-    pub fn sockets_by_state(&self) -> &HashMap<TcpState, usize> {
-        &self.snapshot_states
+    /// The pipeline's counts for the metrics; the engine adds its own. Sockets by state
+    /// come from the last snapshot: events cannot tell, only the state changes connwatch
+    /// acts on cross the ring buffer.
+    pub fn stats(&self) -> Stats {
+        Stats {
+            sockets_by_state: self.snapshot_states.clone(),
+            namespaces: self.last_namespaces,
+            refresh_took: self.last_took,
+            undecodable: self.undecodable,
+            evictions: self.evictions(),
+            fins_handled: self.fins_handled(),
+            resets_handled: self.resets_handled(),
+            ..Stats::default()
+        }
     }
 }
 
@@ -340,7 +338,7 @@ impl Pipeline {
             zombie_threshold: std::time::Duration::from_secs(30),
             leak_threshold: std::time::Duration::from_secs(30),
             max_sockets: 64,
-            rst_reasons: Default::default(),
+            rst_reasons: HashMap::default(),
             quiet_ports: Vec::new(),
             state_changes: false,
         };
@@ -387,7 +385,7 @@ fn snapshot_event(
         linger_zero: false,
         io: None,
         sk_err: 0,
-        waiting_ms: waiting_ms.map(|ms| ms.min(u64::from(u32::MAX)) as u32),
+        waiting_ms: waiting_ms.map(|ms| u32::try_from(ms).unwrap_or(u32::MAX)),
         netns: Some(socket.netns),
     }
 }

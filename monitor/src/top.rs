@@ -11,12 +11,12 @@ use serde::Serialize;
 
 use crate::{
     args::PipelineArgs,
+    common::{Shutdown, output_closed},
     detect::Finding,
-    engine::{Consumer, Engine, Flow, Shutdown, Streams},
+    engine::{Consumer, Engine, Flow, Streams},
     probes::ProbeOptions,
     sinks::{Loss, cli::format_ms},
     sockets::pools::{Direction, Pool, UNKNOWN_COMM},
-    watch::output_closed,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -97,6 +97,31 @@ struct Screen {
     host_proc: std::path::PathBuf,
 }
 
+/// The pool table's columns.
+const HEADER: [&str; 21] = [
+    "PID",
+    "COMM",
+    "NETNS",
+    "DIR",
+    "ENDPOINT",
+    "TOTAL",
+    "ESTAB",
+    "IDLE",
+    "ACTIVE",
+    "CL_WAIT",
+    "OTHER",
+    "STALLED",
+    "EXHAUSTED",
+    "ZOMBIE",
+    "STRANDED",
+    "MAX_IDLE",
+    "IDLE_LIMIT",
+    "CONN/MIN",
+    "RST/MIN",
+    "DIED/MIN",
+    "POD",
+];
+
 /// The pool table's header and rows. The ENDPOINT column is as wide as the longest
 /// endpoint shown (an IPv6 one is up to 47 characters), so the columns stay aligned.
 fn table(pools: &[Pool]) -> String {
@@ -119,32 +144,7 @@ fn table(pools: &[Pool]) -> String {
         }
         let _ = writeln!(out, "  {}", rest[rest.len() - 1]);
     };
-    row(
-        &mut out,
-        [
-            "PID",
-            "COMM",
-            "NETNS",
-            "DIR",
-            "ENDPOINT",
-            "TOTAL",
-            "ESTAB",
-            "IDLE",
-            "ACTIVE",
-            "CL_WAIT",
-            "OTHER",
-            "STALLED",
-            "EXHAUSTED",
-            "ZOMBIE",
-            "STRANDED",
-            "MAX_IDLE",
-            "IDLE_LIMIT",
-            "CONN/MIN",
-            "RST/MIN",
-            "DIED/MIN",
-            "POD",
-        ],
-    );
+    row(&mut out, HEADER);
     for p in pools {
         let numbers = [
             p.total,
@@ -305,13 +305,19 @@ mod tests {
     use crate::sockets::pools::Direction;
 
     fn pool(pid: u32, comm: &str, direction: Direction, endpoint: &str) -> Pool {
-        Pool::new(pid, comm, 4026531840, direction, endpoint.parse().unwrap())
+        Pool::new(
+            pid,
+            comm,
+            4_026_531_840,
+            direction,
+            endpoint.parse().unwrap(),
+        )
     }
 
     /// The pools README.md's `connwatch top` sample shows.
     fn readme_pools() -> Vec<Pool> {
         let mut exhausted = pool(4242, "python3", Direction::Outbound, "10.0.0.9:5432");
-        exhausted.netns = 4026532177;
+        exhausted.netns = 4_026_532_177;
         (exhausted.total, exhausted.established, exhausted.stalled) = (4, 4, 4);
         (exhausted.exhausted, exhausted.oldest_stall_ms) = (true, Some(31_200));
         exhausted.workload.namespace = Some("payments".into());

@@ -1,19 +1,17 @@
 //! `connwatch watch`: live findings on the terminal or as NDJSON.
-use std::{
-    io::{self, ErrorKind},
-    time::Duration,
-};
+use std::{io, time::Duration};
 
-use anyhow::{Context as _, Result};
+use anyhow::Result;
 use tokio::time::{Instant, sleep_until};
 
 use crate::{
     args::{PipelineArgs, parse_positive_duration},
+    common::{Shutdown, output_closed},
     detect::{
         Finding, Kind,
         idle_limit::{IdleLimit, Path},
     },
-    engine::{Consumer, Engine, Flow, Shutdown, Streams},
+    engine::{Consumer, Engine, Flow, Streams},
     probes::{ProbeOptions, filter::KernelFilter},
     sinks::{
         Loss, Report, Sink, WallClock,
@@ -201,15 +199,6 @@ fn idle_limit_line(path: &Path, limit: &IdleLimit) -> String {
     )
 }
 
-/// A closed stdout (e.g. `| head`) ends the watch quietly; other write errors are errors.
-pub fn output_closed(err: io::Error) -> Result<Flow> {
-    if err.kind() == ErrorKind::BrokenPipe {
-        Ok(Flow::Stop)
-    } else {
-        Err(err).context("writing to stdout")
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -218,7 +207,7 @@ mod tests {
     #[test]
     fn an_idle_limit_line_says_what_to_set() {
         let path = Path {
-            netns: 4026531840,
+            netns: 4_026_531_840,
             direction: Direction::Outbound,
             endpoint: "10.0.0.5:5432".parse().unwrap(),
         };

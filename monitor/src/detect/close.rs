@@ -10,8 +10,9 @@ use std::time::Duration;
 use super::{Finding, Kind, grace::Grace};
 use crate::{
     FastMap, FastSet,
+    bounds::{make_room, millis, nanos},
     events::{Event, Hook, Task, TcpState},
-    sockets::{diag::DiagSocket, make_room},
+    sockets::diag::DiagSocket,
 };
 
 /// A CLOSE_WAIT socket known only from the socket list: it entered the state before
@@ -51,8 +52,8 @@ impl CloseDetector {
         max: usize,
     ) -> CloseDetector {
         CloseDetector {
-            idle_threshold_ms: idle_threshold.as_millis() as u64,
-            close_wait_threshold_ns: close_wait_threshold.as_nanos() as u64,
+            idle_threshold_ms: millis(idle_threshold),
+            close_wait_threshold_ns: nanos(close_wait_threshold),
             waiting: FastMap::default(),
             listed: FastMap::default(),
             pending: Grace::new(max),
@@ -214,9 +215,9 @@ mod tests {
         let mut findings = Vec::new();
         close.observe(&fin_at(1500, 0), None, &mut findings);
         assert!(findings.is_empty(), "within the grace");
-        close.due(HANDLED_GRACE.as_nanos() as u64 - 1, &mut findings);
+        close.due(nanos(HANDLED_GRACE) - 1, &mut findings);
         assert!(findings.is_empty());
-        close.due(HANDLED_GRACE.as_nanos() as u64, &mut findings);
+        close.due(nanos(HANDLED_GRACE), &mut findings);
         assert_eq!(findings.len(), 1);
         assert_eq!(findings[0].kind, Kind::PeerCloseIdle);
         assert_eq!(findings[0].mono_ns, 0, "dated by the FIN");

@@ -3,19 +3,11 @@
 //! retransmission, keepalive or TCP_USER_TIMEOUT gave up. The next write fails at once with
 //! `connection timed out`. The kernel half (`state.rs`) reads `sk_err` as the socket closes.
 use super::Kind;
-use crate::events::{Event, Hook, TcpState};
+use crate::{events::Event, sockets::died_silently};
 
+/// The predicate lives with the sockets: the pools count deaths per minute too.
 pub fn classify(event: &Event) -> Option<Kind> {
-    let died = event.hook == Hook::StateChange
-        && (event.old_state == TcpState::ESTABLISHED || event.old_state == TcpState::CLOSE_WAIT)
-        && event.new_state == TcpState::CLOSE;
-    // 0: a normal close; ECONNRESET/EPIPE: an RST (reported as a reset); ECONNABORTED:
-    // destroyed on purpose (`ss -K`), reported as a local reset.
-    let silent = !matches!(
-        event.sk_err,
-        0 | libc::ECONNRESET | libc::EPIPE | libc::ECONNABORTED
-    );
-    (died && silent).then_some(Kind::SilentDeath)
+    died_silently(event).then_some(Kind::SilentDeath)
 }
 
 #[cfg(test)]

@@ -64,7 +64,7 @@ mod tests {
             pid: 7,
             comm: "app".into(),
             netns: 1,
-            workload: Default::default(),
+            workload: crate::sockets::workload::Workload::default(),
             direction: Direction::Outbound,
             endpoint: "10.0.0.9:5432".parse().unwrap(),
             total: established,

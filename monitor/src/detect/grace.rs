@@ -45,7 +45,7 @@ impl Grace {
             findings.push(finding);
             return;
         }
-        let due_ns = finding.mono_ns + HANDLED_GRACE.as_nanos() as u64;
+        let due_ns = finding.mono_ns + crate::bounds::nanos(HANDLED_GRACE);
         self.due.push_back((due_ns, skaddr));
         self.held.insert(skaddr, Held { finding, due_ns });
     }

@@ -208,7 +208,12 @@ impl IdleLimits {
         let mut kills: Vec<u64> = record.kills.iter().copied().collect();
         kills.sort_unstable();
         let (start, clustered) = densest_cluster(&kills)?;
-        if clustered < MIN_KILLS || (clustered as f64) < CLUSTER_SHARE * kills.len() as f64 {
+        #[expect(
+            clippy::cast_precision_loss,
+            reason = "counts of one path's recorded kills: far below f64's exact integers"
+        )]
+        let too_spread = (clustered as f64) < CLUSTER_SHARE * kills.len() as f64;
+        if clustered < MIN_KILLS || too_spread {
             return None;
         }
         let limit_ms = kills[start];
@@ -220,7 +225,7 @@ impl IdleLimits {
         }
         Some(IdleLimit {
             limit_ms,
-            clustered: clustered as u32,
+            clustered: u32::try_from(clustered).unwrap_or(u32::MAX),
             kills: record.total_kills,
             high_ms: kills[start + clustered - 1],
             survived_ms: record.survived_ms,
@@ -244,7 +249,14 @@ impl IdleLimits {
 fn densest_cluster(kills: &[u64]) -> Option<(usize, usize)> {
     let mut best: Option<(usize, usize)> = None;
     for (start, &low) in kills.iter().enumerate() {
-        let high = low + (low as f64 * CLUSTER_SPREAD) as u64 + CLUSTER_SLACK_MS;
+        #[expect(
+            clippy::cast_precision_loss,
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            reason = "idle times in ms, exact in f64; a tenth of one is positive and fits u64"
+        )]
+        let spread = (low as f64 * CLUSTER_SPREAD) as u64;
+        let high = low + spread + CLUSTER_SLACK_MS;
         let size = kills[start..]
             .iter()
             .take_while(|&&kill| kill <= high)
@@ -400,7 +412,7 @@ mod tests {
     #[test]
     fn paths_are_bounded() {
         let mut limits = IdleLimits::new(1000, 1024);
-        for port in 0..MAX_PATHS as u16 + 10 {
+        for port in 0..u16::try_from(MAX_PATHS).unwrap() + 10 {
             let mut path = path();
             path.endpoint.set_port(port);
             limits.record(path, u64::from(port));

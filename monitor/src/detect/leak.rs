@@ -91,7 +91,7 @@ impl LeakDetector {
             threshold_ms,
             listed: FirstListed::new(max_sockets),
             counts: FastMap::default(),
-            stranded: Default::default(),
+            stranded: std::collections::HashSet::default(),
             episodes: FastMap::default(),
         }
     }
@@ -111,7 +111,7 @@ impl LeakDetector {
         dump_ns: u64,
         now_ns: u64,
     ) -> Vec<Leak<'a>> {
-        let established = TcpState(monitor_common::tcp_state::ESTABLISHED);
+        let established = TcpState::ESTABLISHED;
         let conns: Vec<(PoolKey, &DiagSocket)> = snapshot
             .iter()
             .filter(|s| s.state == established && s.inode != 0)
@@ -149,7 +149,7 @@ impl LeakDetector {
         let mut episodes = FastMap::default();
         self.stranded.clear();
         for (key, mut view) in pools {
-            let count = view.stranded.len() as u32;
+            let count = u32::try_from(view.stranded.len()).unwrap_or(u32::MAX);
             if count == 0 {
                 // The episode, if any, is over.
                 continue;
@@ -169,7 +169,7 @@ impl LeakDetector {
                 established: view.established,
                 per_min: ((u64::from(count) - 1) * 60_000)
                     .checked_div(span_ms)
-                    .map_or(0, |rate| rate.min(u64::from(u32::MAX)) as u32),
+                    .map_or(0, |rate| u32::try_from(rate).unwrap_or(u32::MAX)),
                 oldest_ms: now_ns.saturating_sub(oldest_at) / MS,
             };
             let before = self.counts.get(&key).copied().unwrap_or(0);
@@ -271,11 +271,14 @@ mod tests {
             .filter(|c| c.open <= t && c.close.is_none_or(|close| close > t))
             .map(|c| {
                 let last = c.data.iter().copied().filter(|&d| d <= t).max();
-                let idle = ((t - last.unwrap_or(c.open)) / MS) as u32;
+                let idle = u32::try_from((t - last.unwrap_or(c.open)) / MS).unwrap();
                 DiagSocket {
-                    local: SocketAddr::from(([10, 0, 0, 1], 40_000 + c.cookie as u16)),
+                    local: SocketAddr::from((
+                        [10, 0, 0, 1],
+                        40_000 + u16::try_from(c.cookie).unwrap(),
+                    )),
                     remote: "10.0.0.9:5432".parse().unwrap(),
-                    state: TcpState(monitor_common::tcp_state::ESTABLISHED),
+                    state: TcpState::ESTABLISHED,
                     inode: c.cookie,
                     cookie: c.cookie,
                     netns: c.netns,

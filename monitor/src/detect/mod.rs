@@ -15,8 +15,13 @@ pub mod zombie;
 use std::{collections::HashMap, time::Duration};
 
 use crate::{
+    bounds::millis,
     events::{Event, Hook, Task},
-    sockets::workload::Workload,
+    sockets::{
+        diag::DiagSocket,
+        pools::{Listeners, Requests},
+        workload::Workload,
+    },
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]
@@ -161,6 +166,7 @@ pub struct Detectors {
     reset: reset::ResetDetector,
     rst_reasons: HashMap<u32, String>,
     close: close::CloseDetector,
+    stall: stall::StallDetector,
     state_changes: bool,
 }
 
@@ -174,6 +180,7 @@ impl Detectors {
                 config.close_wait_threshold,
                 config.max_sockets,
             ),
+            stall: stall::StallDetector::new(millis(config.stall_threshold)),
             state_changes: config.state_changes,
         }
     }
@@ -226,10 +233,26 @@ impl Detectors {
     /// with how long it has been listed in the state.
     pub fn listed_close_wait<'a>(
         &mut self,
-        sockets: &'a [crate::sockets::diag::DiagSocket],
+        sockets: &'a [DiagSocket],
         mono_now_ns: u64,
-    ) -> Vec<(&'a crate::sockets::diag::DiagSocket, u64)> {
+    ) -> Vec<(&'a DiagSocket, u64)> {
         self.close.listed(sockets, mono_now_ns)
+    }
+
+    /// The sockets whose request started stalling since the last refresh, with how long
+    /// each has waited (ms): see [`stall::StallDetector::refresh`].
+    pub fn stalled<'a>(
+        &mut self,
+        sockets: &'a [DiagSocket],
+        listeners: &Listeners,
+        mono_now_ns: u64,
+    ) -> Vec<(&'a DiagSocket, u64)> {
+        self.stall.refresh(sockets, listeners, mono_now_ns)
+    }
+
+    /// Every request waiting for its answer at the last refresh: such a socket is busy.
+    pub fn requests(&self) -> Requests<'_> {
+        self.stall.requests()
     }
 
     /// Findings that come from time passing rather than from an event.

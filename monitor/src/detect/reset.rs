@@ -24,7 +24,7 @@ pub struct ResetDetector {
 impl ResetDetector {
     pub fn new(idle_threshold: Duration, max: usize) -> ResetDetector {
         ResetDetector {
-            idle_threshold_ms: idle_threshold.as_millis() as u64,
+            idle_threshold_ms: crate::bounds::millis(idle_threshold),
             pending: Grace::new(max),
             handled: 0,
         }
@@ -86,7 +86,10 @@ impl ResetDetector {
 /// values differ between kernels), with `sk_err` telling `ss -K` (ECONNABORTED, set before
 /// the RST) from an SO_LINGER 0 close; older kernels fall back to the socket's state.
 /// Received: from the state the socket was in.
-pub fn cause(event: &Event, reasons: &HashMap<u32, String>) -> String {
+pub fn cause<S: std::hash::BuildHasher>(
+    event: &Event,
+    reasons: &HashMap<u32, String, S>,
+) -> String {
     match event.hook {
         Hook::SendReset => sent_cause(event, reasons),
         Hook::ReceiveReset => received_cause(event.old_state).to_string(),
@@ -94,7 +97,10 @@ pub fn cause(event: &Event, reasons: &HashMap<u32, String>) -> String {
     }
 }
 
-fn sent_cause(event: &Event, reasons: &HashMap<u32, String>) -> String {
+fn sent_cause<S: std::hash::BuildHasher>(
+    event: &Event,
+    reasons: &HashMap<u32, String, S>,
+) -> String {
     let reason = reasons
         .get(&u32::from(event.rst_reason))
         .map(|name| name.trim_start_matches("SK_RST_REASON_"));
@@ -209,6 +215,9 @@ mod tests {
 
     #[test]
     fn causes() {
+        use monitor_common::tcp_state::{
+            CLOSE, CLOSE_WAIT, ESTABLISHED, ESTABLISHED as LIVE, SYN_SENT,
+        };
         let reasons: HashMap<u32, String> = [
             (1, "SK_RST_REASON_NO_SOCKET"),
             (9, "SK_RST_REASON_TCP_ABORT_ON_CLOSE"),
@@ -237,7 +246,7 @@ mod tests {
             let mut raw = raw_reset(0);
             raw.hook = hook::SEND_RESET;
             raw.reason = 12;
-            raw.old_state = monitor_common::tcp_state::CLOSE;
+            raw.old_state = CLOSE;
             cause(&from_raw(&raw).unwrap(), &reasons)
         };
         assert_eq!(closed, "linger_zero_abort");
@@ -266,7 +275,6 @@ mod tests {
             }
             cause(&from_raw(&raw).unwrap(), &HashMap::new())
         };
-        use monitor_common::tcp_state::{CLOSE, ESTABLISHED as LIVE};
         assert_eq!(from_socket(CLOSE, 0, true), "linger_zero_abort");
         assert_eq!(from_socket(CLOSE, 0, false), "unread_data_on_close");
         assert_eq!(
@@ -283,7 +291,6 @@ mod tests {
             raw.old_state = state;
             cause(&from_raw(&raw).unwrap(), &reasons)
         };
-        use monitor_common::tcp_state::*;
         assert_eq!(received(SYN_SENT), "connection_refused");
         assert_eq!(received(ESTABLISHED), "reset_while_established");
         assert_eq!(received(CLOSE_WAIT), "reset_during_close");
@@ -314,6 +321,10 @@ mod tests {
         from_raw(&raw).unwrap()
     }
 
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "the grace is 200 ms; a const cannot call u64::try_from"
+    )]
     const GRACE_NS: u64 = super::super::grace::HANDLED_GRACE.as_nanos() as u64;
 
     #[test]

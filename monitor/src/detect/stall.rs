@@ -78,7 +78,7 @@ pub fn outstanding_for(socket: &DiagSocket, mono_now_ns: u64) -> Option<u64> {
     let activity = socket.activity?;
     // unacked == 0: the peer's TCP took the request; a dead peer would leave it unacked and
     // retransmitting.
-    if socket.state != TcpState(monitor_common::tcp_state::ESTABLISHED) || activity.unacked != 0 {
+    if socket.state != TcpState::ESTABLISHED || activity.unacked != 0 {
         return None;
     }
     // No request without data sent: the handshake alone acknowledges one byte (the SYN), and
@@ -112,7 +112,7 @@ mod tests {
         DiagSocket {
             local: "10.0.0.1:40000".parse().unwrap(),
             remote: "10.0.0.9:5432".parse().unwrap(),
-            state: TcpState(monitor_common::tcp_state::ESTABLISHED),
+            state: TcpState::ESTABLISHED,
             inode: cookie,
             cookie,
             netns: 0,

@@ -74,7 +74,7 @@ impl ZombieDetector {
     ) -> Vec<Zombie<'a>> {
         let accepted: Vec<(&DiagSocket, TcpActivity)> = snapshot
             .iter()
-            .filter(|s| s.state == TcpState(monitor_common::tcp_state::ESTABLISHED))
+            .filter(|s| s.state == TcpState::ESTABLISHED)
             .filter(|s| listeners.is_inbound(Some(s.netns), s.local))
             .filter_map(|s| Some((s, s.activity?)))
             .collect();
@@ -91,7 +91,9 @@ impl ZombieDetector {
                 active.entry(key(socket)).or_default().push(listed.at_ns);
             }
         }
-        active.values_mut().for_each(|times| times.sort_unstable());
+        for times in active.values_mut() {
+            times.sort_unstable();
+        }
 
         let mut zombies = HashSet::new();
         let mut started = Vec::new();
@@ -120,7 +122,7 @@ impl ZombieDetector {
             zombies.insert(socket.cookie);
             started.push(Zombie {
                 socket,
-                siblings: newer as u32,
+                siblings: u32::try_from(newer).unwrap_or(u32::MAX),
                 age_ms: now_ns.saturating_sub(seen) / 1_000_000,
             });
         }
@@ -166,7 +168,6 @@ fn key(socket: &DiagSocket) -> (u64, SocketAddr, IpAddr) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use monitor_common::tcp_state::{ESTABLISHED, LISTEN};
 
     const THRESHOLD: u64 = 30_000;
     const S: u64 = 1_000_000_000;
@@ -177,7 +178,7 @@ mod tests {
         DiagSocket {
             local: "10.0.0.1:8080".parse().unwrap(),
             remote: remote.parse().unwrap(),
-            state: TcpState(ESTABLISHED),
+            state: TcpState::ESTABLISHED,
             inode: cookie,
             cookie,
             netns: 0,
@@ -199,7 +200,7 @@ mod tests {
         DiagSocket {
             local: "0.0.0.0:8080".parse().unwrap(),
             remote: "0.0.0.0:0".parse().unwrap(),
-            state: TcpState(LISTEN),
+            state: TcpState::LISTEN,
             inode: 1000,
             cookie: 1000,
             netns: 0,

@@ -7,9 +7,11 @@
 //! are counted in `connwatch_label_overflow_total`. Every family is listed (HELP, TYPE) from
 //! the first scrape, series or not.
 use std::{
+    collections::HashMap,
     hash::Hash,
     ops::RangeInclusive,
     sync::{Arc, OnceLock},
+    time::Duration,
 };
 
 use prometheus_client::{
@@ -30,7 +32,6 @@ use crate::{
     FastMap,
     detect::{Finding, Kind},
     events::{Event, TcpState},
-    pipeline::Pipeline,
     probes::KernelCounters,
     sockets::{
         pools::{Direction, Pool},
@@ -121,6 +122,11 @@ struct StateLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SourceLabel {
+    source: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabel {
     kind: String,
 }
@@ -138,6 +144,7 @@ struct BuildLabels {
 
 /// Label sets whose unbounded part can be folded into `other`.
 pub trait Fold {
+    #[must_use]
     fn folded(&self) -> Self;
 }
 
@@ -341,6 +348,38 @@ impl<M: prometheus_client::registry::Metric + Clone> Registrable for M {
     }
 }
 
+/// What the metrics mirror each second, counted by the engine and its pipeline: plain
+/// counts, so the sink never reaches back into the pipeline.
+#[derive(Debug, Default, Clone)]
+pub struct Stats {
+    /// Sockets by state in the last socket list (every network namespace).
+    pub sockets_by_state: HashMap<TcpState, usize>,
+    /// Network namespaces the last refresh listed, and how long it took.
+    pub namespaces: usize,
+    pub refresh_took: Duration,
+    pub undecodable: u64,
+    /// Entries dropped from full tables.
+    pub evictions: u64,
+    /// Idle FINs and resets the application closed within the grace.
+    pub fins_handled: u64,
+    pub resets_handled: u64,
+    /// Log lines stdout's reader did not take.
+    pub log_lines_dropped: u64,
+    pub refresh_errors: RefreshErrors,
+}
+
+/// Refreshes that failed, by what failed: each is said once on stderr, counted always.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RefreshErrors {
+    /// The socket list (sock_diag): pools and stalls go stale.
+    pub sock_diag: u64,
+    /// The kubelet's pod list (`--kubelet-url`): pods go unnamed.
+    pub kubelet: u64,
+}
+
+/// The label values of `connwatch_refresh_errors_total`.
+const REFRESH_SOURCES: [&str; 2] = ["sock_diag", "kubelet"];
+
 pub struct Metrics {
     max_series: usize,
     ephemeral_ports: RangeInclusive<u16>,
@@ -370,7 +409,14 @@ pub struct Metrics {
     log_lines_suppressed: Family<KindLabel, Counter>,
     fins_handled: Counter,
     resets_handled: Counter,
+    refresh_errors: Family<SourceLabel, Counter>,
     overflow: Family<MetricLabel, Counter>,
+}
+
+/// Milliseconds as a metric's seconds. Idle times and limits come from the kernel's 32-bit
+/// millisecond stamps, so they convert exactly.
+fn seconds(ms: u64) -> f64 {
+    f64::from(u32::try_from(ms).unwrap_or(u32::MAX)) / 1000.0
 }
 
 /// A container id as a label: its first 12 characters, as `docker ps` and `crictl` show it.
@@ -385,6 +431,10 @@ fn histogram() -> Histogram {
 
 impl Metrics {
     /// The metrics and the registry `/metrics` encodes (shared with the HTTP server).
+    #[expect(
+        clippy::too_many_lines,
+        reason = "one entry per family, name and help: the registry read as one table"
+    )]
     pub fn new(
         max_series: usize,
         ephemeral_ports: RangeInclusive<u16>,
@@ -430,8 +480,15 @@ impl Metrics {
             log_lines_suppressed: Family::default(),
             fins_handled: Counter::default(),
             resets_handled: Counter::default(),
+            refresh_errors: Family::default(),
             overflow,
         };
+        for source in REFRESH_SOURCES {
+            metrics
+                .refresh_errors
+                .get_or_create(&SourceLabel { source })
+                .inc_by(0);
+        }
         registry.register(
             "connwatch_build",
             "connwatch version and the kernel it runs on",
@@ -567,6 +624,11 @@ impl Metrics {
                 "Entries forgotten, or events not counted, to keep connwatch's tables bounded (--max-tracked-sockets, rate windows)",
             ),
             (
+                &metrics.refresh_errors,
+                "connwatch_refresh_errors",
+                "Refreshes that failed, by source: sock_diag (the socket list: pools and stalls go stale), kubelet (its pod list: pods go unnamed)",
+            ),
+            (
                 &metrics.overflow,
                 "connwatch_label_overflow",
                 "Observations folded into comm=\"other\" because a family hit --max-series",
@@ -589,10 +651,16 @@ impl Metrics {
         let _ = self.kernel.0.set(counters);
     }
 
-    pub fn finding(&mut self, finding: &Finding) {
+    /// Counts `finding`; returns its labels' `who`, for the caller's own keys.
+    pub fn finding(&mut self, finding: &Finding) -> Who {
         let who = self.who(finding);
+        self.count(finding, who.clone());
+        who
+    }
+
+    fn count(&mut self, finding: &Finding, who: Who) {
         let max = self.max_series;
-        let idle_s = finding.event.idle_ms().map(|ms| ms as f64 / 1000.0);
+        let idle_s = finding.event.idle_ms().map(seconds);
         match finding.kind {
             Kind::PeerResetIdle | Kind::PeerReset | Kind::LocalReset => {
                 let labels = KindWho {
@@ -634,13 +702,9 @@ impl Metrics {
             Kind::PoolExhausted => {
                 self.pool_exhaustions.series(who, max, &self.overflow).inc();
             }
-            // The gauge says it ended.
-            Kind::PoolRecovered => {}
             Kind::PoolLeak => {
                 self.pool_leaks.series(who, max, &self.overflow).inc();
             }
-            // The stranded gauge shows the plateau.
-            Kind::PoolLeakExhausted => {}
             Kind::ZombieConnection => {
                 self.zombie_connections
                     .series(who, max, &self.overflow)
@@ -654,7 +718,9 @@ impl Metrics {
                 };
                 self.deaths.series(labels, max, &self.overflow).inc();
             }
-            Kind::StateChange => {}
+            // Gauges tell these: an exhausted pool's ended, a leak's stranded connections
+            // plateau.
+            Kind::PoolRecovered | Kind::PoolLeakExhausted | Kind::StateChange => {}
         }
     }
 
@@ -722,7 +788,7 @@ impl Metrics {
                     direction: pool.direction.as_str().into(),
                     who: who.clone(),
                 };
-                let limit = limit_ms as f64 / 1000.0;
+                let limit = seconds(limit_ms);
                 let gauge = self
                     .pool_idle_limit
                     .series(labels, self.max_series, &self.overflow);
@@ -748,36 +814,49 @@ impl Metrics {
         self.lost.inc_by(count);
     }
 
-    /// Gauges that mirror the pipeline's state.
-    pub fn tick(&mut self, pipeline: &Pipeline) {
-        let counts = pipeline.sockets_by_state();
-        for state in (1..=12).map(TcpState) {
-            let count = counts.get(&state).copied().unwrap_or(0) as i64;
+    /// Gauges and counters that mirror the engine's own counts.
+    pub fn tick(&mut self, stats: &Stats) {
+        for state in TcpState::known() {
+            let count = stats.sockets_by_state.get(&state).copied().unwrap_or(0);
             self.sockets
                 .get_or_create(&StateLabel {
                     state: state.name().into(),
                 })
-                .set(count);
+                .set(i64::try_from(count).unwrap_or(i64::MAX));
         }
-        let refresh = pipeline.last_refresh();
-        self.namespaces.set(refresh.namespaces as i64);
-        self.refresh_seconds.set(refresh.took.as_secs_f64());
-        let undecodable = pipeline.undecodable.saturating_sub(self.undecodable.get());
-        self.undecodable.inc_by(undecodable);
-        let evictions = pipeline.evictions().saturating_sub(self.evictions.get());
-        self.evictions.inc_by(evictions);
-        for (counter, handled) in [
-            (&self.fins_handled, pipeline.fins_handled()),
-            (&self.resets_handled, pipeline.resets_handled()),
-        ] {
-            counter.inc_by(handled.saturating_sub(counter.get()));
+        self.namespaces
+            .set(i64::try_from(stats.namespaces).unwrap_or(i64::MAX));
+        self.refresh_seconds.set(stats.refresh_took.as_secs_f64());
+        let refresh_errors = [
+            (REFRESH_SOURCES[0], stats.refresh_errors.sock_diag),
+            (REFRESH_SOURCES[1], stats.refresh_errors.kubelet),
+        ];
+        let refresh_errors = refresh_errors.map(|(source, count)| {
+            (
+                self.refresh_errors
+                    .get_or_create(&SourceLabel { source })
+                    .clone(),
+                count,
+            )
+        });
+        let totals = [
+            (&self.undecodable, stats.undecodable),
+            (&self.evictions, stats.evictions),
+            (&self.fins_handled, stats.fins_handled),
+            (&self.resets_handled, stats.resets_handled),
+            (&self.log_lines_dropped, stats.log_lines_dropped),
+        ];
+        // Counters of totals kept elsewhere: each tick adds what is new.
+        for (counter, total) in totals.into_iter().chain(
+            refresh_errors
+                .iter()
+                .map(|(counter, total)| (counter, *total)),
+        ) {
+            counter.inc_by(total.saturating_sub(counter.get()));
         }
-        let dropped = crate::output::stdout().dropped();
-        self.log_lines_dropped
-            .inc_by(dropped.saturating_sub(self.log_lines_dropped.get()));
     }
 
-    pub fn who(&self, finding: &Finding) -> Who {
+    fn who(&self, finding: &Finding) -> Who {
         let thread = finding
             .owner
             .as_ref()
@@ -929,6 +1008,9 @@ mod tests {
             "# TYPE connwatch_peer_closes_handled counter",
             "# TYPE connwatch_peer_resets_handled counter",
             "# TYPE connwatch_label_overflow counter",
+            "# TYPE connwatch_refresh_errors counter",
+            "connwatch_refresh_errors_total{source=\"sock_diag\"} 0\n",
+            "connwatch_refresh_errors_total{source=\"kubelet\"} 0\n",
             "# HELP connwatch_silent_deaths Connections the kernel killed",
             "# HELP connwatch_pool_flagged_sockets A pool's sockets flagged",
         ] {
@@ -962,6 +1044,36 @@ mod tests {
         assert_eq!(types, names.len(), "{text}");
     }
 
+    /// Totals kept by the engine become counters that rise by what is new at each tick.
+    #[test]
+    fn a_tick_mirrors_the_engine_counts() {
+        let (mut metrics, registry) = Metrics::new(100, 32768..=60999, "k");
+        let mut stats = Stats {
+            sockets_by_state: [(TcpState::ESTABLISHED, 3)].into_iter().collect(),
+            namespaces: 2,
+            undecodable: 1,
+            refresh_errors: RefreshErrors {
+                sock_diag: 2,
+                kubelet: 1,
+            },
+            ..Stats::default()
+        };
+        metrics.tick(&stats);
+        stats.refresh_errors.sock_diag = 5;
+        metrics.tick(&stats);
+        let text = encode(&registry);
+        for series in [
+            "connwatch_sockets{state=\"ESTABLISHED\"} 3\n",
+            "connwatch_sockets{state=\"LISTEN\"} 0\n",
+            "connwatch_network_namespaces 2\n",
+            "connwatch_undecodable_events_total 1\n",
+            "connwatch_refresh_errors_total{source=\"sock_diag\"} 5\n",
+            "connwatch_refresh_errors_total{source=\"kubelet\"} 1\n",
+        ] {
+            assert!(text.contains(series), "{series} missing:\n{text}");
+        }
+    }
+
     /// Every family's series, each exercised once.
     #[test]
     fn every_family_is_exported() {
@@ -992,7 +1104,7 @@ mod tests {
             pid: 1,
             comm: "app".into(),
             netns: 1,
-            workload: Default::default(),
+            workload: Workload::default(),
             direction: Direction::Outbound,
             endpoint: "10.0.0.9:5432".parse().unwrap(),
             total: 1,
@@ -1013,7 +1125,7 @@ mod tests {
             resets_per_min: 0,
             deaths_per_min: 0,
         }]);
-        metrics.tick(&Pipeline::for_tests());
+        metrics.tick(&Stats::default());
         metrics.lost(1);
         metrics.log_suppressed("peer_reset");
         let text = encode(&registry);
@@ -1123,7 +1235,7 @@ mod tests {
             ],
             "{text}"
         );
-        assert_eq!(states.iter().map(|(_, v)| v).sum::<f64>(), 10.0);
+        assert!((states.iter().map(|(_, v)| v).sum::<f64>() - 10.0).abs() < f64::EPSILON);
         let flags = samples("connwatch_pool_flagged_sockets", "flag");
         assert_eq!(
             flags,

@@ -11,6 +11,7 @@ use std::{
 
 use crate::{
     FastMap,
+    bounds::make_room,
     events::{Event, Hook, SocketId, Task, TcpState},
 };
 
@@ -28,53 +29,6 @@ pub struct SocketEntry {
     /// Monotonic time the socket's end was seen: CLOSE, or the application's close after
     /// the peer's FIN (its orderly end, LAST_ACK → CLOSE, is not streamed).
     pub closed_ns: Option<u64>,
-}
-
-/// Lets an expensive lookup (a /proc walk, a cgroupfs walk, a kubelet request) run at most
-/// once per interval, however many misses ask for it.
-#[derive(Debug)]
-pub struct Throttle {
-    every: std::time::Duration,
-    last: Option<std::time::Instant>,
-}
-
-impl Throttle {
-    pub const fn new(every: std::time::Duration) -> Throttle {
-        Throttle { every, last: None }
-    }
-
-    /// True, and the interval restarts, when the last run is at least `every` ago.
-    pub fn ready(&mut self) -> bool {
-        if self.last.is_some_and(|at| at.elapsed() < self.every) {
-            return false;
-        }
-        self.last = Some(std::time::Instant::now());
-        true
-    }
-}
-
-/// Makes room in a table bounded to `max` entries before an insert: first drops entries
-/// `expendable` says can go, then, if still full, an arbitrary sixteenth of the table, so the
-/// full pass is paid once per `max / 16` inserts. Returns how many were evicted.
-pub fn make_room<K, V>(
-    table: &mut FastMap<K, V>,
-    max: usize,
-    expendable: impl Fn(&V) -> bool,
-) -> u64 {
-    if table.len() < max.max(1) {
-        return 0;
-    }
-    let before = table.len();
-    table.retain(|_, v| !expendable(v));
-    if table.len() >= max.max(1) {
-        let batch = (max / 16).max(1);
-        let mut dropped = 0;
-        table.retain(|_, _| {
-            dropped += 1;
-            dropped > batch
-        });
-    }
-    (before - table.len()) as u64
 }
 
 pub struct SocketTable {
@@ -166,6 +120,21 @@ impl SocketTable {
     }
 }
 
+/// The kernel closed a connection that no RST or FIN ended: retransmission, keepalive or
+/// TCP_USER_TIMEOUT gave up on a silently dropped flow (`silent_death`).
+pub fn died_silently(event: &Event) -> bool {
+    let died = event.hook == Hook::StateChange
+        && (event.old_state == TcpState::ESTABLISHED || event.old_state == TcpState::CLOSE_WAIT)
+        && event.new_state == TcpState::CLOSE;
+    // 0: a normal close; ECONNRESET/EPIPE: an RST (reported as a reset); ECONNABORTED:
+    // destroyed on purpose (`ss -K`), reported as a local reset.
+    let silent = !matches!(
+        event.sk_err,
+        0 | libc::ECONNRESET | libc::EPIPE | libc::ECONNABORTED
+    );
+    died && silent
+}
+
 /// A different socket now lives at this address: a new birth time, or (for sockets born
 /// before connwatch, which have none) a new 4-tuple after a close.
 fn is_new_life(entry: &SocketEntry, event: &Event) -> bool {
@@ -190,29 +159,6 @@ mod tests {
 
     fn table() -> SocketTable {
         SocketTable::new(no_processes(), 1000)
-    }
-
-    #[test]
-    fn throttle_runs_once_per_interval() {
-        let mut throttle = Throttle::new(std::time::Duration::from_hours(1));
-        assert!(throttle.ready());
-        assert!(!throttle.ready());
-        let mut always = Throttle::new(std::time::Duration::ZERO);
-        assert!(always.ready() && always.ready());
-    }
-
-    #[test]
-    fn bounded_with_closed_sockets_evicted_first() {
-        let mut map: FastMap<u32, bool> = (0..32).map(|i| (i, i % 2 == 0)).collect();
-        // Full: the 16 "closed" (true) entries go, nothing else.
-        assert_eq!(make_room(&mut map, 32, |closed| *closed), 16);
-        assert!(map.values().all(|closed| !closed));
-        // Full of open entries: a sixteenth of the bound goes.
-        let mut open: FastMap<u32, bool> = (0..64).map(|i| (i, false)).collect();
-        assert_eq!(make_room(&mut open, 64, |closed| *closed), 4);
-        assert_eq!(open.len(), 60);
-        // Not full: nothing goes.
-        assert_eq!(make_room(&mut open, 64, |closed| *closed), 0);
     }
 
     #[test]

@@ -51,7 +51,7 @@ impl Listeners {
     pub fn from_snapshot(snapshot: &[DiagSocket]) -> Listeners {
         let listening: Vec<&DiagSocket> = snapshot
             .iter()
-            .filter(|s| s.state.name() == "LISTEN")
+            .filter(|s| s.state == TcpState::LISTEN)
             .collect();
         Listeners {
             by_netns: listening.iter().map(|s| (s.netns, s.local)).collect(),
@@ -246,7 +246,7 @@ impl Pool {
             pid,
             comm: comm.to_string(),
             netns,
-            workload: Default::default(),
+            workload: super::workload::Workload::default(),
             direction,
             endpoint,
             total: 0,
@@ -304,7 +304,7 @@ impl PoolTracker {
     pub fn event(&mut self, event: &Event, owner: Option<&Task>) {
         let happened = match event.hook {
             Hook::ReceiveReset | Hook::SendReset => Happened::Reset,
-            _ if crate::detect::death::classify(event).is_some() => Happened::Death,
+            _ if super::died_silently(event) => Happened::Death,
             _ => return,
         };
         let (direction, endpoint) = self
@@ -352,7 +352,7 @@ impl PoolTracker {
                 total
             };
             if new > 0 {
-                let times = new.min(u64::from(u32::MAX)) as u32;
+                let times = u32::try_from(new).unwrap_or(u32::MAX);
                 self.count(rate_key(&key), now_ns, Happened::Connect, times);
             }
             seen.insert(key, total);
@@ -389,7 +389,6 @@ impl PoolTracker {
         // Who listens where: accepted connections not yet accept()ed are charged to them.
         let mut listening: Vec<(SocketAddr, u64, Task)> = Vec::new();
         for socket in snapshot {
-            let state = socket.state.name();
             // TIME_WAIT and orphans belong to no process.
             if socket.inode == 0 {
                 continue;
@@ -398,7 +397,7 @@ impl PoolTracker {
                 continue;
             };
             // Listeners are not connections.
-            if state == "LISTEN" {
+            if socket.state == TcpState::LISTEN {
                 listening.push((socket.local, socket.netns, owner));
                 continue;
             }
@@ -411,7 +410,7 @@ impl PoolTracker {
                     Pool::new(owner.pid, &owner.comm, socket.netns, direction, endpoint)
                 });
             pool.total += 1;
-            if socket.state == TcpState(monitor_common::tcp_state::ESTABLISHED) {
+            if socket.state == TcpState::ESTABLISHED {
                 pool.established += 1;
                 match requests.outstanding.get(&socket.cookie) {
                     Some(&waited) if waited >= requests.stall_threshold_ms => {
@@ -436,7 +435,7 @@ impl PoolTracker {
                         None => pool.active += 1,
                     },
                 }
-            } else if state == "CLOSE_WAIT" {
+            } else if socket.state == TcpState::CLOSE_WAIT {
                 pool.close_wait += 1;
             } else {
                 pool.other += 1;
@@ -603,6 +602,10 @@ pub(crate) mod tests {
         }
     }
 
+    #[expect(
+        clippy::unnecessary_wraps,
+        reason = "stands in for the snapshot's owner lookup, which may miss"
+    )]
     fn owner(inode: u64) -> Option<Task> {
         let pid = if inode < 100 { 10 } else { 20 };
         Some(Task {
@@ -644,7 +647,7 @@ pub(crate) mod tests {
     fn rate_keys_are_capped_and_what_does_not_fit_is_counted() {
         let mut tracker = PoolTracker::default();
         let endpoint = |i: u32| SocketAddr::from((std::net::Ipv4Addr::from(i), 5432));
-        for i in 0..MAX_RATE_KEYS as u32 + 10 {
+        for i in 0..u32::try_from(MAX_RATE_KEYS).unwrap() + 10 {
             tracker.count((1, Direction::Outbound, endpoint(i)), 0, Happened::Reset, 1);
         }
         assert_eq!(tracker.recent.len(), MAX_RATE_KEYS);
@@ -663,6 +666,12 @@ pub(crate) mod tests {
     #[test]
     fn a_pool_whose_every_connection_is_stalled_is_exhausted() {
         use monitor_common::tcp_state::*;
+        fn requests(outstanding: &HashMap<u64, u64>) -> Requests<'_> {
+            Requests {
+                outstanding,
+                stall_threshold_ms: 10_000,
+            }
+        }
         // Quiet lines, all three: a stuck query looks idle to tcp_info.
         let snapshot = vec![
             socket("10.0.0.1:40001", "10.0.0.9:5432", ESTABLISHED, 1, 60_000),
@@ -671,12 +680,6 @@ pub(crate) mod tests {
             socket("10.0.0.1:40004", "10.0.0.9:5432", CLOSE_WAIT, 4, 0),
         ];
         let mut outstanding = HashMap::from([(1, 12_000), (2, 31_000), (3, 2_000)]);
-        fn requests(outstanding: &HashMap<u64, u64>) -> Requests<'_> {
-            Requests {
-                outstanding,
-                stall_threshold_ms: 10_000,
-            }
-        }
         let mut tracker = PoolTracker::default();
         tracker.set_listeners(Listeners::from_snapshot(&snapshot));
         tracker.refresh(

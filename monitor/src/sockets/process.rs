@@ -2,7 +2,7 @@
 //! programs never saw (opened before connwatch started, or accepted without accept()).
 use std::{collections::BTreeMap, fs, path::PathBuf, time::Duration};
 
-use super::Throttle;
+use crate::bounds::Throttle;
 use crate::{FastMap, events::Task};
 
 /// A whole-/proc scan costs one readlink per open fd on the host, so rescan at most this often.
@@ -163,7 +163,7 @@ mod tests {
         assert_eq!(socket_inode("socket:[12345]"), Some(12345));
         assert_eq!(socket_inode("pipe:[12345]"), None);
         assert_eq!(socket_inode("/dev/null"), None);
-        assert_eq!(namespace_inode("net:[4026531840]"), Some(4026531840));
+        assert_eq!(namespace_inode("net:[4026531840]"), Some(4_026_531_840));
         assert_eq!(namespace_inode("socket:[1]"), None);
     }
 

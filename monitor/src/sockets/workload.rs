@@ -6,13 +6,16 @@ use std::{
     fs,
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
 use serde::Serialize;
 
-use super::Throttle;
+use crate::bounds::Throttle;
 
 /// Rescans of cgroupfs and the pod log directory are rate-limited to this.
 const RESCAN_INTERVAL: Duration = Duration::from_secs(1);
@@ -104,6 +107,15 @@ pub fn parse_pod_log_dir(name: &str) -> Option<(String, String, String)> {
     is_uid(uid).then(|| (uid.to_string(), namespace.to_string(), pod.to_string()))
 }
 
+/// Failed kubelet pod lookups, by every resolver of the process (the refresher's and the
+/// findings' each have one).
+static KUBELET_ERRORS: AtomicU64 = AtomicU64::new(0);
+
+/// Failed kubelet pod lookups so far (`connwatch_refresh_errors_total{source="kubelet"}`).
+pub fn kubelet_errors() -> u64 {
+    KUBELET_ERRORS.load(Ordering::Relaxed)
+}
+
 pub struct WorkloadResolver {
     host_proc: PathBuf,
     /// The cgroup v2 hierarchy root, if one is mounted.
@@ -115,7 +127,6 @@ pub struct WorkloadResolver {
     pod_scans: Throttle,
     kubelet_url: Option<String>,
     kubelet_requests: Throttle,
-    warned_kubelet: bool,
     /// Complete answers, for [`RESOLVED_TTL`]: findings come in bursts from the same
     /// processes, and each answer costs file reads and path parsing.
     resolved: Remembered,
@@ -179,12 +190,12 @@ impl WorkloadResolver {
             pod_scans: Throttle::new(RESCAN_INTERVAL),
             kubelet_url: None,
             kubelet_requests: Throttle::new(KUBELET_INTERVAL),
-            warned_kubelet: false,
             resolved: Remembered::default(),
         }
     }
 
     /// Also ask the kubelet at `url` (its `/pods`) for pods the log directory does not name.
+    #[must_use]
     pub fn with_kubelet(mut self, url: Option<String>) -> Self {
         self.kubelet_url = url;
         self
@@ -308,7 +319,8 @@ impl WorkloadResolver {
         self.pods.get(uid).cloned()
     }
 
-    /// Fills the pod cache from the kubelet's pod list; a failure is reported once.
+    /// Fills the pod cache from the kubelet's pod list; a failure is counted
+    /// ([`kubelet_errors`]), and said once.
     fn ask_kubelet(&mut self) {
         let Some(url) = self.kubelet_url.clone() else {
             return;
@@ -318,11 +330,14 @@ impl WorkloadResolver {
         }
         match fetch_pods(&url) {
             Ok(pods) => self.pods.extend(pods),
-            Err(err) if !self.warned_kubelet => {
-                self.warned_kubelet = true;
-                log::warn!("kubelet pod lookup at {url} failed: {err}");
+            Err(err) => {
+                if KUBELET_ERRORS.fetch_add(1, Ordering::Relaxed) == 0 {
+                    log::warn!(
+                        "kubelet pod lookup at {url} failed: {err} (said once; \
+                         connwatch_refresh_errors_total{{source=\"kubelet\"}} counts them)"
+                    );
+                }
             }
-            Err(_) => {}
         }
     }
 }
@@ -514,6 +529,21 @@ mod tests {
             Some(("batch".into(), "worker-5".into()))
         );
         kubelet.join().unwrap();
+    }
+
+    #[test]
+    fn a_failed_kubelet_lookup_is_counted() {
+        // A port nothing listens on: the connection is refused at once.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", closed.local_addr().unwrap());
+        drop(closed);
+        let empty =
+            std::env::temp_dir().join(format!("connwatch-nokubelet-{}", std::process::id()));
+        let before = kubelet_errors();
+        let mut resolver =
+            WorkloadResolver::new(&empty, "/proc".into(), None).with_kubelet(Some(url));
+        assert_eq!(resolver.pod_named(UID), None);
+        assert!(kubelet_errors() > before);
     }
 
     #[test]
