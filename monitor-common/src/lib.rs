@@ -125,7 +125,8 @@ pub struct Tuple {
     /// Local and remote ports, host byte order.
     pub sport: u16,
     pub dport: u16,
-    pub _pad: u16,
+    /// Explicit padding (no implicit padding in a wire type), always 0.
+    pub pad: u16,
 }
 
 /// One kernel observation, written to the `EVENTS` ring buffer.
@@ -184,7 +185,8 @@ pub struct ConnEvent {
     /// The socket's network namespace (`net->ns.inum`, the inode `/proc/<pid>/ns/net`
     /// shows), 0 when unknown: pods reuse addresses, so the tuple alone names no socket.
     pub netns: u32,
-    pub _pad: u32,
+    /// Explicit padding to a whole 8-byte word, always 0.
+    pub pad: u32,
 }
 
 impl ConnEvent {
@@ -222,12 +224,12 @@ impl ConnEvent {
                 family: 0,
                 sport: 0,
                 dport: 0,
-                _pad: 0,
+                pad: 0,
             },
             owner_comm: [0; TASK_COMM_LEN],
             ctx_comm: [0; TASK_COMM_LEN],
             netns: 0,
-            _pad: 0,
+            pad: 0,
         }
     }
 }
@@ -244,8 +246,9 @@ pub struct PeerEnded {
     pub how: u8,
     /// Set once the application's first call into it was reported.
     pub reported: u8,
-    pub _pad: u16,
-    pub _pad2: u32,
+    /// Explicit padding up to `tuple`'s 8-byte word, always 0.
+    pub pad: u16,
+    pub pad2: u32,
     pub tuple: Tuple,
 }
 
@@ -309,7 +312,8 @@ pub struct TpLayout {
     pub reason: u16,
     /// `ret` of a syscall exit or send/recv tracepoint.
     pub ret: u16,
-    pub _pad: u16,
+    /// Explicit padding, always 0.
+    pub pad: u16,
 }
 
 pub const ABSENT: u16 = u16::MAX;
@@ -335,7 +339,7 @@ impl TpLayout {
             cookie: ABSENT,
             reason: ABSENT,
             ret: ABSENT,
-            _pad: 0,
+            pad: 0,
         }
     }
 }
@@ -398,34 +402,43 @@ pub struct KernelLayout {
     pub net_inum: u32,
 }
 
+/// A [`KernelLayout`] offset the loader did not set: every kernel read at it fails.
+pub const UNSET_OFFSET: u32 = u32::MAX;
+
+/// [`KernelLayout::socket_ino`] (signed) left unset.
+pub const UNSET_SIGNED_OFFSET: i32 = i32::MIN;
+
 impl KernelLayout {
-    pub const fn zeroed() -> Self {
+    /// The kernel programs' placeholder until the loader writes the real layout: every
+    /// offset [`UNSET_OFFSET`], so that a program run with it reads nothing (its kernel
+    /// reads fail) instead of reading offset 0 of every struct; `hz` 0 (idle unknown).
+    pub const fn unset() -> Self {
         KernelLayout {
             hz: 0,
-            sk_state: 0,
-            sk_family: 0,
-            sk_protocol: 0,
-            sk_socket: 0,
-            socket_ino: 0,
-            tcp_lsndtime: 0,
-            tcp_lrcvtime: 0,
-            task_files: 0,
-            files_fdt: 0,
-            fdt_max_fds: 0,
-            fdt_fd: 0,
-            file_private_data: 0,
-            socket_sk: 0,
-            sk_err: 0,
-            sk_flags: 0,
-            sk_lingertime: 0,
-            sk_daddr: 0,
-            inet_saddr: 0,
-            sk_dport: 0,
-            inet_sport: 0,
-            sk_v6_daddr: 0,
-            sk_v6_rcv_saddr: 0,
-            sk_net: 0,
-            net_inum: 0,
+            sk_state: UNSET_OFFSET,
+            sk_family: UNSET_OFFSET,
+            sk_protocol: UNSET_OFFSET,
+            sk_socket: UNSET_OFFSET,
+            socket_ino: UNSET_SIGNED_OFFSET,
+            tcp_lsndtime: UNSET_OFFSET,
+            tcp_lrcvtime: UNSET_OFFSET,
+            task_files: UNSET_OFFSET,
+            files_fdt: UNSET_OFFSET,
+            fdt_max_fds: UNSET_OFFSET,
+            fdt_fd: UNSET_OFFSET,
+            file_private_data: UNSET_OFFSET,
+            socket_sk: UNSET_OFFSET,
+            sk_err: UNSET_OFFSET,
+            sk_flags: UNSET_OFFSET,
+            sk_lingertime: UNSET_OFFSET,
+            sk_daddr: UNSET_OFFSET,
+            inet_saddr: UNSET_OFFSET,
+            sk_dport: UNSET_OFFSET,
+            inet_sport: UNSET_OFFSET,
+            sk_v6_daddr: UNSET_OFFSET,
+            sk_v6_rcv_saddr: UNSET_OFFSET,
+            sk_net: UNSET_OFFSET,
+            net_inum: UNSET_OFFSET,
         }
     }
 }
@@ -472,52 +485,161 @@ pub struct IoMark {
     pub at_ns: u64,
     /// [`io::SEND`] or [`io::RECV`]: data moved that way.
     pub io: u8,
-    pub _pad: [u8; 7],
+    /// Explicit padding to a whole 8-byte word, always 0.
+    pub pad: [u8; 7],
 }
 
 impl IoMark {
     pub const SIZE: usize = 16;
 }
 
-// The kernel side relies on these: whole 8-byte words, and 8-aligned arrays it copies as
-// words. A field moved without updating the other side fails the build here.
+// The wire types' layout, field by field: the kernel writes these bytes and userspace reads
+// them (and the kernel copies some as whole 8-byte words), so a field moved, resized or
+// reordered on one side fails the build here instead of corrupting every event.
 const _: () = {
-    use core::mem::{offset_of, size_of};
+    use core::mem::{align_of, offset_of, size_of};
+
     assert!(size_of::<Tuple>() == 40);
+    assert!(offset_of!(Tuple, saddr) == 0);
+    assert!(offset_of!(Tuple, daddr) == 16);
+    assert!(offset_of!(Tuple, family) == 32);
+    assert!(offset_of!(Tuple, sport) == 34);
+    assert!(offset_of!(Tuple, dport) == 36);
+    assert!(offset_of!(Tuple, pad) == 38);
+
     assert!(size_of::<ConnEvent>() == ConnEvent::SIZE);
+    assert!(align_of::<ConnEvent>() == 8);
+    assert!(offset_of!(ConnEvent, ts_ns) == 0);
+    assert!(offset_of!(ConnEvent, skaddr) == 8);
+    assert!(offset_of!(ConnEvent, born_ns) == 16);
+    assert!(offset_of!(ConnEvent, cookie) == 24);
+    assert!(offset_of!(ConnEvent, inode) == 32);
+    assert!(offset_of!(ConnEvent, cgroup_id) == 40);
+    assert!(offset_of!(ConnEvent, since_send_ms) == 48);
+    assert!(offset_of!(ConnEvent, since_recv_ms) == 52);
+    assert!(offset_of!(ConnEvent, owner_tgid) == 56);
+    assert!(offset_of!(ConnEvent, owner_pid) == 60);
+    assert!(offset_of!(ConnEvent, ctx_tgid) == 64);
+    assert!(offset_of!(ConnEvent, ctx_pid) == 68);
+    assert!(offset_of!(ConnEvent, hook) == 72);
+    assert!(offset_of!(ConnEvent, flags) == 73);
+    assert!(offset_of!(ConnEvent, old_state) == 74);
+    assert!(offset_of!(ConnEvent, new_state) == 75);
+    assert!(offset_of!(ConnEvent, reason) == 76);
+    assert!(offset_of!(ConnEvent, io) == 78);
+    assert!(offset_of!(ConnEvent, peer_end) == 79);
+    assert!(offset_of!(ConnEvent, ret) == 80);
+    assert!(offset_of!(ConnEvent, since_peer_end_ms) == 84);
+    assert!(offset_of!(ConnEvent, sk_err) == 88);
+    assert!(offset_of!(ConnEvent, waited_ms) == 92);
     assert!(offset_of!(ConnEvent, tuple) == 96);
     assert!(offset_of!(ConnEvent, owner_comm) == 136);
     assert!(offset_of!(ConnEvent, ctx_comm) == 152);
     assert!(offset_of!(ConnEvent, netns) == 168);
-    assert!(offset_of!(ConnEvent, sk_err) == 88);
+    assert!(offset_of!(ConnEvent, pad) == 172);
+
     assert!(size_of::<PeerEnded>() == 56);
-    assert!(size_of::<Settings>() == 40);
-    assert!(offset_of!(Settings, io_marks) == 24);
-    assert!(offset_of!(Settings, filters) == 32);
-    assert!(size_of::<IoMark>() == IoMark::SIZE);
-    assert!(offset_of!(IoMark, io) == 8);
-    assert!(offset_of!(Settings, all_state_changes) == 16);
+    assert!(align_of::<PeerEnded>() == 8);
+    assert!(offset_of!(PeerEnded, at_ns) == 0);
+    assert!(offset_of!(PeerEnded, how) == 8);
+    assert!(offset_of!(PeerEnded, reported) == 9);
+    assert!(offset_of!(PeerEnded, pad) == 10);
+    assert!(offset_of!(PeerEnded, pad2) == 12);
     assert!(offset_of!(PeerEnded, tuple) == 16);
+
     assert!(size_of::<SockOwner>() == 40);
+    assert!(offset_of!(SockOwner, born_ns) == 0);
+    assert!(offset_of!(SockOwner, cgroup_id) == 8);
+    assert!(offset_of!(SockOwner, tgid) == 16);
+    assert!(offset_of!(SockOwner, pid) == 20);
     assert!(offset_of!(SockOwner, comm) == 24);
+
     assert!(size_of::<ConnectKey>() == 24);
+    assert!(offset_of!(ConnectKey, addr) == 0);
     assert!(offset_of!(ConnectKey, tgid) == 16);
     assert!(offset_of!(ConnectKey, port) == 20);
     assert!(offset_of!(ConnectKey, inbound) == 22);
     assert!(offset_of!(ConnectKey, ipv6) == 23);
+
+    assert!(size_of::<TpLayout>() == 32);
+    assert!(offset_of!(TpLayout, record_size) == 0);
+    assert!(offset_of!(TpLayout, skaddr) == 2);
+    assert!(offset_of!(TpLayout, old_state) == 4);
+    assert!(offset_of!(TpLayout, new_state) == 6);
+    assert!(offset_of!(TpLayout, family) == 8);
+    assert!(offset_of!(TpLayout, protocol) == 10);
+    assert!(offset_of!(TpLayout, sport) == 12);
+    assert!(offset_of!(TpLayout, dport) == 14);
+    assert!(offset_of!(TpLayout, saddr_v6) == 16);
+    assert!(offset_of!(TpLayout, daddr_v6) == 18);
+    assert!(offset_of!(TpLayout, saddr_sockaddr) == 20);
+    assert!(offset_of!(TpLayout, daddr_sockaddr) == 22);
+    assert!(offset_of!(TpLayout, cookie) == 24);
+    assert!(offset_of!(TpLayout, reason) == 26);
+    assert!(offset_of!(TpLayout, ret) == 28);
+    assert!(offset_of!(TpLayout, pad) == 30);
+
+    assert!(size_of::<KernelLayout>() == 100);
+    assert!(offset_of!(KernelLayout, hz) == 0);
+    assert!(offset_of!(KernelLayout, sk_state) == 4);
+    assert!(offset_of!(KernelLayout, sk_family) == 8);
+    assert!(offset_of!(KernelLayout, sk_protocol) == 12);
+    assert!(offset_of!(KernelLayout, sk_socket) == 16);
+    assert!(offset_of!(KernelLayout, socket_ino) == 20);
+    assert!(offset_of!(KernelLayout, tcp_lsndtime) == 24);
+    assert!(offset_of!(KernelLayout, tcp_lrcvtime) == 28);
+    assert!(offset_of!(KernelLayout, task_files) == 32);
+    assert!(offset_of!(KernelLayout, files_fdt) == 36);
+    assert!(offset_of!(KernelLayout, fdt_max_fds) == 40);
+    assert!(offset_of!(KernelLayout, fdt_fd) == 44);
+    assert!(offset_of!(KernelLayout, file_private_data) == 48);
+    assert!(offset_of!(KernelLayout, socket_sk) == 52);
+    assert!(offset_of!(KernelLayout, sk_err) == 56);
+    assert!(offset_of!(KernelLayout, sk_flags) == 60);
+    assert!(offset_of!(KernelLayout, sk_lingertime) == 64);
+    assert!(offset_of!(KernelLayout, sk_daddr) == 68);
+    assert!(offset_of!(KernelLayout, inet_saddr) == 72);
+    assert!(offset_of!(KernelLayout, sk_dport) == 76);
+    assert!(offset_of!(KernelLayout, inet_sport) == 80);
+    assert!(offset_of!(KernelLayout, sk_v6_daddr) == 84);
+    assert!(offset_of!(KernelLayout, sk_v6_rcv_saddr) == 88);
+    assert!(offset_of!(KernelLayout, sk_net) == 92);
+    assert!(offset_of!(KernelLayout, net_inum) == 96);
+
+    assert!(size_of::<Settings>() == 40);
+    assert!(offset_of!(Settings, eof_grace_ns) == 0);
+    assert!(offset_of!(Settings, wakeup_bytes) == 8);
+    assert!(offset_of!(Settings, all_state_changes) == 16);
+    assert!(offset_of!(Settings, io_marks) == 24);
+    assert!(offset_of!(Settings, filters) == 32);
+
+    assert!(size_of::<IoMark>() == IoMark::SIZE);
+    assert!(offset_of!(IoMark, at_ns) == 0);
+    assert!(offset_of!(IoMark, io) == 8);
+    assert!(offset_of!(IoMark, pad) == 9);
 };
 
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: all are #[repr(C)], Copy, made only of integers and byte arrays, with
-    // explicit padding, so every bit pattern is valid.
+    // Each is #[repr(C)] and Copy, made only of integers and byte arrays (no bool, enum,
+    // pointer or reference), and its padding is explicit fields (the layout asserts above
+    // account for every byte): every bit pattern is a valid value, and no byte is
+    // uninitialised.
+    // SAFETY: see above.
     unsafe impl aya::Pod for super::ConnEvent {}
+    // SAFETY: see above.
     unsafe impl aya::Pod for super::SockOwner {}
+    // SAFETY: see above.
     unsafe impl aya::Pod for super::PeerEnded {}
+    // SAFETY: see above.
     unsafe impl aya::Pod for super::ConnectKey {}
+    // SAFETY: see above.
     unsafe impl aya::Pod for super::Settings {}
+    // SAFETY: see above.
     unsafe impl aya::Pod for super::IoMark {}
+    // SAFETY: see above.
     unsafe impl aya::Pod for super::TpLayout {}
+    // SAFETY: see above.
     unsafe impl aya::Pod for super::KernelLayout {}
 }
 
@@ -540,6 +662,53 @@ mod tests {
         );
         assert_eq!(size_of::<SockOwner>(), 8 + 8 + 4 + 4 + 16);
         assert_eq!(size_of::<PeerEnded>(), 8 + 1 + 1 + 2 + 4 + 40);
+    }
+
+    #[test]
+    fn the_unset_kernel_layout_reads_nothing() {
+        let unset = KernelLayout::unset();
+        // Every offset field but `socket_ino` is a u32 right after `hz`.
+        let words: [u32; 25] = layout_words(&unset);
+        assert_eq!(words[0], 0, "hz unknown");
+        for (i, &word) in words.iter().enumerate().skip(1) {
+            if i == 5 {
+                assert_eq!(unset.socket_ino, UNSET_SIGNED_OFFSET);
+            } else {
+                assert_eq!(word, UNSET_OFFSET, "field {i}");
+            }
+        }
+    }
+
+    /// `KernelLayout`'s 25 four-byte fields, in order.
+    fn layout_words(layout: &KernelLayout) -> [u32; 25] {
+        let l = layout;
+        [
+            l.hz,
+            l.sk_state,
+            l.sk_family,
+            l.sk_protocol,
+            l.sk_socket,
+            l.socket_ino.cast_unsigned(),
+            l.tcp_lsndtime,
+            l.tcp_lrcvtime,
+            l.task_files,
+            l.files_fdt,
+            l.fdt_max_fds,
+            l.fdt_fd,
+            l.file_private_data,
+            l.socket_sk,
+            l.sk_err,
+            l.sk_flags,
+            l.sk_lingertime,
+            l.sk_daddr,
+            l.inet_saddr,
+            l.sk_dport,
+            l.inet_sport,
+            l.sk_v6_daddr,
+            l.sk_v6_rcv_saddr,
+            l.sk_net,
+            l.net_inum,
+        ]
     }
 
     #[test]

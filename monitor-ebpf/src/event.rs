@@ -12,7 +12,7 @@ use aya_log_ebpf::debug;
 use monitor_common::{ConnEvent, SockOwner, TASK_COMM_LEN, UNKNOWN_MS, filter, flags};
 
 use crate::{
-    kernel::{sk_netns, sk_ports},
+    kernel::{copy_words, sk_netns, sk_ports, split_pid_tgid},
     maps::{EVENTS, FILTER_COMMS, FILTER_PIDS, FILTER_PORTS, FILTERED, LOST, OWNERS},
 };
 
@@ -75,12 +75,13 @@ impl Slot {
             // SAFETY: the reservation is ConnEvent::SIZE bytes, 8-aligned.
             unsafe { core::ptr::write_volatile(words.add(i), 0) };
         }
-        let pid_tgid = bpf_get_current_pid_tgid();
+        let [tgid, pid] = split_pid_tgid(bpf_get_current_pid_tgid());
+        // SAFETY: no preconditions; returns the monotonic clock.
         set!(slot, ts_ns, unsafe { bpf_ktime_get_ns() });
         set!(slot, hook, hook);
         set!(slot, skaddr, sk);
-        set!(slot, ctx_tgid, (pid_tgid >> 32) as u32);
-        set!(slot, ctx_pid, pid_tgid as u32);
+        set!(slot, ctx_tgid, tgid);
+        set!(slot, ctx_pid, pid);
         set!(slot, since_send_ms, UNKNOWN_MS);
         set!(slot, since_recv_ms, UNKNOWN_MS);
         if sk != 0 {
@@ -98,18 +99,14 @@ impl Slot {
                 set!(slot, owner_tgid, owner.tgid);
                 set!(slot, owner_pid, owner.pid);
                 cgroup_id = owner.cgroup_id;
-                let from = (&raw const owner.comm).cast::<u64>();
-                // SAFETY: both are 8-aligned 16-byte arrays: the map value's (SockOwner
-                // asserts the offset) and the reserved event's.
-                unsafe {
-                    let to = (&raw mut (*event).owner_comm).cast::<u64>();
-                    core::ptr::write_volatile(to, core::ptr::read_volatile(from));
-                    core::ptr::write_volatile(to.add(1), core::ptr::read_volatile(from.add(1)));
-                }
+                // SAFETY: both are 8-aligned 16-byte arrays: the map value's and the reserved
+                // event's (monitor-common asserts both offsets).
+                unsafe { copy_words(&raw const owner.comm, &raw mut (*event).owner_comm) };
             }
         }
         if cgroup_id == 0 {
             // The running task's: the owner's when the hook runs in process context.
+            // SAFETY: no preconditions; returns the current task's cgroup id.
             cgroup_id = unsafe { bpf_get_current_cgroup_id() };
         }
         set!(slot, cgroup_id, cgroup_id);
@@ -136,6 +133,7 @@ impl Slot {
 }
 
 /// Who and what an event is about, as `watch`'s filters see it.
+#[derive(Clone, Copy)]
 pub struct Subject {
     /// Local and remote port when the hook has them at hand (a record, a saved tuple);
     /// `None` reads them from the full socket.
@@ -152,11 +150,10 @@ impl Subject {
     };
 
     /// With the ports a peer-end mark saved at the RST or FIN: a reset socket has released
-    /// its local port since. `mark` must be a pointer from a `PEER_ENDED` lookup.
+    /// its local port since. `mark` is a whole copy from `used_after::peer_ended`.
     #[inline(always)]
     pub fn at_peer_end(mark: *const monitor_common::PeerEnded, caller: bool) -> Subject {
-        // SAFETY: a preallocated (LRU) map's element: valid memory, though possibly
-        // recycled for another socket meanwhile (then the ports are that socket's).
+        // SAFETY: the caller's whole stack copy of a mark.
         let ports = unsafe { [(*mark).tuple.sport, (*mark).tuple.dport] };
         Subject {
             ports: Some(ports),
@@ -197,7 +194,8 @@ fn admits(filters: u64, sk: u64, owner: Option<&SockOwner>, subject: &Subject) -
             let _ = generated::bpf_get_current_comm(at.cast(), 16);
             &*at.cast::<[u8; TASK_COMM_LEN]>()
         };
-        return wanted((bpf_get_current_pid_tgid() >> 32) as u32, comm);
+        let [tgid, _] = split_pid_tgid(bpf_get_current_pid_tgid());
+        return wanted(tgid, comm);
     }
     match owner {
         Some(owner) if owner.tgid != 0 => wanted(owner.tgid, &owner.comm),

@@ -17,14 +17,16 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use monitor_common::{
     ABSENT, AF_INET, AF_INET6, ConnEvent, KernelLayout, Settings, SockOwner, TpLayout, Tuple,
-    UNKNOWN_MS, flags,
+    UNKNOWN_MS, UNSET_OFFSET, UNSET_SIGNED_OFFSET, flags,
 };
 
 // Globals overwritten by the loader (`EbpfLoader::override_global`, `must_exist`), which then
 // freezes them: the verifier sees every offset as a constant and prunes the branches this
-// kernel's layout rules out. The placeholders only have to be something the loader replaces.
+// kernel's layout rules out. The placeholders fail safe, should a program ever run with one:
+// every layout offset is unset (`UNSET_OFFSET`, `ABSENT`), so each read at it returns
+// `None` (checked before any address is formed), and every setting is off.
 #[unsafe(no_mangle)]
-static KERNEL: KernelLayout = KernelLayout::zeroed();
+static KERNEL: KernelLayout = KernelLayout::unset();
 #[unsafe(no_mangle)]
 static SETTINGS: Settings = Settings {
     eof_grace_ns: 0,
@@ -67,21 +69,22 @@ pub fn layout(tp: Tp) -> TpLayout {
         Tp::SysExit => &TP_SYS_EXIT,
         Tp::SockLength => &TP_SOCK_LENGTH,
     };
-    // SAFETY: a valid, aligned static. Volatile so that the compiler does not fold in the
-    // placeholder: the loader rewrites the value before the program runs.
+    // SAFETY: a valid, aligned, initialised static of plain integers. Volatile so that the
+    // compiler does not fold in the placeholder: the loader rewrites the value before the
+    // program runs.
     unsafe { core::ptr::read_volatile(global) }
 }
 
 #[inline(always)]
 fn kernel() -> KernelLayout {
     // SAFETY: as in `layout`.
-    unsafe { core::ptr::read_volatile(&KERNEL) }
+    unsafe { core::ptr::read_volatile(&raw const KERNEL) }
 }
 
 #[inline(always)]
 pub fn settings() -> Settings {
     // SAFETY: as in `layout`.
-    unsafe { core::ptr::read_volatile(&SETTINGS) }
+    unsafe { core::ptr::read_volatile(&raw const SETTINGS) }
 }
 
 /// Bytes of a tracepoint record copied to the stack; userspace refuses longer records.
@@ -100,8 +103,8 @@ impl Record {
     /// Copies this hook's record; false if the layout is unset or the copy failed.
     #[inline(always)]
     pub fn fill(&mut self, ctx: &TracePointContext, tp: &TpLayout) -> bool {
-        let len = tp.record_size as u32;
-        if len == 0 || len > RECORD_BYTES as u32 {
+        let len = u32::from(tp.record_size);
+        if len == 0 || len > u32::from(monitor_common::MAX_RECORD_BYTES) {
             // Userspace sets the layout of every tracepoint it attaches a program to.
             debug!(
                 ctx,
@@ -126,7 +129,7 @@ impl Record {
     /// The field at `offset`; `None` when this kernel's tracepoint lacks it.
     #[inline(always)]
     pub fn get<T: Copy>(&self, offset: u16) -> Option<T> {
-        let at = offset as usize;
+        let at = usize::from(offset);
         if offset == ABSENT
             || !at.is_multiple_of(align_of::<T>())
             || at + size_of::<T>() > RECORD_BYTES
@@ -141,12 +144,16 @@ impl Record {
     /// Copies a 16-byte address stored at `offset`, in 2-byte words: Linux 6.1 places
     /// `saddr_v6` at offset 30 (userspace checks the 2-byte alignment).
     #[inline(always)]
+    #[expect(
+        clippy::cast_ptr_alignment,
+        reason = "`dst` is a Tuple address: 8-aligned (monitor-common asserts the offsets)"
+    )]
     fn addr16(&self, offset: u16, dst: *mut [u8; 16]) {
         let words = dst.cast::<u16>();
+        let mut at = offset;
         for i in 0..8 {
-            let word = self
-                .get::<u16>(offset.wrapping_add(2 * i as u16))
-                .unwrap_or(0);
+            let word = self.get::<u16>(at).unwrap_or(0);
+            at = at.wrapping_add(2);
             // SAFETY: `dst` is a valid, 8-aligned 16-byte array (an event or a stack value).
             unsafe { core::ptr::write_volatile(words.add(i), word) };
         }
@@ -164,15 +171,15 @@ impl Record {
     /// Local and remote port (host order), for either address layout.
     #[inline(always)]
     pub fn ports(&self, tp: &TpLayout) -> [u16; 2] {
-        if tp.saddr_sockaddr != ABSENT {
-            // The port follows the family in `sockaddr_in` and `sockaddr_in6` alike.
-            let port = |at: u16| u16::from_be(self.get::<u16>(at + 2).unwrap_or(0));
-            [port(tp.saddr_sockaddr), port(tp.daddr_sockaddr)]
-        } else {
+        if tp.saddr_sockaddr == ABSENT {
             [
                 self.get::<u16>(tp.sport).unwrap_or(0),
                 self.get::<u16>(tp.dport).unwrap_or(0),
             ]
+        } else {
+            // The port follows the family in `sockaddr_in` and `sockaddr_in6` alike.
+            let port = |at: u16| u16::from_be(self.get::<u16>(at + 2).unwrap_or(0));
+            [port(tp.saddr_sockaddr), port(tp.daddr_sockaddr)]
         }
     }
 
@@ -182,7 +189,18 @@ impl Record {
         // SAFETY: `tuple` points at a whole, 8-aligned `Tuple` (in an event being written or
         // a stack value); each field is written through its own place.
         unsafe {
-            let (family, sport, dport) = if tp.saddr_sockaddr != ABSENT {
+            let (family, sport, dport) = if tp.saddr_sockaddr == ABSENT {
+                // Older layouts: `saddr_v6`/`daddr_v6` hold IPv4-mapped addresses for IPv4
+                // sockets. Linux 5.10's tcp_event_sk has no `family`: the socket has it.
+                self.addr16(tp.saddr_v6, &raw mut (*tuple).saddr);
+                self.addr16(tp.daddr_v6, &raw mut (*tuple).daddr);
+                let family = match self.get::<u16>(tp.family) {
+                    Some(family) => family,
+                    None => read::<u16>(sk, kernel().sk_family).unwrap_or(0),
+                };
+                let [sport, dport] = self.ports(tp);
+                (family, sport, dport)
+            } else {
                 // Linux 6.10+ tcp_send_reset: sockaddr_in { u16 family; be16 port; be32 addr }
                 // or sockaddr_in6 { u16 family; be16 port; u32 flowinfo; u8 addr[16] }.
                 let family = self.get::<u16>(tp.saddr_sockaddr).unwrap_or(0);
@@ -195,22 +213,11 @@ impl Record {
                 }
                 let [sport, dport] = self.ports(tp);
                 (family, sport, dport)
-            } else {
-                // Older layouts: `saddr_v6`/`daddr_v6` hold IPv4-mapped addresses for IPv4
-                // sockets. Linux 5.10's tcp_event_sk has no `family`: the socket has it.
-                self.addr16(tp.saddr_v6, &raw mut (*tuple).saddr);
-                self.addr16(tp.daddr_v6, &raw mut (*tuple).daddr);
-                let family = match self.get::<u16>(tp.family) {
-                    Some(family) => family,
-                    None => read::<u16>(sk, kernel().sk_family as i64).unwrap_or(0),
-                };
-                let [sport, dport] = self.ports(tp);
-                (family, sport, dport)
             };
             core::ptr::write_volatile(&raw mut (*tuple).family, family);
             core::ptr::write_volatile(&raw mut (*tuple).sport, sport);
             core::ptr::write_volatile(&raw mut (*tuple).dport, dport);
-            core::ptr::write_volatile(&raw mut (*tuple)._pad, 0);
+            core::ptr::write_volatile(&raw mut (*tuple).pad, 0);
         }
     }
 }
@@ -232,7 +239,7 @@ impl TupleSource for FromRecord<'_> {
 
     #[inline(always)]
     fn tuple(&self, sk: u64, tuple: *mut Tuple) {
-        self.0.tuple(self.1, sk, tuple)
+        self.0.tuple(self.1, sk, tuple);
     }
 }
 
@@ -260,10 +267,14 @@ impl TupleSource for FromSock {
                     (&raw mut (*tuple).saddr, k.sk_v6_rcv_saddr),
                     (&raw mut (*tuple).daddr, k.sk_v6_daddr),
                 ] {
+                    if offset == UNSET_OFFSET {
+                        v4_mapped([0; 2], dst);
+                        continue;
+                    }
                     let _ = generated::bpf_probe_read_kernel(
                         dst.cast(),
                         16,
-                        (sk + offset as u64) as *const core::ffi::c_void,
+                        (sk + u64::from(offset)) as *const core::ffi::c_void,
                     );
                 }
             } else {
@@ -277,13 +288,18 @@ impl TupleSource for FromSock {
             core::ptr::write_volatile(&raw mut (*tuple).family, family);
             core::ptr::write_volatile(&raw mut (*tuple).sport, sport);
             core::ptr::write_volatile(&raw mut (*tuple).dport, dport);
-            core::ptr::write_volatile(&raw mut (*tuple)._pad, 0);
+            core::ptr::write_volatile(&raw mut (*tuple).pad, 0);
         }
     }
 }
 
 /// Bytes of kernel memory a [`Block`] holds.
 const BLOCK_BYTES: usize = 32;
+#[expect(
+    clippy::cast_possible_truncation,
+    reason = "a 32-byte block: the helper takes its length as u32"
+)]
+const BLOCK_BYTES_U32: u32 = BLOCK_BYTES as u32;
 
 /// Kernel memory from `start` read with one helper call, so that fields close together
 /// cost one read instead of one each. A field the block does not hold (this kernel's
@@ -299,20 +315,25 @@ impl Block {
     #[inline(always)]
     fn read(base: u64, start: u32) -> Block {
         let mut bytes = MaybeUninit::<[u64; BLOCK_BYTES / 8]>::uninit();
-        // SAFETY: writes BLOCK_BYTES bytes into our buffer; bpf_probe_read_kernel checks
-        // the source and fails instead of faulting.
-        let ret = unsafe {
-            generated::bpf_probe_read_kernel(
-                bytes.as_mut_ptr().cast(),
-                BLOCK_BYTES as u32,
-                (base + start as u64) as *const core::ffi::c_void,
-            )
+        // An unset offset reads nothing: every `get` then falls back to `read`, which
+        // refuses it too.
+        let ok = base != 0 && start != UNSET_OFFSET && {
+            // SAFETY: writes BLOCK_BYTES bytes into our buffer; bpf_probe_read_kernel checks
+            // the source and fails instead of faulting.
+            let ret = unsafe {
+                generated::bpf_probe_read_kernel(
+                    bytes.as_mut_ptr().cast(),
+                    BLOCK_BYTES_U32,
+                    (base + u64::from(start)) as *const core::ffi::c_void,
+                )
+            };
+            ret == 0
         };
         Block {
             base,
             start,
             bytes,
-            ok: base != 0 && ret == 0,
+            ok,
         }
     }
 
@@ -329,12 +350,16 @@ impl Block {
             // by the successful read.
             return Some(unsafe { *self.bytes.as_ptr().cast::<u8>().add(at).cast::<T>() });
         }
-        read::<T>(self.base, offset as i64)
+        read::<T>(self.base, offset)
     }
 }
 
 /// `::ffff:a.b.c.d` from an IPv4 address (network order), as the tracepoints store them.
 #[inline(always)]
+#[expect(
+    clippy::cast_ptr_alignment,
+    reason = "`dst` is a Tuple address: 8-aligned (monitor-common asserts the offsets)"
+)]
 fn v4_mapped(addr: [u16; 2], dst: *mut [u8; 16]) {
     let words = dst.cast::<u16>();
     // SAFETY: `dst` is a valid, 8-aligned 16-byte array.
@@ -348,21 +373,61 @@ fn v4_mapped(addr: [u16; 2], dst: *mut [u8; 16]) {
     }
 }
 
-/// Reads `T` at `base + offset` in kernel memory.
+/// Copies a `T` (a whole number of 8-byte words) as words, with volatile accesses: no
+/// out-of-line `memcpy` (see the module doc), and no merging back into one.
+///
+/// # Safety
+/// `from` and `to` are valid for a whole `T` and 8-aligned.
 #[inline(always)]
-pub fn read<T>(base: u64, offset: i64) -> Option<T> {
+pub unsafe fn copy_words<T>(from: *const T, to: *mut T) {
+    const { assert!(size_of::<T>().is_multiple_of(8)) };
+    let (from, to) = (from.cast::<u64>(), to.cast::<u64>());
+    for i in 0..size_of::<T>() / 8 {
+        // SAFETY: word `i` lies within both `T`s, 8-aligned (the caller's contract).
+        unsafe { core::ptr::write_volatile(to.add(i), core::ptr::read_volatile(from.add(i))) };
+    }
+}
+
+/// Zeroes a `T` (a whole number of 8-byte words) as words, with volatile writes: no
+/// out-of-line `memset` (see the module doc).
+///
+/// # Safety
+/// `to` is valid for a whole `T` and 8-aligned.
+#[inline(always)]
+pub unsafe fn zero_words<T>(to: *mut T) {
+    const { assert!(size_of::<T>().is_multiple_of(8)) };
+    let to = to.cast::<u64>();
+    for i in 0..size_of::<T>() / 8 {
+        // SAFETY: word `i` lies within the `T`, 8-aligned (the caller's contract).
+        unsafe { core::ptr::write_volatile(to.add(i), 0) };
+    }
+}
+
+/// Reads `T` at `base + offset` in kernel memory; `None` when `base` is NULL or `offset` was
+/// never set (the `KERNEL` placeholder's).
+#[inline(always)]
+pub fn read<T>(base: u64, offset: u32) -> Option<T> {
+    if offset == UNSET_OFFSET {
+        return None;
+    }
+    read_at(base, base.wrapping_add(u64::from(offset)))
+}
+
+/// Reads `T` at `addr`, an address computed from `base`; `None` when `base` is NULL.
+#[inline(always)]
+fn read_at<T>(base: u64, addr: u64) -> Option<T> {
     if base == 0 {
         return None;
     }
     // SAFETY: bpf_probe_read_kernel checks the address and fails instead of faulting.
-    unsafe { bpf_probe_read_kernel((base as i64 + offset) as *const T) }.ok()
+    unsafe { bpf_probe_read_kernel(addr as *const T) }.ok()
 }
 
 /// `sk->__sk_common.skc_state`; valid for full, timewait and request sockets alike.
 #[inline(always)]
 pub fn sk_state(sk: u64) -> u8 {
     let offset = kernel().sk_state;
-    read::<u8>(sk, offset as i64).unwrap_or_else(|| {
+    read::<u8>(sk, offset).unwrap_or_else(|| {
         debug!(
             &(),
             "reading sk_state (offset {}) of a socket failed", offset
@@ -376,14 +441,14 @@ pub fn sk_state(sk: u64) -> u8 {
 #[inline(always)]
 pub fn sk_ports(sk: u64) -> [u16; 2] {
     let k = kernel();
-    let port = |offset: u32| u16::from_be(read::<u16>(sk, offset as i64).unwrap_or(0));
+    let port = |offset: u32| u16::from_be(read::<u16>(sk, offset).unwrap_or(0));
     [port(k.inet_sport), port(k.sk_dport)]
 }
 
 /// `sk->sk_err` of a full socket.
 #[inline(always)]
 pub fn sk_err(sk: u64) -> i32 {
-    read::<i32>(sk, kernel().sk_err as i64).unwrap_or(0)
+    read::<i32>(sk, kernel().sk_err).unwrap_or(0)
 }
 
 /// `SOCK_LINGER` in `enum sock_flags` (include/net/sock.h; unchanged since 2.6).
@@ -393,8 +458,8 @@ const SOCK_LINGER: u64 = 4;
 #[inline(always)]
 pub fn linger_zero(sk: u64) -> bool {
     let k = kernel();
-    let on = read::<u64>(sk, k.sk_flags as i64).is_some_and(|f| f & (1 << SOCK_LINGER) != 0);
-    on && read::<u64>(sk, k.sk_lingertime as i64) == Some(0)
+    let on = read::<u64>(sk, k.sk_flags).is_some_and(|f| f & (1 << SOCK_LINGER) != 0);
+    on && read::<u64>(sk, k.sk_lingertime) == Some(0)
 }
 
 /// The network namespace of `sk` (`net->ns.inum`); 0 if unreadable. Valid for full,
@@ -402,23 +467,23 @@ pub fn linger_zero(sk: u64) -> bool {
 #[inline(always)]
 pub fn sk_netns(sk: u64) -> u32 {
     let k = kernel();
-    read::<u64>(sk, k.sk_net as i64)
-        .and_then(|net| read::<u32>(net, k.net_inum as i64))
+    read::<u64>(sk, k.sk_net)
+        .and_then(|net| read::<u32>(net, k.net_inum))
         .unwrap_or(0)
 }
 
 /// True for a TCP socket, IPv4 or IPv6.
 #[inline(always)]
 pub fn is_tcp(sk: u64) -> bool {
-    read::<u16>(sk, kernel().sk_protocol as i64) == Some(monitor_common::IPPROTO_TCP)
+    read::<u16>(sk, kernel().sk_protocol) == Some(monitor_common::IPPROTO_TCP)
 }
 
 /// True for an IPv4/IPv6 TCP full socket (`accept()` also returns unix sockets).
 #[inline(always)]
 pub fn is_inet_tcp(sk: u64) -> bool {
     let k = kernel();
-    let family = read::<u16>(sk, k.sk_family as i64).unwrap_or(0);
-    let protocol = read::<u16>(sk, k.sk_protocol as i64).unwrap_or(0);
+    let family = read::<u16>(sk, k.sk_family).unwrap_or(0);
+    let protocol = read::<u16>(sk, k.sk_protocol).unwrap_or(0);
     (family == AF_INET || family == AF_INET6) && protocol == monitor_common::IPPROTO_TCP
 }
 
@@ -429,18 +494,26 @@ pub fn is_inet_tcp(sk: u64) -> bool {
 #[inline(always)]
 pub fn read_full_socket(sk: u64, idle: bool, event: *mut ConnEvent) {
     let k = kernel();
-    let inode = read::<u64>(sk, k.sk_socket as i64)
-        .and_then(|socket| read::<u64>(socket, k.socket_ino as i64))
+    let inode = read::<u64>(sk, k.sk_socket)
+        .and_then(|socket| {
+            // `socket_ino` is signed: from the socket to the inode beside it.
+            (k.socket_ino != UNSET_SIGNED_OFFSET).then_some(())?;
+            read_at::<u64>(socket, socket.wrapping_add_signed(i64::from(k.socket_ino)))
+        })
         .unwrap_or(0);
     let mut bits = flags::FULL_SOCKET;
     let (mut since_send, mut since_recv) = (UNKNOWN_MS, UNKNOWN_MS);
     if idle && k.hz != 0 {
         // tcp_sock times are u32 jiffies (tcp_jiffies32): compare in the same clock, wrapping.
-        let now = unsafe { bpf_jiffies64() } as u32;
-        let ms = |then: u32| (now.wrapping_sub(then) as u64 * 1000 / k.hz as u64) as u32;
+        // SAFETY: no preconditions; returns the jiffies counter.
+        let now = jiffies32(unsafe { bpf_jiffies64() });
+        let ms = |then: u32| {
+            let ms = u64::from(now.wrapping_sub(then)) * 1000 / u64::from(k.hz);
+            u32::try_from(ms).unwrap_or(u32::MAX)
+        };
         if let (Some(sent), Some(received)) = (
-            read::<u32>(sk, k.tcp_lsndtime as i64),
-            read::<u32>(sk, k.tcp_lrcvtime as i64),
+            read::<u32>(sk, k.tcp_lsndtime),
+            read::<u32>(sk, k.tcp_lrcvtime),
         ) {
             since_send = ms(sent).min(UNKNOWN_MS - 1);
             since_recv = ms(received).min(UNKNOWN_MS - 1);
@@ -470,16 +543,17 @@ pub fn sock_of_fd(fd: u64) -> Option<u64> {
     let k = kernel();
     // SAFETY: no preconditions; returns the current task's address.
     let task = unsafe { generated::bpf_get_current_task() };
-    let files = read::<u64>(task, k.task_files as i64)?;
-    let fdt = read::<u64>(files, k.files_fdt as i64)?;
-    let max_fds = read::<u32>(fdt, k.fdt_max_fds as i64)?;
-    if fd >= max_fds as u64 {
+    let files = read::<u64>(task, k.task_files)?;
+    let fdt = read::<u64>(files, k.files_fdt)?;
+    let max_fds = read::<u32>(fdt, k.fdt_max_fds)?;
+    if fd >= u64::from(max_fds) {
         return None;
     }
-    let fds = read::<u64>(fdt, k.fdt_fd as i64)?;
-    let file = read::<u64>(fds, (fd * 8) as i64)?;
-    let socket = read::<u64>(file, k.file_private_data as i64)?;
-    let sk = read::<u64>(socket, k.socket_sk as i64)?;
+    let fds = read::<u64>(fdt, k.fdt_fd)?;
+    // fd < max_fds (a u32): the entry lies within the table.
+    let file = read_at::<u64>(fds, fds.wrapping_add(fd * 8))?;
+    let socket = read::<u64>(file, k.file_private_data)?;
+    let sk = read::<u64>(socket, k.socket_sk)?;
     (sk != 0).then_some(sk)
 }
 
@@ -489,15 +563,14 @@ pub fn sock_of_fd(fd: u64) -> Option<u64> {
 /// fields and its owner at accept().
 #[inline(always)]
 pub fn new_owner(owner: *mut SockOwner, with_task: bool) {
-    // SAFETY: `owner` points at a whole, 8-aligned SockOwner on the stack.
+    // SAFETY: `owner` points at a whole, 8-aligned SockOwner on the stack, whose `comm` is
+    // 8-aligned too (monitor-common asserts its offset).
     unsafe {
         core::ptr::write_volatile(&raw mut (*owner).born_ns, bpf_ktime_get_ns());
         if with_task {
             set_owner_task(owner);
         } else {
-            let words = (&raw mut (*owner).comm).cast::<u64>();
-            core::ptr::write_volatile(words, 0);
-            core::ptr::write_volatile(words.add(1), 0);
+            zero_words(&raw mut (*owner).comm);
             core::ptr::write_volatile(&raw mut (*owner).cgroup_id, 0);
             core::ptr::write_volatile(&raw mut (*owner).pid, 0);
             core::ptr::write_volatile(&raw mut (*owner).tgid, 0);
@@ -510,18 +583,37 @@ pub fn new_owner(owner: *mut SockOwner, with_task: bool) {
 /// stores it never pairs a new tgid with the old, empty name. `owner` may be a map value.
 #[inline(always)]
 pub fn set_owner_task(owner: *mut SockOwner) {
-    // SAFETY: `owner` points at a whole, 8-aligned SockOwner (stack or map value); the
-    // comm helper writes at most TASK_COMM_LEN bytes into its comm array.
+    // SAFETY: `owner` points at a whole, 8-aligned SockOwner (stack or map value), whose
+    // `comm` is 8-aligned too; the comm helper writes at most TASK_COMM_LEN bytes into it.
     unsafe {
-        let words = (&raw mut (*owner).comm).cast::<u64>();
+        let comm = &raw mut (*owner).comm;
         // Zeroed first: Linux 6.1's helper copies up to the NUL and pads nothing, and the
         // name is compared whole (`watch --comm` looks it up as a 16-byte map key).
-        core::ptr::write_volatile(words, 0);
-        core::ptr::write_volatile(words.add(1), 0);
-        let _ = generated::bpf_get_current_comm(words.cast(), 16);
+        zero_words(comm);
+        let _ = generated::bpf_get_current_comm(comm.cast(), 16);
         core::ptr::write_volatile(&raw mut (*owner).cgroup_id, bpf_get_current_cgroup_id());
-        let pid_tgid = bpf_get_current_pid_tgid();
-        core::ptr::write_volatile(&raw mut (*owner).pid, pid_tgid as u32);
-        core::ptr::write_volatile(&raw mut (*owner).tgid, (pid_tgid >> 32) as u32);
+        let [tgid, pid] = split_pid_tgid(bpf_get_current_pid_tgid());
+        core::ptr::write_volatile(&raw mut (*owner).pid, pid);
+        core::ptr::write_volatile(&raw mut (*owner).tgid, tgid);
     }
+}
+
+/// `[tgid, pid]` from `bpf_get_current_pid_tgid()`'s `tgid << 32 | pid`.
+#[inline(always)]
+#[expect(
+    clippy::cast_possible_truncation,
+    reason = "the helper packs two u32s into the u64: each half is taken whole"
+)]
+pub fn split_pid_tgid(pid_tgid: u64) -> [u32; 2] {
+    [(pid_tgid >> 32) as u32, pid_tgid as u32]
+}
+
+/// The low 32 bits of jiffies, the clock `tcp_sock`'s stamps use (`tcp_jiffies32`).
+#[inline(always)]
+#[expect(
+    clippy::cast_possible_truncation,
+    reason = "tcp_jiffies32 is jiffies truncated to 32 bits: the same truncation"
+)]
+fn jiffies32(jiffies: u64) -> u32 {
+    jiffies as u32
 }

@@ -1,5 +1,10 @@
 //! Ownership: who accepted a socket, and forgetting sockets the kernel destroyed (telling
 //! userspace of those its peer had reset).
+#![expect(
+    clippy::needless_pass_by_value,
+    reason = "aya's program macros hand each program its context by value"
+)]
+
 use core::mem::MaybeUninit;
 
 use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
@@ -10,7 +15,7 @@ use crate::{
     event::{Slot, Subject, set},
     kernel::{Record, Tp, is_inet_tcp, layout, new_owner, set_owner_task, sock_of_fd},
     maps::{OWNERS, PEER_ENDED},
-    used_after::copy_tuple,
+    used_after::{copy_tuple, peer_ended},
 };
 
 #[tracepoint(category = "syscalls", name = "sys_exit_accept4")]
@@ -32,13 +37,14 @@ fn record_acceptor(ctx: &TracePointContext) -> u32 {
     if !record.fill(ctx, &tp) {
         return 0;
     }
-    let Some(fd) = record.get::<i64>(tp.ret) else {
+    let Some(fd) = record
+        .get::<i64>(tp.ret)
+        .and_then(|ret| u64::try_from(ret).ok())
+    else {
+        // No record, or accept() failed (a negative errno).
         return 0;
     };
-    if fd < 0 {
-        return 0;
-    }
-    let Some(sk) = sock_of_fd(fd as u64) else {
+    let Some(sk) = sock_of_fd(fd) else {
         // The fd table walk failed (or another thread closed the fd already).
         debug!(
             ctx,
@@ -51,7 +57,9 @@ fn record_acceptor(ctx: &TracePointContext) -> u32 {
     }
     if let Some(known) = OWNERS.get_ptr_mut(sk) {
         // Born at SYN_RECV (its birth time identifies this socket's life): filled in place,
-        // which spares the LRU map allocating a new element as an update would.
+        // which spares the LRU map allocating a new element as an update would. Were the
+        // element recycled for another socket meanwhile (the map full), that socket would
+        // be named as owned by this task: a known, rare misattribution, never a fault.
         set_owner_task(known);
     } else {
         let mut owner = MaybeUninit::<SockOwner>::uninit();
@@ -71,12 +79,17 @@ pub fn tcp_destroy_sock(ctx: TracePointContext) -> u32 {
     {
         // Few sockets were ever ended by their peer: a lookup is cheaper than a delete,
         // which locks the hash bucket even when the key is absent.
-        if let Some(mark) = PEER_ENDED.get_ptr(sk) {
-            // SAFETY: pointer from a lookup of a preallocated (LRU) map, read once.
-            if unsafe { (*mark).how } == peer_end::RESET {
-                destroyed_after_reset(sk, mark);
-            }
-            let _ = PEER_ENDED.remove(sk);
+        let mut copy = MaybeUninit::<PeerEnded>::uninit();
+        let mark = copy.as_mut_ptr();
+        // The delete is by key: it fails when the socket's own mark is gone (evicted, its
+        // element maybe recycled for another socket since the copy), and then the copy is
+        // not trusted (see `used_after`).
+        if peer_ended(sk, mark)
+            && PEER_ENDED.remove(sk).is_ok()
+            // SAFETY: `peer_ended` wrote the whole stack copy.
+            && unsafe { (*mark).how } == peer_end::RESET
+        {
+            destroyed_after_reset(sk, mark);
         }
         // After the event: its birth time, from this entry, tells this socket's life from a
         // later one at the same address.
@@ -88,6 +101,7 @@ pub fn tcp_destroy_sock(ctx: TracePointContext) -> u32 {
 /// The application let go of a socket its peer reset (closed it, or had before the RST):
 /// userspace counts an idle reset it was holding back as handled. Only after a reset: a
 /// FIN's handling shows in the state change its close makes (CLOSE_WAIT → LAST_ACK).
+/// `mark` is a whole copy from `peer_ended`.
 #[inline(always)]
 fn destroyed_after_reset(sk: u64, mark: *const PeerEnded) {
     let Some(slot) = Slot::begin_for(hook::DESTROY, sk, Subject::at_peer_end(mark, false)) else {

@@ -1,5 +1,10 @@
 //! `tcp:tcp_receive_reset` and `tcp:tcp_send_reset`: RSTs in and out, with how long the
 //! socket had been idle, read from its own timestamps (no per-packet hook).
+#![expect(
+    clippy::needless_pass_by_value,
+    reason = "aya's program macros hand each program its context by value"
+)]
+
 use aya_ebpf::{
     macros::{btf_tracepoint, tracepoint},
     programs::{BtfTracePointContext, TracePointContext},
@@ -38,7 +43,7 @@ pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
 /// The tracepoint's cookie is computed into its record only, so it is 0 here.
 #[btf_tracepoint(function = "tcp_receive_reset")]
 pub fn tcp_receive_reset_btf(ctx: BtfTracePointContext) -> i32 {
-    received_reset(ctx.arg::<u64>(0), 0, &FromSock) as i32
+    received_reset(ctx.arg::<u64>(0), 0, &FromSock).cast_signed()
 }
 
 #[inline(always)]
@@ -81,7 +86,8 @@ pub fn tcp_send_reset(ctx: TracePointContext) -> u32 {
     set!(
         slot,
         reason,
-        record.get::<u32>(tp.reason).unwrap_or(0) as u16
+        // `enum sk_rst_reason` counts a few dozen reasons; u16::MAX names none.
+        u16::try_from(record.get::<u32>(tp.reason).unwrap_or(0)).unwrap_or(u16::MAX)
     );
     // SAFETY: the slot's event is a whole, reserved ConnEvent.
     record.tuple(&tp, sk, unsafe { &raw mut (*slot.as_ptr()).tuple });

@@ -1,5 +1,10 @@
 //! `sock:inet_sock_set_state`: every TCP state change, and the moments a socket is born.
 //! A typed raw tracepoint where the kernel allows it, else the classic one.
+#![expect(
+    clippy::needless_pass_by_value,
+    reason = "aya's program macros hand each program its context by value"
+)]
+
 use core::mem::MaybeUninit;
 
 use aya_ebpf::{
@@ -12,8 +17,8 @@ use monitor_common::{ConnectKey, IPPROTO_TCP, SockOwner, Tuple, hook, peer_end, 
 use crate::{
     event::{Slot, set},
     kernel::{
-        FromRecord, FromSock, Record, Tp, TupleSource, is_tcp, layout, new_owner, read_full_socket,
-        settings, sk_err,
+        FromRecord, FromSock, Record, Tp, TupleSource, copy_words, is_tcp, layout, new_owner,
+        read_full_socket, settings, sk_err, split_pid_tgid,
     },
     maps::{CONNECTS, OWNERS, TRANSITIONS},
     used_after::{mark_peer_end, note_waiting_request},
@@ -29,8 +34,8 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
     let Some(sk) = record.get::<u64>(tp.skaddr) else {
         return 0;
     };
-    let old_state = record.get::<i32>(tp.old_state).unwrap_or(0) as u8;
-    let new_state = record.get::<i32>(tp.new_state).unwrap_or(0) as u8;
+    let old_state = state(record.get::<i32>(tp.old_state).unwrap_or(0));
+    let new_state = state(record.get::<i32>(tp.new_state).unwrap_or(0));
     state_changed(sk, old_state, new_state, &FromRecord(&record, &tp))
 }
 
@@ -45,8 +50,15 @@ pub fn inet_sock_set_state_btf(ctx: BtfTracePointContext) -> i32 {
     if !is_tcp(sk) {
         return 0;
     }
-    let (old_state, new_state) = (ctx.arg::<i32>(1) as u8, ctx.arg::<i32>(2) as u8);
-    state_changed(sk, old_state, new_state, &FromSock) as i32
+    let (old_state, new_state) = (state(ctx.arg::<i32>(1)), state(ctx.arg::<i32>(2)));
+    state_changed(sk, old_state, new_state, &FromSock).cast_signed()
+}
+
+/// A TCP state as the kernel passes it (an `int`); 0, never a state, if out of range
+/// (then counted and logged as an unexpected change).
+#[inline(always)]
+fn state(raw: i32) -> u8 {
+    u8::try_from(raw).unwrap_or(0)
 }
 
 /// What every TCP state change does: count it, note births and connects, mark the peer's
@@ -137,18 +149,15 @@ fn count_connect(source: &impl TupleSource, sk: u64, inbound: bool) {
         let (addr, port, tgid) = if inbound {
             (&raw const (*t).saddr, (*t).sport, 0)
         } else {
-            let tgid = (aya_ebpf::helpers::bpf_get_current_pid_tgid() >> 32) as u32;
+            let [tgid, _] = split_pid_tgid(aya_ebpf::helpers::bpf_get_current_pid_tgid());
             (&raw const (*t).daddr, (*t).dport, tgid)
         };
-        let from = addr.cast::<u64>();
-        let to = (&raw mut (*k).addr).cast::<u64>();
-        core::ptr::write_volatile(to, core::ptr::read_volatile(from));
-        core::ptr::write_volatile(to.add(1), core::ptr::read_volatile(from.add(1)));
+        copy_words(addr, &raw mut (*k).addr);
         core::ptr::write_volatile(&raw mut (*k).tgid, tgid);
         core::ptr::write_volatile(&raw mut (*k).port, port);
-        core::ptr::write_volatile(&raw mut (*k).inbound, inbound as u8);
+        core::ptr::write_volatile(&raw mut (*k).inbound, u8::from(inbound));
         let ipv6 = core::ptr::read_volatile(&raw const (*t).family) == monitor_common::AF_INET6;
-        core::ptr::write_volatile(&raw mut (*k).ipv6, ipv6 as u8);
+        core::ptr::write_volatile(&raw mut (*k).ipv6, u8::from(ipv6));
     }
     // SAFETY: every field was written above.
     let key = unsafe { key.assume_init_ref() };

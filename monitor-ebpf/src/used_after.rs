@@ -4,10 +4,26 @@
 //! classic ones), else fexit on `tcp_sendmsg` / `tcp_recvmsg`, chosen by userspace at load
 //! time. A healthy call leaves after reading its return value (and, for a successful send,
 //! the socket state); only marked sockets cost a map lookup.
+//!
+//! The peer-end marks (`PEER_ENDED`) are read through a lookup's pointer into a
+//! preallocated LRU element, which the map recycles for another socket when it evicts the
+//! mark (the map is full: more peer-ended sockets than `max_sockets`). So a mark is copied
+//! once ([`peer_ended`]) and acted on only through by-key operations on its socket: spent
+//! with a `BPF_EXIST` update ([`spend`]), removed by key at destroy. Another socket's mark
+//! is therefore never spent, and a copy taken from a recycled element is dropped: its
+//! socket's own mark was evicted, so that socket's report is lost, as any evicted mark's
+//! is. What remains: were the socket to be marked anew (another RST/FIN on it) between
+//! the copy and the update, a report can carry a tuple mixed from another socket's; and
+//! two calls racing on one socket can both report it (a duplicate, never a loss).
+#![expect(
+    clippy::needless_pass_by_value,
+    reason = "aya's program macros hand each program its context by value"
+)]
+
 use core::mem::MaybeUninit;
 
 use aya_ebpf::{
-    bindings::BPF_SK_STORAGE_GET_F_CREATE,
+    bindings::{BPF_EXIST, BPF_SK_STORAGE_GET_F_CREATE},
     cty::c_void,
     helpers::{bpf_ktime_get_ns, generated::bpf_sk_storage_get},
     macros::{btf_tracepoint, fexit, tracepoint},
@@ -17,13 +33,14 @@ use monitor_common::{ConnEvent, IPPROTO_TCP, IoMark, PeerEnded, hook, io, peer_e
 
 use crate::{
     event::{Slot, Subject, set},
-    kernel::{Record, Tp, TupleSource, is_tcp, layout, settings, sk_state},
+    kernel::{Record, Tp, TupleSource, copy_words, is_tcp, layout, settings, sk_state},
     maps::{IO_MARKS, PEER_ENDED},
 };
 
 const EAGAIN: i32 = 11;
 const EINTR: i32 = 4;
 const ECONNRESET: i32 = 104;
+const ENOENT: i32 = 2;
 
 #[tracepoint(category = "sock", name = "sock_send_length")]
 pub fn sock_send_length(ctx: TracePointContext) -> u32 {
@@ -46,7 +63,8 @@ pub fn sock_send_length_btf(ctx: BtfTracePointContext) -> i32 {
         io::SEND,
         Protocol::Unchecked,
         Sk::Typed,
-    ) as i32
+    )
+    .cast_signed()
 }
 
 /// `sock_recv_length(struct sock *sk, int ret, int flags)`, likewise.
@@ -58,7 +76,8 @@ pub fn sock_recv_length_btf(ctx: BtfTracePointContext) -> i32 {
         io::RECV,
         Protocol::Unchecked,
         Sk::Typed,
-    ) as i32
+    )
+    .cast_signed()
 }
 
 /// `int tcp_sendmsg(struct sock *sk, struct msghdr *msg, size_t size)`.
@@ -152,18 +171,17 @@ fn after_peer_end(sk: u64, ret: i32, op: u8, protocol: Protocol, origin: Sk) -> 
     if protocol == Protocol::Unchecked && !is_tcp(sk) {
         return 0;
     }
-    let Some(mark) = PEER_ENDED.get_ptr_mut(sk) else {
+    let mut copy = MaybeUninit::<PeerEnded>::uninit();
+    let mark = copy.as_mut_ptr();
+    if !peer_ended(sk, mark) {
         return 0;
-    };
-    // SAFETY: a pointer from a lookup in a preallocated (LRU) map: always valid memory.
-    // The entry can be recycled for another socket between this lookup and the writes
-    // below (the map is full and evicts it); the event then carries the other socket's
-    // tuple or is not sent, and that socket's mark is spent. Both need more sockets with a
-    // peer-ended mark than the map holds, and the map is sized for every socket.
+    }
+    // SAFETY: `peer_ended` wrote the whole stack copy.
     let (at_ns, how, reported) = unsafe { ((*mark).at_ns, (*mark).how, (*mark).reported) };
     if reported != 0 {
         return 0;
     }
+    // SAFETY: no preconditions; returns the monotonic clock.
     let since_ns = unsafe { bpf_ktime_get_ns() }.saturating_sub(at_ns);
     let woken = match how {
         peer_end::FIN => ret == 0,
@@ -174,8 +192,9 @@ fn after_peer_end(sk: u64, ret: i32, op: u8, protocol: Protocol, origin: Sk) -> 
         // the end, as a healthy client does. Keep the mark for a later write.
         return 0;
     }
-    // SAFETY: as above.
-    unsafe { (*mark).reported = 1 };
+    if !spend(sk, mark) {
+        return 0;
+    }
     let subject = Subject::at_peer_end(mark, true);
     let Some(slot) = Slot::begin_for(hook::USED_AFTER_PEER_END, sk, subject) else {
         return 0;
@@ -184,7 +203,7 @@ fn after_peer_end(sk: u64, ret: i32, op: u8, protocol: Protocol, origin: Sk) -> 
     set!(slot, io, op);
     set!(slot, ret, ret);
     set!(slot, peer_end, how);
-    set!(slot, since_peer_end_ms, (since_ns / 1_000_000) as u32);
+    set!(slot, since_peer_end_ms, ms(since_ns));
     set!(slot, old_state, state);
     set!(slot, new_state, state);
     copy_tuple(mark, &slot);
@@ -192,21 +211,55 @@ fn after_peer_end(sk: u64, ret: i32, op: u8, protocol: Protocol, origin: Sk) -> 
     0
 }
 
+/// Whole milliseconds in `ns`, saturating at `u32::MAX` (49 days).
+#[inline(always)]
+fn ms(ns: u64) -> u32 {
+    u32::try_from(ns / 1_000_000).unwrap_or(u32::MAX)
+}
+
+/// Copies `sk`'s peer-end mark into `to` (a whole, 8-aligned `PeerEnded`, on the stack);
+/// false when it has none. The copy may be of a recycled element (see the module doc):
+/// act on it only through by-key operations on `sk` that fail once its mark is gone.
+#[inline(always)]
+pub fn peer_ended(sk: u64, to: *mut PeerEnded) -> bool {
+    let Some(mark) = PEER_ENDED.get_ptr(sk) else {
+        return false;
+    };
+    // SAFETY: `mark` points at a preallocated map element, valid and 8-aligned memory for a
+    // whole PeerEnded whichever socket holds it now (only its contents can change); `to`
+    // is the caller's whole, 8-aligned value.
+    unsafe { copy_words(mark, to) };
+    true
+}
+
+/// Marks `sk`'s mark reported by writing the whole copy back by key (`BPF_EXIST`), never
+/// through the lookup's pointer: had the element been recycled, an in-place write would
+/// spend another socket's mark and lose its report. False when `sk` has no mark any more
+/// (evicted, or removed at destroy): the copy may then be another socket's, and the report
+/// is dropped. `mark` is a whole copy from [`peer_ended`].
+#[inline(always)]
+fn spend(sk: u64, mark: *mut PeerEnded) -> bool {
+    // SAFETY: `mark` is the caller's whole, 8-aligned stack copy; every byte of it was
+    // written by `peer_ended`, so it may be read as a whole value.
+    let result = unsafe {
+        core::ptr::write_volatile(&raw mut (*mark).reported, 1);
+        // A reference, not a value: a by-value copy could become an out-of-line memcpy.
+        let value: &PeerEnded = &*mark;
+        PEER_ENDED.insert(sk, value, u64::from(BPF_EXIST))
+    };
+    // On any other failure (no free element for the update) report anyway: the mark stays
+    // unspent, so a later call may report it again (a duplicate, not a loss).
+    result != Err(-ENOENT)
+}
+
 /// Copies the tuple a peer-end mark kept (as it was at the RST or FIN) into the event.
-/// `mark` must be a pointer from a `PEER_ENDED` lookup.
+/// `mark` is a whole copy from [`peer_ended`].
 #[inline(always)]
 pub fn copy_tuple(mark: *const PeerEnded, slot: &Slot) {
     let event = slot.as_ptr();
-    // SAFETY: both are whole, 8-aligned tuples: the event's, and the map value's (a
-    // preallocated LRU map's element: valid memory, though possibly recycled meanwhile, see
-    // `after_peer_end`).
-    unsafe {
-        let from = (&raw const (*mark).tuple).cast::<u64>();
-        let to = (&raw mut (*event).tuple).cast::<u64>();
-        for i in 0..size_of::<monitor_common::Tuple>() / 8 {
-            core::ptr::write_volatile(to.add(i), core::ptr::read_volatile(from.add(i)));
-        }
-    }
+    // SAFETY: both are whole, 8-aligned tuples (monitor-common asserts the offsets): the
+    // reserved event's, and the caller's stack copy's.
+    unsafe { copy_words(&raw const (*mark).tuple, &raw mut (*event).tuple) };
 }
 
 /// Records the application's data call on `sk` in the socket's storage, created on first use.
@@ -228,6 +281,9 @@ fn mark_io(sk: u64, op: u8) {
         return;
     }
     // SAFETY: non-null from the helper: this socket's storage, valid for the program's run.
+    // Another CPU's call on the same socket may write it too: the last call wins, which is
+    // what the mark means (the socket's last data call); a torn pair is a stamp off by one
+    // concurrent call.
     unsafe {
         (*mark).at_ns = bpf_ktime_get_ns();
         (*mark).io = op;
@@ -266,35 +322,33 @@ pub fn note_waiting_request(sk: u64, event: *mut ConnEvent) {
             &raw mut (*event).flags,
             flags | monitor_common::flags::AWAITING_ANSWER,
         );
-        core::ptr::write_volatile(
-            &raw mut (*event).waited_ms,
-            (waited_ns / 1_000_000).min(u64::from(u32::MAX)) as u32,
-        );
+        core::ptr::write_volatile(&raw mut (*event).waited_ms, ms(waited_ns));
     }
 }
 
 /// Remembers that the peer ended `sk` (`how`: [`peer_end`]), with its tuple as it is now.
 #[inline(always)]
 pub fn mark_peer_end(how: u8, source: &impl TupleSource, sk: u64) {
+    let mut mark = MaybeUninit::<PeerEnded>::uninit();
+    let ptr = mark.as_mut_ptr();
     if how == peer_end::RESET
-        && let Some(mark) = PEER_ENDED.get_ptr(sk)
-        // SAFETY: pointer from a lookup of a preallocated (LRU) map, read once.
-        && unsafe { (*mark).how == peer_end::FIN && (*mark).reported == 0 }
+        && peer_ended(sk, ptr)
+        // SAFETY: `peer_ended` wrote the whole stack copy.
+        && unsafe { (*ptr).how == peer_end::FIN && (*ptr).reported == 0 }
     {
         // The application has not touched the socket since the FIN: its next call is
         // reported against the FIN, the root cause (on loopback a write after FIN draws the
-        // RST before the write's own hook runs).
+        // RST before the write's own hook runs). Were the copy of a recycled element (the
+        // FIN mark evicted), the RST goes unmarked: the socket's mark was lost either way.
         return;
     }
-    let mut mark = MaybeUninit::<PeerEnded>::uninit();
-    let ptr = mark.as_mut_ptr();
     // SAFETY: every field of the stack value is written here or by `tuple`.
     unsafe {
         core::ptr::write_volatile(&raw mut (*ptr).at_ns, bpf_ktime_get_ns());
         core::ptr::write_volatile(&raw mut (*ptr).how, how);
         core::ptr::write_volatile(&raw mut (*ptr).reported, 0);
-        core::ptr::write_volatile(&raw mut (*ptr)._pad, 0);
-        core::ptr::write_volatile(&raw mut (*ptr)._pad2, 0);
+        core::ptr::write_volatile(&raw mut (*ptr).pad, 0);
+        core::ptr::write_volatile(&raw mut (*ptr).pad2, 0);
         source.tuple(sk, &raw mut (*ptr).tuple);
         let _ = PEER_ENDED.insert(sk, mark.assume_init_ref(), 0);
     }

@@ -1,5 +1,6 @@
 //! Decoding ring-buffer records into [`Event`]s. Records come from the kernel, so every
-//! field is checked: a short record or an unknown hook is an error to count, never a panic.
+//! field is checked: a record of the wrong length, an unknown hook or an impossible value
+//! is an error to count, never a panic.
 use std::{
     cell::RefCell,
     fmt,
@@ -52,7 +53,7 @@ pub struct UsedAfterPeerEnd {
 impl UsedAfterPeerEnd {
     /// The errno the call failed with, 0 when it did not fail (EOF, or a write accepted).
     pub fn errno(&self) -> i32 {
-        (-self.ret).max(0)
+        self.ret.checked_neg().map_or(0, |errno| errno.max(0))
     }
 
     /// `ECONNRESET`, `EPIPE`, `EOF` (a read returning 0) or `none` (a write accepted).
@@ -60,10 +61,14 @@ impl UsedAfterPeerEnd {
         match (self.op, self.ret) {
             (IoOp::Recv, 0) => "EOF",
             (_, ret) if ret >= 0 => "none",
-            (_, ret) => errno_name(-ret),
+            _ => errno_name(self.errno()),
         }
     }
 }
+
+/// The largest errno a kernel call returns (`MAX_ERRNO`, include/linux/err.h): a negative
+/// return below `-MAX_ERRNO` is no error code.
+const MAX_ERRNO: i32 = 4095;
 
 pub fn errno_name(errno: i32) -> &'static str {
     match errno {
@@ -197,28 +202,38 @@ impl Event {
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
-    #[error("record of {got} bytes is shorter than an event ({want} bytes)")]
-    Truncated { got: usize, want: usize },
+    /// Every record is one whole event: any other length means the two sides disagree
+    /// on the layout (a userspace and a kernel object from different builds) or a
+    /// corrupt ring.
+    #[error("record of {got} bytes is not an event ({want} bytes)")]
+    WrongLength { got: usize, want: usize },
     #[error("record has unknown hook {0}")]
     UnknownHook(u8),
     #[error("record has unknown address family {0}")]
     UnknownFamily(u16),
     #[error("send/recv record has unknown operation {0} or peer end {1}")]
     UnknownIo(u8, u8),
+    #[error("send/recv record returned {0}: neither a byte count nor a negative errno")]
+    ImpossibleReturn(i32),
 }
 
+/// Decodes one ring-buffer record, which must be exactly one [`ConnEvent`].
 pub fn decode(record: &[u8]) -> Result<Event, DecodeError> {
-    let truncated = |_| DecodeError::Truncated {
+    let wrong_length = || DecodeError::WrongLength {
         got: record.len(),
         want: size_of::<ConnEvent>(),
     };
-    let raw = read_event(&mut &record[..]).map_err(truncated)?;
+    if record.len() != size_of::<ConnEvent>() {
+        return Err(wrong_length());
+    }
+    let raw = read_event(&mut &record[..]).map_err(|_| wrong_length())?;
     from_raw(&raw)
 }
 
 /// Reads a [`ConnEvent`] field by field in its `repr(C)` order (it has no implicit
 /// padding), in native byte order (the kernel wrote it on this machine). Every read is
-/// bounds-checked: a short record is an error, never a panic or an out-of-bounds read.
+/// bounds-checked: a short record is an error, never a panic or an out-of-bounds read
+/// ([`decode`] also refuses a longer one).
 /// The struct literal names every field, so a field added to `ConnEvent` fails to build
 /// here; struct fields are evaluated in the order written.
 fn read_event(buf: &mut impl Buf) -> Result<ConnEvent, TryGetError> {
@@ -252,12 +267,12 @@ fn read_event(buf: &mut impl Buf) -> Result<ConnEvent, TryGetError> {
             family: buf.try_get_u16_ne()?,
             sport: buf.try_get_u16_ne()?,
             dport: buf.try_get_u16_ne()?,
-            _pad: buf.try_get_u16_ne()?,
+            pad: buf.try_get_u16_ne()?,
         },
         owner_comm: array(buf)?,
         ctx_comm: array(buf)?,
         netns: buf.try_get_u32_ne()?,
-        _pad: buf.try_get_u32_ne()?,
+        pad: buf.try_get_u32_ne()?,
     })
 }
 
@@ -343,6 +358,10 @@ fn decode_io(raw: &ConnEvent) -> Result<UsedAfterPeerEnd, DecodeError> {
         peer_end::FIN => PeerEnd::Fin,
         _ => return Err(DecodeError::UnknownIo(raw.io, raw.peer_end)),
     };
+    // A byte count, or a negative errno whose negation exists (not i32::MIN) and is one.
+    if raw.ret.checked_neg().is_none_or(|errno| errno > MAX_ERRNO) {
+        return Err(DecodeError::ImpossibleReturn(raw.ret));
+    }
     Ok(UsedAfterPeerEnd {
         op,
         ret: raw.ret,
@@ -480,11 +499,21 @@ pub(crate) mod tests {
         let full = bytes(&raw_reset(1));
         assert_eq!(
             decode(&full[..10]),
-            Err(DecodeError::Truncated {
+            Err(DecodeError::WrongLength {
                 got: 10,
                 want: full.len()
             })
         );
+        // Longer is as wrong as shorter: the two sides disagree on the layout.
+        let longer = [full.as_slice(), &[0; 8]].concat();
+        assert_eq!(
+            decode(&longer),
+            Err(DecodeError::WrongLength {
+                got: full.len() + 8,
+                want: full.len()
+            })
+        );
+        assert!(decode(&full).is_ok());
         let mut raw = raw_reset(1);
         raw.hook = 99;
         assert_eq!(decode(&bytes(&raw)), Err(DecodeError::UnknownHook(99)));
@@ -497,7 +526,8 @@ pub(crate) mod tests {
     fn reads_every_field_at_its_offset() {
         // Every byte distinct: a field read out of order or at the wrong offset changes
         // the bytes of the struct it builds.
-        let record: Vec<u8> = (0..ConnEvent::SIZE).map(|i| i as u8).collect();
+        let record: Vec<u8> = (0..=u8::MAX).take(ConnEvent::SIZE).collect();
+        assert_eq!(record.len(), ConnEvent::SIZE, "every byte distinct");
         let raw = read_event(&mut &record[..]).unwrap();
         assert_eq!(bytes(&raw), record);
         // Every shorter record is an error, never a panic; a longer one is read.
@@ -536,6 +566,23 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_return_that_is_no_errno_is_a_decode_error() {
+        for ret in [i32::MIN, -4096, -1_000_000] {
+            let mut raw = raw_send_after_reset();
+            raw.ret = ret;
+            assert_eq!(
+                decode(&bytes(&raw)),
+                Err(DecodeError::ImpossibleReturn(ret))
+            );
+        }
+        for ret in [-4095, -1, 0, i32::MAX] {
+            let mut raw = raw_send_after_reset();
+            raw.ret = ret;
+            assert_eq!(decode(&bytes(&raw)).unwrap().io.unwrap().ret, ret);
+        }
+    }
+
+    #[test]
     fn io_outcomes() {
         let io = |op, ret| UsedAfterPeerEnd {
             op,
@@ -548,6 +595,9 @@ pub(crate) mod tests {
         assert_eq!(io(IoOp::Send, -libc::EPIPE).outcome(), "EPIPE");
         assert_eq!(io(IoOp::Send, -libc::EPIPE).errno(), 32);
         assert_eq!(io(IoOp::Recv, 0).errno(), 0);
+        // Built by hand, not decoded: still no overflow.
+        assert_eq!(io(IoOp::Send, i32::MIN).errno(), 0);
+        assert_eq!(io(IoOp::Send, i32::MIN).outcome(), "other");
     }
 
     proptest::proptest! {
@@ -557,16 +607,53 @@ pub(crate) mod tests {
             let _ = decode(&bytes);
         }
 
-        /// A structurally valid record (a known hook, AF_INET or AF_INET6, a known send/recv
-        /// and peer end, a NUL-terminated comm), every other byte random, maybe followed by
-        /// more bytes: it decodes, and every field comes out as written.
+        /// A record one byte or more off the event's size is refused, whatever it holds.
         #[test]
-        fn valid_records_decode_to_what_was_written(
+        fn a_record_of_another_length_is_refused(
             raw in valid_record(),
-            trailing in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64),
+            len in proptest::strategy::Strategy::prop_filter(
+                0..2 * ConnEvent::SIZE,
+                "not the event's size",
+                |len| *len != ConnEvent::SIZE,
+            ),
+            fill in proptest::prelude::any::<u8>(),
         ) {
+            let mut record = bytes(&raw);
+            record.resize(len, fill);
+            proptest::prop_assert_eq!(
+                decode(&record),
+                Err(DecodeError::WrongLength { got: len, want: ConnEvent::SIZE })
+            );
+        }
+
+        /// Any `ret` in a send/recv record decodes to itself or is refused as impossible,
+        /// and the decoded call's errno and outcome never overflow.
+        #[test]
+        fn any_return_decodes_or_is_refused(raw in valid_record(), ret in proptest::prelude::any::<i32>()) {
+            let mut raw = raw;
+            raw.hook = hook::USED_AFTER_PEER_END;
+            raw.ret = ret;
+            match decode(&bytes(&raw)) {
+                Ok(event) => {
+                    let io = event.io.unwrap();
+                    proptest::prop_assert_eq!(io.ret, ret);
+                    proptest::prop_assert!((0..=MAX_ERRNO).contains(&io.errno()));
+                    let _ = io.outcome();
+                }
+                Err(err) => {
+                    proptest::prop_assert_eq!(err, DecodeError::ImpossibleReturn(ret));
+                    proptest::prop_assert!(ret < -MAX_ERRNO);
+                }
+            }
+        }
+
+        /// A structurally valid record (a known hook, AF_INET or AF_INET6, a known send/recv
+        /// and peer end, a byte count or errno, a NUL-terminated comm), every other byte
+        /// random: it decodes, and every field comes out as written.
+        #[test]
+        fn valid_records_decode_to_what_was_written(raw in valid_record()) {
             use proptest::prop_assert_eq as eq;
-            let record = [bytes(&raw), trailing].concat();
+            let record = bytes(&raw);
             let event = decode(&record).map_err(|err| {
                 proptest::test_runner::TestCaseError::fail(format!("{err}: {raw:?}"))
             })?;
@@ -632,7 +719,7 @@ pub(crate) mod tests {
     }
 
     /// Records a kernel program could write: random bytes, with the fields the decoder
-    /// checks (hook, family, send/recv, peer end) set to values it knows, and comms of
+    /// checks (hook, family, send/recv, peer end, ret) set to values it knows, and comms of
     /// printable ASCII ending in NUL (random bytes would almost never pass the checks).
     fn valid_record() -> impl proptest::strategy::Strategy<Value = ConnEvent> {
         use proptest::{prelude::*, sample::select};
@@ -650,15 +737,17 @@ pub(crate) mod tests {
             select(vec![AF_INET, AF_INET6]),
             select(vec![io::SEND, io::RECV]),
             select(vec![peer_end::RESET, peer_end::FIN]),
+            -MAX_ERRNO..=i32::MAX,
             comm(),
             comm(),
         )
-            .prop_map(|(random, hook, family, io, end, owner, ctx)| {
+            .prop_map(|(random, hook, family, io, end, ret, owner, ctx)| {
                 let mut raw = read_event(&mut &random[..]).unwrap();
                 raw.hook = hook;
                 raw.tuple.family = family;
                 raw.io = io;
                 raw.peer_end = end;
+                raw.ret = ret;
                 for (field, text) in [(&mut raw.owner_comm, owner), (&mut raw.ctx_comm, ctx)] {
                     *field = [0; TASK_COMM_LEN];
                     field[..text.len()].copy_from_slice(text.as_bytes());
@@ -685,6 +774,8 @@ pub(crate) mod tests {
     /// at the write, ahead of the write's own finding.
     #[test]
     fn pipeline_holds_an_idle_reset_for_its_grace() {
+        use crate::detect::Kind;
+
         let mut pipeline = crate::pipeline::Pipeline::for_tests();
         assert!(
             pipeline
@@ -720,7 +811,6 @@ pub(crate) mod tests {
             .iter()
             .map(|f| f.kind)
             .collect();
-        use crate::detect::Kind;
         assert_eq!(kinds, [Kind::PeerResetIdle, Kind::UsedAfterReset]);
         assert!(pipeline.due(u64::MAX).is_empty(), "once");
         assert_eq!(pipeline.resets_handled(), 1);

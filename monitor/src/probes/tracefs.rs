@@ -78,6 +78,19 @@ pub enum FormatError {
     MissingField { tracepoint: String, field: String },
     #[error("tracepoint {tracepoint}: {why} (kernel layout not supported)")]
     Unsupported { tracepoint: String, why: String },
+    #[error(
+        "tracepoint {tracepoint}: field `{field}` is {found} bytes on this kernel, but \
+         connwatch's kernel programs read it as {expected} bytes, so this kernel's layout is \
+         not supported; please report a bug with `uname -r` and the output of \
+         `cat /sys/kernel/tracing/events/{}/format`",
+        tracepoint.replace(':', "/")
+    )]
+    FieldSize {
+        tracepoint: String,
+        field: String,
+        expected: u16,
+        found: u16,
+    },
 }
 
 impl Format {
@@ -140,89 +153,50 @@ impl Format {
     /// Layout of a socket tracepoint; `state` names the state field (`oldstate` or `state`).
     pub fn socket_layout(&self) -> Result<TpLayout, FormatError> {
         let mut tp = TpLayout::absent();
-        tp.skaddr = self.require("skaddr")?;
-        tp.old_state = self.offset(if self.size("oldstate").is_some() {
+        let mut read = Reads::new(self);
+        tp.skaddr = read.required("skaddr", size::POINTER)?;
+        let state = if self.size("oldstate").is_some() {
             "oldstate"
         } else {
             "state"
-        });
-        tp.new_state = self.offset("newstate");
-        tp.protocol = self.offset("protocol");
-        tp.cookie = self.offset("sock_cookie");
-        tp.reason = self.offset("reason");
+        };
+        tp.old_state = read.optional(state, size::INT)?;
+        tp.new_state = read.optional("newstate", size::INT)?;
+        tp.protocol = read.optional("protocol", size::U16)?;
+        tp.cookie = read.optional("sock_cookie", size::U64)?;
+        tp.reason = read.optional("reason", size::INT)?;
         // Since 6.10 tcp_send_reset stores sockaddr_in6-sized unions in saddr/daddr.
-        if self.size("saddr") == Some(28) {
-            tp.saddr_sockaddr = self.require("saddr")?;
-            tp.daddr_sockaddr = self.require("daddr")?;
+        if self.size("saddr") == Some(size::SOCKADDR) {
+            tp.saddr_sockaddr = read.required("saddr", size::SOCKADDR)?;
+            tp.daddr_sockaddr = read.required("daddr", size::SOCKADDR)?;
         } else {
             // Linux 5.10's tcp_event_sk lacks `family`; the kernel program reads the socket's.
-            tp.family = self.offset("family");
-            tp.sport = self.require("sport")?;
-            tp.dport = self.require("dport")?;
-            tp.saddr_v6 = self.require("saddr_v6")?;
-            tp.daddr_v6 = self.require("daddr_v6")?;
+            tp.family = read.optional("family", size::U16)?;
+            tp.sport = read.required("sport", size::U16)?;
+            tp.dport = read.required("dport", size::U16)?;
+            tp.saddr_v6 = read.required("saddr_v6", size::ADDR_V6)?;
+            tp.daddr_v6 = read.required("daddr_v6", size::ADDR_V6)?;
         }
-        self.finish(tp)
+        read.finish(tp)
     }
 
     /// Layout of `sock:sock_send_length` / `sock:sock_recv_length` (Linux 6.3+).
     pub fn io_layout(&self) -> Result<TpLayout, FormatError> {
         let mut tp = TpLayout::absent();
-        tp.skaddr = self.require("sk")?;
-        tp.protocol = self.require("protocol")?;
-        tp.family = self.require("family")?;
-        tp.ret = self.require("ret")?;
-        self.finish(tp)
+        let mut read = Reads::new(self);
+        tp.skaddr = read.required("sk", size::POINTER)?;
+        tp.protocol = read.required("protocol", size::U16)?;
+        tp.family = read.required("family", size::U16)?;
+        tp.ret = read.required("ret", size::INT)?;
+        read.finish(tp)
     }
 
-    /// Layout of a syscall exit tracepoint: only `ret`.
+    /// Layout of a syscall exit tracepoint: only `ret` (a `long`).
     pub fn exit_layout(&self) -> Result<TpLayout, FormatError> {
         let mut tp = TpLayout::absent();
-        tp.ret = self.require("ret")?;
-        self.finish(tp)
-    }
-
-    /// Sets how much of the record the kernel program copies, and checks what it assumes:
-    /// the record fits its buffer, and each field is aligned to its size (arrays, which it
-    /// copies in 2-byte words, to 2).
-    fn finish(&self, mut tp: TpLayout) -> Result<TpLayout, FormatError> {
-        let used = [
-            tp.skaddr,
-            tp.old_state,
-            tp.new_state,
-            tp.family,
-            tp.protocol,
-            tp.sport,
-            tp.dport,
-            tp.saddr_v6,
-            tp.daddr_v6,
-            tp.saddr_sockaddr,
-            tp.daddr_sockaddr,
-            tp.cookie,
-            tp.reason,
-            tp.ret,
-        ];
-        let mut end = 0;
-        for (name, &(offset, size)) in &self.fields {
-            if !used.contains(&offset) {
-                continue;
-            }
-            let align = if size > 8 { 2 } else { size };
-            if align == 0 || !offset.is_multiple_of(align) {
-                return Err(self.unsupported(format!(
-                    "field `{name}` at offset {offset} is not {align}-byte aligned"
-                )));
-            }
-            end = end.max(offset + size);
-        }
-        if end > MAX_RECORD_BYTES {
-            return Err(self.unsupported(format!(
-                "the fields connwatch reads end at byte {end}, past the {MAX_RECORD_BYTES} \
-                 bytes its kernel programs copy"
-            )));
-        }
-        tp.record_size = end;
-        Ok(tp)
+        let mut read = Reads::new(self);
+        tp.ret = read.required("ret", size::LONG)?;
+        read.finish(tp)
     }
 
     fn unsupported(&self, why: String) -> FormatError {
@@ -230,6 +204,88 @@ impl Format {
             tracepoint: self.tracepoint.clone(),
             why,
         }
+    }
+}
+
+/// The size each record field is read as by the kernel programs (monitor-ebpf:
+/// `Record::get::<T>` and the address copies), so that a kernel whose tracepoint stores a
+/// field at another size is refused here instead of read wrong there.
+mod size {
+    /// `skaddr`, `sk`: a pointer, read as u64.
+    pub const POINTER: u16 = 8;
+    /// `oldstate`, `newstate`, `state` (int), `reason` (enum), send/recv `ret` (int).
+    pub const INT: u16 = 4;
+    /// `family`, `protocol`, `sport`, `dport`.
+    pub const U16: u16 = 2;
+    /// `sock_cookie`.
+    pub const U64: u16 = 8;
+    /// A syscall exit's `ret` (long), read as i64.
+    pub const LONG: u16 = 8;
+    /// `saddr_v6`, `daddr_v6`: 16-byte addresses.
+    pub const ADDR_V6: u16 = 16;
+    /// `saddr`, `daddr` as `sockaddr_in6`-sized unions (tcp_send_reset since 6.10).
+    pub const SOCKADDR: u16 = 28;
+}
+
+/// The fields a layout takes from a format, each checked as the kernel program reads it:
+/// its size, its alignment (to its size; arrays, copied in 2-byte words, to 2), and where
+/// the record the program copies must end to hold them all.
+struct Reads<'a> {
+    format: &'a Format,
+    end: u16,
+}
+
+impl<'a> Reads<'a> {
+    fn new(format: &'a Format) -> Reads<'a> {
+        Reads { format, end: 0 }
+    }
+
+    /// The offset of `name`, read as `want` bytes; an error when the kernel lacks it.
+    fn required(&mut self, name: &str, want: u16) -> Result<u16, FormatError> {
+        self.format.require(name)?;
+        self.optional(name, want)
+    }
+
+    /// The offset of `name`, read as `want` bytes; [`ABSENT`] when the kernel lacks it.
+    fn optional(&mut self, name: &str, want: u16) -> Result<u16, FormatError> {
+        let Some(&(offset, found)) = self.format.fields.get(name) else {
+            return Ok(ABSENT);
+        };
+        if found != want {
+            return Err(FormatError::FieldSize {
+                tracepoint: self.format.tracepoint.clone(),
+                field: name.to_string(),
+                expected: want,
+                found,
+            });
+        }
+        let align = if want > 8 { 2 } else { want };
+        if !offset.is_multiple_of(align) {
+            return Err(self.format.unsupported(format!(
+                "field `{name}` at offset {offset} is not {align}-byte aligned"
+            )));
+        }
+        let end = offset.checked_add(want).ok_or_else(|| {
+            self.format.unsupported(format!(
+                "field `{name}` at offset {offset} ends past 64 KiB"
+            ))
+        })?;
+        self.end = self.end.max(end);
+        Ok(offset)
+    }
+
+    /// Sets how much of the record the kernel program copies: up to the end of the last
+    /// field taken, at most its buffer.
+    fn finish(self, mut tp: TpLayout) -> Result<TpLayout, FormatError> {
+        if self.end > MAX_RECORD_BYTES {
+            return Err(self.format.unsupported(format!(
+                "the fields connwatch reads end at byte {}, past the {MAX_RECORD_BYTES} \
+                 bytes its kernel programs copy",
+                self.end
+            )));
+        }
+        tp.record_size = self.end;
+        Ok(tp)
     }
 }
 
@@ -311,6 +367,106 @@ print fmt: \"family=%s\"";
         assert_eq!(tp.saddr_sockaddr, 32);
         assert_eq!(tp.daddr_sockaddr, 60);
         assert_eq!(tp.sport, ABSENT);
+    }
+
+    /// Linux 6.3+'s `sock:sock_send_length`.
+    const SEND_LENGTH: &str = "format:
+	field:unsigned short common_type;	offset:0;	size:2;	signed:0;
+	field:void * sk;	offset:8;	size:8;	signed:0;
+	field:__u16 family;	offset:16;	size:2;	signed:0;
+	field:__u16 protocol;	offset:18;	size:2;	signed:0;
+	field:int ret;	offset:20;	size:4;	signed:1;
+	field:int flags;	offset:24;	size:4;	signed:1;";
+
+    const SYS_EXIT: &str = "format:
+	field:int __syscall_nr;	offset:8;	size:4;	signed:1;
+	field:long ret;	offset:16;	size:8;	signed:1;";
+
+    #[test]
+    fn parses_io_and_exit_layouts() {
+        let io = Format::parse("sock:sock_send_length".into(), SEND_LENGTH)
+            .io_layout()
+            .unwrap();
+        assert_eq!((io.skaddr, io.family, io.protocol, io.ret), (8, 16, 18, 20));
+        assert_eq!(io.record_size, 24);
+        let exit = Format::parse("syscalls:sys_exit_accept4".into(), SYS_EXIT)
+            .exit_layout()
+            .unwrap();
+        assert_eq!((exit.ret, exit.record_size), (16, 24));
+    }
+
+    /// A size mismatch's (expected, found) sizes.
+    fn sizes(err: &FormatError) -> Option<(u16, u16)> {
+        match err {
+            FormatError::FieldSize {
+                expected, found, ..
+            } => Some((*expected, *found)),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn a_field_of_another_size_is_refused_with_both_sizes() {
+        // A state stored as a u16: the kernel program would read 4 bytes of it.
+        let text = SET_STATE.replace(
+            "int oldstate;\toffset:16;\tsize:4;",
+            "__u16 oldstate;\toffset:16;\tsize:2;",
+        );
+        assert_ne!(text, SET_STATE);
+        let err = Format::parse("sock:inet_sock_set_state".into(), &text)
+            .socket_layout()
+            .unwrap_err();
+        let message = err.to_string();
+        assert!(
+            matches!(
+                &err,
+                FormatError::FieldSize { field, expected: 4, found: 2, .. } if field == "oldstate"
+            ),
+            "{message}"
+        );
+        assert!(message.contains("`oldstate` is 2 bytes"), "{message}");
+        assert!(message.contains("read it as 4 bytes"), "{message}");
+        assert!(
+            message.contains("events/sock/inet_sock_set_state/format"),
+            "{message}"
+        );
+        // A syscall's `ret` as an int, and a send's as a long: both refused.
+        let int_ret = SYS_EXIT.replace(
+            "long ret;\toffset:16;\tsize:8;",
+            "int ret;\toffset:16;\tsize:4;",
+        );
+        let err = Format::parse("syscalls:sys_exit_accept".into(), &int_ret)
+            .exit_layout()
+            .unwrap_err();
+        assert_eq!(sizes(&err), Some((8, 4)), "{err}");
+        let long_ret = SEND_LENGTH.replace(
+            "int ret;\toffset:20;\tsize:4;",
+            "long ret;\toffset:24;\tsize:8;",
+        );
+        let err = Format::parse("sock:sock_send_length".into(), &long_ret)
+            .io_layout()
+            .unwrap_err();
+        assert_eq!(sizes(&err), Some((4, 8)), "{err}");
+    }
+
+    #[test]
+    fn an_optional_field_is_checked_when_present() {
+        // tcp_receive_reset's cookie, were it 4 bytes.
+        let text =
+            format!("{SET_STATE}\n\tfield:__u32 sock_cookie;\toffset:72;\tsize:4;\tsigned:0;");
+        let err = Format::parse("tcp:tcp_receive_reset".into(), &text)
+            .socket_layout()
+            .unwrap_err();
+        assert_eq!(sizes(&err), Some((8, 4)), "{err}");
+    }
+
+    #[test]
+    fn a_field_past_the_copied_record_or_u16_is_refused() {
+        let far = SYS_EXIT.replace("offset:16;\tsize:8;", "offset:65528;\tsize:8;");
+        let err = Format::parse("syscalls:sys_exit_accept".into(), &far)
+            .exit_layout()
+            .unwrap_err();
+        assert!(matches!(err, FormatError::Unsupported { .. }), "{err}");
     }
 
     #[test]
