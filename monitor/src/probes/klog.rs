@@ -8,7 +8,7 @@
 //! `log` crate as `kernel: …` lines of target [`TARGET`], at most
 //! [`LINES_PER_SECOND`] a second.
 use std::{
-    os::fd::{AsFd as _, AsRawFd as _},
+    os::fd::AsFd as _,
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -86,7 +86,7 @@ impl KernelLog {
             .spawn(move || {
                 let mut window = Instant::now();
                 while !stopping.load(Ordering::Relaxed) {
-                    wait_readable(logger.as_fd().as_raw_fd(), POLL);
+                    wait_readable(logger.as_fd(), POLL);
                     // aya-log unwraps its parse of each record; ours are well formed, and
                     // a bad one must end this thread only, said once.
                     let flushed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -119,16 +119,12 @@ impl Drop for KernelLog {
     }
 }
 
-/// Waits until `fd` is readable or `timeout` passes.
-fn wait_readable(fd: std::os::fd::RawFd, timeout: Duration) {
-    let mut poll = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd, for the length given; `fd` stays open (the logger owns it)
-    // for the call.
-    unsafe { libc::poll(&raw mut poll, 1, timeout.as_millis() as libc::c_int) };
+/// Waits until `fd` is readable or `timeout` passes (an interrupted or failed wait just
+/// returns: the caller flushes and waits again).
+fn wait_readable(fd: std::os::fd::BorrowedFd<'_>, timeout: Duration) {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    let timeout = PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX);
+    let _ = poll(&mut [PollFd::new(fd, PollFlags::POLLIN)], timeout);
 }
 
 /// Hands aya-log's records to the process's logger under [`TARGET`], within the budget.
