@@ -56,9 +56,11 @@ pub fn configure(loader: &mut EbpfLoader<'_>, level: Option<log::Level>) {
 }
 
 fn page_size() -> u32 {
-    // SAFETY: sysconf reads a system constant; no memory is passed.
-    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    u32::try_from(size).unwrap_or(4096)
+    nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+        .ok()
+        .flatten()
+        .and_then(|size| u32::try_from(size).ok())
+        .unwrap_or(4096)
 }
 
 /// The forwarding thread; dropping this stops it (within [`POLL`]).

@@ -415,7 +415,6 @@ impl Probes {
         kernel_log: Option<log::Level>,
     ) -> Result<(Probes, RingBuf<MapData>)> {
         check_privileges(read_effective_caps()?)?;
-        let memlock_raised = raise_memlock_rlimit();
         let tracefs = tracefs::locate(options.tracefs.as_deref())
             .map_err(|err| ProbeError::Tracefs(err.into()))?;
         // Parsed vmlinux BTF is tens of MiB; drop it before aya parses its own copy, so the
@@ -441,189 +440,39 @@ impl Probes {
         };
         let layouts = TracepointLayouts::read(&tracefs)?;
 
-        let mut loader = EbpfLoader::new();
-        loader
-            .override_global("KERNEL", &layout, true)
-            .override_global("SETTINGS", settings, true)
-            .override_global("TP_SET_STATE", &layouts.set_state, true)
-            .override_global("TP_RECEIVE_RESET", &layouts.receive_reset, true)
-            .override_global("TP_SEND_RESET", &layouts.send_reset, true)
-            .override_global("TP_DESTROY_SOCK", &layouts.destroy_sock, true)
-            .override_global("TP_SYS_EXIT", &layouts.sys_exit, true)
-            .override_global("TP_SOCK_LENGTH", &layouts.sock_length, true)
-            .map_max_entries("EVENTS", options.ring_buffer_size)
-            .map_max_entries("OWNERS", max_sockets)
-            .map_max_entries("PEER_ENDED", max_sockets);
-        klog::configure(&mut loader, kernel_log);
-        let mut ebpf = loader.load(EBPF_OBJECT).map_err(|err| {
-            if memlock_raised {
-                ProbeError::Load(Box::new(err))
-            } else {
-                // Kernels before 5.11 charge maps to RLIMIT_MEMLOCK: the cause, not the map.
-                ProbeError::LoadMemlock(Box::new(err))
-            }
-        })?;
-        // The loader holds its own parse of the kernel BTF: free it before BTF-typed
-        // programs need one (`TypedBtf`), so that two never coexist.
-        drop(loader);
+        let mut ebpf = load(
+            options,
+            &layout,
+            settings,
+            &layouts,
+            max_sockets,
+            kernel_log,
+        )?;
         filter.load_into(&mut ebpf)?;
 
         let mut warnings = Vec::new();
-        let mut io_tracepoints = true;
         let mut typed_btf = TypedBtf::new(&options.btf);
-        // Typed raw tracepoints for the per-send/recv hooks, where the kernel takes them:
-        // their arguments come from the context, with no record to copy.
-        let mut io_typed: Result<(), String> = Ok(());
-        let mut state_typed: Result<(), String> = Ok(());
-        let mut reset_typed: Result<(), String> = Ok(());
-        for hook in TRACEPOINTS {
-            if options.no_used_after && hook.is_io() {
-                // Opted out: these fire on every send/recv on the host.
-                continue;
-            }
-            let present = tracefs
-                .join("events")
-                .join(hook.category)
-                .join(hook.name)
-                .is_dir();
-            if let (false, Some(loss)) = (present, hook.optional) {
-                if hook.is_io() {
-                    io_tracepoints = false;
-                } else {
-                    warnings.push(format!(
-                        "tracepoint {}:{} is missing ({loss}",
-                        hook.category, hook.name
-                    ));
-                }
-                continue;
-            }
-            // One refusal of the send/recv pair serves both with classic tracepoints.
-            let typed = if hook.is_io() {
-                &mut io_typed
-            } else if hook.name == "tcp_receive_reset" {
-                &mut reset_typed
-            } else {
-                &mut state_typed
-            };
-            if options.classic_tracepoints {
-                *typed = Err("--classic-tracepoints".into());
-            }
-            if hook.typed && typed.is_ok() {
-                match attach_btf_tracepoint(&mut ebpf, hook, &mut typed_btf) {
-                    Ok(()) => continue,
-                    Err(err) => *typed = Err(format!("refused: {}", with_causes(&err))),
-                }
-            }
-            attach_tracepoint(&mut ebpf, hook)?;
-        }
+        let Hooks {
+            io_tracepoints,
+            io_typed,
+            state_typed,
+            reset_typed,
+        } = attach_hooks(&mut ebpf, options, &tracefs, &mut typed_btf, &mut warnings)?;
         let state_changes = match state_typed {
             Ok(()) => "tp_btf sock:inet_sock_set_state".to_string(),
             // Served all the same, with the record the kernel builds for every change.
             Err(why) => format!("tracepoint sock:inet_sock_set_state (tp_btf not used: {why})"),
         };
-        // What orders a request against its answer: the send/recv hooks' socket storage,
-        // where they run typed and the kernel allows it; else tcp_info's jiffy stamps.
-        let mut io_marking: Result<&str, String> = if !storage_for_tracing {
-            Err("socket storage for tracing programs needs Linux 5.11".into())
-        } else if options.no_used_after {
-            Err("--no-used-after turned the send/recv hooks off".into())
-        } else if !io_tracepoints {
-            Ok("fexit tcp_sendmsg, tcp_recvmsg")
-        } else {
-            match &io_typed {
-                Ok(()) => Ok("tp_btf sock:sock_send_length, sock:sock_recv_length"),
-                Err(why) => Err(format!(
-                    "the send/recv hooks are classic tracepoints ({why}), which cannot \
-                     reach socket storage"
-                )),
-            }
-        };
-        let io = if options.no_used_after {
-            Capability {
-                name: "used_after_*",
-                served_by: "nothing".into(),
-                degraded: Some("turned off by --no-used-after".into()),
-            }
-        } else if io_tracepoints {
-            let hooks = "sock:sock_send_length, sock:sock_recv_length";
-            match io_typed {
-                Ok(()) => Capability::full("used_after_*", format!("tp_btf {hooks}")),
-                // Served all the same, at the classic tracepoints' cost per call.
-                Err(why) => Capability::full(
-                    "used_after_*",
-                    format!("tracepoints {hooks} (tp_btf not used: {why})"),
-                ),
-            }
-        } else {
-            match attach_io_fexit(&mut ebpf, &mut typed_btf, recvmsg_args) {
-                Ok(()) => Capability::full("used_after_*", "fexit tcp_sendmsg, tcp_recvmsg"),
-                Err(err) => {
-                    let why = format!(
-                        "sock:sock_send_length needs Linux 6.3, and fexit on tcp_sendmsg \
-                         failed: {}",
-                        with_causes(&err)
-                    );
-                    warnings.push(format!("used_after_reset/close are not reported: {why}"));
-                    io_marking = Err(why.clone());
-                    Capability {
-                        name: "used_after_*",
-                        served_by: "nothing".into(),
-                        degraded: Some(why),
-                    }
-                }
-            }
-        };
-        let causes = if rst_reasons.is_empty() {
-            Capability {
-                name: "reset causes",
-                served_by: "the socket's state, error and linger flag".into(),
-                degraded: Some(
-                    "tcp:tcp_send_reset reports no reason before Linux 6.10: `ss -K` and \
-                     timer aborts (keepalive, FIN_WAIT2 linger, memory) can show as \
-                     live_abort"
-                        .into(),
-                ),
-            }
-        } else {
-            Capability::full("reset causes", "the kernel's sk_rst_reason")
-        };
-        let resets = match reset_typed {
-            Ok(()) => "tp_btf tcp:tcp_receive_reset, tracepoint tcp:tcp_send_reset".to_string(),
-            Err(why) => format!(
-                "tracepoints tcp:tcp_receive_reset (tp_btf not used: {why}), tcp:tcp_send_reset"
-            ),
-        };
-        let resets = if layouts.send_reset.saddr_sockaddr == monitor_common::ABSENT {
-            // Linux 6.10 made tcp_send_reset fire without a full socket, reading the
-            // addresses from the segment (hence its sockaddr fields).
-            Capability {
-                name: "resets",
-                served_by: resets,
-                degraded: Some(
-                    "before Linux 6.10 tcp_send_reset does not fire for RSTs sent with no \
-                     socket (a closed port, a stray segment) or from TIME_WAIT"
-                        .into(),
-                ),
-            }
-        } else {
-            Capability::full("resets", resets)
-        };
-        let stalls = match io_marking {
-            Ok(hooks) => Capability::full(
-                "request_stalled",
-                format!("each socket's last send/recv, in socket storage ({hooks})"),
-            ),
-            Err(why) => Capability {
-                name: "request_stalled",
-                served_by: "tcp_info's last send/receive stamps".into(),
-                degraded: Some(format!(
-                    "{why}; tcp_info's stamps tick every {} ms, so a request sent in the \
-                     same tick as the previous answer (a BEGIN's answer, then the \
-                     statement) is not seen as outstanding",
-                    1000 / hz.max(1)
-                )),
-            },
-        };
+        let (io, stalls) = io_capabilities(
+            options,
+            (io_tracepoints, io_typed),
+            storage_for_tracing,
+            hz,
+            || attach_io_fexit(&mut ebpf, &mut typed_btf, recvmsg_args),
+            &mut warnings,
+        );
+        let (resets, causes) =
+            reset_capabilities(reset_typed, !rst_reasons.is_empty(), &layouts.send_reset);
         let stalls_served = stalls.degraded.is_none();
         let mut capabilities = vec![
             Capability::full("state changes", state_changes),
@@ -632,37 +481,15 @@ impl Probes {
             io,
             stalls,
         ];
-        let kernel_log = match kernel_log.map(|_| klog::KernelLog::start(&mut ebpf)) {
-            None => None,
-            Some(Ok(kernel_log)) => {
-                capabilities.push(kernel_log_capability(Ok(())));
-                Some(kernel_log)
-            }
-            Some(Err(err)) => {
-                let why = format!("{err:#}");
-                warnings.push(format!("kernel diagnostics are off: {why}"));
-                capabilities.push(kernel_log_capability(Err(why)));
-                None
-            }
-        };
+        let kernel_log =
+            kernel_log.and_then(|_| start_kernel_log(&mut ebpf, &mut capabilities, &mut warnings));
 
         let events = take_map(&mut ebpf, "EVENTS", RingBuf::try_from)?;
         let lost = take_map(&mut ebpf, "LOST", PerCpuArray::try_from)?;
         let filtered = take_map(&mut ebpf, "FILTERED", PerCpuArray::try_from)?;
         let transitions = take_map(&mut ebpf, "TRANSITIONS", PerCpuArray::try_from)?;
         let connects = take_map(&mut ebpf, "CONNECTS", BpfHashMap::try_from)?;
-        // A duplicate of the map's descriptor, for the sock_diag thread; only worth keeping
-        // where the hooks write it.
-        let io_marks = match (stalls_served, ebpf.take_map("IO_MARKS")) {
-            (true, Some(aya::maps::Map::SkStorage(map))) => Some(
-                map.fd()
-                    .as_fd()
-                    .try_clone_to_owned()
-                    .map_err(|err| ProbeError::DuplicateFd("IO_MARKS", err))?,
-            ),
-            (true, _) => return Err(ProbeError::NoMap("IO_MARKS socket-storage")),
-            _ => None,
-        };
+        let io_marks = take_io_marks(&mut ebpf, stalls_served)?;
         let probes = Probes {
             io_marks,
             ebpf,
@@ -761,6 +588,278 @@ impl Probes {
             })?;
         Ok(per_cpu.iter().sum())
     }
+}
+
+/// Loads the eBPF object with this kernel's layouts and the settings frozen in.
+fn load(
+    options: &ProbeOptions,
+    layout: &KernelLayout,
+    settings: &Settings,
+    layouts: &TracepointLayouts,
+    max_sockets: u32,
+    kernel_log: Option<log::Level>,
+) -> Result<Ebpf> {
+    let memlock_raised = raise_memlock_rlimit();
+    let mut loader = EbpfLoader::new();
+    loader
+        .override_global("KERNEL", layout, true)
+        .override_global("SETTINGS", settings, true)
+        .override_global("TP_SET_STATE", &layouts.set_state, true)
+        .override_global("TP_RECEIVE_RESET", &layouts.receive_reset, true)
+        .override_global("TP_SEND_RESET", &layouts.send_reset, true)
+        .override_global("TP_DESTROY_SOCK", &layouts.destroy_sock, true)
+        .override_global("TP_SYS_EXIT", &layouts.sys_exit, true)
+        .override_global("TP_SOCK_LENGTH", &layouts.sock_length, true)
+        .map_max_entries("EVENTS", options.ring_buffer_size)
+        .map_max_entries("OWNERS", max_sockets)
+        .map_max_entries("PEER_ENDED", max_sockets);
+    klog::configure(&mut loader, kernel_log);
+    let ebpf = loader.load(EBPF_OBJECT).map_err(|err| {
+        if memlock_raised {
+            ProbeError::Load(Box::new(err))
+        } else {
+            // Kernels before 5.11 charge maps to RLIMIT_MEMLOCK: the cause, not the map.
+            ProbeError::LoadMemlock(Box::new(err))
+        }
+    })?;
+    // The loader holds its own parse of the kernel BTF: free it before BTF-typed
+    // programs need one (`TypedBtf`), so that two never coexist.
+    drop(loader);
+    Ok(ebpf)
+}
+
+/// How the tracepoints were attached: typed (tp_btf) or why not, per group.
+struct Hooks {
+    /// The send/recv tracepoints exist (Linux 6.3+).
+    io_tracepoints: bool,
+    io_typed: Result<(), String>,
+    state_typed: Result<(), String>,
+    reset_typed: Result<(), String>,
+}
+
+/// Attaches every tracepoint this kernel has, typed where it takes them; a missing
+/// optional one is a warning.
+fn attach_hooks(
+    ebpf: &mut Ebpf,
+    options: &ProbeOptions,
+    tracefs: &Path,
+    typed_btf: &mut TypedBtf<'_>,
+    warnings: &mut Vec<String>,
+) -> Result<Hooks> {
+    let mut io_tracepoints = true;
+    // Typed raw tracepoints for the per-send/recv hooks, where the kernel takes them:
+    // their arguments come from the context, with no record to copy.
+    let mut io_typed: Result<(), String> = Ok(());
+    let mut state_typed: Result<(), String> = Ok(());
+    let mut reset_typed: Result<(), String> = Ok(());
+    for hook in TRACEPOINTS {
+        if options.no_used_after && hook.is_io() {
+            // Opted out: these fire on every send/recv on the host.
+            continue;
+        }
+        let present = tracefs
+            .join("events")
+            .join(hook.category)
+            .join(hook.name)
+            .is_dir();
+        if let (false, Some(loss)) = (present, hook.optional) {
+            if hook.is_io() {
+                io_tracepoints = false;
+            } else {
+                warnings.push(format!(
+                    "tracepoint {}:{} is missing ({loss}",
+                    hook.category, hook.name
+                ));
+            }
+            continue;
+        }
+        // One refusal of the send/recv pair serves both with classic tracepoints.
+        let typed = if hook.is_io() {
+            &mut io_typed
+        } else if hook.name == "tcp_receive_reset" {
+            &mut reset_typed
+        } else {
+            &mut state_typed
+        };
+        if options.classic_tracepoints {
+            *typed = Err("--classic-tracepoints".into());
+        }
+        if hook.typed && typed.is_ok() {
+            match attach_btf_tracepoint(ebpf, hook, typed_btf) {
+                Ok(()) => continue,
+                Err(err) => *typed = Err(format!("refused: {}", with_causes(&err))),
+            }
+        }
+        attach_tracepoint(ebpf, hook)?;
+    }
+    Ok(Hooks {
+        io_tracepoints,
+        io_typed,
+        state_typed,
+        reset_typed,
+    })
+}
+
+/// The rows of `used_after_*` and `request_stalled`: what serves them, given how the
+/// send/recv tracepoints were attached (`io`: whether they exist, and typed or why not).
+/// Where they do not exist, `attach_fexit` tries fexit in their place.
+fn io_capabilities(
+    options: &ProbeOptions,
+    (io_tracepoints, io_typed): (bool, Result<(), String>),
+    storage_for_tracing: bool,
+    hz: u32,
+    attach_fexit: impl FnOnce() -> Result<()>,
+    warnings: &mut Vec<String>,
+) -> (Capability, Capability) {
+    // What orders a request against its answer: the send/recv hooks' socket storage,
+    // where they run typed and the kernel allows it; else tcp_info's jiffy stamps.
+    let mut io_marking: Result<&str, String> = if !storage_for_tracing {
+        Err("socket storage for tracing programs needs Linux 5.11".into())
+    } else if options.no_used_after {
+        Err("--no-used-after turned the send/recv hooks off".into())
+    } else if !io_tracepoints {
+        Ok("fexit tcp_sendmsg, tcp_recvmsg")
+    } else {
+        match &io_typed {
+            Ok(()) => Ok("tp_btf sock:sock_send_length, sock:sock_recv_length"),
+            Err(why) => Err(format!(
+                "the send/recv hooks are classic tracepoints ({why}), which cannot \
+                 reach socket storage"
+            )),
+        }
+    };
+    let io = if options.no_used_after {
+        Capability {
+            name: "used_after_*",
+            served_by: "nothing".into(),
+            degraded: Some("turned off by --no-used-after".into()),
+        }
+    } else if io_tracepoints {
+        let hooks = "sock:sock_send_length, sock:sock_recv_length";
+        match io_typed {
+            Ok(()) => Capability::full("used_after_*", format!("tp_btf {hooks}")),
+            // Served all the same, at the classic tracepoints' cost per call.
+            Err(why) => Capability::full(
+                "used_after_*",
+                format!("tracepoints {hooks} (tp_btf not used: {why})"),
+            ),
+        }
+    } else {
+        match attach_fexit() {
+            Ok(()) => Capability::full("used_after_*", "fexit tcp_sendmsg, tcp_recvmsg"),
+            Err(err) => {
+                let why = format!(
+                    "sock:sock_send_length needs Linux 6.3, and fexit on tcp_sendmsg \
+                     failed: {}",
+                    with_causes(&err)
+                );
+                warnings.push(format!("used_after_reset/close are not reported: {why}"));
+                io_marking = Err(why.clone());
+                Capability {
+                    name: "used_after_*",
+                    served_by: "nothing".into(),
+                    degraded: Some(why),
+                }
+            }
+        }
+    };
+    let stalls = match io_marking {
+        Ok(hooks) => Capability::full(
+            "request_stalled",
+            format!("each socket's last send/recv, in socket storage ({hooks})"),
+        ),
+        Err(why) => Capability {
+            name: "request_stalled",
+            served_by: "tcp_info's last send/receive stamps".into(),
+            degraded: Some(format!(
+                "{why}; tcp_info's stamps tick every {} ms, so a request sent in the \
+                 same tick as the previous answer (a BEGIN's answer, then the \
+                 statement) is not seen as outstanding",
+                1000 / hz.max(1)
+            )),
+        },
+    };
+    (io, stalls)
+}
+
+/// A duplicate of the `IO_MARKS` map's descriptor, for the sock_diag thread; only worth
+/// keeping (`wanted`) where the hooks write it.
+fn take_io_marks(ebpf: &mut Ebpf, wanted: bool) -> Result<Option<std::os::fd::OwnedFd>> {
+    match (wanted, ebpf.take_map("IO_MARKS")) {
+        (true, Some(aya::maps::Map::SkStorage(map))) => map
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .map(Some)
+            .map_err(|err| ProbeError::DuplicateFd("IO_MARKS", err)),
+        (true, _) => Err(ProbeError::NoMap("IO_MARKS socket-storage")),
+        _ => Ok(None),
+    }
+}
+
+/// Starts forwarding the kernel programs' diagnostics, and says in `capabilities` whether
+/// it did (and in `warnings` why not).
+fn start_kernel_log(
+    ebpf: &mut Ebpf,
+    capabilities: &mut Vec<Capability>,
+    warnings: &mut Vec<String>,
+) -> Option<klog::KernelLog> {
+    match klog::KernelLog::start(ebpf) {
+        Ok(kernel_log) => {
+            capabilities.push(kernel_log_capability(Ok(())));
+            Some(kernel_log)
+        }
+        Err(err) => {
+            let why = format!("{err:#}");
+            warnings.push(format!("kernel diagnostics are off: {why}"));
+            capabilities.push(kernel_log_capability(Err(why)));
+            None
+        }
+    }
+}
+
+/// The rows of resets and their causes: what serves them, and what older kernels miss.
+fn reset_capabilities(
+    reset_typed: Result<(), String>,
+    has_reasons: bool,
+    send_reset: &TpLayout,
+) -> (Capability, Capability) {
+    let causes = if has_reasons {
+        Capability::full("reset causes", "the kernel's sk_rst_reason")
+    } else {
+        Capability {
+            name: "reset causes",
+            served_by: "the socket's state, error and linger flag".into(),
+            degraded: Some(
+                "tcp:tcp_send_reset reports no reason before Linux 6.10: `ss -K` and \
+                 timer aborts (keepalive, FIN_WAIT2 linger, memory) can show as \
+                 live_abort"
+                    .into(),
+            ),
+        }
+    };
+    let resets = match reset_typed {
+        Ok(()) => "tp_btf tcp:tcp_receive_reset, tracepoint tcp:tcp_send_reset".to_string(),
+        Err(why) => format!(
+            "tracepoints tcp:tcp_receive_reset (tp_btf not used: {why}), tcp:tcp_send_reset"
+        ),
+    };
+    let resets = if send_reset.saddr_sockaddr == monitor_common::ABSENT {
+        // Linux 6.10 made tcp_send_reset fire without a full socket, reading the
+        // addresses from the segment (hence its sockaddr fields).
+        Capability {
+            name: "resets",
+            served_by: resets,
+            degraded: Some(
+                "before Linux 6.10 tcp_send_reset does not fire for RSTs sent with no \
+                 socket (a closed port, a stray segment) or from TIME_WAIT"
+                    .into(),
+            ),
+        }
+    } else {
+        Capability::full("resets", resets)
+    };
+    (resets, causes)
 }
 
 /// The kernel diagnostics' row, where they were asked for (`--log-level debug`, doctor).
