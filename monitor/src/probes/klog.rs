@@ -17,7 +17,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result};
 use aya::{Ebpf, EbpfLoader};
 use aya_log::EbpfLogger;
 
@@ -63,6 +62,15 @@ fn page_size() -> u32 {
         .unwrap_or(4096)
 }
 
+/// Why the kernel's diagnostics cannot be forwarded (connwatch runs without them).
+#[derive(Debug, thiserror::Error)]
+pub enum KernelLogError {
+    #[error("opening the kernel diagnostics ring (AYA_LOGS)")]
+    Ring(#[source] Box<aya_log::Error>),
+    #[error("starting the kernel diagnostics thread")]
+    Thread(#[source] std::io::Error),
+}
+
 /// The forwarding thread; dropping this stops it (within [`POLL`]).
 pub struct KernelLog {
     stop: Arc<AtomicBool>,
@@ -77,10 +85,10 @@ impl std::fmt::Debug for KernelLog {
 
 impl KernelLog {
     /// Takes the record ring from the loaded object and starts forwarding.
-    pub fn start(ebpf: &mut Ebpf) -> Result<KernelLog> {
+    pub fn start(ebpf: &mut Ebpf) -> Result<KernelLog, KernelLogError> {
         let forward = Arc::new(Forward::default());
         let mut logger = EbpfLogger::init_with_logger(ebpf, Shared(forward.clone()))
-            .context("opening the kernel diagnostics ring (AYA_LOGS)")?;
+            .map_err(|err| KernelLogError::Ring(Box::new(err)))?;
         let stop = Arc::new(AtomicBool::new(false));
         let stopping = stop.clone();
         let thread = std::thread::Builder::new()
@@ -104,7 +112,7 @@ impl KernelLog {
                     }
                 }
             })
-            .context("starting the kernel diagnostics thread")?;
+            .map_err(KernelLogError::Thread)?;
         Ok(KernelLog {
             stop,
             thread: Some(thread),

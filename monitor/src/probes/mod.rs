@@ -810,7 +810,7 @@ fn start_kernel_log(
             Some(kernel_log)
         }
         Err(err) => {
-            let why = format!("{err:#}");
+            let why = with_causes(&err);
             warnings.push(format!("kernel diagnostics are off: {why}"));
             capabilities.push(kernel_log_capability(Err(why)));
             None
