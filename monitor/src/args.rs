@@ -86,7 +86,7 @@ impl PipelineArgs {
             zombie_threshold: self.zombie_threshold,
             leak_threshold: self.leak_threshold,
             max_sockets: self.max_tracked_sockets as usize,
-            rst_reasons: Default::default(),
+            rst_reasons: std::collections::HashMap::default(),
             state_changes,
             quiet_ports: self.ignore_port.clone(),
         }

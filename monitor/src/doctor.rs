@@ -94,7 +94,7 @@ fn ring_buffer_check() -> Check {
             "connwatch needs Linux 5.8 or newer",
         ),
         Err(err) => (
-            Err(anyhow::anyhow!("{err}")),
+            Err(anyhow::Error::new(err).context("probing for the BPF ring buffer map type")),
             "connwatch needs Linux 5.8 or newer",
         ),
     };
@@ -112,7 +112,8 @@ fn run_checks(options: &ProbeOptions) -> Vec<Check> {
         "capabilities",
         read_effective_caps()
             .and_then(check_privileges)
-            .map(|()| "CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN)".to_string()),
+            .map(|()| "CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN)".to_string())
+            .map_err(anyhow::Error::from),
         Status::Missing,
         "",
     ));
@@ -129,24 +130,32 @@ fn run_checks(options: &ProbeOptions) -> Vec<Check> {
                     layout.tcp_lsndtime,
                     layout.hz
                 )
-            }),
+            })
+            .map_err(anyhow::Error::from),
         Status::Missing,
         "",
     ));
-    let tracefs = tracefs::locate(options.tracefs.as_deref());
-    checks.push(check(
-        "tracefs",
-        tracefs
-            .as_ref()
-            .map(|path| path.display().to_string())
-            .map_err(|err| anyhow::anyhow!("{err:#}")),
-        Status::Missing,
-        "",
-    ));
-    if let Ok(root) = &tracefs {
-        checks.extend(TRACEPOINTS.iter().map(|hook| tracepoint_check(root, hook)));
+    match tracefs::locate(options.tracefs.as_deref()) {
+        Ok(root) => {
+            checks.push(check(
+                "tracefs",
+                Ok(root.display().to_string()),
+                Status::Missing,
+                "",
+            ));
+            checks.extend(TRACEPOINTS.iter().map(|hook| tracepoint_check(&root, hook)));
+        }
+        Err(err) => checks.push(check("tracefs", Err(err), Status::Missing, "")),
     }
     checks.push(ring_buffer_check());
+    checks.extend(load_checks(options));
+    checks
+}
+
+/// Loads and attaches everything, as `watch --pid --comm --port --log-level debug` would:
+/// the verifier's and the kernel's word, then what each capability is served by.
+fn load_checks(options: &ProbeOptions) -> Vec<Check> {
+    let mut checks = Vec::new();
     let settings = Settings {
         eof_grace_ns: 0,
         wakeup_bytes: 0,
@@ -216,7 +225,7 @@ fn run_checks(options: &ProbeOptions) -> Vec<Check> {
         Err(err) => checks.push(Check {
             name: "load and attach".into(),
             status: Status::Missing,
-            detail: format!("{err:#}"),
+            detail: crate::probes::with_causes(&err),
         }),
     }
     checks
@@ -325,7 +334,7 @@ fn render(checks: &[Check]) -> (String, bool) {
     (out, missing == 0)
 }
 
-pub async fn run(args: DoctorArgs) -> Result<()> {
+pub fn run(args: &DoctorArgs) -> Result<()> {
     let (table, can_run) = render(&run_checks(&args.probes));
     print!("{table}");
     if !can_run {

@@ -18,7 +18,7 @@ fn main() -> ExitCode {
                 Command::Daemon(args) => monitor::daemon::run(args).await,
                 Command::Top(args) => monitor::top::run(args).await,
                 Command::Proxy(args) => monitor::proxy::run(args).await,
-                Command::Doctor(args) => monitor::doctor::run(args).await,
+                Command::Doctor(args) => monitor::doctor::run(&args),
                 Command::Selftest(args) => monitor::selftest::run(args).await,
             }
         }),
@@ -26,7 +26,7 @@ fn main() -> ExitCode {
     };
     let code = match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(err) => fail(err),
+        Err(err) => fail(&err),
     };
     // A reader that stopped reading loses the rest: the process still exits.
     monitor::output::finish(EXIT_FLUSH);
@@ -37,7 +37,7 @@ fn main() -> ExitCode {
 const EXIT_FLUSH: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// One line: what went wrong and, from the innermost context, what to do.
-fn fail(err: anyhow::Error) -> ExitCode {
+fn fail(err: &anyhow::Error) -> ExitCode {
     log::error!("{err:#}");
     ExitCode::FAILURE
 }

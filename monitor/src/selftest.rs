@@ -165,7 +165,7 @@ impl Expect {
 
 /// Greets each connection, then reads its request and never answers: a query stuck on a
 /// lock, as the client sees it.
-fn stuck_server(listener: TcpListener) {
+fn stuck_server(listener: &TcpListener) {
     for mut stream in listener.incoming().flatten() {
         thread::spawn(move || {
             let mut buf = [0u8; 64];
@@ -210,7 +210,7 @@ async fn echo_server(listener: tokio::net::TcpListener) {
 
 /// Connects through the proxy, idles past its reset, then writes like a pool reusing the
 /// connection.
-fn client(proxy: SocketAddr, local: Arc<OnceLock<SocketAddr>>) -> Result<()> {
+fn client(proxy: SocketAddr, local: &OnceLock<SocketAddr>) -> Result<()> {
     let mut stream = TcpStream::connect(proxy).context("client connecting to the proxy")?;
     let _ = local.set(stream.local_addr()?);
     stream.write_all(b"ping")?;
@@ -238,7 +238,7 @@ pub async fn run(args: SelftestArgs) -> Result<()> {
     let stuck_addr = stuck.local_addr()?;
     thread::Builder::new()
         .name("cw-selftest-db".into())
-        .spawn(move || stuck_server(stuck))?;
+        .spawn(move || stuck_server(&stuck))?;
 
     let pipeline = PipelineArgs {
         idle_threshold: RESET_AFTER / 2,
@@ -264,7 +264,7 @@ pub async fn run(args: SelftestArgs) -> Result<()> {
     let local = client_local.clone();
     let client = thread::Builder::new()
         .name(CLIENT_THREAD.into())
-        .spawn(move || client(proxy_addr, local))?;
+        .spawn(move || client(proxy_addr, &local))?;
     println!(
         "connwatch selftest: a pool of {POOL_SIZE} → server {stuck_addr}, which never answers; \
          stalled after {}",
@@ -329,7 +329,7 @@ mod tests {
         Expect {
             client: Arc::new(OnceLock::from(CLIENT.parse::<SocketAddr>().unwrap())),
             proxy: PROXY.parse().unwrap(),
-            netns: Some(4026531840),
+            netns: Some(4_026_531_840),
             pid: 42,
             idle_reset: None,
             used_after: None,
@@ -343,7 +343,7 @@ mod tests {
     fn finding(kind: Kind, local: &str, remote: &str, pid: u32, comm: &str) -> Finding {
         let mut event = from_raw(&raw_reset(2000)).unwrap();
         (event.local, event.remote) = (local.parse().unwrap(), remote.parse().unwrap());
-        event.netns = Some(4026531840);
+        event.netns = Some(4_026_531_840);
         let owner = Task {
             pid,
             tid: pid,
@@ -395,7 +395,7 @@ mod tests {
             "churn",
         ));
         let mut elsewhere = finding(Kind::PeerResetIdle, CLIENT, PROXY, 30257, "churn");
-        elsewhere.event.netns = Some(4026532177);
+        elsewhere.event.netns = Some(4_026_532_177);
         expect.check(&elsewhere);
         expect.check(&finding(
             Kind::PoolExhausted,

@@ -4,13 +4,76 @@
 //! fields at offsets given to them at load time. Resolving them here, from
 //! `/sys/kernel/btf/vmlinux` of the kernel we are about to attach to, is what lets one
 //! DaemonSet image run on many kernels.
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use anyhow::{Context as _, Result, anyhow, bail};
 use btf_rs::{Btf, Type};
 use monitor_common::KernelLayout;
 
 pub const DEFAULT_BTF: &str = "/sys/kernel/btf/vmlinux";
+
+/// The fix every unusable `--btf` shares.
+const PASS_VMLINUX: &str =
+    "pass the path of this kernel's vmlinux BTF, e.g. /sys/kernel/btf/vmlinux";
+
+/// Why the kernel's struct offsets could not be resolved.
+#[derive(Debug, thiserror::Error)]
+pub enum BtfError {
+    #[error(
+        "kernel BTF not found at {0}: connwatch needs a kernel built with \
+         CONFIG_DEBUG_INFO_BTF=y (most distributions since 2020), or pass --btf with the path \
+         of this kernel's vmlinux BTF"
+    )]
+    NotFound(PathBuf),
+    #[error("reading kernel BTF {path}")]
+    Unreadable {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("--btf {path} is {kind}, not a file: {PASS_VMLINUX}")]
+    NotAFile { path: PathBuf, kind: &'static str },
+    #[error(
+        "--btf {path} is {mib} MiB, more than any kernel's BTF ({max} MiB at most): \
+         {PASS_VMLINUX}",
+        max = MAX_BTF_BYTES >> 20
+    )]
+    TooLarge { path: PathBuf, mib: u64 },
+    #[error("parsing kernel BTF {path}: {PASS_VMLINUX}")]
+    Unparsable {
+        path: PathBuf,
+        #[source]
+        source: btf_rs::Error,
+    },
+    #[error("resolving {field} from kernel BTF: it has no struct {name} (kernel layout changed)")]
+    NoStruct {
+        field: String,
+        name: String,
+        #[source]
+        source: Option<btf_rs::Error>,
+    },
+    #[error("kernel BTF has no member {0} (kernel layout changed)")]
+    NoMember(String),
+    #[error("{0} is a bitfield; connwatch cannot read it")]
+    Bitfield(String),
+    #[error("kernel BTF: {field} is {size:?} bytes, connwatch expects {expected}")]
+    WrongSize {
+        field: String,
+        size: Option<u32>,
+        expected: u32,
+    },
+    #[error("kernel BTF: a type of {0} does not resolve")]
+    Unresolved(String, #[source] btf_rs::Error),
+    #[error("kernel BTF: type modifier chain too long in {0}")]
+    ModifierChain(String),
+    #[error("kernel BTF: the socket inode offset is out of range")]
+    OffsetRange(#[source] std::num::TryFromIntError),
+    #[error("clock_getres(CLOCK_MONOTONIC_COARSE), which gives the kernel HZ")]
+    Clock(#[source] nix::Error),
+    #[error("CLOCK_MONOTONIC_COARSE reports a resolution of {0} ns; cannot derive the kernel HZ")]
+    BadResolution(i128),
+}
+
+type Result<T, E = BtfError> = std::result::Result<T, E>;
 
 /// A member located in BTF: byte offset from the start of the outer struct, and byte size
 /// where the member is a scalar or pointer.
@@ -30,8 +93,10 @@ const MAX_BTF_BYTES: u64 = 256 << 20;
 /// A regular file of a sane size: a FIFO would block the read forever, a directory or a
 /// device would fail obscurely, and a huge file would be read into memory whole.
 fn check_btf_file(path: &Path) -> Result<()> {
-    let meta = std::fs::metadata(path)
-        .with_context(|| format!("reading kernel BTF {}", path.display()))?;
+    let meta = std::fs::metadata(path).map_err(|source| BtfError::Unreadable {
+        path: path.to_path_buf(),
+        source,
+    })?;
     let file_type = meta.file_type();
     if !file_type.is_file() {
         use std::os::unix::fs::FileTypeExt as _;
@@ -44,20 +109,16 @@ fn check_btf_file(path: &Path) -> Result<()> {
         } else {
             "a device"
         };
-        bail!(
-            "--btf {} is {kind}, not a file: pass the path of this kernel's vmlinux BTF, \
-             e.g. /sys/kernel/btf/vmlinux",
-            path.display()
-        );
+        return Err(BtfError::NotAFile {
+            path: path.to_path_buf(),
+            kind,
+        });
     }
     if meta.len() > MAX_BTF_BYTES {
-        bail!(
-            "--btf {} is {} MiB, more than any kernel's BTF ({} MiB at most): pass the path \
-             of this kernel's vmlinux BTF, e.g. /sys/kernel/btf/vmlinux",
-            path.display(),
-            meta.len() >> 20,
-            MAX_BTF_BYTES >> 20
-        );
+        return Err(BtfError::TooLarge {
+            path: path.to_path_buf(),
+            mib: meta.len() >> 20,
+        });
     }
     Ok(())
 }
@@ -65,17 +126,13 @@ fn check_btf_file(path: &Path) -> Result<()> {
 impl KernelBtf {
     pub fn open(path: &Path) -> Result<KernelBtf> {
         if !path.exists() {
-            bail!(
-                "kernel BTF not found at {}: connwatch needs a kernel built with \
-                 CONFIG_DEBUG_INFO_BTF=y (most distributions since 2020), or pass --btf with \
-                 the path of this kernel's vmlinux BTF",
-                path.display()
-            );
+            return Err(BtfError::NotFound(path.to_path_buf()));
         }
         check_btf_file(path)?;
-        let btf = Btf::from_file(path)
-            .map_err(|err| anyhow!("{err}"))
-            .with_context(|| format!("parsing kernel BTF {}", path.display()))?;
+        let btf = Btf::from_file(path).map_err(|source| BtfError::Unparsable {
+            path: path.to_path_buf(),
+            source,
+        })?;
         Ok(KernelBtf { btf })
     }
 
@@ -85,30 +142,35 @@ impl KernelBtf {
         let describe = || format!("{outer}.{}", path.join("."));
         let mut current = self
             .struct_named(outer)
-            .with_context(|| format!("resolving {} from kernel BTF", describe()))?;
+            .map_err(|source| BtfError::NoStruct {
+                field: describe(),
+                name: outer.to_string(),
+                source,
+            })?;
         let mut offset_bits = 0u32;
         let mut last_type = None;
         for name in path {
-            let (bits, member_type) = self.find_member(&current, name)?.ok_or_else(|| {
-                anyhow!(
-                    "kernel BTF has no member {} (kernel layout changed)",
-                    describe()
-                )
-            })?;
+            let (bits, member_type) = self
+                .find_member(&current, name)
+                .map_err(|source| BtfError::Unresolved(describe(), source))?
+                .ok_or_else(|| BtfError::NoMember(describe()))?;
             offset_bits += bits;
-            let resolved = self.strip_modifiers(member_type)?;
+            let resolved = self
+                .strip_modifiers(member_type)
+                .map_err(|source| BtfError::Unresolved(describe(), source))?
+                .ok_or_else(|| BtfError::ModifierChain(describe()))?;
             if let Type::Struct(inner) | Type::Union(inner) = &resolved {
                 current = inner.clone();
             }
             last_type = Some(resolved);
         }
         if !offset_bits.is_multiple_of(8) {
-            bail!("{} is a bitfield; connwatch cannot read it", describe());
+            return Err(BtfError::Bitfield(describe()));
         }
         let size = match last_type {
-            Some(Type::Int(int)) => Some(int.size() as u32),
+            Some(Type::Int(int)) => u32::try_from(int.size()).ok(),
             Some(Type::Ptr(_)) => Some(8),
-            Some(Type::Enum(e)) => Some(e.size() as u32),
+            Some(Type::Enum(e)) => u32::try_from(e.size()).ok(),
             _ => None,
         };
         Ok(Field {
@@ -121,42 +183,42 @@ impl KernelBtf {
     fn scalar(&self, outer: &str, path: &[&str], size: u32) -> Result<u32> {
         let field = self.field(outer, path)?;
         if field.size != Some(size) {
-            bail!(
-                "kernel BTF: {outer}.{} is {:?} bytes, connwatch expects {size}",
-                path.join("."),
-                field.size
-            );
+            return Err(BtfError::WrongSize {
+                field: format!("{outer}.{}", path.join(".")),
+                size: field.size,
+                expected: size,
+            });
         }
         Ok(field.offset)
     }
 
-    fn struct_named(&self, name: &str) -> Result<btf_rs::Struct> {
-        let types = self
-            .btf
-            .resolve_types_by_name(name)
-            .map_err(|err| anyhow!("kernel BTF has no type {name}: {err}"))?;
+    /// The struct called `name` with members (not a forward declaration); the lookup's
+    /// error, if it failed.
+    fn struct_named(&self, name: &str) -> Result<btf_rs::Struct, Option<btf_rs::Error>> {
+        let types = self.btf.resolve_types_by_name(name).map_err(Some)?;
         types
             .into_iter()
             .find_map(|ty| match ty {
                 Type::Struct(s) if !s.members.is_empty() => Some(s),
                 _ => None,
             })
-            .ok_or_else(|| anyhow!("kernel BTF has no struct {name}"))
+            .ok_or(None)
     }
 
     /// Finds `name` in `outer`, recursing into anonymous members; returns (bit offset, type).
-    fn find_member(&self, outer: &btf_rs::Struct, name: &str) -> Result<Option<(u32, Type)>> {
+    fn find_member(
+        &self,
+        outer: &btf_rs::Struct,
+        name: &str,
+    ) -> Result<Option<(u32, Type)>, btf_rs::Error> {
         for member in &outer.members {
             let member_name = self.btf.resolve_name(member).unwrap_or_default();
-            let member_type = self
-                .btf
-                .resolve_chained_type(member)
-                .map_err(|err| anyhow!("kernel BTF: {err}"))?;
+            let member_type = self.btf.resolve_chained_type(member)?;
             if member_name == name {
                 return Ok(Some((member.bit_offset(), member_type)));
             }
             if member_name.is_empty()
-                && let Type::Struct(inner) | Type::Union(inner) =
+                && let Some(Type::Struct(inner) | Type::Union(inner)) =
                     self.strip_modifiers(member_type)?
                 && let Some((bits, found)) = self.find_member(&inner, name)?
             {
@@ -166,20 +228,20 @@ impl KernelBtf {
         Ok(None)
     }
 
-    /// Follows typedef/const/volatile/restrict/type-tag to the underlying type.
-    fn strip_modifiers(&self, mut ty: Type) -> Result<Type> {
+    /// Follows typedef/const/volatile/restrict/type-tag to the underlying type; `None` if
+    /// the chain is implausibly long (a loop in malformed BTF).
+    fn strip_modifiers(&self, mut ty: Type) -> Result<Option<Type>, btf_rs::Error> {
         for _ in 0..16 {
-            let next = match &ty {
-                Type::Typedef(t) => self.btf.resolve_chained_type(t),
+            ty = match &ty {
+                Type::Typedef(t) => self.btf.resolve_chained_type(t)?,
                 Type::Const(t) | Type::Volatile(t) | Type::Restrict(t) => {
-                    self.btf.resolve_chained_type(t)
+                    self.btf.resolve_chained_type(t)?
                 }
-                Type::TypeTag(t) => self.btf.resolve_chained_type(t),
-                _ => return Ok(ty),
+                Type::TypeTag(t) => self.btf.resolve_chained_type(t)?,
+                _ => return Ok(Some(ty)),
             };
-            ty = next.map_err(|err| anyhow!("kernel BTF: {err}"))?;
         }
-        bail!("kernel BTF: type modifier chain too long")
+        Ok(None)
     }
 
     /// Every offset the eBPF programs read, from this kernel.
@@ -188,7 +250,7 @@ impl KernelBtf {
         let socket_alloc_inode = i64::from(self.field("socket_alloc", &["vfs_inode"])?.offset);
         let inode_ino = i64::from(self.scalar("inode", &["i_ino"], 8)?);
         let socket_ino = i32::try_from(socket_alloc_inode - socket_alloc_socket + inode_ino)
-            .context("socket inode offset out of range")?;
+            .map_err(BtfError::OffsetRange)?;
         Ok(KernelLayout {
             hz,
             sk_state: self.scalar("sock", &["__sk_common", "skc_state"], 1)?,
@@ -245,7 +307,7 @@ impl KernelBtf {
     /// empty if this kernel has no such enum.
     pub fn enum_names(&self, name: &str) -> std::collections::HashMap<u32, String> {
         let Ok(types) = self.btf.resolve_types_by_name(name) else {
-            return Default::default();
+            return std::collections::HashMap::default();
         };
         types
             .into_iter()
@@ -266,12 +328,14 @@ impl KernelBtf {
 /// The kernel's tick rate: the resolution of CLOCK_MONOTONIC_COARSE is one jiffy.
 pub fn kernel_hz() -> Result<u32> {
     let res = nix::time::clock_getres(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)
-        .context("clock_getres(CLOCK_MONOTONIC_COARSE)")?;
-    let nanos = res.tv_sec() as u64 * 1_000_000_000 + res.tv_nsec() as u64;
-    if nanos == 0 {
-        bail!("CLOCK_MONOTONIC_COARSE reports zero resolution; cannot derive the kernel HZ");
+        .map_err(BtfError::Clock)?;
+    let nanos = i128::from(res.tv_sec()) * 1_000_000_000 + i128::from(res.tv_nsec());
+    // One jiffy is between 1 ms (HZ=1000) and 10 ms (HZ=100); anything outside a second is
+    // no tick.
+    if !(1..=1_000_000_000).contains(&nanos) {
+        return Err(BtfError::BadResolution(nanos));
     }
-    Ok(((1_000_000_000 + nanos / 2) / nanos) as u32)
+    u32::try_from((1_000_000_000 + nanos / 2) / nanos).map_err(|_| BtfError::BadResolution(nanos))
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@
 //! `log` crate as `kernel: …` lines of target [`TARGET`], at most
 //! [`LINES_PER_SECOND`] a second.
 use std::{
-    os::fd::{AsFd as _, AsRawFd as _},
+    os::fd::AsFd as _,
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -17,7 +17,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result};
 use aya::{Ebpf, EbpfLoader};
 use aya_log::EbpfLogger;
 
@@ -56,9 +55,20 @@ pub fn configure(loader: &mut EbpfLoader<'_>, level: Option<log::Level>) {
 }
 
 fn page_size() -> u32 {
-    // SAFETY: sysconf reads a system constant; no memory is passed.
-    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    u32::try_from(size).unwrap_or(4096)
+    nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+        .ok()
+        .flatten()
+        .and_then(|size| u32::try_from(size).ok())
+        .unwrap_or(4096)
+}
+
+/// Why the kernel's diagnostics cannot be forwarded (connwatch runs without them).
+#[derive(Debug, thiserror::Error)]
+pub enum KernelLogError {
+    #[error("opening the kernel diagnostics ring (AYA_LOGS)")]
+    Ring(#[source] Box<aya_log::Error>),
+    #[error("starting the kernel diagnostics thread")]
+    Thread(#[source] std::io::Error),
 }
 
 /// The forwarding thread; dropping this stops it (within [`POLL`]).
@@ -75,10 +85,10 @@ impl std::fmt::Debug for KernelLog {
 
 impl KernelLog {
     /// Takes the record ring from the loaded object and starts forwarding.
-    pub fn start(ebpf: &mut Ebpf) -> Result<KernelLog> {
+    pub fn start(ebpf: &mut Ebpf) -> Result<KernelLog, KernelLogError> {
         let forward = Arc::new(Forward::default());
         let mut logger = EbpfLogger::init_with_logger(ebpf, Shared(forward.clone()))
-            .context("opening the kernel diagnostics ring (AYA_LOGS)")?;
+            .map_err(|err| KernelLogError::Ring(Box::new(err)))?;
         let stop = Arc::new(AtomicBool::new(false));
         let stopping = stop.clone();
         let thread = std::thread::Builder::new()
@@ -86,7 +96,7 @@ impl KernelLog {
             .spawn(move || {
                 let mut window = Instant::now();
                 while !stopping.load(Ordering::Relaxed) {
-                    wait_readable(logger.as_fd().as_raw_fd(), POLL);
+                    wait_readable(logger.as_fd(), POLL);
                     // aya-log unwraps its parse of each record; ours are well formed, and
                     // a bad one must end this thread only, said once.
                     let flushed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -102,7 +112,7 @@ impl KernelLog {
                     }
                 }
             })
-            .context("starting the kernel diagnostics thread")?;
+            .map_err(KernelLogError::Thread)?;
         Ok(KernelLog {
             stop,
             thread: Some(thread),
@@ -119,16 +129,12 @@ impl Drop for KernelLog {
     }
 }
 
-/// Waits until `fd` is readable or `timeout` passes.
-fn wait_readable(fd: std::os::fd::RawFd, timeout: Duration) {
-    let mut poll = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd, for the length given; `fd` stays open (the logger owns it)
-    // for the call.
-    unsafe { libc::poll(&raw mut poll, 1, timeout.as_millis() as libc::c_int) };
+/// Waits until `fd` is readable or `timeout` passes (an interrupted or failed wait just
+/// returns: the caller flushes and waits again).
+fn wait_readable(fd: std::os::fd::BorrowedFd<'_>, timeout: Duration) {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    let timeout = PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX);
+    let _ = poll(&mut [PollFd::new(fd, PollFlags::POLLIN)], timeout);
 }
 
 /// Hands aya-log's records to the process's logger under [`TARGET`], within the budget.

@@ -10,13 +10,117 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
-    Ebpf, EbpfLoader,
-    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
-    programs::{BtfTracePoint, FEntry, FExit, KProbe, TracePoint},
+    Ebpf, EbpfError, EbpfLoader,
+    maps::{HashMap as BpfHashMap, MapData, MapError, PerCpuArray, RingBuf},
+    programs::{BtfTracePoint, FEntry, FExit, KProbe, ProgramError, TracePoint},
 };
 use monitor_common::{ConnectKey, KernelLayout, Settings, TpLayout, tcp_state};
+
+/// An error from a module that reports through `anyhow` (tracefs), its causes kept.
+type Cause = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Why the probes could not be loaded, attached or read. aya's errors are all
+/// `std::error::Error + Send + Sync + 'static`, so each is kept as the source (boxed: some
+/// are hundreds of bytes, and every `Result` here would carry that size).
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error(
+        "missing capability {0} (needed to load eBPF programs and attach tracepoints): run \
+         connwatch as root, or grant them with `setcap cap_bpf,cap_perfmon,cap_sys_ptrace,\
+         cap_dac_read_search+ep <path to connwatch>`"
+    )]
+    MissingCapabilities(String),
+    #[error("reading connwatch's capabilities from /proc/self/status (is /proc mounted?)")]
+    Status(#[source] std::io::Error),
+    #[error("/proc/self/status has no CapEff line (is /proc a Linux procfs?)")]
+    NoCapEff,
+    #[error("parsing CapEff in /proc/self/status")]
+    CapEff(#[source] std::num::ParseIntError),
+    #[error(transparent)]
+    Tracefs(Cause),
+    #[error(transparent)]
+    TracepointFormat(#[from] tracefs::FormatError),
+    #[error(
+        "sock:sock_send_length and sock:sock_recv_length differ in layout: this kernel is \
+         not supported; run with --no-used-after"
+    )]
+    SendRecvLayouts,
+    #[error(transparent)]
+    Btf(#[from] btf::BtfError),
+    #[error("parsing {path} for the BTF-typed programs: pass --btf with this kernel's vmlinux BTF")]
+    TypedBtf {
+        path: PathBuf,
+        #[source]
+        source: Box<aya::BtfError>,
+    },
+    #[error("loading the eBPF object into the kernel")]
+    Load(#[source] Box<EbpfError>),
+    #[error(
+        "loading the eBPF object into the kernel: the memlock limit is too low and connwatch \
+         could not raise it (Linux before 5.11 charges BPF maps to RLIMIT_MEMLOCK): grant \
+         CAP_SYS_RESOURCE, or raise the limit (`ulimit -l unlimited`, LimitMEMLOCK=infinity)"
+    )]
+    LoadMemlock(#[source] Box<EbpfError>),
+    #[error(transparent)]
+    Filter(#[from] filter::LoadError),
+    #[error("the eBPF object has no program {0}: this connwatch was built wrongly; rebuild it")]
+    NoProgram(String),
+    #[error("the eBPF object's program {program} is not of the type connwatch expects: rebuild")]
+    ProgramType {
+        program: String,
+        #[source]
+        source: Box<ProgramError>,
+    },
+    #[error("the eBPF object has no {0} map: this connwatch was built wrongly; rebuild it")]
+    NoMap(&'static str),
+    #[error("the eBPF object's {map} map is not of the type connwatch expects: rebuild")]
+    MapType {
+        map: &'static str,
+        #[source]
+        source: Box<MapError>,
+    },
+    #[error("reading the {map} map")]
+    ReadMap {
+        map: &'static str,
+        #[source]
+        source: Box<MapError>,
+    },
+    #[error("the kernel verifier rejected the program for {0}")]
+    Verifier(String, #[source] Box<ProgramError>),
+    #[error("attaching {what}{}", hint.as_deref().map(|hint| format!(": {hint}")).unwrap_or_default())]
+    Attach {
+        what: String,
+        /// What to change on this host, where it is known.
+        hint: Option<String>,
+        #[source]
+        source: Box<ProgramError>,
+    },
+    #[error("detaching {0}")]
+    Detach(String, #[source] Box<ProgramError>),
+    #[error(
+        "tcp_recvmsg has {0:?} arguments in this kernel's BTF, not 5 or 6: fexit cannot serve \
+         used_after_*"
+    )]
+    RecvmsgArity(Option<usize>),
+    #[error("duplicating the {0} map descriptor")]
+    DuplicateFd(&'static str, #[source] std::io::Error),
+}
+
+type Result<T, E = ProbeError> = std::result::Result<T, E>;
+
+/// `err` and its causes, `: `-separated, as anyhow's `{:#}` shows them: for the messages
+/// that keep an error as text (a warning, a degraded capability).
+pub fn with_causes(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut cause = err.source();
+    while let Some(next) = cause {
+        text.push_str(": ");
+        text.push_str(&next.to_string());
+        cause = next.source();
+    }
+    text
+}
 
 /// The object built from `monitor-ebpf` by build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/monitor"));
@@ -211,7 +315,10 @@ impl KernelCounters {
                 let per_cpu = self
                     .transitions
                     .get(&tcp_state::index(old, new), 0)
-                    .context("reading the TRANSITIONS map")?;
+                    .map_err(|source| ProbeError::ReadMap {
+                        map: "TRANSITIONS",
+                        source: Box::new(source),
+                    })?;
                 let count: u64 = per_cpu.iter().sum();
                 if count > 0 {
                     counted.push((old, new, count));
@@ -287,8 +394,9 @@ impl Probes {
                 let (mut probes, events) =
                     Probes::attach_with(options, settings, filter, max_sockets, None)?;
                 let why = format!(
-                    "the kernel refused the programs with their diagnostics on ({err:#}); \
-                     running without them"
+                    "the kernel refused the programs with their diagnostics on ({}); \
+                     running without them",
+                    with_causes(&err)
                 );
                 probes
                     .warnings
@@ -307,8 +415,8 @@ impl Probes {
         kernel_log: Option<log::Level>,
     ) -> Result<(Probes, RingBuf<MapData>)> {
         check_privileges(read_effective_caps()?)?;
-        let memlock_raised = raise_memlock_rlimit();
-        let tracefs = tracefs::locate(options.tracefs.as_deref())?;
+        let tracefs = tracefs::locate(options.tracefs.as_deref())
+            .map_err(|err| ProbeError::Tracefs(err.into()))?;
         // Parsed vmlinux BTF is tens of MiB; drop it before aya parses its own copy, so the
         // two never add up in the daemon's peak memory.
         let hz = btf::kernel_hz()?;
@@ -332,195 +440,39 @@ impl Probes {
         };
         let layouts = TracepointLayouts::read(&tracefs)?;
 
-        let mut loader = EbpfLoader::new();
-        loader
-            .override_global("KERNEL", &layout, true)
-            .override_global("SETTINGS", settings, true)
-            .override_global("TP_SET_STATE", &layouts.set_state, true)
-            .override_global("TP_RECEIVE_RESET", &layouts.receive_reset, true)
-            .override_global("TP_SEND_RESET", &layouts.send_reset, true)
-            .override_global("TP_DESTROY_SOCK", &layouts.destroy_sock, true)
-            .override_global("TP_SYS_EXIT", &layouts.sys_exit, true)
-            .override_global("TP_SOCK_LENGTH", &layouts.sock_length, true)
-            .map_max_entries("EVENTS", options.ring_buffer_size)
-            .map_max_entries("OWNERS", max_sockets)
-            .map_max_entries("PEER_ENDED", max_sockets);
-        klog::configure(&mut loader, kernel_log);
-        let mut ebpf = loader
-            .load(EBPF_OBJECT)
-            .map_err(|err| {
-                let err = anyhow!("{err}");
-                if memlock_raised {
-                    return err;
-                }
-                // Kernels before 5.11 charge maps to RLIMIT_MEMLOCK: the cause, not the map.
-                err.context(
-                    "the memlock limit is too low and connwatch could not raise it (Linux \
-                     before 5.11 charges BPF maps to RLIMIT_MEMLOCK): grant CAP_SYS_RESOURCE, \
-                     or raise the limit (`ulimit -l unlimited`, LimitMEMLOCK=infinity)",
-                )
-            })
-            .context("loading the eBPF object into the kernel")?;
-        // The loader holds its own parse of the kernel BTF: free it before BTF-typed
-        // programs need one (`TypedBtf`), so that two never coexist.
-        drop(loader);
+        let mut ebpf = load(
+            options,
+            &layout,
+            settings,
+            &layouts,
+            max_sockets,
+            kernel_log,
+        )?;
         filter.load_into(&mut ebpf)?;
 
         let mut warnings = Vec::new();
-        let mut io_tracepoints = true;
         let mut typed_btf = TypedBtf::new(&options.btf);
-        // Typed raw tracepoints for the per-send/recv hooks, where the kernel takes them:
-        // their arguments come from the context, with no record to copy.
-        let mut io_typed: Result<(), String> = Ok(());
-        let mut state_typed: Result<(), String> = Ok(());
-        let mut reset_typed: Result<(), String> = Ok(());
-        for hook in TRACEPOINTS {
-            if options.no_used_after && hook.is_io() {
-                // Opted out: these fire on every send/recv on the host.
-                continue;
-            }
-            let present = tracefs
-                .join("events")
-                .join(hook.category)
-                .join(hook.name)
-                .is_dir();
-            if let (false, Some(loss)) = (present, hook.optional) {
-                if hook.is_io() {
-                    io_tracepoints = false;
-                } else {
-                    warnings.push(format!(
-                        "tracepoint {}:{} is missing ({loss}",
-                        hook.category, hook.name
-                    ));
-                }
-                continue;
-            }
-            // One refusal of the send/recv pair serves both with classic tracepoints.
-            let typed = if hook.is_io() {
-                &mut io_typed
-            } else if hook.name == "tcp_receive_reset" {
-                &mut reset_typed
-            } else {
-                &mut state_typed
-            };
-            if options.classic_tracepoints {
-                *typed = Err("--classic-tracepoints".into());
-            }
-            if hook.typed && typed.is_ok() {
-                match attach_btf_tracepoint(&mut ebpf, hook, &mut typed_btf) {
-                    Ok(()) => continue,
-                    Err(err) => *typed = Err(format!("refused: {err:#}")),
-                }
-            }
-            attach_tracepoint(&mut ebpf, hook)?;
-        }
+        let Hooks {
+            io_tracepoints,
+            io_typed,
+            state_typed,
+            reset_typed,
+        } = attach_hooks(&mut ebpf, options, &tracefs, &mut typed_btf, &mut warnings)?;
         let state_changes = match state_typed {
             Ok(()) => "tp_btf sock:inet_sock_set_state".to_string(),
             // Served all the same, with the record the kernel builds for every change.
             Err(why) => format!("tracepoint sock:inet_sock_set_state (tp_btf not used: {why})"),
         };
-        // What orders a request against its answer: the send/recv hooks' socket storage,
-        // where they run typed and the kernel allows it; else tcp_info's jiffy stamps.
-        let mut io_marking: Result<&str, String> = if !storage_for_tracing {
-            Err("socket storage for tracing programs needs Linux 5.11".into())
-        } else if options.no_used_after {
-            Err("--no-used-after turned the send/recv hooks off".into())
-        } else if !io_tracepoints {
-            Ok("fexit tcp_sendmsg, tcp_recvmsg")
-        } else {
-            match &io_typed {
-                Ok(()) => Ok("tp_btf sock:sock_send_length, sock:sock_recv_length"),
-                Err(why) => Err(format!(
-                    "the send/recv hooks are classic tracepoints ({why}), which cannot \
-                     reach socket storage"
-                )),
-            }
-        };
-        let io = if options.no_used_after {
-            Capability {
-                name: "used_after_*",
-                served_by: "nothing".into(),
-                degraded: Some("turned off by --no-used-after".into()),
-            }
-        } else if io_tracepoints {
-            let hooks = "sock:sock_send_length, sock:sock_recv_length";
-            match io_typed {
-                Ok(()) => Capability::full("used_after_*", format!("tp_btf {hooks}")),
-                // Served all the same, at the classic tracepoints' cost per call.
-                Err(why) => Capability::full(
-                    "used_after_*",
-                    format!("tracepoints {hooks} (tp_btf not used: {why})"),
-                ),
-            }
-        } else {
-            match attach_io_fexit(&mut ebpf, &mut typed_btf, recvmsg_args) {
-                Ok(()) => Capability::full("used_after_*", "fexit tcp_sendmsg, tcp_recvmsg"),
-                Err(err) => {
-                    let why = format!(
-                        "sock:sock_send_length needs Linux 6.3, and fexit on tcp_sendmsg \
-                         failed: {err:#}"
-                    );
-                    warnings.push(format!("used_after_reset/close are not reported: {why}"));
-                    io_marking = Err(why.clone());
-                    Capability {
-                        name: "used_after_*",
-                        served_by: "nothing".into(),
-                        degraded: Some(why),
-                    }
-                }
-            }
-        };
-        let causes = if rst_reasons.is_empty() {
-            Capability {
-                name: "reset causes",
-                served_by: "the socket's state, error and linger flag".into(),
-                degraded: Some(
-                    "tcp:tcp_send_reset reports no reason before Linux 6.10: `ss -K` and \
-                     timer aborts (keepalive, FIN_WAIT2 linger, memory) can show as \
-                     live_abort"
-                        .into(),
-                ),
-            }
-        } else {
-            Capability::full("reset causes", "the kernel's sk_rst_reason")
-        };
-        let resets = match reset_typed {
-            Ok(()) => "tp_btf tcp:tcp_receive_reset, tracepoint tcp:tcp_send_reset".to_string(),
-            Err(why) => format!(
-                "tracepoints tcp:tcp_receive_reset (tp_btf not used: {why}), tcp:tcp_send_reset"
-            ),
-        };
-        let resets = if layouts.send_reset.saddr_sockaddr == monitor_common::ABSENT {
-            // Linux 6.10 made tcp_send_reset fire without a full socket, reading the
-            // addresses from the segment (hence its sockaddr fields).
-            Capability {
-                name: "resets",
-                served_by: resets,
-                degraded: Some(
-                    "before Linux 6.10 tcp_send_reset does not fire for RSTs sent with no \
-                     socket (a closed port, a stray segment) or from TIME_WAIT"
-                        .into(),
-                ),
-            }
-        } else {
-            Capability::full("resets", resets)
-        };
-        let stalls = match io_marking {
-            Ok(hooks) => Capability::full(
-                "request_stalled",
-                format!("each socket's last send/recv, in socket storage ({hooks})"),
-            ),
-            Err(why) => Capability {
-                name: "request_stalled",
-                served_by: "tcp_info's last send/receive stamps".into(),
-                degraded: Some(format!(
-                    "{why}; tcp_info's stamps tick every {} ms, so a request sent in the \
-                     same tick as the previous answer (a BEGIN's answer, then the \
-                     statement) is not seen as outstanding",
-                    1000 / hz.max(1)
-                )),
-            },
-        };
+        let (io, stalls) = io_capabilities(
+            options,
+            (io_tracepoints, io_typed),
+            storage_for_tracing,
+            hz,
+            || attach_io_fexit(&mut ebpf, &mut typed_btf, recvmsg_args),
+            &mut warnings,
+        );
+        let (resets, causes) =
+            reset_capabilities(reset_typed, !rst_reasons.is_empty(), &layouts.send_reset);
         let stalls_served = stalls.degraded.is_none();
         let mut capabilities = vec![
             Capability::full("state changes", state_changes),
@@ -529,52 +481,15 @@ impl Probes {
             io,
             stalls,
         ];
-        let kernel_log = match kernel_log.map(|_| klog::KernelLog::start(&mut ebpf)) {
-            None => None,
-            Some(Ok(kernel_log)) => {
-                capabilities.push(kernel_log_capability(Ok(())));
-                Some(kernel_log)
-            }
-            Some(Err(err)) => {
-                let why = format!("{err:#}");
-                warnings.push(format!("kernel diagnostics are off: {why}"));
-                capabilities.push(kernel_log_capability(Err(why)));
-                None
-            }
-        };
+        let kernel_log =
+            kernel_log.and_then(|_| start_kernel_log(&mut ebpf, &mut capabilities, &mut warnings));
 
-        let events = RingBuf::try_from(
-            ebpf.take_map("EVENTS")
-                .context("eBPF object has no EVENTS map")?,
-        )?;
-        let lost = PerCpuArray::try_from(
-            ebpf.take_map("LOST")
-                .context("eBPF object has no LOST map")?,
-        )?;
-        let filtered = PerCpuArray::try_from(
-            ebpf.take_map("FILTERED")
-                .context("eBPF object has no FILTERED map")?,
-        )?;
-        let transitions = PerCpuArray::try_from(
-            ebpf.take_map("TRANSITIONS")
-                .context("eBPF object has no TRANSITIONS map")?,
-        )?;
-        let connects = BpfHashMap::try_from(
-            ebpf.take_map("CONNECTS")
-                .context("eBPF object has no CONNECTS map")?,
-        )?;
-        // A duplicate of the map's descriptor, for the sock_diag thread; only worth keeping
-        // where the hooks write it.
-        let io_marks = match (stalls_served, ebpf.take_map("IO_MARKS")) {
-            (true, Some(aya::maps::Map::SkStorage(map))) => Some(
-                map.fd()
-                    .as_fd()
-                    .try_clone_to_owned()
-                    .context("duplicating the IO_MARKS map descriptor")?,
-            ),
-            (true, _) => bail!("eBPF object has no IO_MARKS socket-storage map"),
-            _ => None,
-        };
+        let events = take_map(&mut ebpf, "EVENTS", RingBuf::try_from)?;
+        let lost = take_map(&mut ebpf, "LOST", PerCpuArray::try_from)?;
+        let filtered = take_map(&mut ebpf, "FILTERED", PerCpuArray::try_from)?;
+        let transitions = take_map(&mut ebpf, "TRANSITIONS", PerCpuArray::try_from)?;
+        let connects = take_map(&mut ebpf, "CONNECTS", BpfHashMap::try_from)?;
+        let io_marks = take_io_marks(&mut ebpf, stalls_served)?;
         let probes = Probes {
             io_marks,
             ebpf,
@@ -607,33 +522,34 @@ impl Probes {
 
     /// Whether a kprobe can be attached here (informational: connwatch does not use them).
     pub fn try_kprobe(&mut self) -> Result<()> {
-        let program: &mut KProbe = self
-            .ebpf
-            .program_mut("doctor_kprobe")
-            .context("eBPF object has no doctor_kprobe")?
-            .try_into()?;
-        program.load().map_err(|err| anyhow!("{err:#}"))?;
+        let program: &mut KProbe = program_mut(&mut self.ebpf, "doctor_kprobe")?;
+        program
+            .load()
+            .map_err(|err| ProbeError::Verifier("kprobe tcp_close".into(), Box::new(err)))?;
         let link = program
             .attach("tcp_close", 0)
-            .map_err(|err| anyhow!("{err:#}"))?;
-        program.detach(link).map_err(|err| anyhow!("{err:#}"))?;
-        Ok(())
+            .map_err(|source| attach_error("kprobe to tcp_close", source))?;
+        program
+            .detach(link)
+            .map_err(|err| ProbeError::Detach("kprobe tcp_close".into(), Box::new(err)))
     }
 
     /// Whether BPF trampolines (fentry/fexit) work here (informational, likewise).
     pub fn try_fentry(&mut self) -> Result<()> {
-        let btf = aya::Btf::from_sys_fs().map_err(|err| anyhow!("{err}"))?;
-        let program: &mut FEntry = self
-            .ebpf
-            .program_mut("doctor_fentry")
-            .context("eBPF object has no doctor_fentry")?
-            .try_into()?;
+        let btf = aya::Btf::from_sys_fs().map_err(|source| ProbeError::TypedBtf {
+            path: btf::DEFAULT_BTF.into(),
+            source: Box::new(source),
+        })?;
+        let program: &mut FEntry = program_mut(&mut self.ebpf, "doctor_fentry")?;
         program
             .load("tcp_close", &btf)
-            .map_err(|err| anyhow!("{err:#}"))?;
-        let link = program.attach().map_err(|err| anyhow!("{err:#}"))?;
-        program.detach(link).map_err(|err| anyhow!("{err:#}"))?;
-        Ok(())
+            .map_err(|err| ProbeError::Verifier("fentry tcp_close".into(), Box::new(err)))?;
+        let link = program
+            .attach()
+            .map_err(|source| attach_error("fentry to tcp_close", source))?;
+        program
+            .detach(link)
+            .map_err(|err| ProbeError::Detach("fentry tcp_close".into(), Box::new(err)))
     }
 
     /// The kernel-side counters, handed once to whoever serves them (the metrics).
@@ -654,7 +570,10 @@ impl Probes {
 
     /// Events the kernel could not put in the ring buffer since load (all CPUs).
     pub fn lost_events(&self) -> Result<u64> {
-        let per_cpu = self.lost.get(&0, 0).context("reading the LOST map")?;
+        let per_cpu = self.lost.get(&0, 0).map_err(|source| ProbeError::ReadMap {
+            map: "LOST",
+            source: Box::new(source),
+        })?;
         Ok(per_cpu.iter().sum())
     }
 
@@ -663,9 +582,284 @@ impl Probes {
         let per_cpu = self
             .filtered
             .get(&0, 0)
-            .context("reading the FILTERED map")?;
+            .map_err(|source| ProbeError::ReadMap {
+                map: "FILTERED",
+                source: Box::new(source),
+            })?;
         Ok(per_cpu.iter().sum())
     }
+}
+
+/// Loads the eBPF object with this kernel's layouts and the settings frozen in.
+fn load(
+    options: &ProbeOptions,
+    layout: &KernelLayout,
+    settings: &Settings,
+    layouts: &TracepointLayouts,
+    max_sockets: u32,
+    kernel_log: Option<log::Level>,
+) -> Result<Ebpf> {
+    let memlock_raised = raise_memlock_rlimit();
+    let mut loader = EbpfLoader::new();
+    loader
+        .override_global("KERNEL", layout, true)
+        .override_global("SETTINGS", settings, true)
+        .override_global("TP_SET_STATE", &layouts.set_state, true)
+        .override_global("TP_RECEIVE_RESET", &layouts.receive_reset, true)
+        .override_global("TP_SEND_RESET", &layouts.send_reset, true)
+        .override_global("TP_DESTROY_SOCK", &layouts.destroy_sock, true)
+        .override_global("TP_SYS_EXIT", &layouts.sys_exit, true)
+        .override_global("TP_SOCK_LENGTH", &layouts.sock_length, true)
+        .map_max_entries("EVENTS", options.ring_buffer_size)
+        .map_max_entries("OWNERS", max_sockets)
+        .map_max_entries("PEER_ENDED", max_sockets);
+    klog::configure(&mut loader, kernel_log);
+    let ebpf = loader.load(EBPF_OBJECT).map_err(|err| {
+        if memlock_raised {
+            ProbeError::Load(Box::new(err))
+        } else {
+            // Kernels before 5.11 charge maps to RLIMIT_MEMLOCK: the cause, not the map.
+            ProbeError::LoadMemlock(Box::new(err))
+        }
+    })?;
+    // The loader holds its own parse of the kernel BTF: free it before BTF-typed
+    // programs need one (`TypedBtf`), so that two never coexist.
+    drop(loader);
+    Ok(ebpf)
+}
+
+/// How the tracepoints were attached: typed (tp_btf) or why not, per group.
+struct Hooks {
+    /// The send/recv tracepoints exist (Linux 6.3+).
+    io_tracepoints: bool,
+    io_typed: Result<(), String>,
+    state_typed: Result<(), String>,
+    reset_typed: Result<(), String>,
+}
+
+/// Attaches every tracepoint this kernel has, typed where it takes them; a missing
+/// optional one is a warning.
+fn attach_hooks(
+    ebpf: &mut Ebpf,
+    options: &ProbeOptions,
+    tracefs: &Path,
+    typed_btf: &mut TypedBtf<'_>,
+    warnings: &mut Vec<String>,
+) -> Result<Hooks> {
+    let mut io_tracepoints = true;
+    // Typed raw tracepoints for the per-send/recv hooks, where the kernel takes them:
+    // their arguments come from the context, with no record to copy.
+    let mut io_typed: Result<(), String> = Ok(());
+    let mut state_typed: Result<(), String> = Ok(());
+    let mut reset_typed: Result<(), String> = Ok(());
+    for hook in TRACEPOINTS {
+        if options.no_used_after && hook.is_io() {
+            // Opted out: these fire on every send/recv on the host.
+            continue;
+        }
+        let present = tracefs
+            .join("events")
+            .join(hook.category)
+            .join(hook.name)
+            .is_dir();
+        if let (false, Some(loss)) = (present, hook.optional) {
+            if hook.is_io() {
+                io_tracepoints = false;
+            } else {
+                warnings.push(format!(
+                    "tracepoint {}:{} is missing ({loss}",
+                    hook.category, hook.name
+                ));
+            }
+            continue;
+        }
+        // One refusal of the send/recv pair serves both with classic tracepoints.
+        let typed = if hook.is_io() {
+            &mut io_typed
+        } else if hook.name == "tcp_receive_reset" {
+            &mut reset_typed
+        } else {
+            &mut state_typed
+        };
+        if options.classic_tracepoints {
+            *typed = Err("--classic-tracepoints".into());
+        }
+        if hook.typed && typed.is_ok() {
+            match attach_btf_tracepoint(ebpf, hook, typed_btf) {
+                Ok(()) => continue,
+                Err(err) => *typed = Err(format!("refused: {}", with_causes(&err))),
+            }
+        }
+        attach_tracepoint(ebpf, hook)?;
+    }
+    Ok(Hooks {
+        io_tracepoints,
+        io_typed,
+        state_typed,
+        reset_typed,
+    })
+}
+
+/// The rows of `used_after_*` and `request_stalled`: what serves them, given how the
+/// send/recv tracepoints were attached (`io`: whether they exist, and typed or why not).
+/// Where they do not exist, `attach_fexit` tries fexit in their place.
+fn io_capabilities(
+    options: &ProbeOptions,
+    (io_tracepoints, io_typed): (bool, Result<(), String>),
+    storage_for_tracing: bool,
+    hz: u32,
+    attach_fexit: impl FnOnce() -> Result<()>,
+    warnings: &mut Vec<String>,
+) -> (Capability, Capability) {
+    // What orders a request against its answer: the send/recv hooks' socket storage,
+    // where they run typed and the kernel allows it; else tcp_info's jiffy stamps.
+    let mut io_marking: Result<&str, String> = if !storage_for_tracing {
+        Err("socket storage for tracing programs needs Linux 5.11".into())
+    } else if options.no_used_after {
+        Err("--no-used-after turned the send/recv hooks off".into())
+    } else if !io_tracepoints {
+        Ok("fexit tcp_sendmsg, tcp_recvmsg")
+    } else {
+        match &io_typed {
+            Ok(()) => Ok("tp_btf sock:sock_send_length, sock:sock_recv_length"),
+            Err(why) => Err(format!(
+                "the send/recv hooks are classic tracepoints ({why}), which cannot \
+                 reach socket storage"
+            )),
+        }
+    };
+    let io = if options.no_used_after {
+        Capability {
+            name: "used_after_*",
+            served_by: "nothing".into(),
+            degraded: Some("turned off by --no-used-after".into()),
+        }
+    } else if io_tracepoints {
+        let hooks = "sock:sock_send_length, sock:sock_recv_length";
+        match io_typed {
+            Ok(()) => Capability::full("used_after_*", format!("tp_btf {hooks}")),
+            // Served all the same, at the classic tracepoints' cost per call.
+            Err(why) => Capability::full(
+                "used_after_*",
+                format!("tracepoints {hooks} (tp_btf not used: {why})"),
+            ),
+        }
+    } else {
+        match attach_fexit() {
+            Ok(()) => Capability::full("used_after_*", "fexit tcp_sendmsg, tcp_recvmsg"),
+            Err(err) => {
+                let why = format!(
+                    "sock:sock_send_length needs Linux 6.3, and fexit on tcp_sendmsg \
+                     failed: {}",
+                    with_causes(&err)
+                );
+                warnings.push(format!("used_after_reset/close are not reported: {why}"));
+                io_marking = Err(why.clone());
+                Capability {
+                    name: "used_after_*",
+                    served_by: "nothing".into(),
+                    degraded: Some(why),
+                }
+            }
+        }
+    };
+    let stalls = match io_marking {
+        Ok(hooks) => Capability::full(
+            "request_stalled",
+            format!("each socket's last send/recv, in socket storage ({hooks})"),
+        ),
+        Err(why) => Capability {
+            name: "request_stalled",
+            served_by: "tcp_info's last send/receive stamps".into(),
+            degraded: Some(format!(
+                "{why}; tcp_info's stamps tick every {} ms, so a request sent in the \
+                 same tick as the previous answer (a BEGIN's answer, then the \
+                 statement) is not seen as outstanding",
+                1000 / hz.max(1)
+            )),
+        },
+    };
+    (io, stalls)
+}
+
+/// A duplicate of the `IO_MARKS` map's descriptor, for the sock_diag thread; only worth
+/// keeping (`wanted`) where the hooks write it.
+fn take_io_marks(ebpf: &mut Ebpf, wanted: bool) -> Result<Option<std::os::fd::OwnedFd>> {
+    match (wanted, ebpf.take_map("IO_MARKS")) {
+        (true, Some(aya::maps::Map::SkStorage(map))) => map
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .map(Some)
+            .map_err(|err| ProbeError::DuplicateFd("IO_MARKS", err)),
+        (true, _) => Err(ProbeError::NoMap("IO_MARKS socket-storage")),
+        _ => Ok(None),
+    }
+}
+
+/// Starts forwarding the kernel programs' diagnostics, and says in `capabilities` whether
+/// it did (and in `warnings` why not).
+fn start_kernel_log(
+    ebpf: &mut Ebpf,
+    capabilities: &mut Vec<Capability>,
+    warnings: &mut Vec<String>,
+) -> Option<klog::KernelLog> {
+    match klog::KernelLog::start(ebpf) {
+        Ok(kernel_log) => {
+            capabilities.push(kernel_log_capability(Ok(())));
+            Some(kernel_log)
+        }
+        Err(err) => {
+            let why = with_causes(&err);
+            warnings.push(format!("kernel diagnostics are off: {why}"));
+            capabilities.push(kernel_log_capability(Err(why)));
+            None
+        }
+    }
+}
+
+/// The rows of resets and their causes: what serves them, and what older kernels miss.
+fn reset_capabilities(
+    reset_typed: Result<(), String>,
+    has_reasons: bool,
+    send_reset: &TpLayout,
+) -> (Capability, Capability) {
+    let causes = if has_reasons {
+        Capability::full("reset causes", "the kernel's sk_rst_reason")
+    } else {
+        Capability {
+            name: "reset causes",
+            served_by: "the socket's state, error and linger flag".into(),
+            degraded: Some(
+                "tcp:tcp_send_reset reports no reason before Linux 6.10: `ss -K` and \
+                 timer aborts (keepalive, FIN_WAIT2 linger, memory) can show as \
+                 live_abort"
+                    .into(),
+            ),
+        }
+    };
+    let resets = match reset_typed {
+        Ok(()) => "tp_btf tcp:tcp_receive_reset, tracepoint tcp:tcp_send_reset".to_string(),
+        Err(why) => format!(
+            "tracepoints tcp:tcp_receive_reset (tp_btf not used: {why}), tcp:tcp_send_reset"
+        ),
+    };
+    let resets = if send_reset.saddr_sockaddr == monitor_common::ABSENT {
+        // Linux 6.10 made tcp_send_reset fire without a full socket, reading the
+        // addresses from the segment (hence its sockaddr fields).
+        Capability {
+            name: "resets",
+            served_by: resets,
+            degraded: Some(
+                "before Linux 6.10 tcp_send_reset does not fire for RSTs sent with no \
+                 socket (a closed port, a stray segment) or from TIME_WAIT"
+                    .into(),
+            ),
+        }
+    } else {
+        Capability::full("resets", resets)
+    };
+    (resets, causes)
 }
 
 /// The kernel diagnostics' row, where they were asked for (`--log-level debug`, doctor).
@@ -694,24 +888,19 @@ fn attach_io_fexit(
     let recv_program = match recvmsg_args {
         Some(5) => "tcp_recvmsg_exit5",
         Some(6) => "tcp_recvmsg_exit6",
-        other => bail!("tcp_recvmsg has {other:?} arguments in this kernel's BTF, not 5 or 6"),
+        other => return Err(ProbeError::RecvmsgArity(other)),
     };
     for (program, function) in [
         ("tcp_sendmsg_exit", "tcp_sendmsg"),
         (recv_program, "tcp_recvmsg"),
     ] {
-        let program: &mut FExit = ebpf
-            .program_mut(program)
-            .with_context(|| format!("eBPF object has no program {program}"))?
-            .try_into()?;
+        let program: &mut FExit = program_mut(ebpf, program)?;
         program
             .load(function, btf)
-            .map_err(|err| anyhow!("{err:#}"))
-            .with_context(|| format!("loading fexit on {function}"))?;
+            .map_err(|err| ProbeError::Verifier(format!("fexit on {function}"), Box::new(err)))?;
         program
             .attach()
-            .map_err(|err| anyhow!("{err:#}"))
-            .with_context(|| format!("attaching fexit to {function}"))?;
+            .map_err(|source| attach_error(&format!("fexit to {function}"), source))?;
     }
     Ok(())
 }
@@ -741,13 +930,17 @@ impl<'a> TypedBtf<'a> {
     }
 
     fn get(&mut self) -> Result<&aya::Btf> {
-        if self.parsed.is_none() {
-            let btf = aya::Btf::parse_file(self.path, aya::Endianness::default())
-                .map_err(|err| anyhow!("{err}"))
-                .with_context(|| format!("parsing {}", self.path.display()))?;
-            self.parsed = Some(btf);
-        }
-        Ok(self.parsed.as_ref().expect("parsed above"))
+        let btf =
+            match self.parsed.take() {
+                Some(btf) => btf,
+                None => aya::Btf::parse_file(self.path, aya::Endianness::default()).map_err(
+                    |source| ProbeError::TypedBtf {
+                        path: self.path.to_path_buf(),
+                        source: Box::new(source),
+                    },
+                )?,
+            };
+        Ok(self.parsed.insert(btf))
     }
 }
 
@@ -760,41 +953,65 @@ fn attach_btf_tracepoint(
 ) -> Result<()> {
     let name = format!("{}_btf", hook.program);
     let btf = typed_btf.get()?;
-    let program: &mut BtfTracePoint = ebpf
-        .program_mut(&name)
-        .with_context(|| format!("eBPF object has no program {name}"))?
-        .try_into()?;
+    let program: &mut BtfTracePoint = program_mut(ebpf, &name)?;
     program
         .load(hook.name, btf)
-        .map_err(|err| anyhow!("{err:#}"))
-        .with_context(|| format!("loading tp_btf {}", hook.name))?;
+        .map_err(|err| ProbeError::Verifier(format!("tp_btf {}", hook.name), Box::new(err)))?;
     program
         .attach()
-        .map_err(|err| anyhow!("{err:#}"))
-        .with_context(|| format!("attaching tp_btf {}", hook.name))?;
+        .map_err(|source| attach_error(&format!("tp_btf {}", hook.name), source))?;
     Ok(())
+}
+
+/// The program called `name`, as the type its hook takes.
+fn program_mut<'a, P>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut P>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or_else(|| ProbeError::NoProgram(name.to_string()))?
+        .try_into()
+        .map_err(|source| ProbeError::ProgramType {
+            program: name.to_string(),
+            source: Box::new(source),
+        })
+}
+
+/// Takes the map called `name` out of the object, as the type `convert` makes of it.
+fn take_map<M>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    convert: impl FnOnce(aya::maps::Map) -> Result<M, MapError>,
+) -> Result<M> {
+    let map = ebpf.take_map(name).ok_or(ProbeError::NoMap(name))?;
+    convert(map).map_err(|source| ProbeError::MapType {
+        map: name,
+        source: Box::new(source),
+    })
+}
+
+/// A refused attach, with no hint: the kernel's error says it.
+fn attach_error(what: &str, source: ProgramError) -> ProbeError {
+    ProbeError::Attach {
+        what: what.to_string(),
+        hint: None,
+        source: Box::new(source),
+    }
 }
 
 fn attach_tracepoint(ebpf: &mut Ebpf, hook: &Tracepoint) -> Result<()> {
     let tracepoint = format!("{}:{}", hook.category, hook.name);
-    let program: &mut TracePoint = ebpf
-        .program_mut(hook.program)
-        .with_context(|| format!("eBPF object has no program {}", hook.program))?
-        .try_into()?;
+    let program: &mut TracePoint = program_mut(ebpf, hook.program)?;
     program
         .load()
-        .map_err(|err| anyhow!("{err:#}"))
-        .with_context(|| format!("the kernel verifier rejected the program for {tracepoint}"))?;
+        .map_err(|err| ProbeError::Verifier(tracepoint.clone(), Box::new(err)))?;
     program
         .attach(hook.category, hook.name)
-        .map_err(|err| {
-            let err = anyhow!("{err:#}");
-            match perf_paranoid_hint() {
-                Some(hint) => err.context(hint),
-                None => err,
-            }
-        })
-        .with_context(|| format!("attaching to tracepoint {tracepoint}"))?;
+        .map_err(|source| ProbeError::Attach {
+            what: format!("to tracepoint {tracepoint}"),
+            hint: perf_paranoid_hint(),
+            source: Box::new(source),
+        })?;
     Ok(())
 }
 
@@ -842,16 +1059,20 @@ impl TracepointLayouts {
             if let Ok(format) = tracefs::Format::read(tracefs, "sock", name) {
                 let layout = format.io_layout()?;
                 if sock_length != TpLayout::absent() && sock_length != layout {
-                    bail!("sock:sock_send_length and sock:sock_recv_length differ in layout");
+                    return Err(ProbeError::SendRecvLayouts);
                 }
                 sock_length = layout;
             }
         }
+        let socket_layout = |category, name| {
+            tracefs::socket_layout(tracefs, category, name)
+                .map_err(|err| ProbeError::Tracefs(err.into()))
+        };
         Ok(TracepointLayouts {
-            set_state: tracefs::socket_layout(tracefs, "sock", "inet_sock_set_state")?,
-            receive_reset: tracefs::socket_layout(tracefs, "tcp", "tcp_receive_reset")?,
-            send_reset: tracefs::socket_layout(tracefs, "tcp", "tcp_send_reset")?,
-            destroy_sock: tracefs::socket_layout(tracefs, "tcp", "tcp_destroy_sock")?,
+            set_state: socket_layout("sock", "inet_sock_set_state")?,
+            receive_reset: socket_layout("tcp", "tcp_receive_reset")?,
+            send_reset: socket_layout("tcp", "tcp_send_reset")?,
+            destroy_sock: socket_layout("tcp", "tcp_destroy_sock")?,
             sys_exit,
             sock_length,
         })
@@ -863,13 +1084,12 @@ const CAP_PERFMON: u32 = 38;
 const CAP_BPF: u32 = 39;
 
 pub fn read_effective_caps() -> Result<u64> {
-    let status =
-        std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+    let status = std::fs::read_to_string("/proc/self/status").map_err(ProbeError::Status)?;
     let hex = status
         .lines()
         .find_map(|line| line.strip_prefix("CapEff:"))
-        .context("/proc/self/status has no CapEff line")?;
-    u64::from_str_radix(hex.trim(), 16).context("parsing CapEff")
+        .ok_or(ProbeError::NoCapEff)?;
+    u64::from_str_radix(hex.trim(), 16).map_err(ProbeError::CapEff)
 }
 
 const CAP_DAC_READ_SEARCH: u32 = 2;
@@ -905,24 +1125,15 @@ pub fn check_privileges(effective: u64) -> Result<()> {
         .filter(|&(cap, _)| !has(cap))
         .map(|(_, name)| name)
         .collect();
-    bail!(
-        "missing capability {} (needed to load eBPF programs and attach tracepoints): run \
-         connwatch as root, or grant them with `setcap cap_bpf,cap_perfmon,cap_sys_ptrace,\
-         cap_dac_read_search+ep <path to connwatch>`",
-        missing.join(" and ")
-    )
+    Err(ProbeError::MissingCapabilities(missing.join(" and ")))
 }
 
 /// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; newer ones charge the cgroup.
 /// Failure is harmless on the latter, and the load error names the problem on the former.
 /// Returns whether the limit is now unlimited.
 fn raise_memlock_rlimit() -> bool {
-    let unlimited = libc::rlimit {
-        rlim_cur: libc::RLIM_INFINITY,
-        rlim_max: libc::RLIM_INFINITY,
-    };
-    // SAFETY: setrlimit reads a valid, initialised struct.
-    unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &raw const unlimited) == 0 }
+    use nix::sys::resource::{RLIM_INFINITY, Resource, setrlimit};
+    setrlimit(Resource::RLIMIT_MEMLOCK, RLIM_INFINITY, RLIM_INFINITY).is_ok()
 }
 
 #[cfg(test)]

@@ -135,7 +135,11 @@ impl<W: Write> CliSink<W> {
 pub fn format_ms(ms: u64) -> String {
     match ms {
         0..1_000 => format!("{ms}ms"),
-        1_000..60_000 => format!("{:.1}s", ms as f64 / 1000.0),
+        // Below a minute: exact in a u32, and so in an f64.
+        1_000..60_000 => format!(
+            "{:.1}s",
+            f64::from(u32::try_from(ms).unwrap_or(u32::MAX)) / 1000.0
+        ),
         _ => format!("{}m{:02}s", ms / 60_000, (ms % 60_000) / 1000),
     }
 }

@@ -15,10 +15,15 @@
 //! not from their event time: an idle FIN's finding arrives after its 200 ms grace, dated
 //! by the FIN. Lines come out when incidents complete, so their TIME (the first step's)
 //! is not always in order.
-use std::{collections::HashMap, time::Duration};
+use std::{collections::HashMap, fmt::Write as _, time::Duration};
 
 use super::{Report, cli::format_ms};
 use crate::detect::Kind;
+
+/// `d` in nanoseconds, saturating: u64 nanoseconds hold 584 years.
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
 
 /// How long an incident waits for its socket's next finding. The steps of one incident
 /// follow each other within the application's reaction and a round trip: the write 300 ms
@@ -81,7 +86,7 @@ impl Incident {
     }
 
     fn due_ns(&self) -> u64 {
-        let after = |ns: u64, d: Duration| ns.saturating_add(d.as_nanos() as u64);
+        let after = |ns: u64, d: Duration| ns.saturating_add(nanos(d));
         let wait = match self.closed_ns {
             Some(closed) => after(closed, SETTLE),
             None => after(self.last_ns, QUIET),
@@ -139,7 +144,7 @@ impl Incident {
             previous = Some(previous.map_or(report.mono_ns, |at| at.max(report.mono_ns)));
         }
         if self.more > 0 {
-            text.push_str(&format!(" … and {} more", self.more));
+            let _ = write!(text, " … and {} more", self.more);
         }
         text
     }
@@ -355,11 +360,8 @@ pub(super) mod tests {
     fn fin_write_rst_is_one_incident_with_the_sequence() {
         let mut incidents = Incidents::default();
         add_all(&mut incidents, fin_write_rst("a"));
-        assert_eq!(
-            incidents.due(300 * MS + SETTLE.as_nanos() as u64 - 1),
-            vec![]
-        );
-        let incident = one(incidents.due(301 * MS + SETTLE.as_nanos() as u64));
+        assert_eq!(incidents.due(300 * MS + nanos(SETTLE) - 1), vec![]);
+        let incident = one(incidents.due(301 * MS + nanos(SETTLE)));
         assert_eq!(incident.headline().kind, "peer_close_idle");
         assert_eq!(
             incident.reports.len(),
@@ -378,7 +380,7 @@ pub(super) mod tests {
         let mut incidents = Incidents::default();
         let fin = finding(Kind::PeerCloseIdle, "a", 0);
         add_all(&mut incidents, [(fin.clone(), 200)]);
-        let incident = one(incidents.due(200 * MS + QUIET.as_nanos() as u64));
+        let incident = one(incidents.due(200 * MS + nanos(QUIET)));
         assert_eq!(incident.reports, vec![fin]);
     }
 
@@ -407,7 +409,7 @@ pub(super) mod tests {
     #[test]
     fn a_quiet_socket_is_printed_after_the_quiet_window() {
         let mut incidents = Incidents::default();
-        let quiet = QUIET.as_nanos() as u64;
+        let quiet = nanos(QUIET);
         let mut fin = finding(Kind::PeerCloseIdle, "a", 0);
         fin.idle_ms = Some(1500);
         add_all(&mut incidents, [(fin, 200)]);
@@ -427,7 +429,7 @@ pub(super) mod tests {
     #[test]
     fn a_busy_socket_is_printed_at_the_cap() {
         let mut incidents = Incidents::default();
-        let cap_ms = CAP.as_millis() as u64;
+        let cap_ms = u64::try_from(CAP.as_millis()).unwrap();
         let mut at = 0;
         while at < cap_ms {
             let mut change = finding(Kind::StateChange, "a", at);
@@ -484,7 +486,7 @@ pub(super) mod tests {
         let mut write = finding(Kind::UsedAfterReset, "a", 120);
         (write.op, write.error) = (Some("send"), Some("ECONNRESET"));
         add_all(&mut incidents, [(rst, 0), (write, 120)]);
-        let incident = one(incidents.due(120 * MS + SETTLE.as_nanos() as u64));
+        let incident = one(incidents.due(120 * MS + nanos(SETTLE)));
         assert_eq!(incident.headline().kind, "peer_reset_idle");
         assert_eq!(
             incident.sequence(),

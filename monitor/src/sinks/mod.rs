@@ -30,7 +30,7 @@ pub struct WallClock {
 impl WallClock {
     pub fn now() -> WallClock {
         let mono = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-            .map(|ts| Duration::new(ts.tv_sec() as u64, ts.tv_nsec() as u32))
+            .map(Duration::from)
             .unwrap_or_default();
         WallClock {
             epoch: SystemTime::now() - mono,
@@ -50,8 +50,9 @@ impl WallClock {
 
 /// CLOCK_MONOTONIC now, in ns (see [`WallClock::mono_now_ns`]).
 pub fn mono_now_ns() -> u64 {
+    // u64 nanoseconds last 584 years of uptime.
     nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |ts| {
-        ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
+        u64::try_from(Duration::from(ts).as_nanos()).unwrap_or(u64::MAX)
     })
 }
 

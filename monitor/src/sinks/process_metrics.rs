@@ -51,6 +51,11 @@ impl ProcessCollector {
         })
     }
 
+    #[expect(
+        clippy::cast_precision_loss,
+        reason = "seconds as an f64 (Prometheus' type): exact below 2^52 ticks, 10^6 years \
+                  of CPU at 100 Hz"
+    )]
     fn cpu_seconds(&self) -> Result<f64, ProcError> {
         let ticks = cpu_ticks(&self.read("stat")?)?;
         Ok(ticks as f64 / sysconf(nix::unistd::SysconfVar::CLK_TCK, "CLK_TCK")? as f64)
@@ -74,7 +79,7 @@ impl ProcessCollector {
 
 fn sysconf(var: nix::unistd::SysconfVar, name: &'static str) -> Result<u64, ProcError> {
     match nix::unistd::sysconf(var) {
-        Ok(Some(value)) if value > 0 => Ok(value as u64),
+        Ok(Some(value)) if value > 0 => u64::try_from(value).map_err(|_| ProcError::Sysconf(name)),
         _ => Err(ProcError::Sysconf(name)),
     }
 }
@@ -112,8 +117,12 @@ fn resident_pages(statm: &str) -> Result<u64, ProcError> {
 impl Collector for ProcessCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
         let cpu = self.cpu_seconds().map(ConstCounter::new);
-        let rss = self.resident_bytes().map(|b| ConstGauge::new(b as i64));
-        let fds = self.open_fds().map(|n| ConstGauge::new(n as i64));
+        let rss = self
+            .resident_bytes()
+            .map(|b| ConstGauge::new(i64::try_from(b).unwrap_or(i64::MAX)));
+        let fds = self
+            .open_fds()
+            .map(|n| ConstGauge::new(i64::try_from(n).unwrap_or(i64::MAX)));
         encode_one(
             &mut encoder,
             "process_cpu_seconds",

@@ -5,7 +5,7 @@ use std::{
     os::fd::{AsRawFd as _, BorrowedFd},
 };
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::Context as _;
 use netlink_packet_core::{
     DefaultNla, Emitable as _, NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage,
     NetlinkPayload, Nla as _, NlasIterator,
@@ -33,6 +33,32 @@ const INET_DIAG_SK_BPF_STORAGES: u16 = 20;
 const SK_DIAG_BPF_STORAGE: u16 = 1;
 const SK_DIAG_BPF_STORAGE_MAP_VALUE: u16 = 3;
 const NLA_F_NESTED: u16 = 1 << 15;
+
+/// Why the kernel's socket list could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum DiagError {
+    #[error("reading /proc/thread-self/ns/net (is /proc mounted?)")]
+    Namespace(#[source] std::io::Error),
+    #[error("unexpected network namespace link {} in /proc/thread-self/ns/net", .0.display())]
+    NamespaceLink(std::path::PathBuf),
+    #[error(
+        "{0} the sock_diag netlink socket (a kernel without CONFIG_INET_DIAG, or a seccomp \
+         profile refusing netlink?)"
+    )]
+    Socket(&'static str, #[source] std::io::Error),
+    #[error("sock_diag dump of family {family}")]
+    Family {
+        family: u8,
+        #[source]
+        source: Box<DiagError>,
+    },
+    #[error("{0} the sock_diag dump")]
+    Io(&'static str, #[source] std::io::Error),
+    #[error("decoding a sock_diag message")]
+    Decode(#[source] netlink_packet_core::DecodeError),
+    #[error("the kernel refused the sock_diag dump")]
+    Refused(#[source] std::io::Error),
+}
 
 /// The application's last data call on a socket, as the kernel hooks recorded it in the
 /// socket's storage: ordered to the nanosecond, unlike `tcp_info`'s jiffy stamps.
@@ -143,7 +169,7 @@ pub fn take_snapshot(
     processes: &std::sync::Mutex<ProcIndex>,
     io_marks: Option<BorrowedFd>,
     workloads: &mut super::workload::WorkloadResolver,
-) -> Result<Snapshot> {
+) -> anyhow::Result<Snapshot> {
     let start = std::time::Instant::now();
     // A poisoned lock only means another thread panicked mid-scan: the index is a cache.
     let lock = || {
@@ -160,7 +186,9 @@ pub fn take_snapshot(
     };
     let own = own_namespace()?;
     let mut sockets = dump_tcp(io_marks)?;
-    sockets.iter_mut().for_each(|s| s.netns = own);
+    for socket in &mut sockets {
+        socket.netns = own;
+    }
     let others: Vec<(u64, u32)> = namespaces
         .into_iter()
         .filter(|&(netns, _)| netns != own)
@@ -211,12 +239,11 @@ pub fn take_snapshot(
 
 /// This process's network namespace.
 /// The calling thread's network namespace (its inode).
-pub fn own_namespace() -> Result<u64> {
-    let link = std::fs::read_link("/proc/thread-self/ns/net")
-        .context("reading /proc/thread-self/ns/net")?;
+pub fn own_namespace() -> Result<u64, DiagError> {
+    let link = std::fs::read_link("/proc/thread-self/ns/net").map_err(DiagError::Namespace)?;
     link.to_str()
         .and_then(super::process::namespace_inode)
-        .with_context(|| format!("unexpected namespace link {}", link.display()))
+        .ok_or(DiagError::NamespaceLink(link))
 }
 
 /// Appends the sockets of each namespace in `others` (inode, a process in it), entering
@@ -320,17 +347,23 @@ fn proc_net_addr(text: &str) -> Option<SocketAddr> {
 
 /// Every TCP socket in the calling thread's network namespace, IPv4 and IPv6; with
 /// `io_marks` (the hooks' socket-storage map), each socket's last send/recv too.
-pub fn dump_tcp(io_marks: Option<BorrowedFd>) -> Result<Vec<DiagSocket>> {
+pub fn dump_tcp(io_marks: Option<BorrowedFd>) -> Result<Vec<DiagSocket>, DiagError> {
     let mut socket =
-        Socket::new(NETLINK_SOCK_DIAG).context("opening a sock_diag netlink socket")?;
-    socket.bind_auto().context("binding the sock_diag socket")?;
+        Socket::new(NETLINK_SOCK_DIAG).map_err(|err| DiagError::Socket("opening", err))?;
+    socket
+        .bind_auto()
+        .map_err(|err| DiagError::Socket("binding", err))?;
     socket
         .connect(&NetlinkAddr::new(0, 0))
-        .context("connecting the sock_diag socket")?;
+        .map_err(|err| DiagError::Socket("connecting", err))?;
     let mut sockets = Vec::new();
     for family in [AF_INET, AF_INET6] {
-        dump_family(&mut socket, family, io_marks, &mut sockets)
-            .with_context(|| format!("sock_diag dump of family {family}"))?;
+        dump_family(&mut socket, family, io_marks, &mut sockets).map_err(|source| {
+            DiagError::Family {
+                family,
+                source: Box::new(source),
+            }
+        })?;
     }
     Ok(sockets)
 }
@@ -340,7 +373,7 @@ fn dump_family(
     family: u8,
     io_marks: Option<BorrowedFd>,
     sockets: &mut Vec<DiagSocket>,
-) -> Result<()> {
+) -> Result<(), DiagError> {
     let mut header = NetlinkHeader::default();
     header.flags = NLM_F_REQUEST | NLM_F_DUMP;
     let mut request = NetlinkMessage::new(
@@ -364,21 +397,24 @@ fn dump_family(
     if let Some(map) = io_marks {
         append_storage_request(&mut buf, map);
     }
-    socket.send(&buf, 0).context("sending the dump request")?;
+    socket
+        .send(&buf, 0)
+        .map_err(|err| DiagError::Io("sending the request for", err))?;
 
     let mut receive = vec![0u8; 1 << 16];
     loop {
         let size = socket
             .recv(&mut &mut receive[..], 0)
-            .context("reading the dump")?;
+            .map_err(|err| DiagError::Io("reading", err))?;
         let mut offset = 0;
         while offset < size {
             let message = <NetlinkMessage<SockDiagMessage>>::deserialize(&receive[offset..size])
-                .context("decoding a sock_diag message")?;
-            let length = message.header.length as usize;
+                .map_err(DiagError::Decode)?;
+            // A length beyond the address space would end the buffer just the same.
+            let length = usize::try_from(message.header.length).unwrap_or(usize::MAX);
             match message.payload {
                 NetlinkPayload::Done(_) => return Ok(()),
-                NetlinkPayload::Error(err) => bail!("the kernel refused the dump: {err:?}"),
+                NetlinkPayload::Error(err) => return Err(DiagError::Refused(err.to_io())),
                 NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(response)) => {
                     let h = &response.header;
                     let last_io = response.nlas.iter().find_map(|nla| match nla {
@@ -423,7 +459,7 @@ fn dump_family(
             if length == 0 {
                 break;
             }
-            offset += length;
+            offset = offset.saturating_add(length);
         }
     }
 }
@@ -441,7 +477,8 @@ fn append_storage_request(message: &mut Vec<u8>, map: BorrowedFd) {
     let start = message.len();
     message.resize(start + outer.buffer_len(), 0);
     outer.emit(&mut message[start..]);
-    let length = message.len() as u32;
+    // The request is a few dozen bytes, far below a netlink message's u32 length.
+    let length = u32::try_from(message.len()).unwrap_or(u32::MAX);
     message[..4].copy_from_slice(&length.to_ne_bytes());
 }
 
@@ -522,7 +559,7 @@ mod tests {
         );
         assert_eq!(
             (v4.state.name(), v4.inode, v4.recv_queue),
-            ("ESTABLISHED", 91978295, 42)
+            ("ESTABLISHED", 91_978_295, 42)
         );
         let v6 = parse_proc_net_line(
             "   0: 00000000000000000000000001000000:1F90 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 4242 1 0000000000000000 100 0 0 10 0",
