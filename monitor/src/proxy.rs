@@ -9,8 +9,7 @@ use std::net::SocketAddr;
 
 use anyhow::Result;
 
-/// The relay, also named here for `selftest`, which still imports it from this command.
-pub use crate::relay::{Faults, bind, serve};
+use crate::relay::{Faults, bind, serve};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct ProxyArgs {

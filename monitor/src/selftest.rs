@@ -21,7 +21,7 @@ use crate::{
     detect::{Finding, Kind},
     engine::{Consumer, Engine, Flow, Streams},
     probes::ProbeOptions,
-    proxy::{self, Faults},
+    relay::{self, Faults},
     sinks::Loss,
 };
 
@@ -227,13 +227,13 @@ pub async fn run(args: SelftestArgs) -> Result<()> {
     let server = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let server_addr = server.local_addr()?;
     tokio::spawn(echo_server(server));
-    let proxy_listener = proxy::bind("127.0.0.1:0".parse()?).await?;
+    let proxy_listener = relay::bind("127.0.0.1:0".parse()?).await?;
     let proxy_addr = proxy_listener.local_addr()?;
     let faults = Faults {
         reset_idle_after: Some(RESET_AFTER),
         ..Faults::default()
     };
-    tokio::spawn(proxy::serve(proxy_listener, server_addr, faults));
+    tokio::spawn(relay::serve(proxy_listener, server_addr, faults));
     let stuck = TcpListener::bind("127.0.0.1:0").context("binding the stuck server")?;
     let stuck_addr = stuck.local_addr()?;
     thread::Builder::new()

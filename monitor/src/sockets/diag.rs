@@ -558,15 +558,15 @@ mod tests {
             ("127.0.0.1:7777".into(), "127.0.0.1:32868".into())
         );
         assert_eq!(
-            (v4.state.name(), v4.inode, v4.recv_queue),
-            ("ESTABLISHED", 91_978_295, 42)
+            (v4.state, v4.inode, v4.recv_queue),
+            (TcpState::ESTABLISHED, 91_978_295, 42)
         );
         let v6 = parse_proc_net_line(
             "   0: 00000000000000000000000001000000:1F90 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 4242 1 0000000000000000 100 0 0 10 0",
         )
         .unwrap();
         assert_eq!(v6.local.to_string(), "[::1]:8080");
-        assert_eq!(v6.state.name(), "LISTEN");
+        assert_eq!(v6.state, TcpState::LISTEN);
         assert!(parse_proc_net_line("  sl  local_address rem_address   st").is_none());
         assert!(parse_proc_net_line("").is_none());
     }
@@ -583,14 +583,14 @@ mod tests {
             .find(|s| {
                 s.local == client.local_addr().unwrap()
                     && s.remote == listener.local_addr().unwrap()
-                    && s.state.name() == "ESTABLISHED"
+                    && s.state == TcpState::ESTABLISHED
             })
             .expect("client socket listed");
         assert_ne!(own.inode, 0);
         assert!(own.activity.is_some());
         let listening = sockets
             .iter()
-            .find(|s| s.local == listener.local_addr().unwrap() && s.state.name() == "LISTEN");
+            .find(|s| s.local == listener.local_addr().unwrap() && s.state == TcpState::LISTEN);
         assert!(listening.is_some());
     }
 }
