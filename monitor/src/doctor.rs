@@ -145,7 +145,7 @@ fn run_checks(options: &ProbeOptions) -> Vec<Check> {
             ));
             checks.extend(TRACEPOINTS.iter().map(|hook| tracepoint_check(&root, hook)));
         }
-        Err(err) => checks.push(check("tracefs", Err(err), Status::Missing, "")),
+        Err(err) => checks.push(check("tracefs", Err(err.into()), Status::Missing, "")),
     }
     checks.push(ring_buffer_check());
     checks.extend(load_checks(options));

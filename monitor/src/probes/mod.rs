@@ -17,9 +17,6 @@ use aya::{
 };
 use monitor_common::{ConnectKey, KernelLayout, Settings, TpLayout, tcp_state};
 
-/// An error from a module that reports through `anyhow` (tracefs), its causes kept.
-type Cause = Box<dyn std::error::Error + Send + Sync + 'static>;
-
 /// Why the probes could not be loaded, attached or read. aya's errors are all
 /// `std::error::Error + Send + Sync + 'static`, so each is kept as the source (boxed: some
 /// are hundreds of bytes, and every `Result` here would carry that size).
@@ -38,7 +35,7 @@ pub enum ProbeError {
     #[error("parsing CapEff in /proc/self/status")]
     CapEff(#[source] std::num::ParseIntError),
     #[error(transparent)]
-    Tracefs(Cause),
+    Tracefs(#[from] tracefs::TracefsError),
     #[error(transparent)]
     TracepointFormat(#[from] tracefs::FormatError),
     #[error(
@@ -415,8 +412,7 @@ impl Probes {
         kernel_log: Option<log::Level>,
     ) -> Result<(Probes, RingBuf<MapData>)> {
         check_privileges(read_effective_caps()?)?;
-        let tracefs = tracefs::locate(options.tracefs.as_deref())
-            .map_err(|err| ProbeError::Tracefs(err.into()))?;
+        let tracefs = tracefs::locate(options.tracefs.as_deref())?;
         // Parsed vmlinux BTF is tens of MiB; drop it before aya parses its own copy, so the
         // two never add up in the daemon's peak memory.
         let hz = btf::kernel_hz()?;
@@ -1065,8 +1061,7 @@ impl TracepointLayouts {
             }
         }
         let socket_layout = |category, name| {
-            tracefs::socket_layout(tracefs, category, name)
-                .map_err(|err| ProbeError::Tracefs(err.into()))
+            tracefs::socket_layout(tracefs, category, name).map_err(ProbeError::from)
         };
         Ok(TracepointLayouts {
             set_state: socket_layout("sock", "inet_sock_set_state")?,

@@ -5,24 +5,62 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use anyhow::{Context as _, Result, anyhow, bail};
 use monitor_common::{ABSENT, MAX_RECORD_BYTES, TpLayout};
 
 pub const DEFAULT_TRACEFS: &str = "/sys/kernel/tracing";
 const DEBUGFS_TRACING: &str = "/sys/kernel/debug/tracing";
 
+/// Why no tracefs root, or no layout of a tracepoint connwatch needs, could be had.
+#[derive(Debug, thiserror::Error)]
+pub enum TracefsError {
+    #[error(
+        "{} is not a tracefs mount (no events/ directory): pass the directory where tracefs \
+         is mounted, e.g. --tracefs {DEFAULT_TRACEFS}",
+        root.display()
+    )]
+    NotTracefs { root: PathBuf },
+    #[error(
+        "cannot read tracefs at {candidate} as uid {uid}: missing capability \
+         CAP_DAC_READ_SEARCH (needed to read tracepoint formats as a non-root user): run as \
+         root or grant it"
+    )]
+    NoCapability { candidate: String, uid: u32 },
+    #[error(
+        "tracefs is not mounted and mounting it at {DEFAULT_TRACEFS} failed: run `mount -t \
+         tracefs tracefs {DEFAULT_TRACEFS}` as root, or mount the host's tracefs into the \
+         container"
+    )]
+    Mount(#[source] nix::Error),
+    #[error(
+        "tracepoint {tracepoint} is missing from {}: connwatch needs Linux 5.8 or newer with \
+         CONFIG_TRACEPOINTS; check `ls {}/events/{category}/`",
+        root.display(),
+        root.display()
+    )]
+    MissingTracepoint {
+        tracepoint: String,
+        root: PathBuf,
+        category: String,
+    },
+    #[error("reading {category}:{name}")]
+    Layout {
+        category: String,
+        name: String,
+        #[source]
+        source: FormatError,
+    },
+}
+
 /// Returns a tracefs root with `events/`, mounting tracefs at the default path if needed.
 ///
 /// An explicit `--tracefs` is used as given: it exists for containers with the host's
 /// tracefs mounted elsewhere, and for tests that present a kernel lacking a tracepoint.
-pub fn locate(explicit: Option<&Path>) -> Result<PathBuf> {
+pub fn locate(explicit: Option<&Path>) -> Result<PathBuf, TracefsError> {
     if let Some(root) = explicit {
         if !root.join("events").is_dir() {
-            bail!(
-                "{} is not a tracefs mount (no events/ directory): pass the directory where \
-                 tracefs is mounted, e.g. --tracefs {DEFAULT_TRACEFS}",
-                root.display()
-            );
+            return Err(TracefsError::NotTracefs {
+                root: root.to_path_buf(),
+            });
         }
         return Ok(root.to_path_buf());
     }
@@ -30,12 +68,12 @@ pub fn locate(explicit: Option<&Path>) -> Result<PathBuf> {
         match std::fs::metadata(Path::new(candidate).join("events")) {
             Ok(meta) if meta.is_dir() => return Ok(candidate.into()),
             // tracefs is root-only (0700): a non-root user needs the capability to look in.
-            Err(err) if err.kind() == std::io::ErrorKind::PermissionDenied => bail!(
-                "cannot read tracefs at {candidate} as uid {}: missing capability \
-                 CAP_DAC_READ_SEARCH (needed to read tracepoint formats as a non-root user): \
-                 run as root or grant it",
-                nix::unistd::geteuid()
-            ),
+            Err(err) if err.kind() == std::io::ErrorKind::PermissionDenied => {
+                return Err(TracefsError::NoCapability {
+                    candidate: candidate.into(),
+                    uid: nix::unistd::geteuid().as_raw(),
+                });
+            }
             _ => {}
         }
     }
@@ -46,13 +84,7 @@ pub fn locate(explicit: Option<&Path>) -> Result<PathBuf> {
         nix::mount::MsFlags::empty(),
         None::<&str>,
     )
-    .map_err(|errno| {
-        anyhow!(
-            "tracefs is not mounted and mounting it at {DEFAULT_TRACEFS} failed ({errno}): \
-             run `mount -t tracefs tracefs {DEFAULT_TRACEFS}` as root, or mount the host's \
-             tracefs into the container"
-        )
-    })?;
+    .map_err(TracefsError::Mount)?;
     log::info!("mounted tracefs at {DEFAULT_TRACEFS}");
     Ok(DEFAULT_TRACEFS.into())
 }
@@ -297,19 +329,21 @@ fn field_name(decl: &str) -> Option<&str> {
 }
 
 /// Reads a socket tracepoint's layout, turning absence into an actionable error.
-pub fn socket_layout(tracefs: &Path, category: &str, name: &str) -> Result<TpLayout> {
+pub fn socket_layout(tracefs: &Path, category: &str, name: &str) -> Result<TpLayout, TracefsError> {
+    let layout = |source| TracefsError::Layout {
+        category: category.into(),
+        name: name.into(),
+        source,
+    };
     let format = Format::read(tracefs, category, name).map_err(|err| match err {
-        FormatError::Missing(tp) => anyhow!(
-            "tracepoint {tp} is missing from {}: connwatch needs Linux 5.8 or newer with \
-             CONFIG_TRACEPOINTS; check `ls {}/events/{category}/`",
-            tracefs.display(),
-            tracefs.display()
-        ),
-        other => anyhow!(other),
+        FormatError::Missing(tracepoint) => TracefsError::MissingTracepoint {
+            tracepoint,
+            root: tracefs.to_path_buf(),
+            category: category.into(),
+        },
+        other => layout(other),
     })?;
-    format
-        .socket_layout()
-        .with_context(|| format!("reading {category}:{name}"))
+    format.socket_layout().map_err(layout)
 }
 
 #[cfg(test)]
