@@ -333,8 +333,9 @@ impl WorkloadResolver {
             Err(err) => {
                 if KUBELET_ERRORS.fetch_add(1, Ordering::Relaxed) == 0 {
                     log::warn!(
-                        "kubelet pod lookup at {url} failed: {err} (said once; \
-                         connwatch_refresh_errors_total{{source=\"kubelet\"}} counts them)"
+                        "kubelet pod lookup at {url} failed: {:#} (said once; \
+                         connwatch_refresh_errors_total{{source=\"kubelet\"}} counts them)",
+                        anyhow::Error::new(err)
                     );
                 }
             }
@@ -345,24 +346,41 @@ impl WorkloadResolver {
 /// A pod's UID, and its (namespace, name).
 type NamedPod = (String, (String, String));
 
+/// Why the kubelet's pod list could not be had.
+#[derive(Debug, thiserror::Error)]
+enum KubeletError {
+    #[error("GET {url}")]
+    Request {
+        url: String,
+        #[source]
+        source: Box<ureq::Error>,
+    },
+    #[error("the response is not JSON")]
+    Json(#[source] serde_json::Error),
+    #[error("the response is not a PodList (no `items` array): is --kubelet-url the kubelet's?")]
+    NotPodList,
+}
+
 /// The pods in a kubelet `GET /pods` (a PodList).
-fn fetch_pods(base: &str) -> Result<Vec<NamedPod>, String> {
+fn fetch_pods(base: &str) -> Result<Vec<NamedPod>, KubeletError> {
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_global(Some(KUBELET_TIMEOUT))
         .build()
         .into();
     let url = format!("{}/pods", base.trim_end_matches('/'));
+    let request = |source| KubeletError::Request {
+        url: url.clone(),
+        source: Box::new(source),
+    };
     let body = agent
         .get(&url)
         .call()
-        .map_err(|err| err.to_string())?
+        .map_err(request)?
         .into_body()
         .read_to_string()
-        .map_err(|err| err.to_string())?;
-    let list: serde_json::Value = serde_json::from_str(&body).map_err(|err| err.to_string())?;
-    let items = list["items"]
-        .as_array()
-        .ok_or("the response is not a PodList")?;
+        .map_err(request)?;
+    let list: serde_json::Value = serde_json::from_str(&body).map_err(KubeletError::Json)?;
+    let items = list["items"].as_array().ok_or(KubeletError::NotPodList)?;
     Ok(items
         .iter()
         .filter_map(|pod| {
@@ -381,6 +399,51 @@ fn fetch_pods(base: &str) -> Result<Vec<NamedPod>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A one-shot HTTP server on loopback answering `body`; returns its base URL.
+    fn answering(body: &'static str) -> String {
+        use std::io::{Read as _, Write as _};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            let _ = stream.read(&mut [0u8; 4096]);
+            let _ = write!(
+                stream,
+                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        });
+        url
+    }
+
+    #[test]
+    fn kubelet_failures_say_what_went_wrong() {
+        let chain = |err: KubeletError| format!("{:#}", anyhow::Error::new(err));
+        let not_a_list = fetch_pods(&answering(r#"{"kind":"Status"}"#)).unwrap_err();
+        assert!(
+            matches!(not_a_list, KubeletError::NotPodList),
+            "{not_a_list:?}"
+        );
+        let not_json = chain(fetch_pods(&answering("<html>")).unwrap_err());
+        assert!(
+            not_json.starts_with("the response is not JSON: "),
+            "{not_json}"
+        );
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let base = format!("http://{}", closed.local_addr().unwrap());
+        drop(closed);
+        let refused = chain(fetch_pods(&base).unwrap_err());
+        assert!(
+            refused.starts_with(&format!("GET {base}/pods: ")),
+            "{refused}"
+        );
+        let pods = fetch_pods(&answering(
+            r#"{"items":[{"metadata":{"uid":"u1","namespace":"shop","name":"api-1"}}]}"#,
+        ))
+        .unwrap();
+        assert_eq!(pods, [("u1".into(), ("shop".into(), "api-1".into()))]);
+    }
 
     const ID: &str = "3f5a6e2b8c1d4e7f9a0b1c2d3e4f5a6b7c8d9e0f1a2b3c4d5e6f7a8b9c0d1e2f";
     const UID: &str = "0b8e4a5c-1d2e-4f3a-9b8c-7d6e5f4a3b2c";
