@@ -124,7 +124,10 @@ impl Engine {
             );
         }
         let settings = Settings {
-            eof_grace_ns: crate::bounds::nanos(pipeline.idle_threshold),
+            // A reader woken by the FIN or RST reads within milliseconds, as a healthy client
+            // closes within them: the same grace, not the idle threshold (a pool's read a
+            // second after the RST is its next query finding out).
+            eof_grace_ns: crate::bounds::nanos(crate::detect::grace::HANDLED_GRACE),
             wakeup_bytes: u64::from(probe_options.ring_buffer_size / 16),
             all_state_changes: u64::from(state_changes),
             // Probes::attach decides these two: from what the kernel allows, from `filter`.
