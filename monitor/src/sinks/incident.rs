@@ -18,12 +18,7 @@
 use std::{collections::HashMap, fmt::Write as _, time::Duration};
 
 use super::{Report, cli::format_ms};
-use crate::detect::Kind;
-
-/// `d` in nanoseconds, saturating: u64 nanoseconds hold 584 years.
-fn nanos(d: Duration) -> u64 {
-    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
-}
+use crate::{bounds::nanos, detect::Kind};
 
 /// How long an incident waits for its socket's next finding. The steps of one incident
 /// follow each other within the application's reaction and a round trip: the write 300 ms

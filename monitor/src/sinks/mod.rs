@@ -51,9 +51,8 @@ impl WallClock {
 /// CLOCK_MONOTONIC now, in ns (see [`WallClock::mono_now_ns`]).
 pub fn mono_now_ns() -> u64 {
     // u64 nanoseconds last 584 years of uptime.
-    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |ts| {
-        u64::try_from(Duration::from(ts).as_nanos()).unwrap_or(u64::MAX)
-    })
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map_or(0, |ts| crate::bounds::nanos(Duration::from(ts)))
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
