@@ -277,13 +277,13 @@ impl LockedRow {
     }
 }
 
-/// Whether the send/recv hooks can keep each socket's last call (socket storage for tracing
-/// programs, Linux 5.11). Before, `tcp_info`'s ticks cannot order these clients' sends
-/// against the answers before them, as `doctor` says (tests/doctor.rs checks that).
+/// Whether the send/recv hooks can keep each socket's last call ([`requests_ordered`]).
+/// Elsewhere `tcp_info`'s ticks cannot order these clients' sends against the answers
+/// before them, as `doctor` says (tests/doctor.rs checks that).
 fn kernel_orders_requests() -> bool {
-    let orders = kernel_at_least(5, 11);
+    let orders = requests_ordered();
     if !orders {
-        eprintln!("skipped: this kernel orders requests by tcp_info's ticks only (before 5.11)");
+        eprintln!("skipped: this kernel orders requests by tcp_info's ticks only");
     }
     orders
 }

@@ -70,8 +70,8 @@ fn reset_of_a_waiting_request_is_not_idle() {
             >= 1
     });
     let events = watch.stop().events;
-    if !kernel_at_least(5, 11) {
-        // No socket storage for tracing programs: tcp_info's stamps only, it looks idle.
+    if !requests_ordered() {
+        // No socket storage from the send/recv hooks: tcp_info's stamps only, it looks idle.
         assert_eq!(
             count(&events, "peer_reset_idle", client_port),
             1,
@@ -107,8 +107,8 @@ fn reset_right_after_a_write_is_not_idle() {
     let reset = of_kind(&events, "peer_reset", client_port);
     assert_eq!(reset.len(), 1, "{events:#?}");
     assert_eq!(reset[0]["comm"], "cw-busy-client");
-    // The write was a request still waiting (socket storage, 5.11+), else it was recent.
-    let field = if kernel_at_least(5, 11) {
+    // The write was a request still waiting (socket storage), else it was recent.
+    let field = if requests_ordered() {
         "stalled_ms"
     } else {
         "idle_ms"

@@ -7,8 +7,11 @@
 //! - `cargo xtask bench`: measure connwatch's cost side by side; writes BENCHMARKS.md.
 //! - `cargo xtask vm-run 6.1 -- CMD...`: run CMD as root in a QEMU guest booting Debian's
 //!   kernel 5.10, 6.1 or 6.12 on this machine's filesystem (see vm.rs).
+//! - `cargo xtask image`: the multi-architecture image (amd64, arm64) with buildah.
 //! - `cargo xtask setup`: only install the prerequisites.
+mod arch;
 mod bench;
+mod image;
 mod manifests;
 mod reliability;
 mod vm;
@@ -22,6 +25,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
+use arch::Arch;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -49,7 +53,8 @@ enum Task {
     /// workspace on this machine's filesystem: `cargo xtask vm-run 6.1 -- uname -r`.
     /// Exits with the command's exit status.
     VmRun {
-        /// Kernel line: 5.10 (bullseye), 6.1 (bookworm) or 6.12 (trixie).
+        /// Kernel line: 5.10 (bullseye), 6.1 (bookworm), 6.12 (trixie), or the arm64 ones
+        /// 6.1-arm64, 6.12-arm64.
         kernel: String,
         /// Give up (and fail) after this many minutes.
         #[arg(long, default_value_t = 30)]
@@ -62,6 +67,13 @@ enum Task {
         /// $XTASK_VM_OUT are kept on the host (the rest of the filesystem is read-only).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
         command: Vec<OsString>,
+    },
+    /// Build the static binaries of every architecture and the image around them: one
+    /// manifest list (linux/amd64, linux/arm64) in buildah's local store.
+    Image {
+        /// The manifest list's name.
+        #[arg(long, default_value = image::DEFAULT_TAG)]
+        tag: String,
     },
     /// Write deploy/privileged.yaml from deploy/connwatch.yaml's DaemonSet.
     Manifests {
@@ -82,7 +94,7 @@ enum Task {
         /// Only the kernel matrix: skip fmt, clippy and the tests on this host.
         #[arg(long)]
         vm_only: bool,
-        /// Boot only this kernel line (repeatable): 5.10, 6.1, 6.12.
+        /// Boot only this kernel line (repeatable): 5.10, 6.1, 6.12, 6.1-arm64, 6.12-arm64.
         #[arg(long, value_name = "LINE")]
         kernel: Vec<String>,
         /// Extra arguments for the host's `cargo test` runs, e.g. `-- idle_reset`.
@@ -92,6 +104,9 @@ enum Task {
     /// (test helper, run inside a guest) the kernel matrix's tests; see vm.rs.
     #[command(hide = true)]
     GuestSuite {
+        /// The kernel line this guest boots: its tests run.
+        #[arg(long)]
+        line: String,
         /// The connwatch binary the tests drive.
         #[arg(long)]
         connwatch: PathBuf,
@@ -107,8 +122,6 @@ const NIGHTLY: &str = "nightly";
 /// The nightly (its commit date) that the aya pins in Cargo.toml, bpf-linker
 /// [`BPF_LINKER_VERSION`] and LLVM 22 were verified with: another one is refused, naming it.
 const NIGHTLY_DATE: &str = "2026-05-19";
-/// The target of the static connwatch build.
-const MUSL: &str = "x86_64-unknown-linux-musl";
 /// bpf-linker known to build against LLVM 22 with `--features llvm-22`.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Finds dependencies no crate uses (the lint step runs it).
@@ -205,6 +218,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
             ));
             Ok(exit_code(run.code))
         }
+        Task::Image { tag } => {
+            require_root("buildah's local store is root's")?;
+            setup_build()?;
+            setup_static_target()?;
+            if which("buildah").is_none() {
+                apt_install(&["buildah"])?;
+            }
+            build_static(&root)?;
+            image::build(&root, &tag)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Task::Manifests { check } => {
             manifests::run(&root, check)?;
             Ok(ExitCode::SUCCESS)
@@ -238,12 +262,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
             kernel,
             args,
         } => test(&root, host_only, vm_only, &kernel, &args),
-        Task::GuestSuite { connwatch, tests } => {
+        Task::GuestSuite {
+            line,
+            connwatch,
+            tests,
+        } => {
             let tests: Vec<(String, PathBuf)> = tests
                 .into_iter()
                 .map(|(name, path)| (name, PathBuf::from(path)))
                 .collect();
-            let passed = vm::guest_suite(&tests, &connwatch)?;
+            let passed = vm::guest_suite(vm::Vm::line(&line)?, &tests, &connwatch)?;
             Ok(if passed {
                 ExitCode::SUCCESS
             } else {
@@ -265,7 +293,7 @@ fn test(
 ) -> Result<ExitCode> {
     require_root("the tests load eBPF programs and create network namespaces")?;
     let lines = if kernels.is_empty() {
-        vm::KERNELS.iter().collect()
+        vm::KERNELS.iter().filter(|line| line.by_default).collect()
     } else {
         kernels
             .iter()
@@ -287,15 +315,8 @@ fn test(
     }
     step("building connwatch: debug, and static (musl, release) for images and guests");
     check(cargo().args(["build", "--package", "monitor"]))?;
-    check(cargo().args([
-        "build",
-        "--release",
-        "--package",
-        "monitor",
-        "--target",
-        MUSL,
-    ]))?;
-    let static_bin = root.join(format!("target/{MUSL}/release/connwatch"));
+    build_static(root)?;
+    let static_bin = Arch::X86_64.static_bin(root);
     let debug_bin = root.join("target/debug/connwatch");
 
     let mut tiers: Vec<(String, bool, Duration)> = Vec::new();
@@ -304,6 +325,7 @@ fn test(
         let started = Instant::now();
         let status = command
             .env("CONNWATCH_STATIC_BIN", &static_bin)
+            .env("CONNWATCH_STATIC_BIN_ARM64", Arch::Arm64.static_bin(root))
             .status()
             .with_context(|| format!("starting {command:?}"))?;
         tiers.push((name, status.success(), started.elapsed()));
@@ -324,11 +346,8 @@ fn test(
         )?;
     }
     if !host_only {
-        step("building the integration tests for the guests");
-        let tests = integration_test_executables()?;
         let started = Instant::now();
-        let xtask = env::current_exe().context("locating the xtask binary")?;
-        let results = vm.matrix(&lines, &xtask, &tests, &static_bin);
+        let results = vm.matrix(&lines);
         vm::print_summary(&results);
         for result in &results {
             tiers.push((
@@ -415,13 +434,40 @@ fn lint(root: &Path) -> Result<()> {
     )
 }
 
+/// The static release builds of connwatch, one per [`Arch`]: the arm64 one cross-compiled
+/// here (rust-lld links it, see .cargo/config.toml).
+fn build_static(root: &Path) -> Result<()> {
+    for arch in Arch::ALL {
+        check(
+            cargo()
+                .args(["build", "--release", "--package", "monitor", "--target"])
+                .arg(arch.musl_target()),
+        )?;
+        let bin = arch.static_bin(root);
+        if !bin.is_file() {
+            bail!("cargo built no {}", bin.display());
+        }
+    }
+    Ok(())
+}
+
 /// The integration-test executables by test target name (`doctor`, `reset`, ...), built
 /// by cargo: the guests run them directly (no cargo in the guest, and the workspace is
-/// read-only there).
-fn integration_test_executables() -> Result<Vec<(String, PathBuf)>> {
+/// read-only there). `target`: cross-compile them (static, for a guest of another
+/// architecture), only the test files `only` names.
+pub fn integration_test_executables(
+    target: Option<&str>,
+    only: &[&str],
+) -> Result<Vec<(String, PathBuf)>> {
     let mut build = cargo();
+    build.args(["test", "--package", "integration-test", "--no-run"]);
+    if let Some(target) = target {
+        build.args(["--target", target]);
+    }
+    for name in only {
+        build.args(["--test", name]);
+    }
     build
-        .args(["test", "--package", "integration-test", "--no-run"])
         .arg("--message-format=json-render-diagnostics")
         // Compiler messages and progress to the terminal; only the JSON is ours.
         .stderr(std::process::Stdio::inherit());
@@ -446,8 +492,15 @@ fn integration_test_executables() -> Result<Vec<(String, PathBuf)>> {
     Ok(tests)
 }
 
-/// The static build (connwatch in scratch images, and in the guests) needs the musl
-/// target of the stable toolchain. Added, never updated: `rustup update` would move the
+/// xtask itself built for `target` (static): it runs the guest suite in a guest of another
+/// architecture.
+pub fn xtask_for(root: &Path, target: &str) -> Result<PathBuf> {
+    check(cargo().args(["build", "--package", "xtask", "--target", target]))?;
+    Ok(root.join("target").join(target).join("debug/xtask"))
+}
+
+/// The static builds (connwatch in scratch images, and in the guests) need the musl
+/// targets of the stable toolchain. Added, never updated: `rustup update` would move the
 /// toolchain under everyone's feet.
 fn setup_static_target() -> Result<()> {
     let installed = output(Command::new("rustup").args([
@@ -457,9 +510,13 @@ fn setup_static_target() -> Result<()> {
         "--toolchain",
         "stable",
     ]))?;
-    if !installed.lines().any(|line| line.trim() == MUSL) {
-        step(&format!("adding the {MUSL} target to the stable toolchain"));
-        check(Command::new("rustup").args(["target", "add", MUSL, "--toolchain", "stable"]))?;
+    for target in Arch::ALL.map(Arch::musl_target) {
+        if !installed.lines().any(|line| line.trim() == target) {
+            step(&format!(
+                "adding the {target} target to the stable toolchain"
+            ));
+            check(Command::new("rustup").args(["target", "add", target, "--toolchain", "stable"]))?;
+        }
     }
     Ok(())
 }

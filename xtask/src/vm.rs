@@ -7,15 +7,21 @@
 //! that boot the kernels real users run, as Debian ships them.
 //!
 //! How a guest is made, and why:
-//! - Kernels: the `linux-image-*-amd64-unsigned` package of each line, fetched with
-//!   `apt-get download` through a private apt configuration under `target/vm/apt/` (the
-//!   host's /etc/apt is never touched), and unpacked with `dpkg -x` under
+//! - Kernels: the `linux-image-*-<arch>-unsigned` package of each line, fetched with
+//!   `apt-get download` through a private apt configuration under `target/vm/apt/<arch>/`
+//!   (the host's /etc/apt is never touched), and unpacked with `dpkg -x` under
 //!   `target/vm/kernels/<line>/`. The archive's address is read from the host's own apt
 //!   sources, so no mirror is written down here.
 //! - Guests: virtme-ng (PyPI, in a venv under `target/vm/`) boots the kernel on this
 //!   machine's own root filesystem over 9p (read-only), so every host tool and every
 //!   host-built test binary is there without building an image. It finds the package's
 //!   modules next to its vmlinuz and runs depmod on them. QEMU runs without KVM (TCG).
+//! - arm64 guests (`qemu-system-aarch64`) cannot run this machine's binaries: they boot on
+//!   a root of Debian's arm64 packages instead (`target/vm/roots/arm64/`, unpacked from
+//!   bookworm with the same private apt: a shell, iproute2, nftables, bpftool, kmod…, see
+//!   [`FOREIGN_ROOT_PACKAGES`]), with the kernel's modules copied in, and this workspace
+//!   mounted read-only at its own path. xtask, connwatch and the test executables run there
+//!   as static aarch64 builds, cross-compiled here.
 //! - Results: the guest's console mixes kernel messages with the command's output and
 //!   vng's exit status is not the command's, so the guest writes the command's output and
 //!   exit status into a directory shared read-write with the host
@@ -37,7 +43,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use serde::{Deserialize, Serialize};
 
-use crate::{check, output, step, which};
+use crate::{Arch, check, output, step, which};
 
 /// One kernel line of the matrix: which Debian release ships it and how its package is
 /// named. The newest package matching `package` (an apt-cache regular expression) wins.
@@ -48,34 +54,72 @@ pub struct KernelLine {
     pub suite: &'static str,
     /// Regular expression for the package names of this line.
     pub package: &'static str,
+    /// The guest's CPU (and the package's Debian architecture).
+    pub arch: Arch,
+    /// The groups of tests its guest runs (see [`KERNEL_TESTS`]).
+    pub tests: &'static [&'static [GuestTest]],
+    /// Booted by a plain `cargo xtask test`; the others on request (`--kernel`), as the
+    /// whole suite must end within CI's 90 minutes.
+    pub by_default: bool,
 }
 
-/// The kernels the matrix boots: the stock kernels of Debian 11, 12 and 13.
+/// The kernels the matrix boots: the stock kernels of Debian 11, 12 and 13 on x86-64, and
+/// of Debian 12 and 13 on arm64 (Graviton, Ampere). arm64 6.1 has no BPF trampolines for
+/// kernel functions, so kprobes serve used_after_* there; arm64 6.12 is booted on request.
 /// (`6.1.0-0.debNN` and `+deb12` are backports to older releases; the patterns skip them.)
 pub const KERNELS: &[KernelLine] = &[
     KernelLine {
         name: "5.10",
         suite: "bullseye",
         package: r"^linux-image-5\.10\.[0-9]+-[0-9]+-amd64-unsigned$",
+        arch: Arch::X86_64,
+        tests: &[KERNEL_TESTS, END_TO_END_TESTS],
+        by_default: true,
     },
     KernelLine {
         name: "6.1",
         suite: "bookworm",
         package: r"^linux-image-6\.1\.[0-9]+-[0-9]+-amd64-unsigned$",
+        arch: Arch::X86_64,
+        tests: &[KERNEL_TESTS],
+        by_default: true,
     },
     KernelLine {
         name: "6.12",
         suite: "trixie",
         package: r"^linux-image-6\.12\.[0-9]+\+deb13(\.[0-9]+)?-amd64-unsigned$",
+        arch: Arch::X86_64,
+        tests: &[KERNEL_TESTS, END_TO_END_TESTS],
+        by_default: true,
+    },
+    KernelLine {
+        name: "6.1-arm64",
+        suite: "bookworm",
+        package: r"^linux-image-6\.1\.[0-9]+-[0-9]+-arm64-unsigned$",
+        arch: Arch::Arm64,
+        tests: &[ARM64_TESTS],
+        by_default: true,
+    },
+    KernelLine {
+        name: "6.12-arm64",
+        suite: "trixie",
+        package: r"^linux-image-6\.12\.[0-9]+\+deb13(\.[0-9]+)?-arm64-unsigned$",
+        arch: Arch::Arm64,
+        tests: &[ARM64_TESTS],
+        // Its hooks are x86-64 6.12's (tp_btf everywhere); about 10 more minutes of TCG.
+        by_default: false,
     },
 ];
 
-/// The privileged tests each guest runs: the integration-test files (test targets) whose
-/// outcome depends on the kernel, with `cargo test` name filters (none: the whole file).
-/// Left out, as the kernel does not change them: `deploy` (manifests), `image` (buildah
-/// around the static binary), `errors` (command-line mistakes). Under TCG these take 6 to
-/// 10 minutes a guest (5.10 is the slowest).
-pub const GUEST_TESTS: &[(&str, &[&str])] = &[
+/// An integration-test file (test target) a guest runs, with `cargo test` name filters
+/// (none: the whole file).
+pub type GuestTest = (&'static str, &'static [&'static str]);
+
+/// The privileged tests whose outcome depends on the kernel's hooks, verifier, layouts and
+/// socket lists: every x86-64 guest runs them. Left out, as the kernel does not change
+/// them: `deploy` (manifests), `image` (buildah around the static binary), `errors`
+/// (command-line mistakes).
+pub const KERNEL_TESTS: &[GuestTest] = &[
     // Loads and attaches every program: the verifier, tracepoints, fentry/kprobe fallbacks.
     ("doctor", &[]),
     // The struct offsets handed to the programs, from this kernel's BTF.
@@ -102,6 +146,14 @@ pub const GUEST_TESTS: &[(&str, &[&str])] = &[
     ("reliability", &[]),
     // The daemon's probes and metrics.
     ("daemon", &[]),
+];
+
+/// End to end: real clients and servers (PostgreSQL, Python pools, proxies) through the
+/// whole pipeline, minutes of TCG each. They meet the kernel through the hooks above, so
+/// they run in the oldest and the newest x86-64 guest (5.10: fexit, no socket storage;
+/// 6.12: tp_btf with it), not in 6.1 (fexit with socket storage, which `pools` covers
+/// there): the time goes to the arm64 guests instead.
+pub const END_TO_END_TESTS: &[GuestTest] = &[
     // The daemon's HTTP limits under idle clients, at a 256 open-files limit: the socket
     // refresh (sock_diag, /proc) must keep its descriptors on every kernel.
     ("http", &[]),
@@ -126,6 +178,29 @@ pub const GUEST_TESTS: &[(&str, &[&str])] = &[
     // Idle limits learned from kills behind RST and FIN proxies (idle at reset, tcp_info).
     ("idle_limits", &[]),
 ];
+
+/// The arm64 guests' tests: what the architecture changes. The eBPF object is built for
+/// each target (kprobes read their arguments from that architecture's registers), the
+/// kernel's BTF layouts and its hooks differ (arm64 6.1 has no BPF trampolines for kernel
+/// functions). Everything above that (detectors, clients, sinks) is the same code on the
+/// same kernel lines, tested in the x86-64 guests.
+pub const ARM64_TESTS: &[GuestTest] = &[
+    ("doctor", &[]),
+    ("btf_layout", &[]),
+    ("reset", &[]),
+    ("used_after", &[]),
+    ("causes", &[]),
+    ("kernel_log", &[]),
+    ("netns", &[]),
+];
+
+impl KernelLine {
+    /// The guest tests of this line, in the order they run.
+    pub fn tests(&self) -> impl Iterator<Item = &'static GuestTest> {
+        self.tests.iter().flat_map(|group| group.iter())
+    }
+}
+
 /// Test threads in a guest: one per vCPU (both vCPUs share one host thread, see `run`).
 const GUEST_TEST_THREADS: &str = "2";
 /// A guest that has not finished by then is stopped and fails: a hang must not eat the
@@ -134,11 +209,11 @@ pub const GUEST_TIMEOUT: Duration = Duration::from_mins(25);
 
 /// virtme-ng, pinned: its guest init and command-line options are what this file relies on.
 const VIRTME_NG: &str = "virtme-ng==1.42";
-/// Command (as on PATH) → Debian package, for booting guests: QEMU itself, depmod for the
-/// kernel package's modules, a static busybox for virtme's initramfs (Debian's kernels
-/// have 9p as modules), `file` for virtme-ng to read the kernel's version.
+/// Command (as on PATH) → Debian package, for booting guests: QEMU itself (for each
+/// [`Arch`]), depmod for the kernel package's modules, a static busybox for virtme's
+/// initramfs (Debian's kernels have 9p as modules), `file` for virtme-ng to read the
+/// kernel's version.
 const VM_TOOLS: &[(&str, &str)] = &[
-    ("qemu-system-x86_64", "qemu-system-x86"),
     ("depmod", "kmod"),
     ("busybox", "busybox-static"),
     ("file", "file"),
@@ -154,6 +229,32 @@ pub const SHARED_ENV: &str = "XTASK_VM_OUT";
 const DEBIAN_KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
 /// The private apt index is refreshed when older than this.
 const INDEX_MAX_AGE: Duration = Duration::from_hours(12);
+/// Where guests on another root see their run directory.
+const FOREIGN_RUN_DIR: &str = "/xtask-run";
+/// The Debian release whose packages make the root of guests of another architecture.
+const FOREIGN_ROOT_SUITE: &str = "bookworm";
+/// That root's packages (apt adds their dependencies): virtme-ng's init (bash, mount,
+/// busybox for its initramfs and poweroff), the guest script (`ip`, `mountpoint`,
+/// modprobe) and the tools the arm64 guest tests drive (`bpftool`, `ip`, `nft`,
+/// `setpriv`, `python3` for a second client process). Changing the list rebuilds the root.
+const FOREIGN_ROOT_PACKAGES: &[&str] = &[
+    "bash",
+    "dash",
+    "coreutils",
+    "util-linux",
+    "mount",
+    "kmod",
+    "iproute2",
+    "nftables",
+    "bpftool",
+    "busybox-static",
+    "procps",
+    "sed",
+    "grep",
+    "findutils",
+    "libc-bin",
+    "python3",
+];
 
 /// Where everything of this module lives: `target/vm/`.
 pub struct Vm {
@@ -168,6 +269,8 @@ pub struct Kernel {
     pub package: String,
     pub version: String,
     pub vmlinuz: PathBuf,
+    /// The package's `lib/modules/<release>`.
+    pub modules: PathBuf,
 }
 
 /// What happened to a command run in a guest.
@@ -191,8 +294,10 @@ impl Vm {
 
     /// Install QEMU, kmod, busybox and virtme-ng where missing.
     pub fn setup(&self) -> Result<()> {
+        let qemus = Arch::ALL.map(Arch::qemu);
         let mut missing: Vec<&str> = VM_TOOLS
             .iter()
+            .chain(&qemus)
             .filter(|(tool, _)| which(tool).is_none())
             .map(|&(_, package)| package)
             .collect();
@@ -228,7 +333,7 @@ impl Vm {
 
     /// Resolve the newest package of `line`, download and unpack it unless cached.
     pub fn kernel(&self, line: &'static KernelLine) -> Result<Kernel> {
-        let apt = self.apt()?;
+        let apt = self.apt(line.arch)?;
         let package = apt
             .newest(line.package)
             .with_context(|| format!("resolving the {} kernel package", line.name))?;
@@ -269,19 +374,107 @@ impl Vm {
                     .is_some_and(|n| n.as_bytes().starts_with(b"vmlinuz-"))
             })
             .with_context(|| format!("no vmlinuz-* in {}/boot", dir.display()))?;
+        // Debian 13's packages put them under /usr (the merged /usr).
+        let modules = ["lib/modules", "usr/lib/modules"]
+            .iter()
+            .filter_map(|sub| fs::read_dir(dir.join(sub)).ok())
+            .flat_map(|entries| entries.flatten().map(|e| e.path()))
+            .find(|p| p.join("modules.order").exists() || p.join("kernel").is_dir())
+            .with_context(|| format!("no lib/modules/<release> in {}", dir.display()))?;
         Ok(Kernel {
             line,
             package,
             version,
             vmlinuz,
+            modules,
         })
     }
 
-    /// The private apt configuration, its index refreshed when stale.
-    fn apt(&self) -> Result<PrivateApt> {
-        let apt = PrivateApt::new(self.dir.join("apt"))?;
+    /// The private apt configuration for `arch`'s packages, its index refreshed when stale.
+    fn apt(&self, arch: Arch) -> Result<PrivateApt> {
+        let apt = PrivateApt::new(self.dir.join("apt").join(arch.debian()), arch)?;
         apt.update_if_stale()?;
         Ok(apt)
+    }
+
+    /// The root filesystem of guests of `arch`, holding `kernel`'s modules: `None` for this
+    /// machine's own architecture (guests boot on the host's root). Unpacked once from
+    /// Debian's packages ([`FOREIGN_ROOT_PACKAGES`]); each kernel's modules are copied in.
+    fn guest_root(&self, kernel: &Kernel) -> Result<Option<PathBuf>> {
+        let arch = kernel.line.arch;
+        if arch.is_host() {
+            return Ok(None);
+        }
+        let root = self.dir.join("roots").join(arch.debian());
+        let stamp = root.join(".xtask-packages");
+        let wanted = FOREIGN_ROOT_PACKAGES.join(" ");
+        if fs::read_to_string(&stamp).ok().as_deref() != Some(wanted.as_str()) {
+            step(&format!(
+                "unpacking a {FOREIGN_ROOT_SUITE} {} root for the guests (target/vm/roots)",
+                arch.debian()
+            ));
+            if root.exists() {
+                fs::remove_dir_all(&root)?;
+            }
+            let apt = self.apt(arch)?;
+            let archives = apt.dir.join("cache/archives");
+            for deb in fs::read_dir(&archives)?.flatten() {
+                if deb.path().extension() == Some(OsStr::new("deb")) {
+                    fs::remove_file(deb.path())?;
+                }
+            }
+            check(
+                apt.get()
+                    .args([
+                        "install",
+                        "-y",
+                        "-qq",
+                        "--download-only",
+                        "--no-install-recommends",
+                    ])
+                    .args(["-t", FOREIGN_ROOT_SUITE])
+                    .args(FOREIGN_ROOT_PACKAGES),
+            )?;
+            fs::create_dir_all(&root)?;
+            for deb in fs::read_dir(&archives)?.flatten() {
+                if deb.path().extension() == Some(OsStr::new("deb")) {
+                    check(Command::new("dpkg").arg("-x").arg(deb.path()).arg(&root))?;
+                }
+            }
+            // What a Debian install's maintainer scripts would have made: the users the
+            // tests switch to, and poweroff for virtme-ng's init to end the guest.
+            fs::write(
+                root.join("etc/passwd"),
+                "root:x:0:0:root:/root:/bin/bash\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n",
+            )?;
+            fs::write(root.join("etc/group"), "root:x:0:\nnogroup:x:65534:\n")?;
+            let _ = fs::remove_file(root.join("sbin/poweroff"));
+            std::os::unix::fs::symlink("/bin/busybox", root.join("sbin/poweroff"))?;
+            fs::write(&stamp, &wanted)?;
+        }
+        // Mount points: the workspace at its own path, the run directory (see `run`).
+        fs::create_dir_all(root.join(self.root.strip_prefix("/").unwrap_or(&self.root)))?;
+        fs::create_dir_all(root.join(FOREIGN_RUN_DIR.trim_start_matches('/')))?;
+        let release = kernel
+            .modules
+            .file_name()
+            .context("the kernel's modules directory has no name")?;
+        let modules = root.join("lib/modules").join(release);
+        if !modules.join("modules.dep").exists() {
+            fs::create_dir_all(root.join("lib/modules"))?;
+            if modules.exists() {
+                fs::remove_dir_all(&modules)?;
+            }
+            // Hard links: the same filesystem, and no second copy of ~300 MB of modules.
+            check(
+                Command::new("cp")
+                    .arg("-al")
+                    .arg(&kernel.modules)
+                    .arg(&modules),
+            )?;
+            check(Command::new("depmod").arg("-b").arg(&root).arg(release))?;
+        }
+        Ok(Some(root))
     }
 
     /// Boot `kernel` and run `command` as root in the workspace; stream its output.
@@ -296,46 +489,38 @@ impl Vm {
         command: &[OsString],
         timeout: Duration,
     ) -> Result<GuestRun> {
+        let guest_root = self.guest_root(kernel)?;
         let run_dir = self.fresh_run_dir(kernel.line.name)?;
         let output_path = run_dir.join("output.log");
         let console_path = run_dir.join("console.log");
         let status_path = run_dir.join("status");
         let shared = run_dir.join("out");
         fs::create_dir_all(&shared)?;
-        let env: Vec<(&str, &OsStr)> = std::iter::once((SHARED_ENV, shared.as_os_str()))
+        // The run directory as the guest sees it: at its own path on the host's root; on
+        // another root at FOREIGN_RUN_DIR, as vng mounts read-write directories before
+        // read-only ones (the workspace), so none can lie inside the workspace there.
+        let guest_dir = if guest_root.is_some() {
+            PathBuf::from(FOREIGN_RUN_DIR)
+        } else {
+            run_dir.clone()
+        };
+        let shared_in_guest = guest_dir.join("out");
+        let env: Vec<(&str, &OsStr)> = std::iter::once((SHARED_ENV, shared_in_guest.as_os_str()))
             .chain(env.iter().copied())
             .collect();
-        let script = guest_script(&env, command, &output_path, &status_path);
+        let script = guest_script(
+            &self.root,
+            &env,
+            command,
+            &guest_dir.join("output.log"),
+            &guest_dir.join("status"),
+        );
         let script_path = run_dir.join("guest.sh");
         fs::write(&script_path, script)?;
 
-        let venv_bin = self.dir.join("venv/bin");
-        let path = std::env::join_paths(std::iter::once(venv_bin.clone()).chain(
-            std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()),
-        ))?;
         let console = fs::File::create(&console_path)?;
-        let mut vng = Command::new(venv_bin.join("vng"));
-        vng.arg("--run")
-            .arg(&kernel.vmlinuz)
-            // No KVM on our machines; 9p, as virtiofs needs a daemon; --verbose puts the
-            // kernel's messages (oopses, verifier warnings) in console.log.
-            .args(["--disable-kvm", "--force-9p", "--verbose"])
-            .args(["--cpus", GUEST_CPUS, "--memory", GUEST_MEMORY])
-            // One host thread runs every vCPU in turn (round-robin TCG). With one thread per
-            // vCPU (QEMU's default), a static key flipped by attaching or detaching a
-            // tracepoint patches kernel text while the other vCPU may still run its old
-            // translation: it meets the int3 of text_poke_bp after the kernel has dropped
-            // it, and the guest panics ("Oops: int3" in syscall_exit_to_user_mode_prepare
-            // on 6.12, a livelock on 5.10). Real CPUs keep code coherent; TCG does only
-            // within one thread.
-            .arg("--qemu-opts=-accel tcg,thread=single")
-            .arg("--cwd")
-            .arg(&self.root)
-            .arg(format!("--rwdir={}", run_dir.display()))
-            .arg("--exec")
-            .arg(format!("sh {}", sh_quote(script_path.as_os_str())))
-            .env("PATH", path)
-            .stdin(Stdio::null())
+        let mut vng = self.vng(kernel, guest_root.as_deref(), &guest_dir, &run_dir)?;
+        vng.stdin(Stdio::null())
             .stdout(console.try_clone()?)
             .stderr(console)
             // Its own process group, so a timeout ends QEMU too, not only vng.
@@ -412,6 +597,56 @@ fn kernel_crash(console: &Path) -> String {
 }
 
 impl Vm {
+    /// vng booting `kernel` (on `guest_root` when it is another architecture's) to run the
+    /// script in `run_dir`, seen in the guest at `guest_dir`.
+    fn vng(
+        &self,
+        kernel: &Kernel,
+        guest_root: Option<&Path>,
+        guest_dir: &Path,
+        run_dir: &Path,
+    ) -> Result<Command> {
+        let venv_bin = self.dir.join("venv/bin");
+        let path = std::env::join_paths(std::iter::once(venv_bin.clone()).chain(
+            std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()),
+        ))?;
+        let mut vng = Command::new(venv_bin.join("vng"));
+        vng.arg("--run").arg(&kernel.vmlinuz);
+        if let Some(guest_root) = guest_root {
+            // Another architecture: its own root, with this workspace (the binaries, the
+            // run directory below) mounted at the same path.
+            vng.args(["--arch", kernel.line.arch.debian()])
+                .arg("--root")
+                .arg(guest_root)
+                .arg(format!("--rodir={0}={0}", self.root.display()));
+        }
+        vng
+            // No KVM on our machines; 9p, as virtiofs needs a daemon; --verbose puts the
+            // kernel's messages (oopses, verifier warnings) in console.log.
+            .args(["--disable-kvm", "--force-9p", "--verbose"])
+            .args(["--cpus", GUEST_CPUS, "--memory", GUEST_MEMORY])
+            // One host thread runs every vCPU in turn (round-robin TCG). With one thread per
+            // vCPU (QEMU's default), a static key flipped by attaching or detaching a
+            // tracepoint patches kernel text while the other vCPU may still run its old
+            // translation: it meets the int3 of text_poke_bp after the kernel has dropped
+            // it, and the guest panics ("Oops: int3" in syscall_exit_to_user_mode_prepare
+            // on 6.12, a livelock on 5.10). Real CPUs keep code coherent; TCG does only
+            // within one thread.
+            .arg("--qemu-opts=-accel tcg,thread=single")
+            .arg(format!(
+                "--rwdir={}={}",
+                guest_dir.display(),
+                run_dir.display()
+            ))
+            .arg("--exec")
+            .arg(format!(
+                "sh {}",
+                sh_quote(guest_dir.join("guest.sh").as_os_str())
+            ))
+            .env("PATH", path);
+        Ok(vng)
+    }
+
     /// A new directory for one guest run, `target/vm/run/<kernel>.<pid>`: one per xtask
     /// process, so two runs at once (a developer's and the matrix) do not mix files.
     /// Those of xtask processes that are gone are removed.
@@ -471,6 +706,7 @@ pub fn end_guest_on_signals() {
 /// The shell script the guest runs: prepare the guest, run the command with its output
 /// and exit status written to the shared directory.
 fn guest_script(
+    workspace: &Path,
     env: &[(&str, &OsStr)],
     command: &[OsString],
     output: &Path,
@@ -482,6 +718,9 @@ fn guest_script(
          mountpoint -q /sys/kernel/tracing || mount -t tracefs tracefs /sys/kernel/tracing\n\
          modprobe -a inet_diag tcp_diag || echo 'xtask: modprobe inet_diag tcp_diag failed'\n",
     );
+    // In the script, not vng's --cwd: that must lie inside the guest's root on the host,
+    // which the workspace does not for an arm64 root.
+    let _ = writeln!(script, "cd {}", sh_quote(workspace.as_os_str()));
     for (key, value) in env {
         let _ = writeln!(script, "export {key}={}", sh_quote(value));
     }
@@ -561,32 +800,62 @@ impl GuestResult {
     }
 }
 
-impl Vm {
-    /// Boot each kernel in turn and run the guest suite in it: `xtask` is this program
-    /// (it runs the suite in the guest), `tests` the integration-test executables by
-    /// target name, `connwatch` the static build the tests drive.
-    pub fn matrix(
-        &self,
-        lines: &[&'static KernelLine],
-        xtask: &Path,
-        tests: &[(String, PathBuf)],
-        connwatch: &Path,
-    ) -> Vec<GuestResult> {
+/// What a guest of one architecture runs: the guest suite's command line (xtask, connwatch
+/// and the test executables, all built for that architecture) and its environment.
+struct GuestCommand {
+    command: Vec<OsString>,
+    connwatch: PathBuf,
+}
+
+impl GuestCommand {
+    /// Builds what guests of `arch` need: on this machine's architecture, the host's debug
+    /// test executables and xtask itself; on another, static cross-builds of xtask and of
+    /// the tests its kernel lines name.
+    fn build(root: &Path, arch: Arch) -> Result<Self> {
+        let mut names: Vec<&str> = KERNELS
+            .iter()
+            .filter(|line| line.arch == arch)
+            .flat_map(KernelLine::tests)
+            .map(|&(name, _)| name)
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        step(&format!(
+            "building the integration tests for the {} guests",
+            arch.debian()
+        ));
+        let (xtask, tests) = if arch.is_host() {
+            (
+                std::env::current_exe().context("locating the xtask binary")?,
+                crate::integration_test_executables(None, &[])?,
+            )
+        } else {
+            (
+                crate::xtask_for(root, arch.musl_target())?,
+                crate::integration_test_executables(Some(arch.musl_target()), &names)?,
+            )
+        };
+        let connwatch = arch.static_bin(root);
         let mut command: Vec<OsString> = vec![xtask.into(), "guest-suite".into()];
         command.push("--connwatch".into());
-        command.push(connwatch.into());
+        command.push(connwatch.clone().into());
         let chosen = tests
             .iter()
-            .filter(|(name, _)| GUEST_TESTS.iter().any(|(n, _)| n == name));
+            .filter(|(name, _)| names.contains(&name.as_str()));
         for (name, path) in chosen {
             let mut pair = OsString::from(format!("{name}="));
             pair.push(path);
             command.extend(["--test".into(), pair]);
         }
-        let env = [
-            ("CONNWATCH_BIN", connwatch.as_os_str()),
-            ("CONNWATCH_STATIC_BIN", connwatch.as_os_str()),
-        ];
+        Ok(Self { command, connwatch })
+    }
+}
+
+impl Vm {
+    /// Boot each kernel in turn and run the guest suite in it (built for each architecture
+    /// the first time a line needs it).
+    pub fn matrix(&self, lines: &[&'static KernelLine]) -> Vec<GuestResult> {
+        let mut commands: Vec<(Arch, Result<GuestCommand, String>)> = Vec::new();
         let mut results = Vec::new();
         for &line in lines {
             let mut result = GuestResult {
@@ -596,14 +865,36 @@ impl Vm {
                 checks: Vec::new(),
                 error: None,
             };
+            let built = if let Some(at) = commands.iter().position(|(a, _)| *a == line.arch) {
+                at
+            } else {
+                let built =
+                    GuestCommand::build(&self.root, line.arch).map_err(|err| format!("{err:#}"));
+                commands.push((line.arch, built));
+                commands.len() - 1
+            };
+            let guest = match &commands[built].1 {
+                Ok(guest) => guest,
+                Err(err) => {
+                    result.error = Some(format!("building the guest's tests: {err}"));
+                    results.push(result);
+                    continue;
+                }
+            };
+            let env = [
+                ("CONNWATCH_BIN", guest.connwatch.as_os_str()),
+                ("CONNWATCH_STATIC_BIN", guest.connwatch.as_os_str()),
+            ];
             let outcome = self.kernel(line).and_then(|kernel| {
                 result.package = format!("{} {}", kernel.package, kernel.version);
                 step(&format!(
                     "guest {}: {} (QEMU without KVM): {} test files, selftest, static binary",
                     line.name,
                     result.package,
-                    GUEST_TESTS.len()
+                    line.tests().count()
                 ));
+                let mut command = guest.command.clone();
+                command.extend(["--line".into(), line.name.into()]);
                 self.run(&kernel, &env, &command, GUEST_TIMEOUT)
             });
             match outcome {
@@ -665,7 +956,11 @@ pub fn print_summary(results: &[GuestResult]) {
 /// with no libc. Streams their output and writes each check's result to the shared
 /// directory as it goes, so a guest that dies midway still tells how far it got.
 /// Returns whether every check passed.
-pub fn guest_suite(tests: &[(String, PathBuf)], connwatch: &Path) -> Result<bool> {
+pub fn guest_suite(
+    line: &KernelLine,
+    tests: &[(String, PathBuf)],
+    connwatch: &Path,
+) -> Result<bool> {
     let shared = PathBuf::from(
         std::env::var_os(SHARED_ENV).with_context(|| format!("{SHARED_ENV} is not set"))?,
     );
@@ -682,7 +977,7 @@ pub fn guest_suite(tests: &[(String, PathBuf)], connwatch: &Path) -> Result<bool
         fs::write(shared.join(RESULTS_FILE), json)?;
         Ok(())
     };
-    for &(name, filters) in GUEST_TESTS {
+    for &(name, filters) in line.tests() {
         let Some((_, exe)) = tests.iter().find(|(n, _)| n == name) else {
             record(CheckResult {
                 name: name.to_string(),
@@ -849,10 +1144,11 @@ fn only_entry(dir: &Path) -> Result<PathBuf> {
 /// kernels of other releases neither needs nor changes the host's apt configuration.
 struct PrivateApt {
     dir: PathBuf,
+    arch: Arch,
 }
 
 impl PrivateApt {
-    fn new(dir: PathBuf) -> Result<Self> {
+    fn new(dir: PathBuf, arch: Arch) -> Result<Self> {
         for sub in ["lists/partial", "cache/archives/partial", "sources.list.d"] {
             fs::create_dir_all(dir.join(sub))?;
         }
@@ -868,7 +1164,7 @@ impl PrivateApt {
             // New sources: the old index no longer matches them.
             let _ = fs::remove_file(dir.join("updated"));
         }
-        Ok(Self { dir })
+        Ok(Self { dir, arch })
     }
 
     /// The options that point apt at this directory instead of /etc/apt and /var.
@@ -882,8 +1178,8 @@ impl PrivateApt {
             ("Dir::State::status", d("status")),
             ("Dir::Cache", d("cache")),
             ("Dir::Cache::archives", d("cache/archives")),
-            ("APT::Architecture", "amd64".to_string()),
-            ("APT::Architectures", "amd64".to_string()),
+            ("APT::Architecture", self.arch.debian().to_string()),
+            ("APT::Architectures", self.arch.debian().to_string()),
             // Our directories are root's; apt's `_apt` user could not write them.
             ("APT::Sandbox::User", "root".to_string()),
         ] {
@@ -951,9 +1247,13 @@ impl PrivateApt {
     }
 }
 
-/// The runs of digits in a kernel package's version part (before `-amd64`), as numbers.
+/// The runs of digits in a kernel package's version part (before `-amd64`, `-arm64`), as
+/// numbers.
 fn numbers(package: &str) -> Vec<u64> {
-    let version = package.split("-amd64").next().unwrap_or(package);
+    let version = Arch::ALL
+        .iter()
+        .find_map(|arch| package.split_once(&format!("-{}", arch.debian())))
+        .map_or(package, |(version, _)| version);
     version
         .split(|c: char| !c.is_ascii_digit())
         .filter(|part| !part.is_empty())
@@ -1163,6 +1463,7 @@ mod tests {
     #[test]
     fn guest_script_quotes_words() {
         let script = guest_script(
+            Path::new("/w s"),
             &[("CONNWATCH_BIN", OsStr::new("/a b/connwatch"))],
             &["echo".into(), "it's".into()],
             Path::new("/out"),
@@ -1171,5 +1472,6 @@ mod tests {
         assert!(script.contains("export CONNWATCH_BIN='/a b/connwatch'"));
         assert!(script.contains(r"'echo' 'it'\''s'"));
         assert!(script.contains("echo $? > '/status'"));
+        assert!(script.contains("cd '/w s'\n"));
     }
 }

@@ -37,8 +37,11 @@ pub static CONNWATCH: LazyLock<String> = LazyLock::new(|| {
     path
 });
 
-/// How long connwatch may take to load and attach (the verifier, BTF parsing).
-const START_TIMEOUT: Duration = Duration::from_mins(1);
+/// How long connwatch may take to load and attach (the verifier, BTF parsing): a hang's
+/// bound, not a speed check. Loading with the kernel diagnostics on (aya-log: 120,000
+/// verified instructions for the largest program) took over a minute in an arm64 guest
+/// under TCG, beside another test loading.
+const START_TIMEOUT: Duration = Duration::from_mins(3);
 /// How long an expected event may take to show up: an upper bound for a loaded machine
 /// (tests move on as soon as their events arrive).
 pub const EVENT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -636,6 +639,16 @@ pub fn kernel_at_least(major: u32, minor: u32) -> bool {
         .split(['.', '-'])
         .map(|p| p.parse::<u32>().unwrap_or(0));
     (parts.next().unwrap_or(0), parts.next().unwrap_or(0)) >= (major, minor)
+}
+
+/// Whether the send/recv hooks run typed and can keep each socket's last call in socket
+/// storage, ordering requests against answers: socket storage for tracing programs is
+/// Linux 5.11+, and the hooks are typed where `sock_send_length` exists (6.3+) or BPF
+/// trampolines attach to kernel functions (fexit): x86-64 always, arm64 only from 6.5
+/// (ftrace direct calls), so arm64 6.1 uses kprobes, which cannot reach socket storage.
+/// Elsewhere `tcp_info`'s ticks order them, as `doctor` says.
+pub fn requests_ordered() -> bool {
+    kernel_at_least(5, 11) && (cfg!(target_arch = "x86_64") || kernel_at_least(6, 3))
 }
 
 /// The network namespace of process `pid`, as connwatch reports it (`netns`: its inode).
