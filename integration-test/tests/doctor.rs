@@ -81,6 +81,45 @@ fn this_machine_can_run_connwatch() {
     );
 }
 
+/// `--no-trampolines`, where the send/recv tracepoints are missing (before Linux 6.3): a
+/// kprobe and kretprobe serve used_after_*, as on kernels without BPF trampolines (arm64
+/// before 6.5), degraded by the kretprobe's limit on calls in flight; request_stalled falls
+/// back to tcp_info (kprobes cannot reach socket storage). Skipped where the tracepoints
+/// exist: they serve whatever the flag says.
+#[test]
+fn without_trampolines_kprobes_serve_used_after() {
+    let tracefs = monitor::probes::tracefs::locate(None).expect("tracefs");
+    if tracefs.join("events/sock/sock_send_length").is_dir() {
+        println!(
+            "without_trampolines_kprobes_serve_used_after: skipped: this kernel has \
+             sock:sock_send_length, which serves used_after_* before kprobes"
+        );
+        return;
+    }
+    let (code, table, stderr) = doctor(&["--no-trampolines"]);
+    assert_eq!(code, Some(0), "{table}{stderr}");
+    let used_after = row(&table, "capability used_after_*");
+    assert!(
+        used_after.contains(" degraded ")
+            && used_after.contains(
+                "served by kprobe+kretprobe tcp_sendmsg, tcp_recvmsg (fexit not used: \
+                 --no-trampolines)"
+            )
+            && used_after.contains("maxactive"),
+        "{used_after}"
+    );
+    let stalls = row(&table, "capability request_stalled");
+    assert!(
+        stalls.contains(" degraded ") && stalls.contains("tcp_info"),
+        "{stalls}"
+    );
+    assert!(row(&table, "kprobes").contains(" ok "), "{table}");
+    assert!(
+        table.contains("connwatch can run on this node: yes"),
+        "{table}"
+    );
+}
+
 #[test]
 fn a_missing_tracepoint_is_reported_and_fails() {
     let fake = FakeTracefs::without("tcp/tcp_receive_reset");

@@ -25,9 +25,46 @@ fn position(events: &[Value], kind_name: &str, local_port: u16) -> usize {
         .unwrap_or_else(|| panic!("no {kind_name}: {events:#?}"))
 }
 
+/// Where the send/recv tracepoints exist (Linux 6.3+), they serve `used_after_*` whatever
+/// `--no-trampolines` says: the kprobe path is then not reachable, and `test` is skipped,
+/// saying so. It runs in the guests of older kernels (5.10, 6.1).
+fn kprobes_unreachable(test: &str) -> bool {
+    let tracefs = monitor::probes::tracefs::locate(None).expect("tracefs");
+    let exists = tracefs.join("events/sock/sock_send_length").is_dir();
+    if exists {
+        println!(
+            "{test}: skipped: this kernel has sock:sock_send_length, which serves \
+             used_after_* before kprobes; the kprobe path is tested on kernels before 6.3"
+        );
+    }
+    exists
+}
+
+/// What the start-up line says serves `used_after_*` with `--no-trampolines`.
+const KPROBES_SERVE: &str = "used_after_* ← kprobe+kretprobe tcp_sendmsg, tcp_recvmsg \
+    (fexit not used: --no-trampolines) (degraded: a kretprobe follows at most the kernel's \
+    maxactive calls";
+
 #[test]
 fn used_after_idle_reset() {
-    let (listener, server_port, watch) = watched_listener("127.0.0.1:0", &[]);
+    used_after_idle_reset_with(&[]);
+}
+
+/// The kprobe and kretprobe that serve where the kernel has no BPF trampolines (arm64
+/// before 6.5), forced: a write after the peer's RST, seen through the kretprobe.
+#[test]
+fn used_after_idle_reset_with_kprobes() {
+    if kprobes_unreachable("used_after_idle_reset_with_kprobes") {
+        return;
+    }
+    let stderr = used_after_idle_reset_with(&["--no-trampolines"]);
+    assert!(stderr.contains(KPROBES_SERVE), "{stderr}");
+}
+
+/// A pooled connection reset while idle, then written by another thread: one
+/// `used_after_reset`, after the `peer_reset_idle`. Returns connwatch's stderr.
+fn used_after_idle_reset_with(extra: &[&str]) -> String {
+    let (listener, server_port, watch) = watched_listener("127.0.0.1:0", extra);
     let pair = Pair::connect(&listener, "cw-pool-conn");
     let client_port = pair.client_port();
     thread::sleep(Duration::from_secs(2));
@@ -37,7 +74,7 @@ fn used_after_idle_reset() {
     watch.wait_for("used_after_reset", |events| {
         count(events, "used_after_reset", client_port) >= 1
     });
-    let events = watch.stop().events;
+    let Stopped { events, stderr, .. } = watch.stop();
     assert!(
         position(&events, "peer_reset_idle", client_port)
             < position(&events, "used_after_reset", client_port)
@@ -60,6 +97,7 @@ fn used_after_idle_reset() {
     let since = ms(hit, "since_reset_ms");
     assert!((150..5000).contains(&since), "since_reset_ms={since}");
     assert_eq!(count(&events, "used_after_close", client_port), 0);
+    stderr
 }
 
 #[test]
@@ -285,7 +323,22 @@ fn a_fin_handled_at_once_is_healthy_and_one_held_is_flagged() {
 /// reader) is flagged after the grace, dated by the RST.
 #[test]
 fn an_idle_reset_handled_at_once_is_healthy_and_one_held_is_flagged() {
-    let (listener, _, watch) = watched_listener("127.0.0.1:0", &[]);
+    an_idle_reset_handled_at_once_with(&[]);
+}
+
+/// The same through the kprobes: the healthy reader's recv is blocked when the RST comes,
+/// its kretprobe armed across the wait; woken by ECONNRESET within the grace, the read is
+/// the client noticing, not reported.
+#[test]
+fn an_idle_reset_handled_at_once_is_healthy_with_kprobes() {
+    if kprobes_unreachable("an_idle_reset_handled_at_once_is_healthy_with_kprobes") {
+        return;
+    }
+    an_idle_reset_handled_at_once_with(&["--no-trampolines"]);
+}
+
+fn an_idle_reset_handled_at_once_with(extra: &[&str]) {
+    let (listener, _, watch) = watched_listener("127.0.0.1:0", extra);
     let (healthy, stale) = Healthy::next_to_a_stale_pool(&listener);
     let (healthy_port, stale_port) = (healthy.port, stale.client_port());
     abort(healthy.server); // ECONNRESET for the reader
@@ -444,7 +497,23 @@ fn eof_read_right_after_fin_is_an_ordinary_close() {
 
 #[test]
 fn eof_read_long_after_fin_is_reported() {
-    let (listener, server_port, watch) = watched_listener("127.0.0.1:0", &[]);
+    eof_read_long_after_fin_with(&[]);
+}
+
+/// The same through the kprobes (see [`used_after_idle_reset_with_kprobes`]): a recv.
+#[test]
+fn eof_read_long_after_fin_is_reported_with_kprobes() {
+    if kprobes_unreachable("eof_read_long_after_fin_is_reported_with_kprobes") {
+        return;
+    }
+    let stderr = eof_read_long_after_fin_with(&["--no-trampolines"]);
+    assert!(stderr.contains(KPROBES_SERVE), "{stderr}");
+}
+
+/// A pool reads from a connection whose peer closed it 1.5 s before: one
+/// `used_after_close` (EOF). Returns connwatch's stderr.
+fn eof_read_long_after_fin_with(extra: &[&str]) -> String {
+    let (listener, server_port, watch) = watched_listener("127.0.0.1:0", extra);
     let pair = Pair::connect(&listener, "cw-pool-conn");
     let client_port = pair.client_port();
     drop(pair.server);
@@ -458,7 +527,7 @@ fn eof_read_long_after_fin_is_reported() {
     watch.wait_for("used_after_close", |events| {
         count(events, "used_after_close", client_port) >= 1
     });
-    let events = watch.stop().events;
+    let Stopped { events, stderr, .. } = watch.stop();
     let hit = of_kind(&events, "used_after_close", client_port);
     assert_eq!(hit.len(), 1, "{events:#?}");
     assert_eq!(hit[0]["comm"], "cw-checkout");
@@ -469,6 +538,7 @@ fn eof_read_long_after_fin_is_reported() {
     assert_eq!(hit[0]["errno"], 0);
     assert!(ms(hit[0], "since_close_ms") >= 1400, "{:?}", hit[0]);
     assert_eq!(port(&hit[0]["remote"]), server_port);
+    stderr
 }
 
 /// A stop within an idle FIN's grace reports it: the application still held the socket at

@@ -45,6 +45,27 @@ pub static OWNERS: LruHashMap<u64, SockOwner> = LruHashMap::with_max_entries(655
 #[map]
 pub static PEER_ENDED: LruHashMap<u64, PeerEnded> = LruHashMap::with_max_entries(65536, 0);
 
+/// Where kprobes serve the send/recv hooks: each thread's `tcp_sendmsg` / `tcp_recvmsg` call
+/// in flight (key: `bpf_get_current_pid_tgid()`), its socket carried from the entry kprobe
+/// to the kretprobe, which takes it out. LRU, so that entries a missed kretprobe leaves
+/// behind (beyond the kernel's maxactive, or a thread that exits) are evicted, never fill
+/// it. 10240 covers that many threads in a send or recv at once; beyond it, the oldest
+/// calls (those blocked longest) lose their entry and go unseen, which maxactive does long
+/// before.
+#[map]
+pub static IO_CALLS: LruHashMap<u64, IoCall> = LruHashMap::with_max_entries(10240, 0);
+
+/// A send or recv call in flight, from its kprobe to its kretprobe.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct IoCall {
+    /// The `struct sock *` argument.
+    pub sk: u64,
+    /// `io::SEND` or `io::RECV`: a kretprobe takes only its own function's entry, should a
+    /// missed entry kprobe leave the thread's other call behind.
+    pub op: u64,
+}
+
 /// Connects per process and endpoint (`ConnectKey`), read at each refresh: pools' connect
 /// rates. LRU, so endpoints no longer used make room for new ones.
 #[map]

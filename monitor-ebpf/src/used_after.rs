@@ -1,8 +1,9 @@
 //! The application runs into a connection its peer already ended (write: broken pipe,
 //! ECONNRESET, EOF). Hooked on every send/recv of the host: `sock:sock_send_length` /
 //! `sock:sock_recv_length` where the kernel has them (6.3+; typed raw tracepoints, else
-//! classic ones), else fexit on `tcp_sendmsg` / `tcp_recvmsg`, chosen by userspace at load
-//! time. A healthy call leaves after reading its return value (and, for a successful send,
+//! classic ones), else fexit on `tcp_sendmsg` / `tcp_recvmsg`, else a kprobe and a
+//! kretprobe on each (kernels without BPF trampolines, such as arm64 before 6.5), chosen by
+//! userspace at load time. A healthy call leaves after reading its return value (and, for a successful send,
 //! the socket state); only marked sockets cost a map lookup.
 //!
 //! The peer-end marks (`PEER_ENDED`) are read through a lookup's pointer into a
@@ -25,16 +26,18 @@ use core::mem::MaybeUninit;
 use aya_ebpf::{
     bindings::{BPF_EXIST, BPF_SK_STORAGE_GET_F_CREATE},
     cty::c_void,
-    helpers::{bpf_ktime_get_ns, generated::bpf_sk_storage_get},
-    macros::{btf_tracepoint, fexit, tracepoint},
-    programs::{BtfTracePointContext, FExitContext, TracePointContext},
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, generated::bpf_sk_storage_get},
+    macros::{btf_tracepoint, fexit, kprobe, kretprobe, tracepoint},
+    programs::{
+        BtfTracePointContext, FExitContext, ProbeContext, RetProbeContext, TracePointContext,
+    },
 };
 use monitor_common::{ConnEvent, IPPROTO_TCP, IoMark, PeerEnded, hook, io, peer_end, tcp_state};
 
 use crate::{
     event::{Slot, Subject, set},
     kernel::{Record, Tp, TupleSource, copy_words, is_tcp, layout, settings, sk_state},
-    maps::{IO_MARKS, PEER_ENDED},
+    maps::{IO_CALLS, IO_MARKS, IoCall, PEER_ENDED},
 };
 
 const EAGAIN: i32 = 11;
@@ -116,6 +119,72 @@ pub fn tcp_recvmsg_exit6(ctx: FExitContext) -> u32 {
     )
 }
 
+/// `tcp_sendmsg(sk, ...)` entry, where neither the tracepoints nor fexit serve: keeps the
+/// socket for the kretprobe, which sees only the return value.
+#[kprobe]
+pub fn tcp_sendmsg_entry(ctx: ProbeContext) -> u32 {
+    call_entry(&ctx, io::SEND)
+}
+
+/// `tcp_sendmsg`'s return: the call's result, with the socket its entry kept.
+#[kretprobe]
+pub fn tcp_sendmsg_return(ctx: RetProbeContext) -> u32 {
+    call_return(&ctx, io::SEND)
+}
+
+/// `tcp_recvmsg(sk, ...)` entry: `sk` is the first argument in both arities (5.19 dropped
+/// `nonblock`, a later one), so one program serves every kernel.
+#[kprobe]
+pub fn tcp_recvmsg_entry(ctx: ProbeContext) -> u32 {
+    call_entry(&ctx, io::RECV)
+}
+
+/// `tcp_recvmsg`'s return.
+#[kretprobe]
+pub fn tcp_recvmsg_return(ctx: RetProbeContext) -> u32 {
+    call_return(&ctx, io::RECV)
+}
+
+/// Keeps `sk` (argument 0) for this thread's call until its return. A thread is in one
+/// send or recv at a time, so the thread's key holds at most this call's socket; a newer
+/// call overwrites what a missed kretprobe left.
+#[inline(always)]
+fn call_entry(ctx: &ProbeContext, op: u8) -> u32 {
+    let Some(sk) = ctx.arg::<u64>(0) else {
+        return 0;
+    };
+    let call = IoCall {
+        sk,
+        op: u64::from(op),
+    };
+    let thread = bpf_get_current_pid_tgid();
+    // Full (every entry a call in flight, none evictable): the call goes unseen.
+    let _ = IO_CALLS.insert(thread, call, 0);
+    0
+}
+
+/// Takes this thread's call kept at entry and checks its result. The socket is an address
+/// read from the registers, not a typed pointer: no socket storage (`Sk::Read`).
+#[inline(always)]
+fn call_return(ctx: &RetProbeContext, op: u8) -> u32 {
+    let thread = bpf_get_current_pid_tgid();
+    let Some(kept) = IO_CALLS.get_ptr(thread) else {
+        // None: the call began before the kprobe was attached, or its entry was evicted.
+        return 0;
+    };
+    // SAFETY: `kept` points at a preallocated map element, valid and 8-aligned memory for a
+    // whole IoCall for the program's run whichever key holds it. Only this thread writes its
+    // key; were the element evicted and recycled for another thread's call in between (the
+    // map full of calls in flight), the copy is that call's socket: checked below as this
+    // call's, at worst a report against the wrong socket, as rare as such an eviction.
+    let IoCall { sk, op: kept_op } = unsafe { core::ptr::read(kept) };
+    let _ = IO_CALLS.remove(thread);
+    if kept_op != u64::from(op) {
+        return 0;
+    }
+    after_peer_end(sk, ctx.ret::<i32>(), op, Protocol::Tcp, Sk::Read)
+}
+
 #[inline(always)]
 fn from_tracepoint(ctx: &TracePointContext, op: u8) -> u32 {
     let tp = layout(Tp::SockLength);
@@ -138,7 +207,8 @@ enum Protocol {
 }
 
 /// Where the hook's `sk` came from: socket storage takes only the kernel's typed pointer
-/// (the verifier checks its type), not an address read out of a tracepoint record.
+/// (the verifier checks its type), not an address read out of a tracepoint record or a
+/// kprobe's registers.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Sk {
     Typed,

@@ -207,10 +207,10 @@ fn load_checks(options: &ProbeOptions) -> Vec<Check> {
                 "kprobes",
                 probes
                     .try_kprobe()
-                    .map(|()| "available (not needed)".into())
+                    .map(|()| "available".into())
                     .context("no kprobe support (CONFIG_KPROBES off, or kprobes disabled)"),
                 Status::Unavailable,
-                "not needed: connwatch uses tracepoints",
+                "needed only where sock:sock_send_length is missing and fexit fails",
             ));
             checks.push(check(
                 "BPF trampolines (fentry)",

@@ -139,6 +139,12 @@ pub struct ProbeOptions {
     /// which cost less per hit: for a kernel whose tp_btf misbehaves, or to compare.
     #[arg(long, env = "CONNWATCH_CLASSIC_TRACEPOINTS")]
     pub classic_tracepoints: bool,
+    /// Do not use BPF trampolines (fexit) where the send/recv tracepoints are missing
+    /// (before Linux 6.3): a kprobe and kretprobe on tcp_sendmsg/tcp_recvmsg serve instead,
+    /// as where the kernel has no trampolines. For kernels whose trampolines misbehave, or to
+    /// compare.
+    #[arg(long, env = "CONNWATCH_NO_TRAMPOLINES")]
+    pub no_trampolines: bool,
     /// Ring buffer size in bytes: a power of two, at least one page.
     #[arg(long, value_name = "BYTES", default_value_t = 4 << 20, value_parser = parse_ring_size)]
     pub ring_buffer_size: u32,
@@ -182,7 +188,7 @@ pub struct Tracepoint {
 const ACCEPT_LOSS: &str = "kernel without CONFIG_FTRACE_SYSCALLS?): accepted sockets are \
     attributed through /proc instead, which misses sockets closed before connwatch looks";
 const IO_LOSS: &str = "added in Linux 6.3): fexit on tcp_sendmsg/tcp_recvmsg serves instead \
-    where the kernel allows it";
+    where the kernel allows it, else a kprobe and kretprobe on each";
 
 pub const TRACEPOINTS: &[Tracepoint] = &[
     Tracepoint {
@@ -254,7 +260,7 @@ impl Tracepoint {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Capability {
     pub name: &'static str,
-    /// The kernel hook (or data) behind it, e.g. `fexit tcp_sendmsg + tcp_recvmsg`.
+    /// The kernel hook (or data) behind it, e.g. `fexit tcp_sendmsg, tcp_recvmsg`.
     pub served_by: String,
     /// Why it is degraded or missing on this kernel; `None` when fully served.
     pub degraded: Option<String>,
@@ -464,7 +470,10 @@ impl Probes {
             (io_tracepoints, io_typed),
             storage_for_tracing,
             hz,
-            || attach_io_fexit(&mut ebpf, &mut typed_btf, recvmsg_args),
+            |hooks| match hooks {
+                CallHooks::Fexit => attach_io_fexit(&mut ebpf, &mut typed_btf, recvmsg_args),
+                CallHooks::Kprobes => attach_io_kprobes(&mut ebpf),
+            },
             &mut warnings,
         );
         let (resets, causes) =
@@ -516,7 +525,8 @@ impl Probes {
             .collect()
     }
 
-    /// Whether a kprobe can be attached here (informational: connwatch does not use them).
+    /// Whether a kprobe can be attached here (informational: the used_after_* row says
+    /// whether kprobes serve it).
     pub fn try_kprobe(&mut self) -> Result<()> {
         let program: &mut KProbe = program_mut(&mut self.ebpf, "doctor_kprobe")?;
         program
@@ -696,15 +706,25 @@ fn attach_hooks(
     })
 }
 
+/// What serves `used_after_*` where the send/recv tracepoints are missing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CallHooks {
+    /// fexit on `tcp_sendmsg` / `tcp_recvmsg`: BPF trampolines, typed arguments.
+    Fexit,
+    /// A kprobe and a kretprobe on each: where the kernel has no trampolines (arm64 before
+    /// 6.5), or `--no-trampolines`.
+    Kprobes,
+}
+
 /// The rows of `used_after_*` and `request_stalled`: what serves them, given how the
 /// send/recv tracepoints were attached (`io`: whether they exist, and typed or why not).
-/// Where they do not exist, `attach_fexit` tries fexit in their place.
+/// Where they do not exist, `attach` tries fexit in their place, then kprobes.
 fn io_capabilities(
     options: &ProbeOptions,
     (io_tracepoints, io_typed): (bool, Result<(), String>),
     storage_for_tracing: bool,
     hz: u32,
-    attach_fexit: impl FnOnce() -> Result<()>,
+    mut attach: impl FnMut(CallHooks) -> Result<()>,
     warnings: &mut Vec<String>,
 ) -> (Capability, Capability) {
     // What orders a request against its answer: the send/recv hooks' socket storage,
@@ -741,22 +761,50 @@ fn io_capabilities(
             ),
         }
     } else {
-        match attach_fexit() {
+        let fexit = if options.no_trampolines {
+            Err("--no-trampolines".to_string())
+        } else {
+            attach(CallHooks::Fexit).map_err(|err| format!("refused: {}", with_causes(&err)))
+        };
+        match fexit {
             Ok(()) => Capability::full("used_after_*", "fexit tcp_sendmsg, tcp_recvmsg"),
-            Err(err) => {
-                let why = format!(
-                    "sock:sock_send_length needs Linux 6.3, and fexit on tcp_sendmsg \
-                     failed: {}",
-                    with_causes(&err)
-                );
-                warnings.push(format!("used_after_reset/close are not reported: {why}"));
-                io_marking = Err(why.clone());
-                Capability {
-                    name: "used_after_*",
-                    served_by: "nothing".into(),
-                    degraded: Some(why),
+            Err(fexit_why) => match attach(CallHooks::Kprobes) {
+                Ok(()) => {
+                    if !options.no_trampolines {
+                        warnings.push(format!(
+                            "fexit on tcp_sendmsg/tcp_recvmsg was {fexit_why}; a kprobe and \
+                             kretprobe on each serve used_after_* instead"
+                        ));
+                    }
+                    if io_marking.is_ok() {
+                        io_marking = Err("the send/recv hooks are kprobes, which cannot \
+                                          reach socket storage"
+                            .into());
+                    }
+                    Capability {
+                        name: "used_after_*",
+                        served_by: format!(
+                            "kprobe+kretprobe tcp_sendmsg, tcp_recvmsg (fexit not used: \
+                             {fexit_why})"
+                        ),
+                        degraded: Some(kretprobe_limit(possible_cpus())),
+                    }
                 }
-            }
+                Err(err) => {
+                    let why = format!(
+                        "sock:sock_send_length needs Linux 6.3, fexit on tcp_sendmsg was \
+                         {fexit_why}, and kprobes failed: {}",
+                        with_causes(&err)
+                    );
+                    warnings.push(format!("used_after_reset/close are not reported: {why}"));
+                    io_marking = Err(why.clone());
+                    Capability {
+                        name: "used_after_*",
+                        served_by: "nothing".into(),
+                        degraded: Some(why),
+                    }
+                }
+            },
         }
     };
     let stalls = match io_marking {
@@ -886,10 +934,11 @@ fn attach_io_fexit(
         Some(6) => "tcp_recvmsg_exit6",
         other => return Err(ProbeError::RecvmsgArity(other)),
     };
-    for (program, function) in [
+    let programs = [
         ("tcp_sendmsg_exit", "tcp_sendmsg"),
         (recv_program, "tcp_recvmsg"),
-    ] {
+    ];
+    let attached = programs.iter().try_for_each(|&(program, function)| {
         let program: &mut FExit = program_mut(ebpf, program)?;
         program
             .load(function, btf)
@@ -897,8 +946,85 @@ fn attach_io_fexit(
         program
             .attach()
             .map_err(|source| attach_error(&format!("fexit to {function}"), source))?;
+        Ok(())
+    });
+    if attached.is_err() {
+        // Kprobes come next: a send hook left attached would see each send twice.
+        for (program, _) in programs {
+            if let Ok(program) = program_mut::<FExit>(ebpf, program) {
+                // Not loaded, or already gone: nothing to undo.
+                let _ = program.unload();
+            }
+        }
     }
-    Ok(())
+    attached
+}
+
+/// What a kretprobe misses: the kernel arms it for at most `maxactive` calls of its function
+/// at once, and a call beyond that (threads blocked in recv hold theirs) returns unseen,
+/// counted only in the kretprobe's nmissed. Perf-attached kretprobes get the default, which
+/// `cpus` (possible CPUs) gives; unknown when `None`. (Linux 6.2, commit 3b7ddab8a19a,
+/// made max(10, 2 × CPUs) the default for every kernel, not only preemptible ones.)
+fn kretprobe_limit(cpus: Option<u32>) -> String {
+    let default = match cpus {
+        Some(cpus) => format!("max(10, 2 × {cpus} CPUs) = {}", (2 * cpus).max(10)),
+        None => "max(10, 2 × CPUs)".into(),
+    };
+    format!(
+        "a kretprobe follows at most the kernel's maxactive calls of each function at once \
+         ({default}; only the CPU count on kernels without CONFIG_PREEMPTION older than \
+         Linux 6.2 and its stable backports): a send or recv beyond that, while as many \
+         threads are blocked in one, returns unseen and goes unreported (the kernel counts \
+         it as nmissed)"
+    )
+}
+
+/// The kernel's possible CPUs (`/sys/devices/system/cpu/possible`, e.g. `0-7`), which
+/// size kretprobes' instances.
+fn possible_cpus() -> Option<u32> {
+    parse_cpu_list(&std::fs::read_to_string("/sys/devices/system/cpu/possible").ok()?)
+}
+
+/// How many CPUs a kernel CPU list (`0-3,8,10-11`) names.
+fn parse_cpu_list(cpus: &str) -> Option<u32> {
+    cpus.trim().split(',').try_fold(0u32, |total, range| {
+        let (low, high) = range.split_once('-').unwrap_or((range, range));
+        let (low, high): (u32, u32) = (low.parse().ok()?, high.parse().ok()?);
+        total.checked_add(high.checked_sub(low)?.checked_add(1)?)
+    })
+}
+
+/// `used_after_*` where neither the send/recv tracepoints nor fexit serve (no BPF
+/// trampolines: arm64 before 6.5; or `--no-trampolines`): a kprobe at each function's entry
+/// keeps the socket per thread, a kretprobe at its return checks the result. Returns are
+/// attached first, so that no entry is kept for a return that would go unseen. On failure
+/// nothing stays attached: half the hooks would pass for served.
+fn attach_io_kprobes(ebpf: &mut Ebpf) -> Result<()> {
+    const PROGRAMS: [(&str, &str, &str); 4] = [
+        ("tcp_sendmsg_return", "kretprobe", "tcp_sendmsg"),
+        ("tcp_recvmsg_return", "kretprobe", "tcp_recvmsg"),
+        ("tcp_sendmsg_entry", "kprobe", "tcp_sendmsg"),
+        ("tcp_recvmsg_entry", "kprobe", "tcp_recvmsg"),
+    ];
+    let attached = PROGRAMS.iter().try_for_each(|&(program, kind, function)| {
+        let program: &mut KProbe = program_mut(ebpf, program)?;
+        program
+            .load()
+            .map_err(|err| ProbeError::Verifier(format!("{kind} on {function}"), Box::new(err)))?;
+        program
+            .attach(function, 0)
+            .map_err(|source| attach_error(&format!("{kind} to {function}"), source))?;
+        Ok(())
+    });
+    if attached.is_err() {
+        for (program, _, _) in PROGRAMS {
+            if let Ok(program) = program_mut::<KProbe>(ebpf, program) {
+                // Not loaded, or already gone: nothing to undo.
+                let _ = program.unload();
+            }
+        }
+    }
+    attached
 }
 
 /// Hands the heap freed after loading (the kernel BTF parses: tens of MiB in many small
@@ -1175,6 +1301,17 @@ mod tests {
             relocations > programs,
             "only {relocations} relocations read"
         );
+    }
+
+    #[test]
+    fn cpu_lists() {
+        assert_eq!(parse_cpu_list("0-7\n"), Some(8));
+        assert_eq!(parse_cpu_list("0"), Some(1));
+        assert_eq!(parse_cpu_list("0-3,8,10-11"), Some(7));
+        assert_eq!(parse_cpu_list("3-1"), None);
+        assert_eq!(parse_cpu_list(""), None);
+        assert!(kretprobe_limit(Some(8)).contains("max(10, 2 × 8 CPUs) = 16"));
+        assert!(kretprobe_limit(Some(2)).contains("= 10;"));
     }
 
     #[test]
