@@ -648,7 +648,13 @@ pub fn kernel_at_least(major: u32, minor: u32) -> bool {
 /// (ftrace direct calls), so arm64 6.1 uses kprobes, which cannot reach socket storage.
 /// Elsewhere `tcp_info`'s ticks order them, as `doctor` says.
 pub fn requests_ordered() -> bool {
-    kernel_at_least(5, 11) && (cfg!(target_arch = "x86_64") || kernel_at_least(6, 3))
+    kernel_at_least(5, 11) && send_recv_typed()
+}
+
+/// Whether the send/recv hooks run typed (tp_btf or fexit), not as kprobes: see
+/// [`requests_ordered`].
+pub fn send_recv_typed() -> bool {
+    cfg!(target_arch = "x86_64") || kernel_at_least(6, 3)
 }
 
 /// The network namespace of process `pid`, as connwatch reports it (`netns`: its inode).
