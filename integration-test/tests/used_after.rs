@@ -40,6 +40,16 @@ fn kprobes_unreachable(test: &str) -> bool {
     exists
 }
 
+/// Runs `test`'s scenario with `--no-trampolines` where the kprobes can serve, and checks
+/// that the start-up line (the scenario's stderr) names them.
+fn through_kprobes(test: &str, scenario: fn(&[&str]) -> String) {
+    if kprobes_unreachable(test) {
+        return;
+    }
+    let stderr = scenario(&["--no-trampolines"]);
+    assert!(stderr.contains(KPROBES_SERVE), "{stderr}");
+}
+
 /// What the start-up line says serves `used_after_*` with `--no-trampolines`.
 const KPROBES_SERVE: &str = "used_after_* ← kprobe+kretprobe tcp_sendmsg, tcp_recvmsg \
     (fexit not used: --no-trampolines) (degraded: a kretprobe follows at most the kernel's \
@@ -54,11 +64,10 @@ fn used_after_idle_reset() {
 /// before 6.5), forced: a write after the peer's RST, seen through the kretprobe.
 #[test]
 fn used_after_idle_reset_with_kprobes() {
-    if kprobes_unreachable("used_after_idle_reset_with_kprobes") {
-        return;
-    }
-    let stderr = used_after_idle_reset_with(&["--no-trampolines"]);
-    assert!(stderr.contains(KPROBES_SERVE), "{stderr}");
+    through_kprobes(
+        "used_after_idle_reset_with_kprobes",
+        used_after_idle_reset_with,
+    );
 }
 
 /// A pooled connection reset while idle, then written by another thread: one
@@ -503,11 +512,10 @@ fn eof_read_long_after_fin_is_reported() {
 /// The same through the kprobes (see [`used_after_idle_reset_with_kprobes`]): a recv.
 #[test]
 fn eof_read_long_after_fin_is_reported_with_kprobes() {
-    if kprobes_unreachable("eof_read_long_after_fin_is_reported_with_kprobes") {
-        return;
-    }
-    let stderr = eof_read_long_after_fin_with(&["--no-trampolines"]);
-    assert!(stderr.contains(KPROBES_SERVE), "{stderr}");
+    through_kprobes(
+        "eof_read_long_after_fin_is_reported_with_kprobes",
+        eof_read_long_after_fin_with,
+    );
 }
 
 /// A pool reads from a connection whose peer closed it 1.5 s before: one
